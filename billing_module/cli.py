@@ -1,0 +1,132 @@
+"""The ``billing-module`` command. Every subcommand takes ``--config FILE`` and ``--data-dir DIR``
+so that it works on the database a ``serve`` with the same options uses."""
+import argparse
+import asyncio
+import os
+import sys
+
+from .config import load_config
+from .errors import BillingError, ConfigError
+
+
+def _common(p):
+    p.add_argument("--config", help="YAML config file (default: $BILLING_CONFIG, else built-in defaults)")
+    p.add_argument("--data-dir", help="directory for the SQLite file, logs and secrets (server.data_dir)")
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(prog="billing-module", description="billing_module: billing and accounting")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("serve", help="run the standalone server")
+    _common(p)
+    p.add_argument("--demo", action="store_true", help="seed demo customers, prices and a product")
+    p.add_argument("--host", help="bind address (server.host)")
+    p.add_argument("--port", type=int, help="port (server.port)")
+
+    p = sub.add_parser("initdb", help="create missing tables and indexes (never drops or alters)")
+    _common(p)
+
+    p = sub.add_parser("ddl", help="print the schema DDL")
+    _common(p)
+    p.add_argument("--dialect", choices=["mysql", "sqlite"], required=True)
+
+    p = sub.add_parser("apikey", help="create, list or revoke API keys")
+    ak = p.add_subparsers(dest="action", required=True)
+    c = ak.add_parser("create", help="print a new key alone on stdout")
+    _common(c)
+    who = c.add_mutually_exclusive_group(required=True)
+    who.add_argument("--admin", action="store_true", help="a key for every customer and the admin endpoints")
+    who.add_argument("--customer", metavar="ID", help="a key limited to one customer")
+    c.add_argument("--name", default="")
+    c.add_argument("--expires", help="expiry time (UTC), e.g. 2027-01-01")
+    c.add_argument("--allowed-ips", default="", help="comma-separated client IPs (empty: any)")
+    _common(ak.add_parser("list"))
+    r = ak.add_parser("revoke")
+    _common(r)
+    r.add_argument("key", help="key id or prefix")
+    return parser
+
+
+def _load(args):
+    overrides = {}
+    if getattr(args, "data_dir", None):
+        overrides.setdefault("server", {})["data_dir"] = args.data_dir
+    if getattr(args, "host", None):
+        overrides.setdefault("server", {})["host"] = args.host
+    if getattr(args, "port", None) is not None:
+        overrides.setdefault("server", {})["port"] = args.port
+    cfg = load_config(args.config or os.environ.get("BILLING_CONFIG") or None, overrides=overrides)
+    data_dir = os.path.abspath(cfg.server.data_dir)
+    return cfg, data_dir
+
+
+async def _with_core(cfg, data_dir, work):
+    from .core import BillingCore
+    os.makedirs(data_dir, exist_ok=True)
+    core = BillingCore(config=cfg, data_dir=data_dir)
+    try:
+        await core.create_schema()
+        return await work(core)
+    finally:
+        await core.close()
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "ddl":
+            from .db.schema import ddl_script
+            print(ddl_script(args.dialect))
+            return 0
+        cfg, data_dir = _load(args)
+        if args.command == "serve":
+            from .server import serve
+            serve(cfg, data_dir, demo=args.demo)
+            return 0
+        return asyncio.run(_run(args, cfg, data_dir))
+    except (ConfigError, BillingError) as e:
+        print(f"billing-module: {getattr(e, 'message', e)}", file=sys.stderr)
+        return 2
+
+
+async def _run(args, cfg, data_dir):
+    if args.command == "initdb":
+        from .core import BillingCore
+        os.makedirs(data_dir, exist_ok=True)
+        core = BillingCore(config=cfg, data_dir=data_dir)
+        try:
+            created = await core.create_schema()
+        finally:
+            await core.close()
+        print("created: " + ", ".join(created) if created else "schema is up to date; nothing to do")
+        return 0
+    if args.command == "apikey":
+        return await _with_core(cfg, data_dir, lambda core: _apikey(core, args))
+    raise SystemExit(f"unknown command {args.command}")
+
+
+async def _apikey(core, args):
+    keys = core.apikeys
+    if args.action == "create":
+        expires = None
+        if args.expires:
+            from . import clock
+            expires = clock.fmt(clock.parse(args.expires, "--expires"))
+        key, _ = await keys.create("admin" if args.admin else "customer", customer_id=args.customer,
+                                   name=args.name, expires_at=expires, allowed_ips=args.allowed_ips)
+        print(key)
+        return 0
+    if args.action == "list":
+        for r in await keys.list():
+            state = "enabled" if r.enabled == "1" else f"revoked {r.revoked_at}"
+            print(f"{r.id}  {r.key_prefix}  {r.scope:8}  {r.customer_id or '-':20}  {state}  {r.name}")
+        return 0
+    if args.action == "revoke":
+        await keys.revoke(args.key)
+        print(f"revoked {args.key}")
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

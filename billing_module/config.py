@@ -1,0 +1,215 @@
+"""Configuration: built-in defaults, then a YAML file, then ``BILLING_*`` environment variables.
+
+Every key has a default, so the standalone server runs with no file at all. Each key can be
+overridden from the environment as ``BILLING_<SECTION>_<KEY>`` (``BILLING_CURRENCY`` for the
+top-level keys), e.g. ``BILLING_DATABASE_DRIVER=mysql`` or ``BILLING_ACCOUNTING_BATCH_SIZE=1000``.
+A wrong value is a ``ConfigError`` naming the key, raised when the config is loaded.
+"""
+import copy
+import os
+
+import yaml
+
+from .errors import ConfigError
+
+# (default, validator) per key; the validator converts and checks one value.
+
+
+def _positive_int(v):
+    v = int(v)
+    if v <= 0:
+        raise ValueError("must be a positive integer")
+    return v
+
+
+def _non_negative_int(v):
+    v = int(v)
+    if v < 0:
+        raise ValueError("must be zero or a positive integer")
+    return v
+
+
+def _positive_float(v):
+    v = float(v)
+    if not v > 0:
+        raise ValueError("must be a positive number")
+    return v
+
+
+def _bool(v):
+    if isinstance(v, bool):
+        return v
+    s = str(v).strip().lower()
+    if s in ("1", "true", "yes", "on"):
+        return True
+    if s in ("0", "false", "no", "off"):
+        return False
+    raise ValueError("must be true or false")
+
+
+def _str(v):
+    return "" if v is None else str(v)
+
+
+def _choice(*options):
+    def check(v):
+        v = str(v).strip().lower()
+        if v not in options:
+            raise ValueError(f"must be one of {', '.join(options)}")
+        return v
+    return check
+
+
+def _port(v):
+    v = int(v)
+    if not 0 <= v <= 65535:
+        raise ValueError("must be a TCP port (0-65535)")
+    return v
+
+
+def _currency(v):
+    v = str(v).strip().upper()
+    if not (3 <= len(v) <= 8 and v.isalpha()):
+        raise ValueError("must be a currency code such as CNY")
+    return v
+
+
+SCHEMA = {
+    "currency": ("CNY", _currency),
+    "database": {
+        "driver": ("sqlite", _choice("sqlite", "mysql")),
+        "path": ("", _str),              # sqlite file; default <data_dir>/billing.db
+        "host": ("127.0.0.1", _str),
+        "port": (3306, _port),
+        "user": ("root", _str),
+        "password": ("", _str),
+        "name": ("billing", _str),
+        "pool_size": (10, _positive_int),
+        "busy_timeout_ms": (10000, _positive_int),
+    },
+    "server": {
+        "host": ("127.0.0.1", _str),
+        "port": (9180, _port),
+        "data_dir": ("billing-data", _str),
+        "log_file": ("billing.log", _str),   # relative to data_dir
+        "log_level": ("info", _choice("debug", "info", "warning", "error")),
+        "admin_user": ("admin", _str),
+        "admin_password": ("", _str),         # empty: generated at first start, stored in data_dir
+    },
+    "auth": {
+        "require_api_key": (True, _bool),     # standalone API needs a key; a host may use its own auth
+        "trust_host_session": (True, _bool),  # a logged-in host session acts as an admin caller
+        "signature_window_seconds": (300, _positive_int),
+        "secret_key": ("", _str),             # encrypts signing secrets; empty: generated in data_dir
+    },
+    "accounting": {
+        "batch_size": (500, _positive_int),
+        "interval_seconds": (1.0, _positive_float),
+        "claim_seconds": (60, _positive_int),
+        "allow_arrears": (False, _bool),
+        "max_retries": (5, _non_negative_int),
+        "retry_base_seconds": (30, _positive_int),
+        "retry_max_seconds": (3600, _positive_int),
+        "background": (True, _bool),
+    },
+    "holds": {
+        "default_ttl_seconds": (600, _positive_int),
+        "max_ttl_seconds": (86400, _positive_int),
+        "sweep_interval_seconds": (30, _positive_float),
+    },
+    "cache": {
+        "size": (10000, _positive_int),
+        "ttl_seconds": (300, _positive_float),
+    },
+    "sync": {
+        "central_url": ("", _str),
+        "app_key": ("", _str),
+        "app_secret": ("", _str),
+        "page_size": (500, _positive_int),
+        "timeout_seconds": (10.0, _positive_float),
+        "retries": (3, _non_negative_int),
+        "interval_seconds": (300, _positive_int),
+        "enabled": (False, _bool),
+    },
+}
+
+
+class Config(dict):
+    """Nested dict with attribute access: ``cfg.database.driver``."""
+
+    def __getattr__(self, name):
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+
+def _defaults(schema):
+    return Config({k: _defaults(v) if isinstance(v, dict) else v[0] for k, v in schema.items()})
+
+
+def _apply(target, schema, values, where):
+    if not isinstance(values, dict):
+        raise ConfigError(f"{where or 'config'}: expected a mapping, got {type(values).__name__}")
+    for key, value in values.items():
+        name = f"{where}.{key}" if where else key
+        if key not in schema:
+            raise ConfigError(f"unknown config key '{name}'")
+        spec = schema[key]
+        if isinstance(spec, dict):
+            _apply(target[key], spec, value, name)
+        else:
+            target[key] = _check(name, spec[1], value)
+
+
+def _check(name, validator, value):
+    try:
+        return validator(value)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"config key '{name}' = {value!r}: {e}") from None
+
+
+def _env_overrides(target, schema, environ, prefix="BILLING"):
+    for key, spec in schema.items():
+        env_name = f"{prefix}_{key.upper()}"
+        if isinstance(spec, dict):
+            _env_overrides(target[key], spec, environ, env_name)
+        elif env_name in environ:
+            target[key] = _check(f"{env_name} (environment)", spec[1], environ[env_name])
+
+
+def load_config(path=None, environ=None, overrides=None):
+    """Defaults < YAML file < environment < ``overrides`` (a nested dict, e.g. from CLI flags)."""
+    cfg = _defaults(SCHEMA)
+    if path:
+        try:
+            with open(path, encoding="utf-8") as f:
+                data = yaml.safe_load(f) or {}
+        except OSError as e:
+            raise ConfigError(f"cannot read config file {path}: {e.strerror}") from None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
+        _apply(cfg, SCHEMA, data, "")
+    _env_overrides(cfg, SCHEMA, os.environ if environ is None else environ)
+    if overrides:
+        _apply(cfg, SCHEMA, overrides, "")
+    if cfg.holds.default_ttl_seconds > cfg.holds.max_ttl_seconds:
+        raise ConfigError("holds.default_ttl_seconds must not exceed holds.max_ttl_seconds")
+    return cfg
+
+
+def env_names(schema=SCHEMA, prefix="BILLING", where=""):
+    """(environment variable, key, default) for every key: the README table is built from this."""
+    out = []
+    for key, spec in schema.items():
+        name = f"{where}.{key}" if where else key
+        env_name = f"{prefix}_{key.upper()}"
+        if isinstance(spec, dict):
+            out += env_names(spec, env_name, name)
+        else:
+            out.append((env_name, name, spec[0]))
+    return out
+
+
+def copy_config(cfg):
+    return copy.deepcopy(cfg)

@@ -1,0 +1,121 @@
+"""The billing core: one object per process that owns the config, the database and the
+services built on them. ``load_billing_module()`` creates it and registers it in ServerEnv."""
+import asyncio
+import logging
+import os
+
+from .apikeys import ApiKeys
+from .config import load_config
+from .db.database import Database, desc_from_config
+from .version import __version__
+
+log = logging.getLogger("billing_module")
+
+MODULE_NAME = "billing_module"
+
+
+class BillingCore:
+    def __init__(self, config=None, db_desc=None, data_dir=None, instance_id=None):
+        self.config = config or load_config(os.environ.get("BILLING_CONFIG") or None)
+        self.data_dir = os.path.abspath(data_dir or self.config.server.data_dir)
+        self._db_desc = db_desc
+        self._db = None
+        self.version = __version__
+        self.instance_id = instance_id or f"{os.uname().nodename}:{os.getpid()}:{id(self) % 100000}"
+        self.apikeys = None
+        self._services_built = False
+        self._tasks = []
+
+    # --- database -------------------------------------------------------------------------
+    def _resolve_db_desc(self):
+        """Standalone: from our config. In a host: the host's database for this module, read
+        lazily, because the host's DBPools does not exist yet when load_billing_module() runs."""
+        if self._db_desc is not None:
+            return self._db_desc
+        from ahserver.serverenv import ServerEnv
+        env = ServerEnv()
+        get_dbname = env.get_module_dbname
+        if get_dbname is not None:
+            from sqlor.dbpools import DBPools
+            dbname = get_dbname(MODULE_NAME)
+            desc = DBPools().databases.get(dbname) if DBPools().databases else None
+            if desc:
+                return {"driver": desc["driver"], "kwargs": dict(desc.get("kwargs") or {})}
+        return desc_from_config(self.config, self.data_dir)
+
+    @property
+    def db(self):
+        if self._db is None:
+            self._db = Database(self._resolve_db_desc(), pool_size=self.config.database.pool_size)
+            self._build_services()
+        return self._db
+
+    def _build_services(self):
+        if self._services_built:
+            return
+        self._services_built = True
+        db = self._db
+        self.apikeys = ApiKeys(db)
+        from .services import build_services
+        build_services(self, db)
+
+    async def create_schema(self):
+        from .db.schema import create_schema
+        return await create_schema(self.db)
+
+    async def health(self):
+        try:
+            async with self.db.read() as tx:
+                await tx.scalar("select 1 as ok")
+            db_state = "ok"
+        except Exception as e:  # health reports; it does not raise
+            log.warning("health: database check failed: %s", e)
+            db_state = "error"
+        return {"status": "ok" if db_state == "ok" else "degraded", "db": db_state,
+                "version": self.version, "dialect": self.db.dialect}
+
+    # --- background tasks ---------------------------------------------------------------------
+    def background_jobs(self):
+        """(name, coroutine function, interval seconds) of every periodic job."""
+        from .services import background_jobs
+        return background_jobs(self)
+
+    async def start_background(self):
+        _ = self.db
+        for name, job, interval in self.background_jobs():
+            self._tasks.append(asyncio.create_task(_periodic(name, job, interval), name=f"billing:{name}"))
+
+    async def stop_background(self):
+        tasks, self._tasks = self._tasks, []
+        for t in tasks:
+            t.cancel()
+        for t in tasks:
+            try:
+                await t
+            except (asyncio.CancelledError, Exception):
+                pass
+
+    async def cleanup_ctx(self, app):
+        """aiohttp cleanup context: background jobs run while the app runs; the pool closes after."""
+        if self.config.accounting.background:
+            await self.start_background()
+        yield
+        await self.stop_background()
+        await self.close()
+
+    async def close(self):
+        if self._db is not None:
+            await self._db.close()
+            self._db = None
+            self._services_built = False
+
+
+async def _periodic(name, job, interval):
+    while True:
+        try:
+            await job()
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("background job %s failed; it runs again in %ss", name, interval)
+        await asyncio.sleep(interval)

@@ -1,0 +1,276 @@
+"""Transactions for the billing core.
+
+``Database.transaction()`` is one database transaction: BEGIN at entry, COMMIT when the block
+ends, ROLLBACK and re-raise on any exception. It wraps sqlor ``SQLor`` objects (the host's
+drivers, with sqlor's ``${name}$`` bound parameters), but owns the connection lifecycle,
+because sqlor 2.1.2's ``DBPools.sqlorContext`` does three things a ledger cannot accept:
+it swallows exceptions, commits *after* returning the connection to its pool (so another
+task can run inside the same transaction), and opens a new connection per context.
+
+SQLite has one writer: write transactions take an in-process lock and ``BEGIN IMMEDIATE``
+(other processes wait on the busy timeout), so a transaction never fails half-way on a lock.
+"""
+import asyncio
+import datetime
+import decimal
+import logging
+import time
+from contextlib import asynccontextmanager
+
+from appPublic.dictObject import DictObject
+
+from . import dialect as dialects
+from .sqlite_driver import DRIVER_NAME as SQLITE_DRIVER, BillingSQLiteor
+
+log = logging.getLogger("billing_module.db")
+
+_PING_AFTER_IDLE_SECONDS = 30
+_DEADLOCK_RETRIES = 5
+
+
+def _py_value(v):
+    if isinstance(v, datetime.datetime):
+        return v.strftime("%Y-%m-%d %H:%M:%S")
+    if isinstance(v, datetime.date):
+        return v.strftime("%Y-%m-%d")
+    return v
+
+
+class Tx:
+    """One open transaction. All SQL uses sqlor's ``${name}$`` placeholders."""
+
+    def __init__(self, sor, dialect):
+        self.sor = sor
+        self.dialect = dialect
+
+    def _mask(self, sql, ns):
+        marked, data = self.sor.maskingSQL(sql, ns)
+        return marked, self.sor.dataConvert(data)
+
+    async def select(self, sql, ns=None):
+        marked, data = self._mask(sql, ns or {})
+        cur = self.sor.cur
+        await cur.execute(marked, data)
+        rows = await cur.fetchall()
+        names = [d[0].lower() for d in cur.description]
+        return [DictObject(**{n: _py_value(v) for n, v in zip(names, row)}) for row in rows]
+
+    async def one(self, sql, ns=None):
+        rows = await self.select(sql, ns)
+        return rows[0] if rows else None
+
+    async def scalar(self, sql, ns=None):
+        row = await self.one(sql, ns)
+        return None if row is None else next(iter(row.values()))
+
+    async def execute(self, sql, ns=None):
+        """Run one statement; returns the number of rows it changed (matched, for UPDATE on
+        MySQL, because the connection is opened with CLIENT.FOUND_ROWS)."""
+        marked, data = self._mask(sql, ns or {})
+        cur = self.sor.cur
+        await cur.execute(marked, data)
+        return cur.rowcount
+
+    async def execute_many(self, sql, rows):
+        """One statement for many parameter sets (a list of dicts with the same keys)."""
+        if not rows:
+            return 0
+        marked, _ = self._mask(sql, rows[0])
+        params = [self._mask(sql, r)[1] for r in rows]
+        cur = self.sor.cur
+        await cur.executemany(marked, params)
+        return cur.rowcount
+
+    async def insert(self, table, record):
+        cols = list(record)
+        sql = (f"insert into {table} ({', '.join(cols)}) values "
+               f"({', '.join('${%s}$' % c for c in cols)})")
+        return await self.execute(sql, record)
+
+    async def insert_many(self, table, records):
+        if not records:
+            return 0
+        cols = list(records[0])
+        sql = (f"insert into {table} ({', '.join(cols)}) values "
+               f"({', '.join('${%s}$' % c for c in cols)})")
+        return await self.execute_many(sql, records)
+
+    async def page(self, sql, ns, order_by, page, rows):
+        """``{"total", "rows"}`` for one page; ``order_by`` is code-controlled text."""
+        total = await self.scalar(f"select count(*) as n from ({sql}) counted_", ns)
+        ns = dict(ns, page_limit_=rows, page_offset_=(page - 1) * rows)
+        data = await self.select(f"{sql} order by {order_by} limit ${{page_limit_}}$ "
+                                 f"offset ${{page_offset_}}$", ns)
+        return {"total": int(total or 0), "rows": data}
+
+    def for_update(self):
+        return dialects.for_update(self.dialect)
+
+    def skip_locked(self):
+        return dialects.skip_locked(self.dialect)
+
+
+class Database:
+    """A pool of sqlor connections to one database, and transactions on it.
+
+    ``desc`` is a sqlor database description: ``{"driver": ..., "kwargs": {...}}``.
+    """
+
+    def __init__(self, desc, pool_size=10):
+        self.desc = DictObject(**desc)
+        self.driver = self.desc.driver
+        self.dialect = dialects.dialect_of(self.driver)
+        self.pool_size = pool_size if self.dialect != dialects.SQLITE else max(2, min(pool_size, 4))
+        self._idle = []           # [(sor, last_used_monotonic)]
+        self._all = set()
+        self._slots = None
+        self._write_lock = None
+        self._loop = None
+        self.closed = False
+
+    def _ensure_loop_state(self):
+        loop = asyncio.get_running_loop()
+        if self._loop is not loop:     # first use, or a test's new event loop
+            self._loop = loop
+            self._slots = asyncio.Semaphore(self.pool_size)
+            self._write_lock = asyncio.Lock()
+            self._idle = []
+            self._all = set()
+
+    async def _connect(self):
+        kwargs = DictObject(**dict(self.desc.kwargs or {}))
+        if self.dialect == dialects.SQLITE:
+            sor = BillingSQLiteor(dbdesc=kwargs)
+        else:
+            import pymysql
+            from sqlor.aiomysqlor import AioMysqlor
+            plain_password = kwargs.pop("plain_password", None)
+            kwargs.setdefault("charset", "utf8mb4")
+            kwargs["autocommit"] = False
+            # UPDATE row counts must mean "rows matched", not "rows whose value changed".
+            kwargs["client_flag"] = int(kwargs.get("client_flag") or 0) | pymysql.constants.CLIENT.FOUND_ROWS
+            sor = AioMysqlor(dbdesc=kwargs)
+            if plain_password is not None:
+                sor.dbdesc["password"] = plain_password
+            sor.dbdesc.pop("plain_password", None)
+        await sor.connect()
+        self._all.add(sor)
+        return sor
+
+    async def _discard(self, sor):
+        self._all.discard(sor)
+        try:
+            await sor.exit()
+        except Exception:
+            pass
+        try:
+            if self.dialect == dialects.SQLITE:
+                await sor.close()
+            else:
+                sor.conn.close()
+        except Exception:
+            pass
+
+    async def _checkout(self):
+        while self._idle:
+            sor, last = self._idle.pop()
+            if self.dialect == dialects.MYSQL and time.monotonic() - last > _PING_AFTER_IDLE_SECONDS:
+                try:
+                    await sor.conn.ping(reconnect=False)
+                except Exception:
+                    await self._discard(sor)
+                    continue
+            return sor
+        return await self._connect()
+
+    @asynccontextmanager
+    async def _connection(self):
+        self._ensure_loop_state()
+        if self.closed:
+            raise RuntimeError("database is closed")
+        async with self._slots:
+            sor = await self._checkout()
+            healthy = False
+            try:
+                await sor.enter()
+                yield sor
+                healthy = True
+            finally:
+                if healthy and not self.closed:
+                    try:
+                        await sor.exit()
+                        self._idle.append((sor, time.monotonic()))
+                    except Exception:
+                        await self._discard(sor)
+                else:
+                    await self._discard(sor)
+
+    @asynccontextmanager
+    async def transaction(self, write=True):
+        """One transaction. Exceptions roll back and propagate; nothing is swallowed."""
+        self._ensure_loop_state()
+        lock = self._write_lock if (write and self.dialect == dialects.SQLITE) else None
+        if lock is not None:
+            await lock.acquire()
+        try:
+            async with self._connection() as sor:
+                tx = Tx(sor, self.dialect)
+                await sor.cur.execute(dialects.begin_statement(self.dialect, write))
+                try:
+                    yield tx
+                except BaseException:
+                    try:
+                        await sor.conn.rollback()
+                    except Exception:
+                        log.exception("rollback failed")
+                        raise ConnectionError("rollback failed") from None
+                    raise
+                await sor.conn.commit()
+        finally:
+            if lock is not None:
+                lock.release()
+
+    def read(self):
+        return self.transaction(write=False)
+
+    async def run(self, work, write=True, retries=_DEADLOCK_RETRIES):
+        """``await work(tx)`` in a transaction, run again from the start when the database
+        aborted it for a deadlock or a lock timeout (nothing of a failed attempt remains)."""
+        attempt = 0
+        while True:
+            try:
+                async with self.transaction(write=write) as tx:
+                    return await work(tx)
+            except Exception as e:
+                attempt += 1
+                if attempt > retries or not dialects.is_retryable(e):
+                    raise
+                await asyncio.sleep(0.002 * attempt)
+
+    async def close(self):
+        self.closed = True
+        idle, self._idle = self._idle, []
+        for sor, _ in idle:
+            await self._discard(sor)
+        for sor in list(self._all):
+            await self._discard(sor)
+
+
+def sqlite_desc(path, busy_timeout_ms=10000):
+    return {"driver": SQLITE_DRIVER, "kwargs": {"dbname": path, "busy_timeout_ms": busy_timeout_ms}}
+
+
+def mysql_desc(host, port, user, password, name):
+    kwargs = {"host": host, "port": int(port), "user": user, "db": name}
+    if password:
+        kwargs["plain_password"] = password
+    return {"driver": "aiomysql", "kwargs": kwargs}
+
+
+def desc_from_config(cfg, data_dir):
+    import os
+    db = cfg.database
+    if db.driver == "sqlite":
+        path = db.path or os.path.join(data_dir, "billing.db")
+        return sqlite_desc(os.path.abspath(path), db.busy_timeout_ms)
+    return mysql_desc(db.host, db.port, db.user, db.password, db.name)

@@ -1,0 +1,60 @@
+"""Every difference between SQLite and MySQL/MariaDB that the module's SQL depends on."""
+import sqlite3
+
+import pymysql
+
+SQLITE, MYSQL = "sqlite", "mysql"
+
+# MySQL error numbers
+_DUP_ENTRY = 1062
+_RETRYABLE_MYSQL = {1213, 1205}          # deadlock, lock wait timeout
+_CONNECTION_LOST_MYSQL = {2003, 2006, 2013, 2055}
+
+
+def dialect_of(driver):
+    return SQLITE if driver in ("billing_sqlite", "sqlite", "sqlite3", "aiosqlite") else MYSQL
+
+
+def is_unique_violation(exc):
+    if isinstance(exc, sqlite3.IntegrityError):
+        return "UNIQUE" in str(exc) or "PRIMARY KEY" in str(exc)
+    if isinstance(exc, pymysql.err.IntegrityError):
+        return exc.args and exc.args[0] == _DUP_ENTRY
+    return False
+
+
+def is_retryable(exc):
+    """A transaction that failed this way did nothing and may be run again as a whole."""
+    if isinstance(exc, sqlite3.OperationalError):
+        return "locked" in str(exc) or "busy" in str(exc)
+    if isinstance(exc, pymysql.err.OperationalError):
+        return bool(exc.args) and exc.args[0] in _RETRYABLE_MYSQL
+    return False
+
+
+def is_connection_lost(exc):
+    if isinstance(exc, (pymysql.err.OperationalError, pymysql.err.InterfaceError)):
+        return bool(exc.args) and exc.args[0] in _CONNECTION_LOST_MYSQL
+    return isinstance(exc, (ConnectionError, BrokenPipeError))
+
+
+def for_update(dialect):
+    """Row-lock suffix for a SELECT inside a write transaction (SQLite locks the whole
+    database at BEGIN IMMEDIATE, so it needs none)."""
+    return "" if dialect == SQLITE else " for update"
+
+
+def skip_locked(dialect):
+    """Claim rows without waiting on another instance's claim."""
+    return "" if dialect == SQLITE else " for update skip locked"
+
+
+def begin_statement(dialect, write):
+    if dialect == SQLITE:
+        return "begin immediate" if write else "begin"
+    return "start transaction" if write else "start transaction read only"
+
+
+def substr_date(dialect, column):
+    """The day part of a 'YYYY-MM-DD HH:MM:SS' column, as text."""
+    return f"substr({column}, 1, 10)" if dialect == SQLITE else f"date_format({column}, '%Y-%m-%d')"

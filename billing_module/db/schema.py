@@ -1,0 +1,143 @@
+"""Schema from the table models in ``models/*.json``.
+
+MySQL DDL comes from the framework's generator (xls2ddl's ``json2ddl``); SQLite DDL from
+sqlor's SQLite template (the generator has no SQLite dialect). Both templates start with
+``drop table if exists``: that statement is removed, and ``create_schema`` only creates the
+tables and indexes that do not exist yet. It never drops or alters anything.
+"""
+import copy
+import json
+import os
+import re
+
+from appPublic.myTE import MyTemplateEngine
+from sqlor.ddl_template_mysql import mysql_ddl_tmpl
+from sqlor.ddl_template_sqlite3 import sqlite3_ddl_tmpl
+
+from . import dialect as dialects
+
+MODELS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "models")
+_PACKAGED_MODELS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "models")
+
+# accounting_records older than a cut-off move here (failures.backup_accounted); the history
+# table is the live table plus the time of the move, so it is derived, not written twice.
+HISTORY_TABLES = {"accounting_records_history": ("accounting_records", "记账记录历史")}
+
+
+def models_dir():
+    return MODELS_DIR if os.path.isdir(MODELS_DIR) else _PACKAGED_MODELS
+
+
+def load_models(folder=None):
+    """{table name: model dict}, in file-name order, plus the derived history tables."""
+    folder = folder or models_dir()
+    models = {}
+    for name in sorted(os.listdir(folder)):
+        if name.endswith(".json"):
+            with open(os.path.join(folder, name), encoding="utf-8") as f:
+                m = json.load(f)
+            models[m["summary"][0]["name"]] = m
+    for table, (source, title) in HISTORY_TABLES.items():
+        if source in models:
+            models[table] = _history_model(models[source], table, title)
+    return models
+
+
+def _history_model(source, table, title):
+    m = copy.deepcopy(source)
+    m["summary"][0].update(name=table, title=title)
+    m["fields"].append({"name": "backup_time", "title": "归档时间 (UTC)", "type": "datetime"})
+    # no unique keys in history: the live table already guaranteed them
+    m["indexes"] = [dict(i, idxtype="index") for i in m["indexes"]
+                    if i["name"] in ("idx_customer_id", "idx_request_id", "idx_created_at", "idx_customer_use_time")]
+    m["codes"] = []
+    return m
+
+
+def render_ddl(model, dialect):
+    tmpl = sqlite3_ddl_tmpl if dialect == dialects.SQLITE else mysql_ddl_tmpl
+    data = copy.deepcopy(model)
+    pri = data["summary"][0]["primary"]
+    if isinstance(pri, str):
+        data["summary"][0]["primary"] = [pri]
+    return MyTemplateEngine([]).renders(tmpl, data)
+
+
+def _statements(ddl):
+    """Split a rendered script into statements, dropping comments-only lines and DROPs."""
+    out = []
+    for part in ddl.split(";"):
+        lines = [ln for ln in part.splitlines() if ln.strip() and not ln.strip().startswith("--")]
+        stmt = "\n".join(lines).strip()
+        if stmt and not re.match(r"(?i)^drop\s", stmt):
+            out.append(stmt)
+    return out
+
+
+def table_statements(model, dialect):
+    """(create table statement, [(index name, create index statement)]) for one model."""
+    create, indexes = None, []
+    for stmt in _statements(render_ddl(model, dialect)):
+        if re.match(r"(?i)^create\s+table", stmt):
+            create = stmt
+        else:
+            m = re.match(r"(?i)^create\s+(unique\s+)?index\s+(\w+)", stmt)
+            if not m:
+                raise ValueError(f"unexpected DDL statement: {stmt[:80]}")
+            indexes.append((m.group(2).lower(), stmt))
+    return create, indexes
+
+
+def ddl_script(dialect, models=None):
+    """The whole schema as a script that is safe to run on a database that has some of it."""
+    models = models or load_models()
+    out = []
+    for name, model in models.items():
+        create, indexes = table_statements(model, dialect)
+        out.append(re.sub(r"(?i)^create\s+table", "CREATE TABLE IF NOT EXISTS", create) + ";")
+        for _, stmt in indexes:
+            if dialect == dialects.SQLITE:
+                stmt = re.sub(r"(?i)^create\s+(unique\s+)?index", lambda m: f"CREATE {m.group(1) or ''}INDEX IF NOT EXISTS", stmt)
+            out.append(stmt + ";")
+        out.append("")
+    return "\n".join(out)
+
+
+async def existing_tables(tx):
+    if tx.dialect == dialects.SQLITE:
+        rows = await tx.select("select lower(name) as name from sqlite_master where type = 'table'")
+    else:
+        rows = await tx.select("select lower(table_name) as name from information_schema.tables "
+                               "where table_schema = database()")
+    return {r.name for r in rows}
+
+
+async def existing_indexes(tx, table):
+    if tx.dialect == dialects.SQLITE:
+        rows = await tx.select(f"select lower(name) as name from pragma_index_list('{table}')")
+    else:
+        rows = await tx.select("select distinct lower(index_name) as name from information_schema.statistics "
+                               "where table_schema = database() and table_name = ${t}$", {"t": table})
+    return {r.name for r in rows}
+
+
+async def create_schema(db, models=None):
+    """Create missing tables and indexes. Returns the list of what it created (empty when the
+    schema is complete, so a second run changes nothing)."""
+    models = models or load_models()
+    created = []
+    async with db.transaction() as tx:
+        tables = await existing_tables(tx)
+    for name, model in models.items():
+        create, indexes = table_statements(model, db.dialect)
+        # DDL commits implicitly on MySQL; each statement stands alone
+        async with db.transaction() as tx:
+            if name not in tables:
+                await tx.execute(create)
+                created.append(name)
+            have = await existing_indexes(tx, name)
+            for idx_name, stmt in indexes:
+                if idx_name not in have:
+                    await tx.execute(stmt)
+                    created.append(f"{name}.{idx_name}")
+    return created

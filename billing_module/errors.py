@@ -1,0 +1,64 @@
+"""The one error type the module raises for anything a caller can act on.
+
+Every caller-facing failure carries a stable ``code`` and an HTTP ``status``;
+the API layer turns it into ``{"success": false, "code", "message"}``.
+"""
+
+
+class BillingError(Exception):
+    status = 400
+    code = "invalid_param"
+
+    def __init__(self, message, code=None, status=None, **details):
+        super().__init__(message)
+        self.message = message
+        if code is not None:
+            self.code = code
+        if status is not None:
+            self.status = status
+        self.details = details
+
+    def to_reply(self):
+        reply = {"success": False, "code": self.code, "message": self.message}
+        reply.update(self.details)
+        return reply
+
+
+class InvalidParam(BillingError):
+    status, code = 400, "invalid_param"
+
+
+class Unauthorized(BillingError):
+    status, code = 401, "unauthorized"
+
+
+class Forbidden(BillingError):
+    status, code = 403, "forbidden"
+
+
+class InsufficientBalance(BillingError):
+    status, code = 402, "insufficient_balance"
+
+
+class UnknownCustomer(BillingError):
+    status, code = 404, "unknown_customer"
+
+
+class NoPricing(BillingError):
+    status, code = 404, "no_pricing"
+
+
+class NotFound(BillingError):
+    status, code = 404, "not_found"
+
+
+class Conflict(BillingError):
+    status, code = 409, "conflict"
+
+
+class AccountSuspended(BillingError):
+    status, code = 403, "account_suspended"
+
+
+class ConfigError(Exception):
+    """A wrong configuration value: raised at start, never at request time."""

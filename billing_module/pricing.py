@@ -1,0 +1,583 @@
+"""Pricing programs from the central platform, and pricing one usage event.
+
+A program (see docs/pricing.md for the full format) has dated versions; each
+version holds ``unit_values`` and a list of ``pricings`` rules. A program is
+validated and compiled once by ``Program.from_payload`` (YAML parsed, prices
+turned into Decimals, rules indexed by factor and model); ``price_usage`` then
+only looks rules up and multiplies, so pricing a cached program is cheap.
+
+Rounding rule (the only one, shared with money.py): each priced line is
+computed exactly in Decimal, ``quantity * unit_price / unit_value`` (times the
+discount for the sell amount), then rounded once, half-up (``ROUND_HALF_UP``,
+.5 away from zero) to the micro-unit. Totals are sums of rounded lines.
+
+Cached tokens follow the OpenAI convention: ``input_tokens`` includes
+``cached_tokens``. When a ``cached_tokens`` rule matches, input is billed on
+``input_tokens - cached_tokens``; otherwise all input is billed at the input
+price.
+"""
+
+import datetime as _dt
+from dataclasses import dataclass, field
+from decimal import ROUND_HALF_UP, Decimal, Inexact
+
+import yaml
+
+from billing_module.errors import InvalidParam, NoPricing
+from billing_module.money import (
+    CTX,
+    MAX_MICRO,
+    PLACES,
+    decimal_places,
+    from_micro,
+    parse_count,
+    parse_quantity,
+)
+
+FACTORS = ("input_tokens", "output_tokens", "cached_tokens", "quantity", "flat")
+# Legacy platform names. "duration" also fixes quantity_unit to "second".
+ALIASES = {"prompt_tokens": "input_tokens", "completion_tokens": "output_tokens", "duration": "quantity"}
+# Units every program knows; a program's own unit_values extend and override these.
+DEFAULT_UNIT_VALUES = {
+    "M": 1_000_000,
+    "百万": 1_000_000,
+    "K": 1_000,
+    "千": 1_000,
+    "万": 10_000,
+    "万字": 10_000,
+    "10k": 10_000,
+    "token": 1,
+    "秒": 1,
+    "second": 1,
+    "image": 1,
+    "张": 1,
+    "char": 1,
+    "call": 1,
+    "次": 1,
+}
+MAX_DISCOUNT = Decimal(10)
+
+_ONE = Decimal(1)
+_ZERO = Decimal(0)
+_MICRO_EXP = Decimal(1).scaleb(-PLACES)
+# What a line's unit_price is "per" when the rule names no unit.
+_BASE_UNIT = {"input_tokens": "token", "output_tokens": "token", "cached_tokens": "token", "flat": "call"}
+
+
+# ---------------------------------------------------------------- usage ----
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    model_name: str
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cached_tokens: int = 0
+    quantity: Decimal = _ZERO
+    unit: str | None = None
+    attributes: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.cached_tokens > self.input_tokens:
+            raise InvalidParam(
+                f"cached_tokens: must not exceed input_tokens (input_tokens includes cached tokens), "
+                f"got cached_tokens={self.cached_tokens} > input_tokens={self.input_tokens}"
+            )
+
+    @classmethod
+    def from_event(cls, event):
+        """Build a Usage from an API event dict, validating every field."""
+        if not isinstance(event, dict):
+            raise InvalidParam("event: must be an object")
+        model = event.get("model_name")
+        if not isinstance(model, str) or not model.strip():
+            raise InvalidParam("model_name: required, a non-empty string")
+        counts = {}
+        for name in ("input_tokens", "output_tokens", "cached_tokens"):
+            value = event.get(name)
+            counts[name] = 0 if value is None else parse_count(value, name)
+        value = event.get("quantity")
+        quantity = _ZERO if value is None else parse_quantity(value, "quantity")
+        unit = event.get("unit")
+        if unit is not None and not isinstance(unit, str):
+            raise InvalidParam(f"unit: must be a string, got {type(unit).__name__}")
+        unit = (unit or "").strip() or None
+        if quantity and unit is None:
+            raise InvalidParam("unit: required when quantity is given (e.g. second, image, char, call)")
+        attributes = event.get("attributes")
+        if attributes is None:
+            attributes = {}
+        elif not isinstance(attributes, dict):
+            raise InvalidParam("attributes: must be an object")
+        return cls(model, quantity=quantity, unit=unit, attributes=dict(attributes), **counts)
+
+
+# --------------------------------------------------------------- result ----
+
+
+# Results are plain (not frozen) slotted dataclasses: a frozen one costs ~1 us
+# more per object to build, and price_usage is a hot path.
+@dataclass(slots=True)
+class PriceLine:
+    factor: str
+    quantity: str  # billed quantity, in base units (tokens, seconds, chars...)
+    unit: str  # unit_price is per one of these (e.g. "M" = per million tokens)
+    unit_price: str  # undiscounted price actually applied (tier included)
+    amount: int  # micro-units, discounted, rounded
+    cost: int  # micro-units, rounded, never discounted
+
+    def to_dict(self):
+        return {
+            "factor": self.factor,
+            "quantity": self.quantity,
+            "unit": self.unit,
+            "unit_price": self.unit_price,
+            "amount": from_micro(self.amount),
+            "cost": from_micro(self.cost),
+        }
+
+
+@dataclass(slots=True)
+class PriceResult:
+    amount: int
+    cost: int
+    original_amount: int
+    discount: str
+    currency: str
+    program_id: str
+    version_id: str
+    lines: list
+    # Factors with a non-zero quantity that no rule priced (billed as 0).
+    unpriced: tuple = ()
+
+    def to_dict(self):
+        return {
+            "amount": from_micro(self.amount),
+            "cost": from_micro(self.cost),
+            "original_amount": from_micro(self.original_amount),
+            "discount": self.discount,
+            "currency": self.currency,
+            "program_id": self.program_id,
+            "version_id": self.version_id,
+            "lines": [line.to_dict() for line in self.lines],
+            "unpriced": list(self.unpriced),
+        }
+
+
+# ---------------------------------------------------------- compiled form ----
+
+
+@dataclass(frozen=True, slots=True)
+class _Price:
+    above: int  # tier threshold on input_tokens; -1 for the rule's own prices
+    price_str: str  # unit price as configured, for display
+    # Line amount in micro-units = quantity * sell [/ div]. sell and cost are
+    # the price in micro-units per base unit (price * 1e6 / unit value) when
+    # that division is exact; otherwise div keeps the unit value so that the
+    # one inexact step happens after multiplying by the quantity, and a .5 tie
+    # is never lost to an earlier rounding.
+    sell: Decimal
+    cost: Decimal | None  # None when the cost price is 0
+    div: Decimal | None
+
+
+@dataclass(frozen=True, slots=True)
+class Rule:
+    index: int  # position in the version's pricings list
+    factor: str  # canonical factor name
+    quantity_unit: str | None  # event unit a "quantity" rule applies to
+    unit: str  # what the price is per (display)
+    base: _Price
+    tiers: tuple  # of _Price, highest threshold first
+    model: str | None  # the "model" filter, indexed separately
+    filters: tuple  # other filters: ((key, value-as-string), ...)
+    specificity: int  # number of filters, model included
+
+    def prices_for(self, input_tokens):
+        for tier in self.tiers:
+            if input_tokens > tier.above:
+                return tier
+        return self.base
+
+    def matches(self, attributes):
+        for key, expected in self.filters:
+            value = attributes.get(key)
+            if value is None or _filter_str(value) != expected:
+                return False
+        return True
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class Version:
+    id: str
+    enabled_date: _dt.date  # inclusive
+    expired_date: _dt.date | None  # exclusive; None = never expires
+    rules: tuple
+    # lookup key ("input_tokens", ..., ("quantity", event_unit), "flat") ->
+    # (model -> rules that may apply to it, rules without a model filter);
+    # each tuple is ordered most specific first, then by list position.
+    index: dict = field(repr=False)
+
+    def valid_on(self, day):
+        return self.enabled_date <= day and (self.expired_date is None or day < self.expired_date)
+
+    def match(self, key, model, attributes):
+        """The winning rule for a lookup key, or None."""
+        entry = self.index.get(key)
+        if entry is None:
+            return None
+        for rule in entry[0].get(model, entry[1]):
+            if not rule.filters or rule.matches(attributes):
+                return rule
+        return None
+
+    def matches_any(self, model, attributes):
+        return any((r.model is None or r.model == model) and r.matches(attributes) for r in self.rules)
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class Program:
+    id: str
+    name: str
+    currency: str
+    versions: tuple  # ordered by enabled_date, latest first (stable)
+
+    @classmethod
+    def from_payload(cls, payload):
+        """Validate and compile a whole program; InvalidParam names program, version and rule."""
+        if not isinstance(payload, dict):
+            raise InvalidParam("pricing program: must be an object")
+        pid = _ident(payload.get("id"), "pricing program: id")
+        where = f"pricing program {pid}"
+        name = payload.get("name")
+        if name is not None and not isinstance(name, str):
+            raise InvalidParam(f"{where}: name must be a string")
+        currency = payload.get("currency")
+        if not isinstance(currency, str) or not currency.strip():
+            raise InvalidParam(f"{where}: currency is required (e.g. CNY)")
+        raw_versions = payload.get("versions")
+        if not isinstance(raw_versions, list) or not raw_versions:
+            raise InvalidParam(f"{where}: versions must be a non-empty list")
+        versions = [_parse_version(raw, where, i) for i, raw in enumerate(raw_versions)]
+        versions.sort(key=lambda v: v.enabled_date, reverse=True)
+        return cls(pid, name or "", currency.strip(), tuple(versions))
+
+    def version_on(self, day):
+        """The version valid on ``day``; the latest enabled_date wins."""
+        if isinstance(day, _dt.datetime):
+            day = day.date()
+        for version in self.versions:
+            if version.valid_on(day):
+                return version
+        raise NoPricing(f"no price valid on {day.isoformat()} for program {self.id}")
+
+
+# -------------------------------------------------------------- pricing ----
+
+
+def price_usage(program, usage, day, discount=_ONE):
+    """Price one usage event with the program version valid on ``day``."""
+    version = program.version_on(day)
+    if discount is _ONE:
+        disc, disc_str = _ONE, "1"
+    else:
+        disc = _parse_discount(discount)
+        disc_str = format(disc.normalize(CTX), "f")
+    model = usage.model_name
+    attributes = usage.attributes
+    input_tokens = usage.input_tokens
+    lines = []
+    unpriced = []
+    original = 0  # sum of undiscounted rounded lines
+
+    cached_rule = version.match("cached_tokens", model, attributes)
+    billed_input = input_tokens - usage.cached_tokens if cached_rule is not None else input_tokens
+    for factor, qty in (
+        ("input_tokens", billed_input),
+        ("output_tokens", usage.output_tokens),
+        ("cached_tokens", usage.cached_tokens),
+    ):
+        if not qty:
+            continue
+        rule = cached_rule if factor == "cached_tokens" else version.match(factor, model, attributes)
+        if rule is None:
+            unpriced.append(factor)
+            continue
+        original += _add_line(lines, rule, factor, qty, str(qty), input_tokens, disc)
+
+    if usage.quantity:
+        rule = version.match(("quantity", usage.unit), model, attributes)
+        if rule is None:
+            unpriced.append("quantity")
+        else:
+            qty_str = format(usage.quantity, "f")
+            original += _add_line(lines, rule, "quantity", usage.quantity, qty_str, input_tokens, disc)
+
+    rule = version.match("flat", model, attributes)
+    if rule is not None:
+        original += _add_line(lines, rule, "flat", 1, "1", input_tokens, disc)
+
+    if not lines and (unpriced or not version.matches_any(model, attributes)):
+        raise NoPricing(f"no pricing rule for model {model} in program {program.id} version {version.id}")
+
+    amount = cost = 0
+    for line in lines:
+        amount += line.amount
+        cost += line.cost
+    if max(amount, cost, original) > MAX_MICRO:
+        raise InvalidParam(f"usage: priced amount exceeds {from_micro(MAX_MICRO)} {program.currency}")
+    return PriceResult(
+        amount, cost, original, disc_str, program.currency, program.id, version.id, lines, tuple(unpriced)
+    )
+
+
+def _add_line(lines, rule, factor, qty, qty_str, input_tokens, disc):
+    """Append the line for ``rule``; return its undiscounted rounded amount.
+
+    Same rule as money.round_micro (half-up to the micro-unit), inlined on
+    values already in micro-units.
+    """
+    p = rule.prices_for(input_tokens)
+    raw = CTX.multiply(p.sell, qty)
+    if p.div is not None:
+        raw = CTX.divide(raw, p.div)
+    original = int(raw.to_integral_value(ROUND_HALF_UP, CTX))
+    if disc is _ONE:
+        amount = original
+    else:
+        amount = int(CTX.multiply(raw, disc).to_integral_value(ROUND_HALF_UP, CTX))
+    cost = 0
+    if p.cost is not None:
+        raw = CTX.multiply(p.cost, qty)
+        if p.div is not None:
+            raw = CTX.divide(raw, p.div)
+        cost = int(raw.to_integral_value(ROUND_HALF_UP, CTX))
+    lines.append(PriceLine(factor, qty_str, rule.unit, p.price_str, amount, cost))
+    return original
+
+
+def _parse_discount(discount):
+    if isinstance(discount, float):
+        raise InvalidParam("discount: floating-point numbers are not accepted; use a decimal string such as \"0.9\"")
+    d = parse_quantity(discount, "discount", places=None)
+    if not _ZERO < d <= MAX_DISCOUNT:
+        raise InvalidParam(f"discount: must be greater than 0 and at most {MAX_DISCOUNT}, got {discount}")
+    return d
+
+
+# ----------------------------------------------------------- validation ----
+
+
+def _filter_str(value):
+    # YAML turns "true" into a bool and JSON clients send booleans: compare both as "true"/"false".
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
+def _ident(value, what):
+    if isinstance(value, bool) or not isinstance(value, (str, int)) or not str(value).strip():
+        raise InvalidParam(f"{what} is required")
+    return str(value).strip()
+
+
+def _parse_date(value, where, name, required):
+    if value is None or value == "":
+        if required:
+            raise InvalidParam(f"{where}: {name} is required (YYYY-MM-DD)")
+        return None
+    if isinstance(value, _dt.datetime):
+        return value.date()
+    if isinstance(value, _dt.date):
+        return value
+    if isinstance(value, str):
+        try:
+            return _dt.date.fromisoformat(value.strip())
+        except ValueError:
+            pass
+    raise InvalidParam(f"{where}: {name} must be a date YYYY-MM-DD, got {value!r}")
+
+
+def _parse_price(value, where, name):
+    if value is None:
+        raise InvalidParam(f"{where}: {name} is required")
+    d = parse_quantity(value, f"{where}: {name}", places=None)
+    if decimal_places(d) <= PLACES:
+        text = format(d.quantize(_MICRO_EXP, context=CTX), "f")
+    else:
+        text = format(d.normalize(CTX), "f")
+    return d, text
+
+
+def _per_base_unit(price, divisor):
+    """(price in micro-units per base unit, leftover divisor) - see _Price."""
+    micro = price.scaleb(PLACES, CTX)
+    if divisor is None:
+        return micro, None
+    exact = CTX.copy()
+    exact.traps[Inexact] = True
+    try:
+        return exact.divide(micro, divisor), None
+    except Inexact:
+        return micro, divisor
+
+
+def _parse_prices(raw, where, above, divisor):
+    price, text = _parse_price(raw.get("unit_prices"), where, "unit_prices")
+    cost_raw = raw.get("cost_prices")
+    cost = _ZERO if cost_raw is None else _parse_price(cost_raw, where, "cost_prices")[0]
+    sell, div = _per_base_unit(price, divisor)
+    cost_div = None
+    if cost:
+        cost, cost_div = _per_base_unit(cost, divisor)
+    else:
+        cost = None
+    if div is None and cost_div is not None:
+        # One divisor per price: keep both undivided.
+        sell, div = price.scaleb(PLACES, CTX), divisor
+    elif div is not None and cost is not None and cost_div is None:
+        cost = CTX.multiply(cost, divisor)
+    return _Price(above, text, sell, cost, div)
+
+
+def _parse_filters(raw, where):
+    if raw is None:
+        return {}
+    if isinstance(raw, dict):
+        raw = [raw]
+    if not isinstance(raw, list):
+        raise InvalidParam(f"{where}: filters must be a list of {{key: value}} mappings")
+    pairs = {}
+    for item in raw:
+        if not isinstance(item, dict) or not item:
+            raise InvalidParam(f"{where}: each filter must be a {{key: value}} mapping, got {item!r}")
+        for key, value in item.items():
+            if not isinstance(key, str) or not key:
+                raise InvalidParam(f"{where}: filter key must be a non-empty string, got {key!r}")
+            if value is None or isinstance(value, (dict, list)):
+                raise InvalidParam(f"{where}: filter {key} must be a plain value, got {value!r}")
+            text = _filter_str(value)
+            if pairs.get(key, text) != text:
+                raise InvalidParam(f"{where}: conflicting filters for {key}: {pairs[key]!r} and {text!r}")
+            pairs[key] = text
+    return pairs
+
+
+def _parse_rule(i, raw, units, where):
+    where = f"{where}, pricings[{i}]"
+    if not isinstance(raw, dict):
+        raise InvalidParam(f"{where}: must be a mapping")
+    name = raw.get("price_factors")
+    if not isinstance(name, str) or not name.strip():
+        raise InvalidParam(f"{where}: price_factors is required (one of {', '.join(FACTORS)})")
+    name = name.strip()
+    factor = ALIASES.get(name, name)
+    if factor not in FACTORS:
+        known = ", ".join(FACTORS + tuple(ALIASES))
+        raise InvalidParam(f"{where}: unknown price factor {name!r} (expected one of {known})")
+    where = f"{where} ({name})"
+
+    quantity_unit = None
+    if factor == "quantity":
+        quantity_unit = raw.get("quantity_unit")
+        if name == "duration":
+            if quantity_unit not in (None, "second"):
+                raise InvalidParam(f"{where}: duration rules are per second, got quantity_unit {quantity_unit!r}")
+            quantity_unit = "second"
+        if not isinstance(quantity_unit, str) or not quantity_unit.strip():
+            raise InvalidParam(f"{where}: quantity_unit is required for quantity rules (e.g. second, image, char, call)")
+        quantity_unit = quantity_unit.strip()
+
+    unit = raw.get("unit")
+    divisor = None
+    if unit is None or unit == "":
+        unit = quantity_unit or _BASE_UNIT[factor]
+    else:
+        if not isinstance(unit, str) or unit not in units:
+            raise InvalidParam(f"{where}: unknown unit {unit!r} (known: {', '.join(sorted(units))})")
+        if units[unit] != 1:
+            divisor = units[unit]
+    if factor == "flat" and divisor is not None:
+        raise InvalidParam(f"{where}: flat rules are priced per call; unit {unit!r} is not 1")
+
+    base = _parse_prices(raw, where, -1, divisor)
+
+    tiers_raw = raw.get("tiers")
+    tiers = []
+    if tiers_raw is not None:
+        if not isinstance(tiers_raw, list):
+            raise InvalidParam(f"{where}: tiers must be a list")
+        seen = set()
+        for j, tier in enumerate(tiers_raw):
+            tier_where = f"{where}, tiers[{j}]"
+            if not isinstance(tier, dict):
+                raise InvalidParam(f"{tier_where}: must be a mapping")
+            if tier.get("above_input_tokens") is None:
+                raise InvalidParam(f"{tier_where}: above_input_tokens is required")
+            above = parse_count(tier["above_input_tokens"], f"{tier_where}: above_input_tokens")
+            if above in seen:
+                raise InvalidParam(f"{tier_where}: duplicate threshold above_input_tokens={above}")
+            seen.add(above)
+            tiers.append(_parse_prices(tier, tier_where, above, divisor))
+        tiers.sort(key=lambda t: t.above, reverse=True)
+
+    filters = _parse_filters(raw.get("filters"), where)
+    specificity = len(filters)
+    model = filters.pop("model", None)
+    return Rule(i, factor, quantity_unit, unit, base, tuple(tiers), model, tuple(filters.items()), specificity)
+
+
+def _build_index(rules):
+    groups = {}
+    for rule in rules:
+        key = ("quantity", rule.quantity_unit) if rule.factor == "quantity" else rule.factor
+        groups.setdefault(key, []).append(rule)
+    index = {}
+    for key, group in groups.items():
+        group.sort(key=lambda r: (-r.specificity, r.index))
+        generic = tuple(r for r in group if r.model is None)
+        by_model = {
+            model: tuple(r for r in group if r.model is None or r.model == model)
+            for model in {r.model for r in group if r.model is not None}
+        }
+        index[key] = (by_model, generic)
+    return index
+
+
+def _parse_version(raw, where, i):
+    if not isinstance(raw, dict):
+        raise InvalidParam(f"{where}, versions[{i}]: must be a mapping")
+    vid = _ident(raw.get("id"), f"{where}, versions[{i}]: id")
+    where = f"{where}, version {vid}"
+    enabled = _parse_date(raw.get("enabled_date"), where, "enabled_date", required=True)
+    expired = _parse_date(raw.get("expired_date"), where, "expired_date", required=False)
+    if expired is not None and expired <= enabled:
+        raise InvalidParam(f"{where}: expired_date {expired} must be after enabled_date {enabled}")
+
+    data = raw.get("pricing_data")
+    if isinstance(data, str):
+        try:
+            data = yaml.safe_load(data)
+        except yaml.YAMLError as exc:
+            raise InvalidParam(f"{where}: pricing_data is not valid YAML: {' '.join(str(exc).split())}") from None
+    if not isinstance(data, dict):
+        raise InvalidParam(f"{where}: pricing_data must be a mapping with unit_values and pricings")
+
+    units = dict(DEFAULT_UNIT_VALUES)
+    raw_units = data.get("unit_values")
+    if raw_units is not None:
+        if not isinstance(raw_units, dict):
+            raise InvalidParam(f"{where}: unit_values must be a mapping of unit name to number")
+        for key, value in raw_units.items():
+            if not isinstance(key, str) or not key:
+                raise InvalidParam(f"{where}: unit_values key must be a non-empty string, got {key!r}")
+            units[key] = _parse_price(value, where, f"unit_values[{key}]")[0]
+            if not units[key]:
+                raise InvalidParam(f"{where}: unit_values[{key}] must be greater than 0")
+    units = {key: Decimal(value) for key, value in units.items()}
+
+    pricings = data.get("pricings")
+    if not isinstance(pricings, list) or not pricings:
+        raise InvalidParam(f"{where}: pricings must be a non-empty list")
+    rules = tuple(_parse_rule(j, rule, units, where) for j, rule in enumerate(pricings))
+    return Version(vid, enabled, expired, rules, _build_index(rules))

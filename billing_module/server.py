@@ -1,0 +1,188 @@
+"""The standalone host: an ahserver application around the module on an SQLite file.
+
+It lays out a host work directory inside ``data_dir`` the way a platform host is laid out
+(``conf/config.json``, ``wwwroot/billing_module`` -> the module's ``wwwroot``), registers the
+module exactly as a host's ``init()`` would, and serves it.
+"""
+import json
+import logging
+import os
+import secrets
+import sys
+
+from aiohttp import web
+
+from .core import MODULE_NAME
+from .db.database import desc_from_config
+
+log = logging.getLogger("billing_module")
+
+PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+WWWROOT = os.path.join(PACKAGE_ROOT, "wwwroot")
+HOST_DBNAME = "billing"
+
+
+def reset_host_singletons():
+    """ahserver and sqlor keep process-wide singletons; a new host in the same process (tests,
+    a restart) must start from none of them."""
+    from ahserver.serverenv import ServerEnv
+    from appPublic.jsonConfig import JsonConfig
+    from appPublic.registerfunction import RegisterFunction
+    from sqlor.dbpools import DBPools
+    for cls in (JsonConfig, RegisterFunction, DBPools, ServerEnv):
+        if hasattr(cls, "instance"):
+            cls.instance = None
+
+
+def setup_logging(cfg, data_dir, console=True):
+    level = getattr(logging, cfg.server.log_level.upper())
+    logger = logging.getLogger("billing_module")
+    logger.setLevel(level)
+    for h in list(logger.handlers):
+        logger.removeHandler(h)
+        h.close()
+    fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+    log_file = cfg.server.log_file
+    if log_file:
+        path = log_file if os.path.isabs(log_file) else os.path.join(data_dir, log_file)
+        fh = logging.FileHandler(path, encoding="utf-8")
+        fh.setFormatter(fmt)
+        logger.addHandler(fh)
+    if console:
+        ch = logging.StreamHandler(sys.stderr)
+        ch.setFormatter(fmt)
+        logger.addHandler(ch)
+    # ahserver's own logger writes here (it reopens the file per line; errors only)
+    from appPublic.log import MyLogger
+    MyLogger.instance = None
+    MyLogger("ahserver", levelname="clientinfo", logfile=os.path.join(data_dir, "ahserver.log"))
+
+
+def _secret_file(data_dir, name, nbytes=24):
+    """A secret generated once and kept in data_dir (mode 600)."""
+    path = os.path.join(data_dir, name)
+    if os.path.exists(path):
+        with open(path, encoding="utf-8") as f:
+            return f.read().strip()
+    value = secrets.token_urlsafe(nbytes)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(value + "\n")
+    return value
+
+
+def write_host_workdir(cfg, data_dir, db_desc):
+    """conf/config.json and wwwroot/ for ahserver, inside data_dir."""
+    os.makedirs(os.path.join(data_dir, "conf"), exist_ok=True)
+    www = os.path.join(data_dir, "wwwroot")
+    os.makedirs(www, exist_ok=True)
+    link = os.path.join(www, MODULE_NAME)
+    if os.path.islink(link) and os.readlink(link) != WWWROOT:
+        os.unlink(link)
+    if not os.path.lexists(link):
+        os.symlink(WWWROOT, link)
+    host_config = {
+        "password_key": _secret_file(data_dir, ".password_key"),
+        "logger": {"name": "billing", "levelname": "clientinfo", "logfile": os.path.join(data_dir, "ahserver.log")},
+        "databases": {HOST_DBNAME: {"driver": db_desc["driver"], "kwargs": db_desc["kwargs"], "dbname": HOST_DBNAME}},
+        "filesroot": os.path.join(data_dir, "files"),
+        "website": {
+            "paths": [[www, ""]],
+            "host": cfg.server.host,
+            "port": cfg.server.port,
+            "indexes": ["index.html", "index.ui"],
+            "processors": [[".tmpl", "tmpl"], [".dspy", "dspy"], [".ui", "bui"]],
+            "session_max_time": 3600,
+            "session_reissue_time": 600,
+        },
+    }
+    with open(os.path.join(data_dir, "conf", "config.json"), "w", encoding="utf-8") as f:
+        json.dump(host_config, f, indent=1)
+    return host_config
+
+
+def make_auth_class():
+    """The standalone host's permission check, in place of rbac: the API authenticates each call
+    itself (API keys), the login page is open, every other page needs the admin login."""
+    from ahserver.auth_api import AuthAPI, get_session_userinfo
+
+    open_prefixes = (f"/{MODULE_NAME}/api/", f"/{MODULE_NAME}/login")
+
+    class StandaloneAuth(AuthAPI):
+        async def checkUserPermission(self, request, user, path):
+            return path.startswith(open_prefixes) or bool(user)
+
+        @web.middleware
+        async def checkAuth(self, request, handler):
+            # ahserver's middleware logs each request through a logger that inspects the stack
+            # and reopens its file per line; this one logs only refusals and errors.
+            userinfo = await get_session_userinfo(request)
+            if await self.checkUserPermission(request, userinfo.userid, request.path):
+                return await handler(request)
+            if userinfo.userid is None:
+                raise web.HTTPUnauthorized(text=json.dumps({"success": False, "code": "unauthorized",
+                                                            "message": "log in first"}),
+                                           content_type="application/json")
+            raise web.HTTPForbidden()
+
+    return StandaloneAuth
+
+
+async def build_app(cfg, data_dir, db_desc=None, demo=False, background=True):
+    """Build the standalone ahserver app; returns (app, core). The schema is created first."""
+    from ahserver.configuredServer import ConfiguredServer
+    from ahserver.serverenv import ServerEnv
+
+    from .init import load_billing_module
+
+    data_dir = os.path.abspath(data_dir)
+    os.makedirs(data_dir, exist_ok=True)
+    db_desc = db_desc or desc_from_config(cfg, data_dir)
+    reset_host_singletons()
+    write_host_workdir(cfg, data_dir, db_desc)
+
+    # what a host's init() does
+    ServerEnv().get_module_dbname = lambda module: HOST_DBNAME
+    core = load_billing_module(config=cfg, db_desc=db_desc, data_dir=data_dir, register_background=False)
+    core.admin_password = cfg.server.admin_password or _secret_file(data_dir, ".admin_password", 12)
+
+    server = ConfiguredServer(auth_klass=make_auth_class(), workdir=data_dir)
+    server.configPath(server.config)
+    app = await server.build_app()
+    created = await core.create_schema()
+    if created:
+        log.info("schema: created %s", ", ".join(created))
+    if demo:
+        from .demo import seed_demo
+        await seed_demo(core)
+    if background:
+        app.cleanup_ctx.append(core.cleanup_ctx)
+    else:
+        async def close_core(app):
+            await core.close()
+        app.on_cleanup.append(close_core)
+    return app, core
+
+
+def serve(cfg, data_dir, demo=False):
+    """Run until SIGINT/SIGTERM (aiohttp turns both into a clean shutdown)."""
+    import asyncio
+    os.makedirs(data_dir, exist_ok=True)
+    setup_logging(cfg, data_dir)
+
+    async def make():
+        app, core = await build_app(cfg, data_dir, demo=demo)
+        base = f"http://{cfg.server.host}:{cfg.server.port}/{MODULE_NAME}"
+        lines = [f"billing_module {core.version} on {core.db.dialect} ({core.db.desc.kwargs.get('dbname') or core.db.desc.kwargs.get('db')})",
+                 f"  health:      {base}/api/health.dspy",
+                 f"  admin pages: {base}/index.ui  (user {cfg.server.admin_user}, password in {os.path.join(data_dir, '.admin_password')})"]
+        if demo:
+            lines += [f"  demo API key (admin): {core.demo_admin_key}",
+                      f"  try: curl -H 'Authorization: Bearer {core.demo_admin_key}' '{base}/api/balance.dspy?customer_id=demo-acme'"]
+        for ln in lines:
+            print(ln, flush=True)
+        return app
+
+    web.run_app(make(), host=cfg.server.host, port=cfg.server.port, print=None,
+                handle_signals=True, shutdown_timeout=10)
+    asyncio.set_event_loop(asyncio.new_event_loop())

@@ -162,20 +162,21 @@ def _apply(target, schema, values, where):
             target[key] = _check(name, spec[1], value)
 
 
-def _check(name, validator, value):
+def _check(name, validator, value, source=""):
     try:
         return validator(value)
     except (TypeError, ValueError) as e:
-        raise ConfigError(f"config key '{name}' = {value!r}: {e}") from None
+        raise ConfigError(f"config key '{name}'{source} = {value!r}: {e}") from None
 
 
-def _env_overrides(target, schema, environ, prefix="BILLING"):
+def _env_overrides(target, schema, environ, prefix="BILLING", where=""):
     for key, spec in schema.items():
         env_name = f"{prefix}_{key.upper()}"
+        name = f"{where}.{key}" if where else key
         if isinstance(spec, dict):
-            _env_overrides(target[key], spec, environ, env_name)
+            _env_overrides(target[key], spec, environ, env_name, name)
         elif env_name in environ:
-            target[key] = _check(f"{env_name} (environment)", spec[1], environ[env_name])
+            target[key] = _check(name, spec[1], environ[env_name], f" (from {env_name})")
 
 
 def load_config(path=None, environ=None, overrides=None):

@@ -18,6 +18,7 @@ price.
 """
 
 import datetime as _dt
+import functools
 from dataclasses import dataclass, field
 from decimal import ROUND_HALF_UP, Decimal, Inexact
 
@@ -78,6 +79,8 @@ class Usage:
     attributes: dict = field(default_factory=dict)
 
     def __post_init__(self):
+        if not isinstance(self.quantity, Decimal):
+            object.__setattr__(self, "quantity", parse_quantity(self.quantity, "quantity"))
         if self.cached_tokens > self.input_tokens:
             raise InvalidParam(
                 f"cached_tokens: must not exceed input_tokens (input_tokens includes cached tokens), "
@@ -234,6 +237,22 @@ class Version:
     def matches_any(self, model, attributes):
         return any((r.model is None or r.model == model) and r.matches(attributes) for r in self.rules)
 
+    def describe(self, model_name):
+        """Sell prices of the rules that can apply to ``model_name`` (for a price list; no costs)."""
+        out = []
+        for r in self.rules:
+            if r.model is not None and r.model != model_name:
+                continue
+            item = {"factor": r.factor, "unit": r.unit, "unit_price": r.base.price_str}
+            if r.quantity_unit is not None:
+                item["quantity_unit"] = r.quantity_unit
+            if r.filters:
+                item["filters"] = dict(r.filters)
+            if r.tiers:
+                item["tiers"] = [{"above_input_tokens": t.above, "unit_price": t.price_str} for t in reversed(r.tiers)]
+            out.append(item)
+        return out
+
 
 @dataclass(frozen=True, slots=True, eq=False)
 class Program:
@@ -281,8 +300,10 @@ def price_usage(program, usage, day, discount=_ONE):
     if discount is _ONE:
         disc, disc_str = _ONE, "1"
     else:
-        disc = _parse_discount(discount)
-        disc_str = format(disc.normalize(CTX), "f")
+        try:
+            disc, disc_str = _discount(discount)
+        except TypeError:  # unhashable: let the parser report it
+            disc, disc_str = _discount.__wrapped__(discount)
     model = usage.model_name
     attributes = usage.attributes
     input_tokens = usage.input_tokens
@@ -290,20 +311,19 @@ def price_usage(program, usage, day, discount=_ONE):
     unpriced = []
     original = 0  # sum of undiscounted rounded lines
 
-    cached_rule = version.match("cached_tokens", model, attributes)
+    cached_rule = version.match("cached_tokens", model, attributes) if usage.cached_tokens else None
     billed_input = input_tokens - usage.cached_tokens if cached_rule is not None else input_tokens
-    for factor, qty in (
-        ("input_tokens", billed_input),
-        ("output_tokens", usage.output_tokens),
-        ("cached_tokens", usage.cached_tokens),
-    ):
-        if not qty:
-            continue
-        rule = cached_rule if factor == "cached_tokens" else version.match(factor, model, attributes)
-        if rule is None:
-            unpriced.append(factor)
-            continue
-        original += _add_line(lines, rule, factor, qty, str(qty), input_tokens, disc)
+    for factor, qty in (("input_tokens", billed_input), ("output_tokens", usage.output_tokens)):
+        if qty:
+            rule = version.match(factor, model, attributes)
+            if rule is None:
+                unpriced.append(factor)
+            else:
+                original += _add_line(lines, rule, factor, qty, str(qty), input_tokens, disc)
+    # Without a cached rule, cached tokens were billed inside input_tokens.
+    if usage.cached_tokens and cached_rule is not None:
+        qty = usage.cached_tokens
+        original += _add_line(lines, cached_rule, "cached_tokens", qty, str(qty), input_tokens, disc)
 
     if usage.quantity:
         rule = version.match(("quantity", usage.unit), model, attributes)
@@ -356,13 +376,17 @@ def _add_line(lines, rule, factor, qty, qty_str, input_tokens, disc):
     return original
 
 
-def _parse_discount(discount):
+# A customer base uses few distinct discounts. typed=True keeps True, 1 and
+# Decimal(1) (equal and same hash) apart, so a bool is still refused.
+@functools.lru_cache(maxsize=1024, typed=True)
+def _discount(discount):
+    """discount -> (Decimal multiplier, display string)."""
     if isinstance(discount, float):
         raise InvalidParam("discount: floating-point numbers are not accepted; use a decimal string such as \"0.9\"")
     d = parse_quantity(discount, "discount", places=None)
     if not _ZERO < d <= MAX_DISCOUNT:
         raise InvalidParam(f"discount: must be greater than 0 and at most {MAX_DISCOUNT}, got {discount}")
-    return d
+    return d, format(d.normalize(CTX), "f")
 
 
 # ----------------------------------------------------------- validation ----
@@ -427,17 +451,12 @@ def _parse_prices(raw, where, above, divisor):
     cost_raw = raw.get("cost_prices")
     cost = _ZERO if cost_raw is None else _parse_price(cost_raw, where, "cost_prices")[0]
     sell, div = _per_base_unit(price, divisor)
-    cost_div = None
-    if cost:
-        cost, cost_div = _per_base_unit(cost, divisor)
-    else:
-        cost = None
-    if div is None and cost_div is not None:
-        # One divisor per price: keep both undivided.
+    cost_micro, cost_div = _per_base_unit(cost, divisor) if cost else (None, None)
+    if div is not None or cost_div is not None:
+        # One divisor per price: if either division is inexact, keep both undivided.
         sell, div = price.scaleb(PLACES, CTX), divisor
-    elif div is not None and cost is not None and cost_div is None:
-        cost = CTX.multiply(cost, divisor)
-    return _Price(above, text, sell, cost, div)
+        cost_micro = cost.scaleb(PLACES, CTX) if cost else None
+    return _Price(above, text, sell, cost_micro, div)
 
 
 def _parse_filters(raw, where):

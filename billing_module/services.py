@@ -1,14 +1,56 @@
-"""Wires the services of the core together (one place that knows every service)."""
+"""Wires the services of the core together: the one place that knows every service."""
+from .accounting import Accounting
+from .cache import CacheManager
+from .catalog import Catalog
+from .failures import Failures
+from .ledger import Ledger
 
 
 def build_services(core, db):
-    pass
+    core.caches = CacheManager(core.config.cache.size, core.config.cache.ttl_seconds)
+    core.catalog = Catalog(db, core.caches)
+    core.ledger = Ledger(db, core.config)
+    core.failures = Failures(core)
+    core.accounting = Accounting(core)
 
 
 def background_jobs(core):
-    return []
+    """(name, coroutine function, interval seconds); each claims its rows in the database, so
+    several instances on one database can all run them."""
+    acc, holds = core.config.accounting, core.config.holds
+
+    async def accountant():
+        # drain the queue: a full batch means more may be waiting
+        while await core.accounting.account_pending() >= acc.batch_size:
+            pass
+
+    return [
+        ("accountant", accountant, acc.interval_seconds),
+        ("failed-accounting-retries", core.failures.retry_due, max(acc.interval_seconds, 5.0)),
+        ("hold-expiry", core.ledger.expire_holds, holds.sweep_interval_seconds),
+    ]
 
 
 def register_functions(core, env):
-    """ServerEnv names other modules call in-process (``ServerEnv().billing_*``)."""
+    """ServerEnv names other modules call in-process (``ServerEnv().billing_*``). Each resolves
+    the service at call time: the database (and so the services) exist only after the host's
+    DBPools is built."""
+    def svc(name, method):
+        async def call(*args, **kwargs):
+            _ = core.db
+            return await getattr(getattr(core, name), method)(*args, **kwargs)
+        call.__name__ = f"billing_{method}"
+        return call
+
     env.billing_health = core.health
+    env.billing_post_usage = svc("accounting", "post_usage")
+    env.billing_submit_usage = svc("accounting", "submit_usage")
+    env.billing_quote = svc("accounting", "quote")
+    env.billing_balance = svc("ledger", "balance")
+    env.billing_recharge = svc("ledger", "recharge")
+    env.billing_refund = svc("ledger", "refund")
+    env.billing_adjust = svc("ledger", "adjust")
+    env.billing_hold = svc("ledger", "hold")
+    env.billing_settle = svc("ledger", "settle")
+    env.billing_release = svc("ledger", "release")
+    env.billing_reconcile = svc("ledger", "reconcile")

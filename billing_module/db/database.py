@@ -103,6 +103,17 @@ class Tx:
                                  f"offset ${{page_offset_}}$", ns)
         return {"total": int(total or 0), "rows": data}
 
+    @staticmethod
+    def in_list(values, ns, prefix="v"):
+        """``(${v0}$, ${v1}$, ...)`` for ``values``, filling ``ns`` (sqlor cannot bind a list)."""
+        if not values:
+            return "(null)"
+        names = []
+        for i, v in enumerate(values):
+            ns[f"{prefix}{i}"] = v
+            names.append("${%s%d}$" % (prefix, i))
+        return "(" + ", ".join(names) + ")"
+
     def for_update(self):
         return dialects.for_update(self.dialect)
 

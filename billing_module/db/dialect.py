@@ -58,3 +58,20 @@ def begin_statement(dialect, write):
 def substr_date(dialect, column):
     """The day part of a 'YYYY-MM-DD HH:MM:SS' column, as text."""
     return f"substr({column}, 1, 10)" if dialect == SQLITE else f"date_format({column}, '%Y-%m-%d')"
+
+
+def insert_ignore(dialect):
+    """INSERT that does nothing when the row's unique key exists."""
+    return "insert or ignore" if dialect == SQLITE else "insert ignore"
+
+
+def upsert(dialect, table, columns, key="id"):
+    """INSERT ... that updates the non-key columns when the key exists."""
+    cols = ", ".join(columns)
+    values = ", ".join("${%s}$" % c for c in columns)
+    rest = [c for c in columns if c != key]
+    if dialect == SQLITE:
+        sets = ", ".join(f"{c} = excluded.{c}" for c in rest)
+        return f"insert into {table} ({cols}) values ({values}) on conflict({key}) do update set {sets}"
+    sets = ", ".join(f"{c} = values({c})" for c in rest)
+    return f"insert into {table} ({cols}) values ({values}) on duplicate key update {sets}"

@@ -1,0 +1,69 @@
+"""LRU + TTL caches in front of the cache tables (cachetools), with hit / miss counters.
+
+Pricing and authorisation read through these, so they answer from memory (and, on a miss,
+from the local cache tables) while the central platform is down. A sync that changes a table
+invalidates its cache.
+"""
+from cachetools import TTLCache
+
+_MISSING = object()
+
+
+class NamedCache:
+    def __init__(self, name, size, ttl):
+        self.name = name
+        self._data = TTLCache(maxsize=size, ttl=ttl)
+        self.hits = 0
+        self.misses = 0
+
+    def get(self, key):
+        value = self._data.get(key, _MISSING)
+        if value is _MISSING:
+            self.misses += 1
+            return _MISSING
+        self.hits += 1
+        return value
+
+    def put(self, key, value):
+        self._data[key] = value
+
+    async def get_or_load(self, key, loader):
+        """``loader()`` is awaited on a miss; ``None`` results are cached too (a known miss)."""
+        value = self.get(key)
+        if value is _MISSING:
+            value = await loader()
+            self._data[key] = value
+        return value
+
+    def invalidate(self, key=_MISSING):
+        if key is _MISSING:
+            self._data.clear()
+        else:
+            self._data.pop(key, None)
+
+    def stats(self):
+        return {"hits": self.hits, "misses": self.misses, "size": len(self._data), "maxsize": self._data.maxsize}
+
+
+class CacheManager:
+    def __init__(self, size=10000, ttl=300.0):
+        self.size, self.ttl = size, ttl
+        self._caches = {}
+
+    def cache(self, name):
+        c = self._caches.get(name)
+        if c is None:
+            c = self._caches[name] = NamedCache(name, self.size, self.ttl)
+        return c
+
+    def invalidate(self, name=None):
+        for n, c in self._caches.items():
+            if name is None or n == name or n.startswith(name + ":"):
+                c.invalidate()
+
+    def stats(self):
+        return {n: c.stats() for n, c in sorted(self._caches.items())}
+
+
+MISSING = _MISSING
+__all__ = ["CacheManager", "NamedCache", "MISSING"]

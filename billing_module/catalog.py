@@ -1,0 +1,164 @@
+"""The local copies of the central platform's data (the four cache tables) and the lookups
+pricing needs: model -> pricing program, customer -> discount.
+
+Writes come from the sync (and from demo / admin seeding) through ``apply``; reads go through
+the LRU + TTL caches of ``cache.py``, so a price is computed from memory on a hit.
+"""
+import json
+from decimal import Decimal, InvalidOperation
+
+from . import clock
+from .cache import MISSING
+from .db import dialect as dialects
+from .errors import InvalidParam, NoPricing
+from .pricing import Program, Usage, price_usage
+
+# entity -> (table, columns taken from an item besides id / payload / version / cached_at)
+ENTITIES = {
+    "users": ("users_cache", ("entity_kind", "name", "org_id", "org_type", "status", "discount")),
+    "pricing": ("pricing_cache", ("name", "ownerid", "providerid", "currency")),
+    "llmage": ("llmage_cache", ("name", "ppid", "ownerid", "providerid", "upappid", "status")),
+    "uapi": ("uapi_cache", ("name", "upappid", "path", "httpmethod", "stream")),
+}
+_MAX_LEN = {"entity_kind": 8, "currency": 8, "status": 16, "discount": 16, "httpmethod": 16, "stream": 16,
+            "name": 128, "path": 255}
+
+
+def _item_row(entity, item, version, now):
+    table, columns = ENTITIES[entity]
+    if not isinstance(item, dict):
+        raise InvalidParam(f"{entity}: every item must be an object")
+    key = item.get("id")
+    if not isinstance(key, str) or not key or len(key) > 32:
+        raise InvalidParam(f"{entity}: item id must be a string of 1-32 characters")
+    row = {"id": key}
+    for c in columns:
+        v = item.get(c, item.get("kind") if c == "entity_kind" else None)
+        if v is not None and not isinstance(v, str):
+            v = str(v)
+        if v is not None and len(v) > _MAX_LEN.get(c, 32):
+            raise InvalidParam(f"{entity} {key}: {c} is too long")
+        row[c] = v
+    if entity == "pricing":
+        Program.from_payload(item)          # a program that cannot price is refused whole
+    if entity == "users":
+        if row["entity_kind"] not in ("user", "org"):
+            raise InvalidParam(f"users {key}: kind must be user or org")
+        if row["discount"] is not None:
+            _discount(row["discount"], key)
+    row["payload"] = json.dumps(item, ensure_ascii=False, sort_keys=True)
+    row["version"] = str(item.get("version", version) or "")[:32]
+    row["cached_at"] = now
+    return row
+
+
+def _discount(text, customer_id):
+    try:
+        d = Decimal(str(text))
+    except InvalidOperation:
+        raise InvalidParam(f"customer {customer_id}: discount {text!r} is not a number") from None
+    if not d.is_finite() or not Decimal(0) < d <= Decimal(10):
+        raise InvalidParam(f"customer {customer_id}: discount must be in (0, 10]")
+    return d
+
+
+class Catalog:
+    def __init__(self, db, caches):
+        self.db = db
+        self.caches = caches
+
+    # --- writes (sync, demo, admin) --------------------------------------------------------------
+    async def apply(self, tx, entity, items=(), deleted=(), version=None):
+        """Upsert ``items`` and delete ``deleted`` ids of one entity inside ``tx``."""
+        if entity not in ENTITIES:
+            raise InvalidParam(f"unknown entity {entity!r}")
+        table, _ = ENTITIES[entity]
+        now = clock.now_text()
+        rows = [_item_row(entity, item, version, now) for item in items]
+        if rows:
+            await tx.execute_many(dialects.upsert(tx.dialect, table, list(rows[0])), rows)
+        for key in deleted:
+            await tx.execute(f"delete from {table} where id = ${{k}}$", {"k": str(key)})
+        return len(rows), len(deleted)
+
+    async def put(self, entity, items=(), deleted=()):
+        """``apply`` in its own transaction, then drop the cached copies."""
+        async with self.db.transaction() as tx:
+            result = await self.apply(tx, entity, items, deleted)
+        self.invalidate(entity)
+        return result
+
+    def invalidate(self, entity=None):
+        self.caches.invalidate(entity)
+
+    # --- reads ----------------------------------------------------------------------------------
+    async def _row(self, table, where, ns):
+        async with self.db.read() as tx:
+            return await tx.one(f"select * from {table} where {where}", ns)
+
+    async def model(self, llmid=None, model_name=None):
+        """The cached LLM model row by id, else by name; None if unknown."""
+        if llmid:
+            return await self.caches.cache("llmage:id").get_or_load(
+                llmid, lambda: self._row("llmage_cache", "id = ${k}$", {"k": llmid}))
+        if model_name:
+            return await self.caches.cache("llmage:name").get_or_load(
+                model_name, lambda: self._row("llmage_cache", "name = ${k}$ order by id limit 1", {"k": model_name}))
+        return None
+
+    async def program(self, ppid):
+        """The compiled pricing program (parsed once per cache lifetime), or None."""
+        async def load():
+            row = await self._row("pricing_cache", "id = ${k}$", {"k": ppid})
+            return Program.from_payload(json.loads(row.payload)) if row else None
+        return await self.caches.cache("pricing").get_or_load(ppid, load)
+
+    async def discount(self, customer_id):
+        async def load():
+            row = await self._row("users_cache", "id = ${k}$ and entity_kind = 'org'", {"k": customer_id})
+            return _discount(row.discount, customer_id) if row and row.discount else Decimal(1)
+        return await self.caches.cache("users:discount").get_or_load(customer_id, load)
+
+    async def org(self, customer_id):
+        return await self.caches.cache("users:org").get_or_load(
+            customer_id, lambda: self._row("users_cache", "id = ${k}$ and entity_kind = 'org'", {"k": customer_id}))
+
+    async def quote(self, usage: Usage, llmid=None, model_name=None, customer_id=None, day=None):
+        """Price a usage without charging. Returns (PriceResult, model row)."""
+        model = await self.model(llmid, model_name or usage.model_name)
+        if model is None:
+            raise NoPricing(f"unknown model {llmid or model_name or usage.model_name}")
+        if not model.ppid:
+            raise NoPricing(f"model {model.name} has no pricing program")
+        program = await self.program(model.ppid)
+        if program is None:
+            raise NoPricing(f"pricing program {model.ppid} of model {model.name} is not in the pricing cache")
+        discount = await self.discount(customer_id) if customer_id else Decimal(1)
+        return price_usage(program, usage, day or clock.today(), discount), model
+
+    async def priced_models(self):
+        """Every cached model with its pricing program's current price rules (for the pricing API)."""
+        async with self.db.read() as tx:
+            rows = await tx.select("select m.id, m.name, m.ppid, p.name as program_name, p.payload "
+                                   "from llmage_cache m left join pricing_cache p on p.id = m.ppid order by m.name, m.id")
+        out = []
+        today = clock.today()
+        for r in rows:
+            item = {"llmid": r.id, "model_name": r.name, "pricing_id": r.ppid, "program_name": r.program_name,
+                    "prices": None}
+            if r.payload:
+                program = await self.program(r.ppid)
+                try:
+                    version = program.version_on(today)
+                    item["price_version"] = version.id
+                    item["prices"] = version.describe(r.name) if hasattr(version, "describe") else None
+                except NoPricing:
+                    item["prices"] = None
+            out.append(item)
+        return out
+
+    def stats(self):
+        return self.caches.stats()
+
+
+__all__ = ["Catalog", "ENTITIES", "MISSING"]

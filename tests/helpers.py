@@ -1,0 +1,44 @@
+"""Seed data shared by the tests."""
+from billing_module.money import to_micro
+
+PROGRAM = {
+    "id": "pp-chat", "name": "chat models", "currency": "CNY",
+    "versions": [{
+        "id": "ppt-2026", "enabled_date": "2026-01-01", "expired_date": "9999-12-31",
+        "pricing_data": {
+            "unit_values": {"M": 1000000, "second": 1, "image": 1},
+            "pricings": [
+                # 2.0 per million input tokens, 8.0 per million output: 1,000 in + 500 out = 0.002 + 0.004
+                {"price_factors": "input_tokens", "unit_prices": "2.0", "cost_prices": "1.0", "unit": "M",
+                 "filters": [{"model": "chat-a"}]},
+                {"price_factors": "output_tokens", "unit_prices": "8.0", "cost_prices": "4.0", "unit": "M",
+                 "filters": [{"model": "chat-a"}]},
+                {"price_factors": "flat", "unit_prices": "1.0", "filters": [{"model": "flat-1"}]},
+            ],
+        },
+    }],
+}
+MODELS = [
+    {"id": "llm-a", "name": "chat-a", "ppid": "pp-chat", "ownerid": "0", "providerid": "prov-1"},
+    {"id": "llm-flat", "name": "flat-1", "ppid": "pp-chat", "ownerid": "0", "providerid": "prov-1"},
+    {"id": "llm-noprice", "name": "no-price", "ppid": "pp-missing"},
+]
+
+
+async def seed_pricing(core):
+    await core.catalog.put("pricing", [PROGRAM])
+    await core.catalog.put("llmage", MODELS)
+
+
+def units(text):
+    return to_micro(text)
+
+
+def usage(request_id, customer="cust-1", model="chat-a", **kw):
+    event = {"request_id": request_id, "customer_id": customer, "model_name": model,
+             "input_tokens": 1000, "output_tokens": 500, "use_time": "2026-11-22 10:00:00"}
+    event.update(kw)
+    return event
+
+
+CHAT_A_PRICE = "0.006000"   # 1,000 x 2.0/1e6 + 500 x 8.0/1e6

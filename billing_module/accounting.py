@@ -88,7 +88,7 @@ def parse_event(raw):
         "request_id": request_id, "customer_id": customer_id, "user_id": user_id, "llmid": llmid,
         "product_id": product_id, "model_name": model_name, "input_tokens": usage.input_tokens,
         "output_tokens": usage.output_tokens, "cached_tokens": usage.cached_tokens,
-        "quantity": str(usage.quantity.normalize()) if usage.quantity else "0", "unit": usage.unit,
+        "quantity": format(usage.quantity.normalize(), "f") if usage.quantity else "0", "unit": usage.unit,
         "use_time": use_time, "transno": transno, "attributes": usage.attributes or None,
     }
     # the hash covers what is charged; use_time defaults to "now" and must not make a retry differ
@@ -107,7 +107,7 @@ def record_view(rec, duplicate=False):
         "original_amount": from_micro(int(rec.original_amount or 0)), "cost": from_micro(int(rec.cost or 0)),
         "discount": rec.discount, "currency": rec.currency, "pricing_id": rec.pricing_id,
         "price_version": rec.price_version, "lines": lines, "subscription_id": rec.subscription_id,
-        "included_quantity": None if rec.included_quantity is None else str(Decimal(str(rec.included_quantity)).normalize()),
+        "included_quantity": None if rec.included_quantity is None else format(Decimal(str(rec.included_quantity)).normalize(), "f"),
         "ledger_entry_id": rec.ledger_entry_id, "use_time": rec.use_time, "duplicate": duplicate,
     }
 

@@ -151,11 +151,27 @@ class Catalog:
                 try:
                     version = program.version_on(today)
                     item["price_version"] = version.id
-                    item["prices"] = version.describe(r.name) if hasattr(version, "describe") else None
+                    item["prices"] = version.describe(r.name)
                 except NoPricing:
                     item["prices"] = None
             out.append(item)
         return out
+
+    async def users(self, page=1, rows=20, kind=None, org_id=None, name=None):
+        where, ns = ["1 = 1"], {}
+        if kind:
+            where.append("entity_kind = ${kind}$")
+            ns["kind"] = kind
+        if org_id:
+            where.append("org_id = ${org}$")
+            ns["org"] = org_id
+        if name:
+            where.append("name like ${name}$")
+            ns["name"] = f"%{name}%"
+        sql = ("select id, entity_kind as kind, name, org_id, org_type, status, discount, version, cached_at "
+               f"from users_cache where {' and '.join(where)}")
+        async with self.db.read() as tx:
+            return await tx.page(sql, ns, "entity_kind, name, id", page, rows)
 
     def stats(self):
         return self.caches.stats()

@@ -1,11 +1,203 @@
 """The endpoint handlers. Each validates its parameters, calls one core function and returns
-the reply's data; ``billing_module.api.handle`` does the rest."""
+the reply's data; ``billing_module.api.handle`` checks the method and the caller and shapes
+the reply."""
+from .. import clock
+
+from ..errors import InvalidParam
+from ..money import to_micro
 from . import endpoint
 
+READ, WRITE = ("GET",), ("POST",)
 
-@endpoint("health", methods=("GET",), open=True)
+
+def _amount(p, name="amount", required=True):
+    v = p.raw.get(name)
+    if v is None or v == "":
+        if required:
+            raise InvalidParam(f"{name}: required")
+        return None
+    if isinstance(v, list):
+        raise InvalidParam(f"{name}: given more than once")
+    return to_micro(v, name)
+
+
+def _event(p, caller):
+    raw = {k: v for k, v in p.raw.items() if not k.startswith("_")}
+    for k, v in raw.items():
+        if isinstance(v, list):
+            raise InvalidParam(f"{k}: given more than once")
+    ev_customer = p.ident("customer_id", required=True)
+    caller.check_customer(ev_customer)
+    return raw
+
+
+def _day(p, name):
+    v = p.str(name, max_len=40)
+    return None if v is None else clock.fmt(clock.parse(v, name))
+
+
+@endpoint("health", methods=READ, open=True)
 async def health(core, caller, p, request):
     result = await core.health()
+    result["caches"] = core.caches.stats()
     if result["db"] != "ok":
         result["_status"] = 503
     return result
+
+
+# --- balances and money movements ---------------------------------------------------------------
+@endpoint("balance", methods=READ)
+async def balance(core, caller, p, request):
+    customer_id = p.ident("customer_id", required=True)
+    caller.check_customer(customer_id)
+    return await core.ledger.balance(customer_id)
+
+
+@endpoint("recharge", methods=WRITE, admin=True)
+async def recharge(core, caller, p, request):
+    return await core.ledger.recharge(p.ident("customer_id", required=True), _amount(p),
+                                      p.ident("request_id", required=True, max_len=64),
+                                      operator=caller.operator, note=p.str("note"))
+
+
+@endpoint("adjust", methods=WRITE, admin=True)
+async def adjust(core, caller, p, request):
+    return await core.ledger.adjust(p.ident("customer_id", required=True), _amount(p),
+                                    p.ident("request_id", required=True, max_len=64),
+                                    reason=p.str("reason", required=True), operator=caller.operator)
+
+
+@endpoint("refund", methods=WRITE, admin=True)
+async def refund(core, caller, p, request):
+    return await core.ledger.refund(p.ident("customer_id", required=True), _amount(p),
+                                    p.ident("request_id", required=True, max_len=64),
+                                    reason=p.str("reason", required=True), operator=caller.operator,
+                                    ref_id=p.ident("record_id"))
+
+
+@endpoint("account_update", methods=WRITE, admin=True)
+async def account_update(core, caller, p, request):
+    credit = _amount(p, "credit_limit", required=False)
+    status = p.str("status", choices=("active", "suspended"))
+    if credit is None and status is None:
+        raise InvalidParam("give credit_limit and/or status")
+    return await core.ledger.update_account(p.ident("customer_id", required=True), credit_limit=credit, status=status)
+
+
+@endpoint("balances", methods=READ, admin=True)
+async def balances(core, caller, p, request):
+    page, rows = p.page()
+    return await core.ledger.balances(page, rows, customer_id=p.ident("customer_id"),
+                                      status=p.str("status", choices=("active", "suspended", "arrears")))
+
+
+@endpoint("transactions", methods=READ)
+async def transactions(core, caller, p, request):
+    customer_id = p.ident("customer_id", required=not caller.is_admin)
+    if customer_id is not None:
+        caller.check_customer(customer_id)
+    page, rows = p.page()
+    return await core.ledger.entries(customer_id, page, rows, entry_type=p.ident("entry_type"))
+
+
+# --- holds -------------------------------------------------------------------------------------
+@endpoint("authorize", methods=WRITE)
+async def authorize(core, caller, p, request):
+    """Hold an amount, or the price of an estimated usage event (same fields as accounting)."""
+    customer_id = p.ident("customer_id", required=True)
+    caller.check_customer(customer_id)
+    amount = _amount(p, required=False)
+    if amount is None:
+        quote = await core.accounting.quote(_event(p, caller))
+        amount = to_micro(quote["amount"])
+        if amount == 0:
+            raise InvalidParam("the estimated usage prices at zero; send an amount to hold")
+    ttl = p.int("ttl_seconds", minimum=1)
+    return await core.ledger.hold(customer_id, amount, p.ident("request_id", required=True, max_len=64),
+                                  ttl_seconds=ttl, note=p.str("note"))
+
+
+async def _hold_customer_check(core, caller, hold_id, request_id):
+    if caller.is_admin:
+        return
+    async with core.db.read() as tx:
+        hold = await core.ledger._find_hold(tx, hold_id, request_id)
+    if hold is not None:
+        caller.check_customer(hold.customer_id)
+
+
+def _hold_ref(p):
+    hold_id, request_id = p.ident("hold_id"), p.ident("request_id", max_len=64)
+    if not (hold_id or request_id):
+        raise InvalidParam("hold_id or request_id (of the hold): required")
+    return hold_id, request_id
+
+
+@endpoint("settle", methods=WRITE)
+async def settle(core, caller, p, request):
+    hold_id, request_id = _hold_ref(p)
+    await _hold_customer_check(core, caller, hold_id, request_id)
+    return await core.ledger.settle(_amount(p), hold_id=hold_id, request_id=request_id, operator=caller.operator)
+
+
+@endpoint("release", methods=WRITE)
+async def release(core, caller, p, request):
+    hold_id, request_id = _hold_ref(p)
+    await _hold_customer_check(core, caller, hold_id, request_id)
+    return await core.ledger.release(hold_id=hold_id, request_id=request_id)
+
+
+# --- usage --------------------------------------------------------------------------------------
+@endpoint("accounting", methods=WRITE)
+async def accounting(core, caller, p, request):
+    return await core.accounting.post_usage(_event(p, caller))
+
+
+@endpoint("accounting_submit", methods=WRITE)
+async def accounting_submit(core, caller, p, request):
+    result = await core.accounting.submit_usage(_event(p, caller))
+    result["_status"] = 202 if not result.get("duplicate") else 200
+    return result
+
+
+@endpoint("quote", methods=READ + WRITE)
+async def quote(core, caller, p, request):
+    return await core.accounting.quote(_event(p, caller))
+
+
+@endpoint("pricing", methods=READ)
+async def pricing(core, caller, p, request):
+    rows = await core.catalog.priced_models()
+    return {"total": len(rows), "rows": rows}
+
+
+@endpoint("users", methods=READ, admin=True)
+async def users(core, caller, p, request):
+    page, rows = p.page()
+    return await core.catalog.users(page, rows, kind=p.str("kind", choices=("user", "org")),
+                                    org_id=p.ident("org_id"), name=p.str("name", max_len=128))
+
+
+# --- failed accounting ------------------------------------------------------------------------------
+@endpoint("failed_accounting_list", methods=READ, admin=True)
+async def failed_accounting_list(core, caller, p, request):
+    page, rows = p.page()
+    customer = p.ident("customer_id") or p.ident("userorgid")
+    return await core.failures.search(
+        customer_id=customer, user_id=p.ident("user_id") or p.ident("userid"), llmid=p.ident("llmid"),
+        handled=p.flag("handled"), retry_state=p.str("retry_state", choices=("waiting", "exhausted", "resolved")),
+        start_date=_day(p, "start_date"), end_date=_day(p, "end_date"), page=page, rows=rows)
+
+
+@endpoint("failed_accounting_retry", methods=WRITE, admin=True)
+async def failed_accounting_retry(core, caller, p, request):
+    return await core.failures.retry(p.ident("id", required=True), operator=caller.operator)
+
+
+@endpoint("failed_accounting_handle", methods=WRITE, admin=True)
+async def failed_accounting_handle(core, caller, p, request):
+    return await core.failures.mark_handled(p.ident("id", required=True), p.str("note", required=True, max_len=2000),
+                                            operator=caller.operator)
+
+
+

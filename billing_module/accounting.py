@@ -122,13 +122,14 @@ class Accounting:
     # --- public entry points ---------------------------------------------------------------------
     async def post_usage(self, raw):
         ev = await self._prepare(raw)
-        replay = await self._replay_if_done(ev)
-        if replay is not None:
-            return replay
         try:
             price, model = await self.core.catalog.quote(ev.usage, ev.llmid, ev.payload["model_name"],
                                                          ev.customer_id, ev.day)
         except BillingError as e:
+            # a replay of an event accounted before its price went away is still a replay
+            replay = await self._replay_if_done(ev)
+            if replay is not None:
+                return replay
             await self.core.failures.record(ev, e)
             raise
 
@@ -297,8 +298,11 @@ class Accounting:
         return record_view(rec, duplicate=True) if rec.status == "accounted" else None
 
     async def _locked_record(self, tx, request_id):
-        return await tx.one(f"select * from accounting_records where request_id = ${{r}}${tx.for_update()}",
-                            {"r": request_id})
+        """The record of ``request_id`` locked for this transaction, or None. The lookup itself
+        does not lock: on MySQL a locking read of a missing key takes a gap lock, and two such
+        transactions that then insert into the gap deadlock. A missing record is inserted, and
+        the unique index turns a concurrent insert into a duplicate-key error (a replay)."""
+        return await tx.lock_by_key("accounting_records", "request_id", request_id)
 
     def _record_row(self, ev, now, status, price=None, model=None):
         u = ev.usage

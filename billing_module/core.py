@@ -26,6 +26,15 @@ class BillingCore:
         self._services_built = False
         self._tasks = []
 
+    _SERVICES = ("caches", "catalog", "ledger", "failures", "accounting", "products", "sync", "auth")
+
+    def __getattr__(self, name):
+        # services exist once the database is known; touching one resolves it
+        if name in BillingCore._SERVICES and not self.__dict__.get("_services_built"):
+            _ = self.db
+            return self.__dict__[name]
+        raise AttributeError(name)
+
     # --- database -------------------------------------------------------------------------
     def _resolve_db_desc(self):
         """Standalone: from our config. In a host: the host's database for this module, read

@@ -39,8 +39,7 @@ class Failures:
         async def work(tx):
             now = clock.now_text()
             request_id = ev.request_id if ev is not None else record.request_id
-            rec = await tx.one(f"select * from accounting_records where request_id = ${{r}}${tx.for_update()}",
-                               {"r": request_id})
+            rec = await tx.lock_by_key("accounting_records", "request_id", request_id)
             if rec is None:
                 row = self.core.accounting._record_row(ev, now, "failed", price)
                 row.update(error_code=code, error_msg=message, attempts=1)

@@ -12,6 +12,9 @@ SQLite has one writer: write transactions take an in-process lock and ``BEGIN IM
 """
 import asyncio
 import datetime
+import functools
+import random
+import re
 import decimal
 import logging
 import time
@@ -25,7 +28,7 @@ from .sqlite_driver import DRIVER_NAME as SQLITE_DRIVER, BillingSQLiteor
 log = logging.getLogger("billing_module.db")
 
 _PING_AFTER_IDLE_SECONDS = 30
-_DEADLOCK_RETRIES = 5
+_DEADLOCK_RETRIES = 10
 
 
 def _py_value(v):
@@ -36,6 +39,29 @@ def _py_value(v):
     return v
 
 
+_PARAM = re.compile(r"\$\{([A-Za-z_][A-Za-z_0-9]*)\}\$")
+
+
+@functools.lru_cache(maxsize=2048)
+def _compile(sql, dialect):
+    """sqlor's ``${name}$`` placeholders -> the driver's (``?`` / ``%s``) and the parameter
+    names in order. sqlor's own converter (``maskingSQL``) costs about 30 us per parameter
+    (measured: 1 ms for a 35-column insert), so the module compiles each statement once."""
+    names = []
+    mark = "?" if dialect == dialects.SQLITE else "%s"
+    parts = []
+    pos = 0
+    for m in _PARAM.finditer(sql):
+        text = sql[pos:m.start()]
+        parts.append(text if dialect == dialects.SQLITE else text.replace("%", "%%"))
+        parts.append(mark)
+        names.append(m.group(1))
+        pos = m.end()
+    tail = sql[pos:]
+    parts.append(tail if dialect == dialects.SQLITE else tail.replace("%", "%%"))
+    return "".join(parts), tuple(names)
+
+
 class Tx:
     """One open transaction. All SQL uses sqlor's ``${name}$`` placeholders."""
 
@@ -44,8 +70,12 @@ class Tx:
         self.dialect = dialect
 
     def _mask(self, sql, ns):
-        marked, data = self.sor.maskingSQL(sql, ns)
-        return marked, self.sor.dataConvert(data)
+        marked, names = _compile(sql, self.dialect)
+        try:
+            return marked, tuple([ns[n] for n in names])
+        except KeyError as e:
+            # sqlor would silently bind a Python builtin of that name (e.g. id); refuse instead
+            raise KeyError(f"SQL parameter ${{{e.args[0]}}}$ has no value") from None
 
     async def select(self, sql, ns=None):
         marked, data = self._mask(sql, ns or {})
@@ -113,6 +143,16 @@ class Tx:
             ns[f"{prefix}{i}"] = v
             names.append("${%s%d}$" % (prefix, i))
         return "(" + ", ".join(names) + ")"
+
+    async def lock_by_key(self, table, column, value):
+        """The row whose unique ``column`` is ``value``, locked for this transaction, or None.
+        The lookup itself does not lock: on MySQL a locking read of a missing key takes a gap
+        lock, and two transactions that then insert into that gap deadlock. Callers insert a
+        missing row and let the unique index turn a concurrent insert into a duplicate-key error."""
+        row = await self.one(f"select id from {table} where {column} = ${{v}}$", {"v": value})
+        if row is None:
+            return None
+        return await self.one(f"select * from {table} where id = ${{i}}${self.for_update()}", {"i": row.id})
 
     def for_update(self):
         return dialects.for_update(self.dialect)
@@ -226,7 +266,9 @@ class Database:
         try:
             async with self._connection() as sor:
                 tx = Tx(sor, self.dialect)
-                await sor.cur.execute(dialects.begin_statement(self.dialect, write))
+                begin = dialects.begin_statement(self.dialect, write)
+                if begin:
+                    await sor.cur.execute(begin)
                 try:
                     yield tx
                 except BaseException:
@@ -236,7 +278,8 @@ class Database:
                         log.exception("rollback failed")
                         raise ConnectionError("rollback failed") from None
                     raise
-                await sor.conn.commit()
+                if write or dialects.read_needs_commit(self.dialect):
+                    await sor.conn.commit()
         finally:
             if lock is not None:
                 lock.release()
@@ -256,7 +299,7 @@ class Database:
                 attempt += 1
                 if attempt > retries or not dialects.is_retryable(e):
                     raise
-                await asyncio.sleep(0.002 * attempt)
+                await asyncio.sleep(random.uniform(0.001, 0.004) * attempt)
 
     async def close(self):
         self.closed = True

@@ -50,9 +50,18 @@ def skip_locked(dialect):
 
 
 def begin_statement(dialect, write):
+    """What opens a transaction, or None. SQLite connections run in autocommit mode, so a write
+    transaction opens with BEGIN IMMEDIATE (taking the write lock up front) and a read needs none
+    (one statement is its own snapshot). MySQL connections have autocommit off: the first
+    statement opens the transaction, so an explicit one would only cost a round trip."""
     if dialect == SQLITE:
-        return "begin immediate" if write else "begin"
-    return "start transaction" if write else "start transaction read only"
+        return "begin immediate" if write else None
+    return None
+
+
+def read_needs_commit(dialect):
+    """A MySQL read ends its implicit transaction (and snapshot) with a commit."""
+    return dialect != SQLITE
 
 
 def substr_date(dialect, column):

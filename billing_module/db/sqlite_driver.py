@@ -18,6 +18,7 @@ class BillingSQLiteor(SQLor):
     # and opens a new connection per context; a string makes the check work.
     test_sqlstr = "select 1"
     busy_timeout_ms = 10000
+    _cursor = None
 
     db2modelTypeMapping = {
         "text": "str", "blob": "file", "int": "long", "integer": "long", "bigint": "long",
@@ -82,14 +83,14 @@ class BillingSQLiteor(SQLor):
         self.dbname = "main"
 
     async def enter(self):
-        self.cur = await self.conn.cursor()
+        # one cursor per connection for its whole life: opening and closing a cursor per
+        # transaction costs two thread hand-offs in aiosqlite
+        if self._cursor is None:
+            self._cursor = await self.conn.cursor()
+        self.cur = self._cursor
 
     async def exit(self):
-        if self.cur is not None:
-            try:
-                await self.cur.close()
-            finally:
-                self.cur = None
+        self.cur = None
 
     async def execute(self, sql, value):
         if self.cur is None:
@@ -111,6 +112,9 @@ class BillingSQLiteor(SQLor):
 
     async def close(self):
         await self.exit()
+        if self._cursor is not None:
+            await self._cursor.close()
+            self._cursor = None
         if self.conn is not None:
             await self.conn.close()
             self.conn = None

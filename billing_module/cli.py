@@ -31,6 +31,16 @@ def build_parser():
     _common(p)
     p.add_argument("--dialect", choices=["mysql", "sqlite"], required=True)
 
+    p = sub.add_parser("reconcile", help="prove every balance equals its ledger; exit 1 on any mismatch")
+    _common(p)
+
+    p = sub.add_parser("account-pending", help="account queued (submitted) usage now, in batches")
+    _common(p)
+
+    p = sub.add_parser("backup", help="move accounted records used before a date to the history table")
+    _common(p)
+    p.add_argument("--before", required=True, help="cut-off date (UTC), e.g. 2026-11-01")
+
     p = sub.add_parser("apikey", help="create, list or revoke API keys")
     ak = p.add_subparsers(dest="action", required=True)
     c = ak.add_parser("create", help="print a new key alone on stdout")
@@ -103,7 +113,38 @@ async def _run(args, cfg, data_dir):
         return 0
     if args.command == "apikey":
         return await _with_core(cfg, data_dir, lambda core: _apikey(core, args))
+    if args.command == "reconcile":
+        return await _with_core(cfg, data_dir, _reconcile)
+    if args.command == "account-pending":
+        return await _with_core(cfg, data_dir, _account_pending)
+    if args.command == "backup":
+        from . import clock
+        before = clock.fmt(clock.parse(args.before, "--before"))
+
+        async def backup(core):
+            print(f"moved {await core.failures.backup_accounted(before)} accounted records used before {before}")
+            return 0
+        return await _with_core(cfg, data_dir, backup)
     raise SystemExit(f"unknown command {args.command}")
+
+
+async def _reconcile(core):
+    report = await core.ledger.reconcile()
+    for m in report["mismatches"]:
+        print("MISMATCH " + "  ".join(f"{k}={v}" for k, v in m.items()))
+    print(f"checked {report['customers']} customers: {len(report['mismatches'])} mismatches")
+    return 1 if report["mismatches"] else 0
+
+
+async def _account_pending(core):
+    total = 0
+    while True:
+        n = await core.accounting.account_pending()
+        total += n
+        if n < core.config.accounting.batch_size:
+            break
+    print(f"accounted {total} pending events")
+    return 0
 
 
 async def _apikey(core, args):

@@ -267,3 +267,24 @@ def test_event_json_round_trip_keeps_quantities_exact():
 def test_program_fixture_is_valid():
     from billing_module.pricing import Program
     assert Program.from_payload(PROGRAM).id == "pp-chat"
+
+
+async def test_background_jobs_account_queued_usage_and_expire_holds(core, fixed_clock):
+    core.config.accounting.interval_seconds = 0.01
+    core.config.holds.sweep_interval_seconds = 0.01
+    await seed_pricing(core)
+    await core.ledger.recharge("cust-1", units("1"), "r1")
+    await core.ledger.hold("cust-1", units("0.5"), "h1", ttl_seconds=5)
+    for i in range(3):
+        await core.accounting.submit_usage(usage(f"bg{i}"))
+    fixed_clock.advance(6)
+    await core.start_background()
+    try:
+        for _ in range(200):
+            bal = await core.ledger.balance("cust-1")
+            if bal["balance"] == "0.982000" and bal["held"] == "0.000000":
+                break
+            await asyncio.sleep(0.02)
+    finally:
+        await core.stop_background()
+    assert bal["balance"] == "0.982000" and bal["held"] == "0.000000"   # 1 - 3 x 0.006; hold expired

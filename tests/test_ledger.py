@@ -120,6 +120,7 @@ async def test_concurrent_holds_never_overdraw(core):
     assert (await core.ledger.balance("c1"))["available"] == "0.000000"
 
 
+@pytest.mark.tampers
 async def test_reconcile_catches_a_tampered_balance(core):
     await core.ledger.recharge("c1", units("10"), "r1")
     await core.ledger.recharge("c2", units("3"), "r2")

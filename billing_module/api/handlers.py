@@ -201,3 +201,31 @@ async def failed_accounting_handle(core, caller, p, request):
 
 
 
+
+
+# --- the standalone host's admin login (a host with rbac has its own) ---------------------------------
+@endpoint("admin_login", methods=WRITE, open=True)
+async def admin_login(core, caller, p, request):
+    import hmac
+
+    from ahserver.auth_api import user_login
+
+    from ..errors import NotFound, Unauthorized
+    password = getattr(core, "admin_password", None)
+    if not password:
+        raise NotFound("this server uses the host's login")
+    user = p.str("username", required=True, max_len=64)
+    given = p.str("password", required=True, max_len=256)
+    ok_user = hmac.compare_digest(user.encode(), core.config.server.admin_user.encode())
+    ok_password = hmac.compare_digest(given.encode(), password.encode())
+    if not (ok_user and ok_password):
+        raise Unauthorized("wrong user name or password")
+    await user_login(request, user, username=user, userorgid="")
+    return {"user": user}
+
+
+@endpoint("admin_logout", methods=WRITE + READ, open=True)
+async def admin_logout(core, caller, p, request):
+    from ahserver.auth_api import user_logout
+    await user_logout(request)
+    return {}

@@ -1,0 +1,90 @@
+"""The standalone server as an operator runs it: the real command, a real port, signals."""
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+from billing_module.server import make_auth_class  # noqa: F401  (import check)
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _get(url, headers=None, data=None):
+    req = urllib.request.Request(url, headers=headers or {}, data=data)
+    try:
+        with urllib.request.urlopen(req, timeout=5) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read() or b"{}")
+
+
+def test_serve_demo_answers_health_and_stops_cleanly(tmp_path):
+    port = _free_port()
+    env = dict(os.environ)
+    env.pop("BILLING_CONFIG", None)
+    proc = subprocess.Popen([sys.executable, "-m", "billing_module.cli", "serve", "--demo", "--port", str(port),
+                             "--data-dir", str(tmp_path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    base = f"http://127.0.0.1:{port}/billing_module"
+    try:
+        deadline = time.time() + 60
+        while True:
+            try:
+                status, body = _get(f"{base}/api/health.dspy")
+                break
+            except OSError:
+                assert proc.poll() is None, proc.stderr.read()
+                assert time.time() < deadline, "server did not start"
+                time.sleep(0.2)
+        assert status == 200 and body == dict(body, success=True, status="ok", db="ok")
+        # the demo prints an admin key that works
+        line = next(ln for ln in iter(proc.stdout.readline, "") if "demo API key" in ln)
+        key = line.rsplit(" ", 1)[1].strip()
+        status, body = _get(f"{base}/api/balance.dspy?customer_id=demo-acme", {"Authorization": f"Bearer {key}"})
+        assert status == 200 and body["balance"] == "100.000000"
+        status, body = _get(f"{base}/api/balance.dspy?customer_id=demo-acme")
+        assert status == 401 and body["code"] == "unauthorized"
+        # admin pages need the admin login
+        status, _ = _get(f"{base}/index.ui")
+        assert status == 401
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err
+    assert (tmp_path / "billing.db").exists() and (tmp_path / "billing.log").exists()
+    # the same data dir serves every other command
+    out = subprocess.run([sys.executable, "-m", "billing_module.cli", "reconcile", "--data-dir", str(tmp_path)],
+                         capture_output=True, text=True, env=env)
+    assert out.returncode == 0 and "checked 3 customers: 0 mismatches" in out.stdout, out.stdout + out.stderr
+
+
+def test_admin_login_opens_the_pages(tmp_path):
+    port = _free_port()
+    env = dict(os.environ, BILLING_SERVER_ADMIN_PASSWORD="s3cret-pass")
+    proc = subprocess.Popen([sys.executable, "-m", "billing_module.cli", "serve", "--port", str(port),
+                             "--data-dir", str(tmp_path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    base = f"http://127.0.0.1:{port}/billing_module"
+    try:
+        deadline = time.time() + 60
+        while True:
+            try:
+                _get(f"{base}/api/health.dspy")
+                break
+            except OSError:
+                assert time.time() < deadline
+                time.sleep(0.2)
+        status, body = _get(f"{base}/login.dspy", data=b"username=admin&password=wrong")
+        assert status == 401 and body["code"] == "unauthorized"
+        status, body = _get(f"{base}/login.dspy", data=b"username=admin&password=s3cret-pass")
+        assert status == 200 and body["user"] == "admin"
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.communicate(timeout=30)
+    assert proc.returncode == 0

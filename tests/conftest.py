@@ -145,8 +145,9 @@ async def http(config, db_desc, tmp_path, mysql_database):
     app, core = await build_app(config, str(tmp_path / "host"), db_desc=db_desc, background=False)
     _mark_ready(db_desc, mysql_database)
     server = TestServer(app, host="127.0.0.1")
-    client = TestClient(server, cookie_jar=CookieJar(unsafe=True))
-    await client.start_server()
+    await server.start_server()
+    # the session cookie is Secure: let the jar send it over plain http to this test server
+    client = TestClient(server, cookie_jar=CookieJar(unsafe=True, treat_as_secure_origin=str(server.make_url("/"))))
     h = Http(client, core, app)
     h.admin_key, _ = await core.apikeys.create("admin", name="test admin")
     try:

@@ -1,0 +1,68 @@
+"""The module inside a host the platform's way: load_billing_module() from the host's init(),
+before ahserver builds DBPools; the database comes from the host's get_module_dbname."""
+import json
+import os
+
+from aiohttp import CookieJar
+from aiohttp.test_utils import TestClient, TestServer
+
+from billing_module.server import WWWROOT, reset_host_singletons
+
+
+async def test_load_from_host_init_uses_the_hosts_database(tmp_path, db_desc):
+    from ahserver.configuredServer import ConfiguredServer, cleanupctx_coros
+    from ahserver.serverenv import ServerEnv
+    from sqlor.dbpools import DBPools
+
+    from billing_module import load_billing_module
+    from billing_module.db.schema import create_schema
+
+    workdir = tmp_path / "sage"
+    (workdir / "conf").mkdir(parents=True)
+    (workdir / "wwwroot").mkdir()
+    os.symlink(WWWROOT, workdir / "wwwroot" / "billing_module")     # the module mount rule
+    # stands in for the host's (rbac) login page
+    (workdir / "wwwroot" / "host_login.dspy").write_text(
+        "await remember_user('op-1', username='operator', userorgid='0')\nreturn {'ok': True}\n")
+    (workdir / "conf" / "config.json").write_text(json.dumps({
+        "password_key": "k" * 16,
+        "databases": {"sage": dict(db_desc, dbname="sage")},
+        "website": {"paths": [[str(workdir / "wwwroot"), ""]], "port": 0,
+                    "processors": [[".dspy", "dspy"], [".ui", "bui"]]},
+    }))
+    reset_host_singletons()
+    before = len(cleanupctx_coros)
+    try:
+        # the host's init(): nothing may touch DBPools yet
+        ServerEnv().get_module_dbname = lambda module: "sage"
+        core = load_billing_module()
+        assert DBPools.instance is None
+        assert len(cleanupctx_coros) == before + 1          # background jobs start with the app
+        server = ConfiguredServer(workdir=str(workdir))    # builds DBPools(config.databases)
+        server.configPath(server.config)
+        app = await server.build_app()
+        env = ServerEnv()
+        assert env.billing_core is core and callable(env.billing_post_usage) and callable(env.billing_api)
+        assert core.db.desc.kwargs == db_desc["kwargs"]     # the host's database for this module
+        await create_schema(core.db)
+        await env.billing_recharge("org-1", 5_000_000, "host-r1")
+        assert (await env.billing_balance("org-1"))["balance"] == "5.000000"
+        # a logged-in host session is an admin caller (rbac has checked the path already)
+        test_server = TestServer(app, host="127.0.0.1")
+        await test_server.start_server()
+        # the session cookie is Secure: let the jar send it over plain http to this test server
+        jar = CookieJar(unsafe=True, treat_as_secure_origin=str(test_server.make_url("/")))
+        client = TestClient(test_server, cookie_jar=jar)
+        await client.start_server()
+        try:
+            r = await client.get("/billing_module/api/balance.dspy", params={"customer_id": "org-1"})
+            assert r.status == 401
+            assert (await client.get("/host_login.dspy")).status == 200
+            r = await client.get("/billing_module/api/balance.dspy", params={"customer_id": "org-1"})
+            assert r.status == 200 and (await r.json(content_type=None))["balance"] == "5.000000"
+        finally:
+            await client.close()
+            await core.close()
+    finally:
+        del cleanupctx_coros[before:]
+        reset_host_singletons()

@@ -50,8 +50,8 @@ class Failures:
                 return None           # accounted meanwhile: nothing failed
             else:
                 await tx.execute("update accounting_records set status = 'failed', error_code = ${c}$, "
-                                 "error_msg = ${m}$, attempts = coalesce(attempts, 0) + 1, claimed_by = null, "
-                                 "claim_until = null, updated_at = ${now}$ where id = ${i}$",
+                                 "error_msg = ${m}$, attempts = coalesce(attempts, 0) + 1, updated_at = ${now}$ "
+                                 "where id = ${i}$",
                                  {"c": code, "m": message, "now": now, "i": rec.id})
                 rec_id, use_time, amount, cost = rec.id, rec.use_time, price.amount if price else rec.amount, \
                     price.cost if price else rec.cost

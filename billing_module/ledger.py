@@ -18,7 +18,7 @@ from appPublic.dictObject import DictObject
 
 from . import clock
 from .db import dialect as dialects
-from .errors import (AccountSuspended, Conflict, InsufficientBalance, InvalidParam, NotFound,
+from .errors import (AccountSuspended, BillingError, Conflict, InsufficientBalance, InvalidParam, NotFound,
                      UnknownCustomer)
 from .ids import new_id, payload_hash
 from .money import MAX_MICRO, from_micro
@@ -27,8 +27,33 @@ log = logging.getLogger("billing_module.ledger")
 
 STATUSES = ("active", "suspended", "arrears")
 
+_ENTRY_COLUMNS = ("id", "customer_id", "entry_type", "amount", "request_id", "payload_hash", "ref_type", "ref_id",
+                  "reason", "operator", "created_at")
+_INSERT_ENTRY = (f"insert into ledger_entry ({', '.join(_ENTRY_COLUMNS)}, balance_after, currency) "
+                 f"select {', '.join('${%s}$' % c for c in _ENTRY_COLUMNS)}, balance, currency "
+                 "from customer_balance where id = ${customer_id}$")
+
 _BALANCE_COLUMNS = ("id, balance, held, credit_limit, currency, status, last_recharge, "
                     "last_consumption, version, updated_at")
+
+
+def _balance_update(must_cover, refuse_suspended):
+    """The conditional UPDATE behind every money movement (parameters c, amt, hd, now, et)."""
+    # status comes first: MySQL evaluates SET left to right with the new values, SQLite with
+    # the old ones; read before the balance changes, both see the old balance.
+    sets = ("status = case when status = 'arrears' and balance + ${amt}$ >= -coalesce(credit_limit, 0) "
+            "then 'active' when status = 'active' and balance + ${amt}$ < -coalesce(credit_limit, 0) "
+            "then 'arrears' else status end, "
+            "balance = balance + ${amt}$, held = held + ${hd}$, version = version + 1, updated_at = ${now}$, "
+            "last_recharge = case when ${amt}$ > 0 and ${et}$ = 'recharge' then ${now}$ else last_recharge end, "
+            "last_consumption = case when ${amt}$ < 0 and ${et}$ in ('usage', 'settle', 'overage', 'subscription') "
+            "then ${now}$ else last_consumption end")
+    cond = "id = ${c}$"
+    if must_cover or refuse_suspended:
+        cond += " and status <> 'suspended'"
+    if must_cover:
+        cond += " and balance - held + ${amt}$ - ${hd}$ >= -coalesce(credit_limit, 0)"
+    return f"update customer_balance set {sets} where {cond}"
 
 
 def balance_view(row):
@@ -120,44 +145,69 @@ class Ledger:
 
     # --- the one primitive every money movement uses ------------------------------------------
     async def post(self, tx, customer_id, amount, entry_type, request_id, phash, *, must_cover=False,
-                   refuse_suspended=False,
+                   refuse_suspended=False, want_balance=True,
                    held_delta=0, ref_type=None, ref_id=None, reason=None, operator=None, create=False,
                    currency=None):
         """Apply ``amount`` (signed micro-units) to the balance and append its ledger entry, inside
         the caller's transaction. ``must_cover``: refuse with ``insufficient_balance`` when the
         debit would take ``balance - held`` below ``-credit_limit``. Returns the entry row."""
         now = clock.now_text()
-        ns = {"c": customer_id, "amt": amount, "hd": held_delta, "now": now}
-        # status comes first: MySQL evaluates SET left to right with the new values, SQLite with
-        # the old ones; read before balance changes, both see the old balance.
-        sets = ("status = case when status = 'arrears' and balance + ${amt}$ >= -coalesce(credit_limit, 0) "
-                "then 'active' when status = 'active' and balance + ${amt}$ < -coalesce(credit_limit, 0) "
-                "then 'arrears' else status end, "
-                "balance = balance + ${amt}$, held = held + ${hd}$, version = version + 1, updated_at = ${now}$, "
-                "last_recharge = case when ${amt}$ > 0 and ${et}$ = 'recharge' then ${now}$ else last_recharge end, "
-                "last_consumption = case when ${amt}$ < 0 and ${et}$ in ('usage', 'settle', 'overage', 'subscription') "
-                "then ${now}$ else last_consumption end")
-        ns["et"] = entry_type
-        cond = "id = ${c}$"
-        if must_cover or refuse_suspended:
-            cond += " and status <> 'suspended'"
-        if must_cover:
-            cond += " and balance - held + ${amt}$ - ${hd}$ >= -coalesce(credit_limit, 0)"
-        n = await tx.execute(f"update customer_balance set {sets} where {cond}", ns)
+        ns = {"c": customer_id, "amt": amount, "hd": held_delta, "now": now, "et": entry_type}
+        sql = _balance_update(must_cover, refuse_suspended)
+        n = await tx.execute(sql, ns)
         if n == 0 and create:
             await self._create_account(tx, customer_id, now, currency)
-            n = await tx.execute(f"update customer_balance set {sets} where {cond}", ns)
+            n = await tx.execute(sql, ns)
         if n == 0:
             await self._explain_refusal(tx, customer_id)
-        row = await tx.one("select balance, currency from customer_balance where id = ${c}$", ns)
         entry = {
             "id": new_id(), "customer_id": customer_id, "entry_type": entry_type, "amount": amount,
-            "balance_after": int(row.balance), "currency": row.currency, "request_id": request_id,
-            "payload_hash": phash, "ref_type": ref_type, "ref_id": ref_id,
+            "request_id": request_id, "payload_hash": phash, "ref_type": ref_type, "ref_id": ref_id,
             "reason": (reason or "")[:255] or None, "operator": (operator or "")[:64] or None, "created_at": now,
         }
-        await tx.insert("ledger_entry", entry)
-        return DictObject(**entry)
+        # balance_after and currency come from the row this transaction has just changed (and
+        # holds locked): one statement instead of a read and a write
+        await tx.execute(_INSERT_ENTRY, entry)
+        entry = DictObject(**entry)
+        if want_balance:
+            row = await tx.one("select balance, currency from customer_balance where id = ${c}$", ns)
+            entry.update(balance_after=int(row.balance), currency=row.currency)
+        return entry
+
+    async def post_many(self, tx, customer_id, items, entry_type, *, must_cover=False, refuse_suspended=False):
+        """Debit a batch of one customer's items inside the caller's transaction: one conditional
+        update for their total when it is covered, else item by item in order until the balance
+        runs out. ``items``: dicts with amount (signed micro), request_id, payload_hash, ref_type,
+        ref_id. Returns (entries, refused) where refused is [(item, BillingError)]. Entries are
+        written with one multi-row insert, each with its exact running balance_after."""
+        now = clock.now_text()
+        sql = _balance_update(must_cover, refuse_suspended)
+        ns = {"c": customer_id, "hd": 0, "now": now, "et": entry_type, "amt": sum(i["amount"] for i in items)}
+        accepted, refused = list(items), []
+        if await tx.execute(sql, ns) == 0:
+            accepted = []
+            for item in items:
+                if await tx.execute(sql, dict(ns, amt=item["amount"])) == 1:
+                    accepted.append(item)
+                    continue
+                try:
+                    await self._explain_refusal(tx, customer_id)
+                except BillingError as e:
+                    refused.append((item, e))
+        if not accepted:
+            return [], refused
+        row = await tx.one("select balance, currency from customer_balance where id = ${c}$", ns)
+        running = int(row.balance) - sum(i["amount"] for i in accepted)
+        entries = []
+        for item in accepted:
+            running += item["amount"]
+            entries.append({"id": new_id(), "customer_id": customer_id, "entry_type": entry_type,
+                            "amount": item["amount"], "balance_after": running, "currency": row.currency,
+                            "request_id": item["request_id"], "payload_hash": item["payload_hash"],
+                            "ref_type": item.get("ref_type"), "ref_id": item.get("ref_id"), "reason": None,
+                            "operator": None, "created_at": now})
+        await tx.insert_many("ledger_entry", entries)
+        return entries, refused
 
     async def _create_account(self, tx, customer_id, now, currency=None):
         await tx.execute(

@@ -7,6 +7,8 @@ Importing this module registers driver ``billing_sqlite``: sqlor finds drivers b
 
 Database description: ``{"driver": "billing_sqlite", "kwargs": {"dbname": "/path/file.db"}}``.
 """
+import sqlite3
+
 import aiosqlite
 from sqlor.sor import SQLor
 
@@ -77,6 +79,7 @@ class BillingSQLiteor(SQLor):
         # isolation_level=None: no implicit BEGIN; billing transactions issue BEGIN IMMEDIATE
         # themselves so the write lock is taken up front, never upgraded mid-transaction.
         self.conn = await aiosqlite.connect(path, isolation_level=None, timeout=timeout_ms / 1000)
+        self.conn.row_factory = sqlite3.Row       # rows carry their column names
         await self.conn.execute("pragma journal_mode=WAL")
         await self.conn.execute(f"pragma busy_timeout={timeout_ms}")
         await self.conn.execute("pragma synchronous=NORMAL")

@@ -1,0 +1,349 @@
+"""``billing-module bench``: the figures in BENCHMARKS.md, each database in one run.
+
+Every figure is measured against a floor taken in the same run on the same database: one-row
+INSERT transactions through the same transaction path the module uses. Ratios travel between
+machines; absolute rates do not. A run appends one row per database to BENCHMARKS.md with the
+exact command that produced it.
+"""
+import argparse
+import asyncio
+import json
+import os
+import shlex
+import socket
+import statistics
+import sys
+import tempfile
+import time
+
+import pymysql
+
+from . import clock
+from .config import load_config
+from .core import BillingCore
+from .db.database import mysql_desc, sqlite_desc
+from .ids import new_id
+from .money import to_micro
+
+PROGRAM = {
+    "id": "bench-pp", "name": "bench", "currency": "CNY",
+    "versions": [{"id": "bench-v1", "enabled_date": "2026-01-01", "expired_date": "9999-12-31",
+                  "pricing_data": {"pricings": [
+                      {"price_factors": "input_tokens", "unit_prices": "2.0", "cost_prices": "1.0", "unit": "M",
+                       "filters": [{"model": "bench-chat"}]},
+                      {"price_factors": "output_tokens", "unit_prices": "8.0", "cost_prices": "4.0", "unit": "M",
+                       "filters": [{"model": "bench-chat"}]}]}}],
+}
+MODEL = {"id": "bench-llm", "name": "bench-chat", "ppid": "bench-pp"}
+
+
+def event(request_id, customer="bench-c0", use_time=None):
+    return {"request_id": request_id, "customer_id": customer, "model_name": "bench-chat",
+            "input_tokens": 1200, "output_tokens": 300, "use_time": use_time or "2026-11-22 10:00:00"}
+
+
+def pct(values, p):
+    values = sorted(values)
+    return values[min(len(values) - 1, int(round(p / 100 * (len(values) - 1))))]
+
+
+class Bench:
+    def __init__(self, dialect, scale, mysql_url):
+        self.dialect, self.scale, self.mysql_url = dialect, scale, mysql_url
+        self.results = {}
+        self.tmp = tempfile.mkdtemp(prefix="billing-bench-")
+
+    async def fresh_core(self, name):
+        cfg = load_config(environ={}, overrides={"server": {"data_dir": self.tmp, "log_file": ""},
+                                                 "accounting": {"background": False, "batch_size": 1000}})
+        if self.dialect == "sqlite":
+            desc = sqlite_desc(os.path.join(self.tmp, f"{name}.db"))
+        else:
+            params = _mysql_params(self.mysql_url)
+            db = f"billing_bench_{os.getpid()}_{name}"
+            conn = pymysql.connect(**params)
+            with conn.cursor() as c:
+                c.execute(f"drop database if exists {db}")
+                c.execute(f"create database {db} character set utf8mb4")
+            conn.close()
+            self._mysql_dbs.append((params, db))
+            desc = mysql_desc(params["host"], params["port"], params["user"], params["password"], db)
+        core = BillingCore(config=cfg, db_desc=desc, data_dir=self.tmp, instance_id=f"bench-{name}")
+        await core.create_schema()
+        await core.catalog.put("pricing", [PROGRAM])
+        await core.catalog.put("llmage", [MODEL])
+        return core
+
+    _mysql_dbs = []
+
+    def cleanup(self):
+        for params, db in self._mysql_dbs:
+            conn = pymysql.connect(**params)
+            with conn.cursor() as c:
+                c.execute(f"drop database if exists {db}")
+            conn.close()
+        self._mysql_dbs.clear()
+
+    # --- the figures ---------------------------------------------------------------------------------
+    async def floor(self, core, n, workers):
+        """One-row INSERT per transaction through Database.transaction: the rate to beat."""
+        async def one(i):
+            async with core.db.transaction() as tx:
+                await tx.insert("sync_state", {"id": new_id(), "entity_type": "bench", "entity_id": new_id(),
+                                               "sync_status": "success", "retry_count": 0,
+                                               "created_at": "2026-01-01 00:00:00", "updated_at": "2026-01-01 00:00:00"})
+        return await _rate(one, n, workers)
+
+    async def post_usage(self, core, n, workers, prefix):
+        await core.ledger.recharge("bench-c0", to_micro("1000000"), f"{prefix}-top")
+
+        async def one(i):
+            await core.accounting.post_usage(event(f"{prefix}-{i}"))
+        return await _rate(one, n, workers)
+
+    async def accountant(self, core, n):
+        await core.ledger.recharge("bench-c0", to_micro("1000000"), "acc-top")
+        for c in range(1, 10):
+            await core.ledger.recharge(f"bench-c{c}", to_micro("1000000"), f"acc-top-{c}")
+        # queue n events over 10 customers, written in bulk (the submit path is not what is timed)
+        from .accounting import parse_event
+        rows = []
+        now = clock.now_text()
+        for i in range(n):
+            ev = parse_event(event(f"acc-{i}", customer=f"bench-c{i % 10}"))
+            rows.append(core.accounting._record_row(ev, now, "pending"))
+        for k in range(0, n, 2000):
+            async with core.db.transaction() as tx:
+                await tx.insert_many("accounting_records", rows[k:k + 2000])
+        t = time.perf_counter()
+        done = 0
+        while True:
+            got = await core.accounting.account_pending(limit=core.config.accounting.batch_size)
+            done += got
+            if got == 0:
+                break
+        elapsed = time.perf_counter() - t
+        assert done == n, f"accounted {done} of {n}"
+        return n / elapsed
+
+    async def authorize_settle(self, core, n):
+        await core.ledger.recharge("bench-c0", to_micro("1000000"), "auth-top")
+        auth, settle = [], []
+        for i in range(n):
+            t0 = time.perf_counter()
+            hold = await core.ledger.hold("bench-c0", to_micro("0.5"), f"auth-{i}")
+            t1 = time.perf_counter()
+            await core.ledger.settle(to_micro("0.2"), hold_id=hold["hold_id"])
+            t2 = time.perf_counter()
+            auth.append(t1 - t0)
+            settle.append(t2 - t1)
+        return {"authorize_p50_ms": pct(auth, 50) * 1e3, "authorize_p99_ms": pct(auth, 99) * 1e3,
+                "settle_p50_ms": pct(settle, 50) * 1e3, "settle_p99_ms": pct(settle, 99) * 1e3}
+
+    async def pricing_hit(self, core, n):
+        from .pricing import Usage
+        usage = Usage.from_event(event("p"))
+        await core.catalog.quote(usage, None, "bench-chat", "bench-c0")      # warm the caches
+        t = time.perf_counter()
+        for _ in range(n):
+            await core.catalog.quote(usage, None, "bench-chat", "bench-c0")
+        return (time.perf_counter() - t) / n * 1e6
+
+    async def http_accounting(self, core_name, n, concurrency):
+        """The standalone server's HTTP accounting endpoint on 127.0.0.1, concurrent clients."""
+        import aiohttp
+
+        from .server import build_app
+        cfg = load_config(environ={}, overrides={"server": {"data_dir": os.path.join(self.tmp, core_name), "log_file": ""},
+                                                 "accounting": {"background": False}})
+        core = await self.fresh_core(core_name)
+        desc = core._db_desc
+        await core.close()
+        app, core = await build_app(cfg, os.path.join(self.tmp, core_name), db_desc=desc, background=False)
+        await core.ledger.recharge("bench-c0", to_micro("1000000"), "http-top")
+        key, _ = await core.apikeys.create("admin")
+        from aiohttp import web
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        port = _free_port()
+        site = web.TCPSite(runner, "127.0.0.1", port)
+        await site.start()
+        url = f"http://127.0.0.1:{port}/billing_module/api/accounting.dspy"
+        latencies = []
+        errors = 0
+        try:
+            async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {key}"}) as session:
+                queue = iter(range(n))
+
+                async def client():
+                    nonlocal errors
+                    for i in queue:
+                        t0 = time.perf_counter()
+                        async with session.post(url, json=event(f"http-{i}")) as r:
+                            await r.read()
+                            if r.status != 200:
+                                errors += 1
+                        latencies.append(time.perf_counter() - t0)
+                t = time.perf_counter()
+                await asyncio.gather(*[client() for _ in range(concurrency)])
+                elapsed = time.perf_counter() - t
+        finally:
+            await runner.cleanup()
+            await core.close()
+        return {"http_rps": n / elapsed, "http_p50_ms": pct(latencies, 50) * 1e3,
+                "http_p99_ms": pct(latencies, 99) * 1e3, "http_errors": errors}
+
+    async def growth(self, sizes, samples):
+        """post_usage and failed_accounting_list latency with N existing records."""
+        out = {}
+        core = await self.fresh_core("growth")
+        await core.ledger.recharge("bench-c0", to_micro("10000000"), "growth-top")
+        have = 0
+        try:
+            for size in sizes:
+                await self._fill(core, have, size)
+                have = size
+                post = []
+                for i in range(samples):
+                    t0 = time.perf_counter()
+                    await core.accounting.post_usage(event(f"g{size}-{i}"))
+                    post.append(time.perf_counter() - t0)
+                lst = []
+                for i in range(max(5, samples // 10)):
+                    t0 = time.perf_counter()
+                    await core.failures.search(customer_id=f"bench-c{i % 10}", handled="0", page=1, rows=20)
+                    lst.append(time.perf_counter() - t0)
+                out[size] = {"post_p50_ms": pct(post, 50) * 1e3, "list_p50_ms": pct(lst, 50) * 1e3}
+        finally:
+            await core.close()
+        return out
+
+    async def _fill(self, core, start, end):
+        """Bulk-insert accounted records (and a failed row per 100) without going through the API."""
+        from .accounting import parse_event
+        now = clock.now_text()
+        chunk = 5000
+        for k in range(start, end, chunk):
+            recs, failed = [], []
+            for i in range(k, min(end, k + chunk)):
+                ev = parse_event(event(f"fill-{i}", customer=f"bench-c{i % 10}",
+                                       use_time=f"2026-{1 + i % 11:02d}-{1 + i % 28:02d} 10:00:00"))
+                row = core.accounting._record_row(ev, now, "accounted")
+                recs.append(row)
+                if i % 100 == 0:
+                    failed.append({"id": new_id(), "llmusageid": row["id"], "llmid": "bench-llm", "userid": None,
+                                   "userorgid": row["customer_id"], "use_date": row["use_time"][:10],
+                                   "use_time": row["use_time"], "amount": 0, "cost": 0, "failed_reason": "bench",
+                                   "failed_time": row["use_time"], "retry_count": 0, "handled": "0",
+                                   "request_id": row["request_id"], "failure_code": "no_pricing",
+                                   "retry_state": "exhausted"})
+            async with core.db.transaction() as tx:
+                await tx.insert_many("accounting_records", recs)
+                await tx.insert_many("llmusage_accounting_failed", failed)
+
+
+async def _rate(one, n, workers):
+    queue = iter(range(n))
+
+    async def worker():
+        for i in queue:
+            await one(i)
+    t = time.perf_counter()
+    await asyncio.gather(*[worker() for _ in range(workers)])
+    return n / (time.perf_counter() - t)
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _mysql_params(url):
+    import urllib.parse
+    u = urllib.parse.urlparse(url)
+    return dict(host=u.hostname or "127.0.0.1", port=u.port or 3306, user=u.username or "root",
+                password=urllib.parse.unquote(u.password or ""))
+
+
+SCALES = {
+    # name: (floor/post_usage events, accountant events, auth pairs, pricing calls, http requests, growth sizes, samples)
+    "quick": (500, 5000, 300, 20000, 1000, (0, 10_000), 100),
+    "full": (3000, 50000, 2000, 200000, 5000, (0, 100_000, 1_000_000), 300),
+}
+
+
+async def run_one(dialect, scale, mysql_url, skip=()):
+    n, n_acc, n_auth, n_price, n_http, sizes, samples = SCALES[scale]
+    b = Bench(dialect, scale, mysql_url)
+    r = {}
+    try:
+        core = await b.fresh_core("main")
+        try:
+            r["floor_tps_1"] = await b.floor(core, n, 1)
+            r["post_usage_tps_1"] = await b.post_usage(core, n, 1, "seq")
+            r["floor_tps_8"] = await b.floor(core, n, 8)
+            r["post_usage_tps_8"] = await b.post_usage(core, n, 8, "conc")
+            r.update(await b.authorize_settle(core, n_auth))
+            r["pricing_hit_us"] = await b.pricing_hit(core, n_price)
+        finally:
+            await core.close()
+        core = await b.fresh_core("accountant")
+        try:
+            r["accountant_eps"] = await b.accountant(core, n_acc)
+        finally:
+            await core.close()
+        if "http" not in skip:
+            r.update(await b.http_accounting("http", n_http, 16))
+        if "growth" not in skip:
+            g = await b.growth(sizes, samples)
+            base = g[sizes[0]]
+            for size, v in g.items():
+                r[f"post_p50_ms@{size}"] = v["post_p50_ms"]
+                r[f"list_p50_ms@{size}"] = v["list_p50_ms"]
+            top = g[sizes[-1]]
+            r["post_growth_ratio"] = top["post_p50_ms"] / base["post_p50_ms"]
+            r["list_growth_ratio"] = top["list_p50_ms"] / base["list_p50_ms"]
+    finally:
+        b.cleanup()
+    r["post_usage_vs_floor_1"] = r["post_usage_tps_1"] / r["floor_tps_1"]
+    r["post_usage_vs_floor_8"] = r["post_usage_tps_8"] / r["floor_tps_8"]
+    return r
+
+
+def _fmt(v):
+    return f"{v:.3g}" if isinstance(v, float) else str(v)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="billing-module bench")
+    p.add_argument("--db", choices=["sqlite", "mysql", "both"], default="sqlite")
+    p.add_argument("--mysql", default=os.environ.get("BILLING_TEST_MYSQL", "mysql://root@127.0.0.1:3306/test"))
+    p.add_argument("--scale", choices=list(SCALES), default="quick")
+    p.add_argument("--skip", action="append", default=[], choices=["http", "growth"])
+    p.add_argument("--record", metavar="FILE", help="append the figures to this markdown file (BENCHMARKS.md)")
+    args = p.parse_args(argv)
+    command = "billing-module bench " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[2:]))
+    dialects = ["sqlite", "mysql"] if args.db == "both" else [args.db]
+    all_results = {}
+    for d in dialects:
+        r = asyncio.run(run_one(d, args.scale, args.mysql, skip=args.skip))
+        all_results[d] = r
+        print(f"== {d} ({args.scale})")
+        for k, v in r.items():
+            print(f"  {k:28} {_fmt(v)}")
+    if args.record:
+        with open(args.record, "a", encoding="utf-8") as f:
+            stamp = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+            for d, r in all_results.items():
+                f.write(f"\n### {stamp}: {d}, scale {args.scale}\n\n`{command}`\n\n")
+                f.write("| figure | value |\n|---|---|\n")
+                for k, v in r.items():
+                    f.write(f"| {k} | {_fmt(v)} |\n")
+    print(json.dumps({d: {k: round(v, 4) if isinstance(v, float) else v for k, v in r.items()}
+                      for d, r in all_results.items()}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

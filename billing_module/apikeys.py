@@ -1,10 +1,18 @@
 """API keys: created once, shown once, stored only as a sha256 digest.
 
 A key is ``bk_<prefix>_<secret>``; the prefix is kept in clear for lists and logs. Scopes:
-``admin`` (every customer and the admin endpoints) and ``customer`` (one customer's data).
+``admin`` (every customer and the admin endpoints), ``customer`` (one customer's data) and
+``app`` (a downstream application or edge deployment: the sync export, nothing else).
+
+A signing key (``create(..., signed=True)``) is an app key ``ak_<prefix>_<hex>`` plus a secret
+for HMAC request signatures (``auth.py``). HMAC needs the secret itself, so it is stored
+encrypted (``secret_enc``, Fernet under ``auth.secret_key``); the app key's digest fills
+``key_hash``, so it can never be used as a Bearer key.
 """
+import collections
 import hashlib
 import hmac
+import re
 import secrets
 
 from cachetools import TTLCache
@@ -13,7 +21,11 @@ from . import clock
 from .errors import InvalidParam, NotFound, Unauthorized
 from .ids import new_id
 
-SCOPES = ("admin", "customer")
+SCOPES = ("admin", "customer", "app")
+_APP_KEY_RE = re.compile(r"^[A-Za-z0-9_\-]{1,64}$")
+
+# what create(..., signed=True) returns once: the secret is not shown again
+AppCredentials = collections.namedtuple("AppCredentials", "app_key secret")
 # a verified key is trusted this long without a database read; revoking in this process
 # clears it at once, another process sees a revocation within this many seconds
 _VERIFIED_TTL_SECONDS = 5
@@ -27,8 +39,11 @@ class ApiKeys:
     def __init__(self, db):
         self.db = db
         self._verified = TTLCache(maxsize=10000, ttl=_VERIFIED_TTL_SECONDS)
+        self.secret_box = None   # auth.SecretBox, set where the services are built
 
-    async def create(self, scope, customer_id=None, name="", expires_at=None, allowed_ips=""):
+    async def create(self, scope, customer_id=None, name="", expires_at=None, allowed_ips="", signed=False):
+        """A new key: ``(key, row)``; with ``signed=True`` ``(AppCredentials(app_key, secret), row)``.
+        The key (or secret) is returned only here."""
         if scope not in SCOPES:
             raise InvalidParam(f"scope must be one of {', '.join(SCOPES)}")
         if scope == "customer" and not customer_id:
@@ -37,21 +52,35 @@ class ApiKeys:
             raise InvalidParam("an admin key is not limited to a customer")
         if customer_id is not None and (not isinstance(customer_id, str) or len(customer_id) > 32):
             raise InvalidParam("customer_id: at most 32 characters")
+        if scope == "app" and not signed:
+            raise InvalidParam("an app key signs its requests: create it with signed=True")
         prefix = secrets.token_hex(4)
-        key = f"bk_{prefix}_{secrets.token_urlsafe(32)}"
+        if signed:
+            if self.secret_box is None:
+                raise RuntimeError("ApiKeys.secret_box is not set (auth.Auth is not wired)")
+            # lower-case hex: MySQL compares this column case-insensitively
+            key = f"ak_{prefix}_{secrets.token_hex(12)}"
+            secret = secrets.token_urlsafe(32)
+        else:
+            key = f"bk_{prefix}_{secrets.token_urlsafe(32)}"
         row = {
             "id": new_id(), "key_hash": _digest(key), "key_prefix": prefix, "name": (name or "")[:64],
             "scope": scope, "customer_id": customer_id, "allowed_ips": allowed_ips or "",
             "enabled": "1", "expires_at": expires_at, "created_at": clock.now_text(),
         }
+        if signed:
+            row["app_id"] = key
+            row["secret_enc"] = self.secret_box.encrypt(secret)
         async with self.db.transaction() as tx:
             await tx.insert("api_key", row)
+        if signed:
+            return AppCredentials(key, secret), {k: v for k, v in row.items() if k != "secret_enc"}
         return key, row
 
     async def list(self):
         async with self.db.read() as tx:
             return await tx.select(
-                "select id, key_prefix, name, scope, customer_id, enabled, expires_at, created_at, "
+                "select id, key_prefix, app_id, name, scope, customer_id, enabled, expires_at, created_at, "
                 "revoked_at, last_used_at from api_key order by created_at, id")
 
     async def revoke(self, key_id_or_prefix):
@@ -68,6 +97,8 @@ class ApiKeys:
     async def verify(self, key, client_ip=None):
         """The key's row, or Unauthorized. Comparison is by digest in a unique index, and the
         digest itself is compared in constant time."""
+        if key and key.startswith("ak_"):
+            raise Unauthorized("an app key is not a Bearer key: sign the request (X-Billing-* headers)")
         if not key or not key.startswith("bk_") or len(key) > 200:
             raise Unauthorized("invalid API key")
         digest = _digest(key)
@@ -78,13 +109,35 @@ class ApiKeys:
             if row is None or not hmac.compare_digest(row.key_hash, digest):
                 raise Unauthorized("invalid API key")
             self._verified[digest] = row
+        return self.check_usable(row, client_ip)
+
+    async def signed_key(self, app_key):
+        """The row of a signing key (with ``secret_enc``), or Unauthorized. Not yet checked
+        for revocation, expiry or IP: the caller verifies the signature first, then calls
+        ``check_usable``, so an unsigned request learns nothing about the key's state."""
+        if not isinstance(app_key, str) or not _APP_KEY_RE.match(app_key):
+            raise Unauthorized("unknown app key")
+        cache_key = ("app", app_key)
+        row = self._verified.get(cache_key)
+        if row is None:
+            async with self.db.read() as tx:
+                row = await tx.one("select * from api_key where app_id = ${a}$", {"a": app_key})
+            # the column may compare case-insensitively (MySQL): demand the exact key
+            if row is None or not row.secret_enc or not hmac.compare_digest(row.app_id, app_key):
+                raise Unauthorized("unknown app key")
+            self._verified[cache_key] = row
+        return row
+
+    def check_usable(self, row, client_ip=None):
+        """Enabled, not expired, and (when the key lists IPs) called from one of them."""
+        label = "app key" if row.get("app_id") else "API key"
         if row.enabled != "1":
-            raise Unauthorized("API key revoked")
+            raise Unauthorized(f"{label} revoked")
         if row.expires_at and row.expires_at <= clock.now_text():
-            raise Unauthorized("API key expired")
+            raise Unauthorized(f"{label} expired")
         if row.allowed_ips and client_ip:
             allowed = {ip.strip() for ip in row.allowed_ips.split(",") if ip.strip()}
             if allowed and client_ip not in allowed:
                 from .errors import Forbidden
-                raise Forbidden(f"API key not allowed from {client_ip}")
+                raise Forbidden(f"{label} not allowed from {client_ip}")
         return row

@@ -11,7 +11,6 @@ import json
 import os
 import shlex
 import socket
-import statistics
 import sys
 import tempfile
 import time

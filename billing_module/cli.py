@@ -41,6 +41,9 @@ def build_parser():
     _common(p)
     p.add_argument("--before", required=True, help="cut-off date (UTC), e.g. 2026-11-01")
 
+    from .sync import cli as sync_cli
+    sync_cli.add_parser(sub)
+
     p = sub.add_parser("apikey", help="create, list or revoke API keys")
     ak = p.add_subparsers(dest="action", required=True)
     c = ak.add_parser("create", help="print a new key alone on stdout")
@@ -48,6 +51,8 @@ def build_parser():
     who = c.add_mutually_exclusive_group(required=True)
     who.add_argument("--admin", action="store_true", help="a key for every customer and the admin endpoints")
     who.add_argument("--customer", metavar="ID", help="a key limited to one customer")
+    who.add_argument("--app", action="store_true", help="a signed-request app key (prints app_key and secret)")
+    c.add_argument("--signed", action="store_true", help="make the key a signed-request key (app key + secret)")
     c.add_argument("--name", default="")
     c.add_argument("--expires", help="expiry time (UTC), e.g. 2027-01-01")
     c.add_argument("--allowed-ips", default="", help="comma-separated client IPs (empty: any)")
@@ -113,6 +118,9 @@ async def _run(args, cfg, data_dir):
         return 0
     if args.command == "apikey":
         return await _with_core(cfg, data_dir, lambda core: _apikey(core, args))
+    if args.command == "sync":
+        from .sync import cli as sync_cli
+        return await _with_core(cfg, data_dir, lambda core: sync_cli.run(core, args))
     if args.command == "reconcile":
         return await _with_core(cfg, data_dir, _reconcile)
     if args.command == "account-pending":
@@ -154,9 +162,13 @@ async def _apikey(core, args):
         if args.expires:
             from . import clock
             expires = clock.fmt(clock.parse(args.expires, "--expires"))
-        key, _ = await keys.create("admin" if args.admin else "customer", customer_id=args.customer,
-                                   name=args.name, expires_at=expires, allowed_ips=args.allowed_ips)
-        print(key)
+        scope = "admin" if args.admin else "app" if args.app else "customer"
+        key, _ = await keys.create(scope, customer_id=args.customer, name=args.name, expires_at=expires,
+                                   allowed_ips=args.allowed_ips, signed=args.signed or args.app)
+        if hasattr(key, "app_key"):
+            print(f"app_key: {key.app_key}\nsecret: {key.secret}")
+        else:
+            print(key)
         return 0
     if args.action == "list":
         for r in await keys.list():

@@ -74,6 +74,13 @@ def _currency(v):
     return v
 
 
+def _sync_path(v):
+    v = str(v).strip()
+    if not v.startswith("/") or "{entity}" not in v:
+        raise ValueError("must start with / and contain {entity}")
+    return v
+
+
 SCHEMA = {
     "currency": ("CNY", _currency),
     "database": {
@@ -101,6 +108,7 @@ SCHEMA = {
         "trust_host_session": (True, _bool),  # a logged-in host session acts as an admin caller
         "signature_window_seconds": (300, _positive_int),
         "secret_key": ("", _str),             # encrypts signing secrets; empty: generated in data_dir
+        "nonce_purge_seconds": (300, _positive_int),   # how often seen nonces older than 2 windows go
     },
     "accounting": {
         "batch_size": (500, _positive_int),
@@ -130,6 +138,19 @@ SCHEMA = {
         "retries": (3, _non_negative_int),
         "interval_seconds": (300, _positive_int),
         "enabled": (False, _bool),
+        # per-entity periodic interval; 0: interval_seconds
+        "users_interval_seconds": (0, _non_negative_int),
+        "pricing_interval_seconds": (0, _non_negative_int),
+        "llmage_interval_seconds": (0, _non_negative_int),
+        "uapi_interval_seconds": (0, _non_negative_int),
+        "path": ("/billing_module/sync/{entity}.dspy", _sync_path),   # on central_url
+        "retry_base_seconds": (0.5, _positive_float),     # HTTP retries inside one run (tenacity)
+        "retry_max_seconds": (10.0, _positive_float),
+        "failure_backoff_seconds": (30, _positive_int),   # next run after a failed one: doubles, capped by the interval
+        "claim_seconds": (900, _positive_int),            # a 'pending' run older than this is taken over
+        "max_page_bytes": (64 * 1024 * 1024, _positive_int),
+        "verify_replies": (True, _bool),                  # the centre's replies must carry our signature
+        "export_max_limit": (5000, _positive_int),        # largest page the export side serves
     },
 }
 

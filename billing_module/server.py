@@ -106,7 +106,8 @@ def make_auth_class():
     itself (API keys), the login page is open, every other page needs the admin login."""
     from ahserver.auth_api import AuthAPI, get_session_userinfo
 
-    open_prefixes = (f"/{MODULE_NAME}/api/", f"/{MODULE_NAME}/login")
+    # the API and the sync export check API keys / signatures themselves
+    open_prefixes = (f"/{MODULE_NAME}/api/", f"/{MODULE_NAME}/sync/", f"/{MODULE_NAME}/login")
 
     class StandaloneAuth(AuthAPI):
         async def checkUserPermission(self, request, user, path):
@@ -145,6 +146,8 @@ async def build_app(cfg, data_dir, db_desc=None, demo=False, background=True):
     ServerEnv().get_module_dbname = lambda module: HOST_DBNAME
     core = load_billing_module(config=cfg, db_desc=db_desc, data_dir=data_dir, register_background=False)
     core.admin_password = cfg.server.admin_password or _secret_file(data_dir, ".admin_password", 12)
+    from .auth import load_secret_key
+    load_secret_key(cfg, data_dir)
 
     server = ConfiguredServer(auth_klass=make_auth_class(), workdir=data_dir)
     server.configPath(server.config)

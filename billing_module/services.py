@@ -12,6 +12,11 @@ def build_services(core, db):
     core.ledger = Ledger(db, core.config)
     core.failures = Failures(core)
     core.accounting = Accounting(core)
+    from .auth import Auth
+    from .sync import SyncManager
+    core.auth = Auth(core)
+    core.apikeys.secret_box = core.auth.secret_box
+    core.sync = SyncManager(core)
 
 
 def background_jobs(core):
@@ -28,7 +33,7 @@ def background_jobs(core):
         ("accountant", accountant, acc.interval_seconds),
         ("failed-accounting-retries", core.failures.retry_due, max(acc.interval_seconds, 5.0)),
         ("hold-expiry", core.ledger.expire_holds, holds.sweep_interval_seconds),
-    ]
+    ] + core.sync.background_jobs() + core.auth.background_jobs()
 
 
 def register_functions(core, env):

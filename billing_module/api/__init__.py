@@ -10,6 +10,7 @@ import logging
 
 from aiohttp import web
 
+from .. import auth
 from ..errors import BillingError, Forbidden, Unauthorized
 from .params import Params
 
@@ -57,6 +58,8 @@ def reply(data, status=200):
 
 
 async def authenticate(core, request):
+    if auth.is_signed(request):
+        return await auth.verify_signed(core, request)
     header = request.headers.get("Authorization", "")
     if header:
         scheme, _, token = header.partition(" ")
@@ -79,7 +82,7 @@ async def authenticate(core, request):
 
 
 async def handle(core, request, params_kw, name):
-    from . import handlers  # noqa: F401  (registers the endpoints)
+    from . import handlers, sync_handlers  # noqa: F401  (registers the endpoints)
     try:
         spec = HANDLERS.get(name)
         if spec is None:

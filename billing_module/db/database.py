@@ -15,7 +15,6 @@ import datetime
 import functools
 import random
 import re
-import decimal
 import logging
 import time
 from contextlib import asynccontextmanager

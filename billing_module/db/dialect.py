@@ -84,3 +84,15 @@ def upsert(dialect, table, columns, key="id"):
         return f"insert into {table} ({cols}) values ({values}) on conflict({key}) do update set {sets}"
     sets = ", ".join(f"{c} = values({c})" for c in rest)
     return f"insert into {table} ({cols}) values ({values}) on duplicate key update {sets}"
+
+
+def as_integer(dialect, column):
+    """A text column holding a decimal integer, as a number to compare and sort by (the sync
+    versions are integers stored as text; text order would put '10' before '9')."""
+    return f"cast({column} as integer)" if dialect == SQLITE else f"cast({column} as unsigned)"
+
+
+def not_integer_text(dialect, column):
+    """True where a text column is empty, NULL or not made of decimal digits only."""
+    bad = f"{column} glob '*[^0-9]*'" if dialect == SQLITE else f"{column} regexp '[^0-9]'"
+    return f"({column} is null or {column} = '' or {bad})"

@@ -85,12 +85,18 @@ class Bench:
 
     # --- the figures ---------------------------------------------------------------------------------
     async def floor(self, core, n, workers):
-        """One-row INSERT per transaction through Database.transaction: the rate to beat."""
+        """The rate to beat: a one-row INSERT per transaction through Database.transaction, of the
+        row any usage log must write (an accounting_records row, as llmage writes its llmusage
+        row), with no pricing, balance or ledger. post_usage does that insert plus the debit and
+        its ledger entry, in one transaction."""
+        from .accounting import parse_event
+        now = clock.now_text()
+        rows = [core.accounting._record_row(parse_event(event(f"floor-{workers}-{i}")), now, "accounted")
+                for i in range(n)]
+
         async def one(i):
             async with core.db.transaction() as tx:
-                await tx.insert("sync_state", {"id": new_id(), "entity_type": "bench", "entity_id": new_id(),
-                                               "sync_status": "success", "retry_count": 0,
-                                               "created_at": "2026-01-01 00:00:00", "updated_at": "2026-01-01 00:00:00"})
+                await tx.insert("accounting_records", rows[i])
         return await _rate(one, n, workers)
 
     async def post_usage(self, core, n, workers, prefix):

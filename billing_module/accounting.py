@@ -19,6 +19,8 @@ from appPublic.dictObject import DictObject
 
 from . import clock
 from .db import dialect as dialects
+from .db.database import Row
+from .db.group import Fallback, GroupCommit
 from .errors import BillingError, Conflict, InvalidParam, UnknownCustomer
 from .ids import new_id, payload_hash
 from .money import from_micro
@@ -119,6 +121,8 @@ class Accounting:
         self.db = core.db
         self.config = core.config
         self.quota_hook = None   # ProductManager fills it: (tx, event, price) -> QuotaResult | None
+        # concurrent post_usage calls share a transaction and its commit
+        self.group = GroupCommit(self.db, single=self._charge_new, batch=self._charge_batch)
 
     # --- public entry points ---------------------------------------------------------------------
     async def post_usage(self, raw):
@@ -134,13 +138,14 @@ class Accounting:
             await self.core.failures.record(ev, e)
             raise
 
-        async def fresh(tx):
-            # the common case: a new request. No lookup first: the unique keys on the ledger entry
-            # and the record turn a repeated request into a duplicate-key error, handled below.
-            return await self._charge(tx, ev, price, model, None)
-
         try:
-            return await self.db.run(fresh)
+            # the common case: a new request, written in a group with concurrent ones. No lookup
+            # first: the unique keys on the ledger entry and the record turn a repeated request
+            # into a duplicate-key error, handled below.
+            result = await self.group.run((ev, price, model))
+            if result is _HAS_RECORD:
+                return await self._complete_existing(ev, price, model)
+            return result
         except BillingError as e:
             if e.code in ACCOUNTING_FAILURES:
                 replay = await self._replay_if_done(ev)   # a replay is refused by a short balance too
@@ -152,6 +157,54 @@ class Accounting:
             if not dialects.is_unique_violation(e):
                 raise
         return await self._complete_existing(ev, price, model)
+
+    async def _charge_new(self, tx, item):
+        ev, price, model = item
+        return await self._charge(tx, ev, price, model, None)
+
+    async def _charge_batch(self, tx, items):
+        """Charge a group of new events with a few multi-row statements: one existence check,
+        one conditional debit per customer, one insert of ledger entries per customer, one insert
+        of records. Anything unusual (a refusal, a repeated request_id within the group) makes
+        the whole group run event by event instead (``Fallback``)."""
+        ids = [ev.request_id for ev, _, _ in items]
+        if len(set(ids)) != len(ids):
+            raise Fallback()
+        ns = {}
+        known = {r.request_id for r in await tx.select(
+            f"select request_id from accounting_records where request_id in {tx.in_list(ids, ns)}", ns)}
+        now = clock.now_text()
+        outcomes, by_customer, records = [None] * len(items), {}, []
+        for i, (ev, price, model) in enumerate(items):
+            if ev.request_id in known:
+                outcomes[i] = (_HAS_RECORD, None)     # a replay or a stored event: handled alone
+                continue
+            row = self._accounted_row(ev, now, price, model)
+            if self.quota_hook:
+                self._apply_quota(row, await self.quota_hook(tx, ev, price, row["id"]))
+            by_customer.setdefault(ev.customer_id, []).append((i, row, ev))
+        for customer_id, group in by_customer.items():
+            charged = [{"amount": -row["amount"], "request_id": ev.request_id, "payload_hash": ev.hash,
+                        "ref_type": "accounting_records", "ref_id": row["id"]}
+                       for _, row, ev in group if row["amount"] > 0]
+            if charged:
+                entries, refused = await self.core.ledger.post_many(
+                    tx, customer_id, charged, "usage", must_cover=not self.config.accounting.allow_arrears,
+                    refuse_suspended=True, all_or_nothing=True)
+                if refused:
+                    raise Fallback()
+            else:
+                entries = []
+                if not await tx.scalar("select count(*) as n from customer_balance where id = ${c}$",
+                                       {"c": customer_id}):
+                    raise Fallback()
+            entry_of = {e["ref_id"]: e["id"] for e in entries}
+            for i, row, _ in group:
+                row["ledger_entry_id"] = entry_of.get(row["id"])
+                records.append(row)
+                outcomes[i] = (record_view(Row(row)), None)
+        await tx.insert_many("accounting_records", records)
+        return outcomes
 
     async def _complete_existing(self, ev, price, model):
         """The request has a record: replay an accounted one, account a pending or failed one."""
@@ -401,6 +454,8 @@ class Accounting:
             await self.core.failures.resolve_in(tx, existing.id, now)
         return record_view(DictObject(**row))
 
+
+_HAS_RECORD = object()   # a grouped request whose request_id already has a record
 
 _CLAIM_COLUMNS = ("id, request_id, customer_id, user_id, llmid, product_id, model_name, input_tokens, output_tokens, "
                   "cached_tokens, quantity, unit, use_time, transno, payload, payload_hash, attempts, created_at, status")

@@ -174,17 +174,21 @@ class Ledger:
             entry.update(balance_after=int(row.balance), currency=row.currency)
         return entry
 
-    async def post_many(self, tx, customer_id, items, entry_type, *, must_cover=False, refuse_suspended=False):
+    async def post_many(self, tx, customer_id, items, entry_type, *, must_cover=False, refuse_suspended=False,
+                        all_or_nothing=False):
         """Debit a batch of one customer's items inside the caller's transaction: one conditional
         update for their total when it is covered, else item by item in order until the balance
-        runs out. ``items``: dicts with amount (signed micro), request_id, payload_hash, ref_type,
-        ref_id. Returns (entries, refused) where refused is [(item, BillingError)]. Entries are
+        runs out (``all_or_nothing``: refuse them all instead). ``items``: dicts with amount (signed
+        micro), request_id, payload_hash, ref_type, ref_id. Returns (entries, refused) where refused
+        is [(item, BillingError or None)]. Entries are
         written with one multi-row insert, each with its exact running balance_after."""
         now = clock.now_text()
         sql = _balance_update(must_cover, refuse_suspended)
         ns = {"c": customer_id, "hd": 0, "now": now, "et": entry_type, "amt": sum(i["amount"] for i in items)}
         accepted, refused = list(items), []
         if await tx.execute(sql, ns) == 0:
+            if all_or_nothing:
+                return [], [(item, None) for item in items]
             accepted = []
             for item in items:
                 if await tx.execute(sql, dict(ns, amt=item["amount"])) == 1:

@@ -1,0 +1,94 @@
+"""Group commit: concurrent small write requests share one database transaction.
+
+Requests that arrive while a group is being written wait and go into the next group together;
+every request learns its result only after its group has committed. One commit (one fsync on
+MySQL, one WAL append on SQLite) then serves many requests, and a ``batch`` function can write
+the whole group with a few multi-row statements instead of a few statements per request.
+
+Two ways to run a group of several requests:
+- ``batch(tx, items) -> [(result, error)]``, the fast path. It may raise ``Fallback`` when the
+  group needs per-request treatment (a refusal, a duplicate key); the transaction then rolls
+  back and the group runs the careful way.
+- ``single(tx, item) -> result``, each request in its own SAVEPOINT, so one request's failure
+  rolls back only that request.
+A request alone in its group runs ``single`` in the transaction itself.
+
+Work must be safe to run again: when the database aborts a transaction (deadlock, lock timeout)
+the group is run again from the start.
+"""
+import asyncio
+import logging
+
+from . import dialect as dialects
+
+log = logging.getLogger("billing_module.db")
+
+
+class Fallback(Exception):
+    """Raised by a batch function: run this group request by request instead."""
+
+
+class GroupCommit:
+    def __init__(self, db, single, batch=None, max_group=64):
+        self.db = db
+        self.single, self.batch = single, batch
+        self.max_group = max_group
+        self._queue = []
+        self._flushing = None
+        self._loop = None
+
+    async def run(self, item):
+        """Run ``item`` in the next group; returns its result once the group has committed."""
+        loop = asyncio.get_running_loop()
+        if self._loop is not loop:                # a new event loop (tests): start afresh
+            self._loop, self._queue, self._flushing = loop, [], None
+        fut = loop.create_future()
+        self._queue.append((item, fut))
+        if self._flushing is None or self._flushing.done():
+            self._flushing = loop.create_task(self._flush())
+        return await asyncio.shield(fut)
+
+    async def _flush(self):
+        while self._queue:
+            group, self._queue = self._queue[:self.max_group], self._queue[self.max_group:]
+            items = [item for item, _ in group]
+            try:
+                outcomes = await self._write(items)
+            except Exception as e:           # the group could not commit: every request fails with it
+                outcomes = [(None, e)] * len(group)
+            for (_, fut), (result, error) in zip(group, outcomes):
+                if fut.done():
+                    continue
+                if error is not None:
+                    fut.set_exception(error)
+                else:
+                    fut.set_result(result)
+
+    async def _write(self, items):
+        if len(items) == 1:
+            try:
+                return [(await self.db.run(lambda tx: self.single(tx, items[0])), None)]
+            except Exception as e:
+                return [(None, e)]
+        if self.batch is not None:
+            try:
+                return await self.db.run(lambda tx: self.batch(tx, items))
+            except Fallback:
+                pass
+        return await self.db.run(lambda tx: self._each(tx, items))
+
+    async def _each(self, tx, items):
+        outcomes = []
+        for item in items:
+            await tx.execute("savepoint bm_group")
+            try:
+                result = await self.single(tx, item)
+            except Exception as e:
+                if dialects.is_retryable(e):
+                    raise                        # the database aborted the whole transaction
+                await tx.execute("rollback to savepoint bm_group")
+                outcomes.append((None, e))
+                continue
+            await tx.execute("release savepoint bm_group")
+            outcomes.append((result, None))
+        return outcomes

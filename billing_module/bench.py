@@ -328,7 +328,7 @@ def main(argv=None):
     p.add_argument("--skip", action="append", default=[], choices=["http", "growth"])
     p.add_argument("--record", metavar="FILE", help="append the figures to this markdown file (BENCHMARKS.md)")
     args = p.parse_args(argv)
-    command = "billing-module bench " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[2:]))
+    command = "billing-module bench " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
     dialects = ["sqlite", "mysql"] if args.db == "both" else [args.db]
     all_results = {}
     for d in dialects:

@@ -15,7 +15,9 @@ def _common(p):
 
 
 def build_parser():
-    parser = argparse.ArgumentParser(prog="billing-module", description="billing_module: billing and accounting")
+    parser = argparse.ArgumentParser(
+        prog="billing-module", description="billing_module: billing and accounting",
+        epilog="also: " + "; ".join(f"{k}: {v[1]}" for k, v in PASS_THROUGH.items()))
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("serve", help="run the standalone server")
@@ -87,7 +89,19 @@ async def _with_core(cfg, data_dir, work):
         await core.close()
 
 
+# commands with their own argument parsers: ``billing-module <name> --help``
+PASS_THROUGH = {
+    "bench": ("billing_module.bench", "benchmarks; appends figures to BENCHMARKS.md with --record"),
+    "crashtest": ("billing_module.crashtest", "SIGKILL the server under load and verify exactly-once"),
+    "proof": ("billing_module.proof", "soak and other proof runs against a running server"),
+}
+
+
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in PASS_THROUGH:
+        import importlib
+        return importlib.import_module(PASS_THROUGH[argv[0]][0]).main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         if args.command == "ddl":

@@ -120,7 +120,10 @@ class Accounting:
         self.core = core
         self.db = core.db
         self.config = core.config
-        self.quota_hook = None   # ProductManager fills it: (tx, event, price) -> QuotaResult | None
+        # subscriptions (ProductManager) fill these: quota_hook(tx, event, price, record_id) ->
+        # QuotaResult | None takes quota first; quota_release(tx, record_id) gives it back
+        self.quota_hook = None
+        self.quota_release = None
         # concurrent post_usage calls share a transaction and its commit
         self.group = GroupCommit(self.db, single=self._charge_new, batch=self._charge_batch)
 
@@ -308,6 +311,8 @@ class Accounting:
                 for row, rec, price in items:
                     if row["id"] in no:
                         failed.append((rec, no[row["id"]], price))
+                        if self.quota_release:   # the batch commits: give back what the hook took
+                            await self.quota_release(tx, rec.id)
                     else:
                         row["ledger_entry_id"] = entry_of.get(row["id"])
                         rows.append(row)

@@ -17,6 +17,10 @@ def build_services(core, db):
     core.auth = Auth(core)
     core.apikeys.secret_box = core.auth.secret_box
     core.sync = SyncManager(core)
+    from .products import ProductManager
+    core.products = ProductManager(core)
+    core.accounting.quota_hook = core.products.quota_hook
+    core.accounting.quota_release = core.products.release_quota
 
 
 def background_jobs(core):
@@ -33,6 +37,7 @@ def background_jobs(core):
         ("accountant", accountant, acc.interval_seconds),
         ("failed-accounting-retries", core.failures.retry_due, max(acc.interval_seconds, 5.0)),
         ("hold-expiry", core.ledger.expire_holds, holds.sweep_interval_seconds),
+        ("subscription-renewals", core.products.renew_due, 60.0),
     ] + core.sync.background_jobs() + core.auth.background_jobs()
 
 
@@ -59,3 +64,14 @@ def register_functions(core, env):
     env.billing_settle = svc("ledger", "settle")
     env.billing_release = svc("ledger", "release")
     env.billing_reconcile = svc("ledger", "reconcile")
+    env.billing_product_use = svc("products", "product_use")
+    env.billing_check_quota = svc("products", "check_quota")
+    env.billing_product_subscribe = svc("products", "subscribe")
+
+    class ProductManagerProxy:
+        """``ServerEnv().billing_product_manager``: the ProductManager, resolved on first use
+        (the database, and so the services, exist only after the host's DBPools is built)."""
+        def __getattr__(self, name):
+            _ = core.db
+            return getattr(core.products, name)
+    env.billing_product_manager = ProductManagerProxy()

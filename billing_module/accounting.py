@@ -236,15 +236,13 @@ class Accounting:
         ev = await self._prepare(raw)
         now = clock.now_text()
         row = self._record_row(ev, now, status="pending")
-        try:
-            async with self.db.transaction() as tx:
-                await tx.insert("accounting_records", row)
+        async def store(tx):
+            await tx.insert("accounting_records", row)
+            return None
+        _, existing = await self.db.run_or_existing(store, lambda tx: tx.one(
+            "select * from accounting_records where request_id = ${r}$", {"r": ev.request_id}))
+        if existing is None:
             return {"record_id": row["id"], "request_id": ev.request_id, "status": "pending", "duplicate": False}
-        except Exception as e:
-            if not dialects.is_unique_violation(e):
-                raise
-        async with self.db.read() as tx:
-            existing = await tx.one("select * from accounting_records where request_id = ${r}$", {"r": ev.request_id})
         if existing.payload_hash != ev.hash:
             raise Conflict(f"request_id {ev.request_id} was already used with a different payload")
         return dict(record_view(existing, duplicate=True))

@@ -242,17 +242,8 @@ class Ledger:
             if existing is not None:
                 return _replay(existing, phash, request_id)
             return entry_view(await work(tx))
-        try:
-            return await self.db.run(attempt)
-        except Exception as e:
-            if not dialects.is_unique_violation(e):
-                raise
-        # a concurrent request with the same key committed first
-        async with self.db.read() as tx:
-            existing = await self.find_entry(tx, entry_type, request_id)
-        if existing is None:
-            raise Conflict(f"request_id {request_id} collided with another request; send it again")
-        return _replay(existing, phash, request_id)
+        result, existing = await self.db.run_or_existing(attempt, lambda tx: self.find_entry(tx, entry_type, request_id))
+        return result if existing is None else _replay(existing, phash, request_id)
 
     # --- operations ----------------------------------------------------------------------------
     async def recharge(self, customer_id, amount, request_id, operator=None, note=None, currency=None):
@@ -335,8 +326,8 @@ class Ledger:
                     "expires_at": clock.now_text(ttl), "created_at": now, "updated_at": now}
             await tx.insert("billing_hold", hold)
             return hold_view(DictObject(**dict(hold, settled_amount=None)))
-        return await self._run_keyed(work, lambda tx: self._hold_by_request(tx, request_id),
-                                     lambda h: _replay_hold(h, phash, request_id))
+        result, existing = await self.db.run_or_existing(work, lambda tx: self._hold_by_request(tx, request_id))
+        return result if existing is None else _replay_hold(existing, phash, request_id)
 
     async def _hold_by_request(self, tx, request_id):
         return await tx.one("select * from billing_hold where request_id = ${r}$", {"r": request_id})
@@ -418,18 +409,6 @@ class Ledger:
         if expired:
             log.info("expired %d holds", expired)
         return expired
-
-    async def _run_keyed(self, work, find, replay):
-        try:
-            return await self.db.run(work)
-        except Exception as e:
-            if not dialects.is_unique_violation(e):
-                raise
-        async with self.db.read() as tx:
-            existing = await find(tx)
-        if existing is None:
-            raise Conflict("request collided with another request; send it again")
-        return replay(existing)
 
     # --- proof -------------------------------------------------------------------------------------
     async def reconcile(self):

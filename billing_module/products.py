@@ -559,18 +559,12 @@ class ProductManager:
                 sub["ledger_entry_id"] = entry.id
             await tx.insert("product_subscription", sub)
             return subscription_view(DictObject(**sub))
-        try:
-            return await self.db.run(work)
-        except Exception as e:
-            if not dialects.is_unique_violation(e):
-                raise
-        # a concurrent subscribe committed first: the same request (a replay) or another one
-        async with self.db.read() as tx:
-            existing = await self._subscription_by_request(tx, request_id)
-        if existing is None:
-            raise Conflict(f"customer {customer_id} already has an active subscription to {product_id}",
-                           code="already_subscribed")
-        return _replay_subscription(existing, phash, request_id)
+        # a concurrent subscribe may commit first: the same request (a replay) or another one
+        result, existing = await self.db.run_or_existing(
+            work, lambda tx: self._subscription_by_request(tx, request_id),
+            Conflict(f"customer {customer_id} already has an active subscription to {product_id}",
+                     code="already_subscribed"))
+        return result if existing is None else _replay_subscription(existing, phash, request_id)
 
     async def _subscription_by_request(self, tx, request_id):
         return await tx.one("select * from product_subscription where request_id = ${r}$", {"r": request_id})
@@ -798,17 +792,10 @@ class ProductManager:
                 row.update(product_resource_id=b.id, resource_type=b.resource_type, resource_ref_id=b.resource_ref_id)
             await tx.insert("product_usage_log", row)
             return usage_view(DictObject(**row))
-        try:
-            return await self.db.run(work)
-        except Exception as e:
-            if not dialects.is_unique_violation(e):
-                raise
-        # the same source reference was used concurrently and committed first
-        async with self.db.read() as tx:
-            existing = await self._usage_by_key(tx, key)
-        if existing is None:
-            raise Conflict(f"usage {key} collided with another request; send it again")
-        return _replay_use(existing, customer_id, product_id, q, key)
+        # the same source reference may be used concurrently and commit first
+        result, existing = await self.db.run_or_existing(work, lambda tx: self._usage_by_key(tx, key),
+                                               f"usage {key} collided with another request; send it again")
+        return result if existing is None else _replay_use(existing, customer_id, product_id, q, key)
 
     async def _usage_by_key(self, tx, key):
         return await tx.one("select * from product_usage_log where idempotency_key = ${k}$", {"k": key})

@@ -1,7 +1,7 @@
 """The accounting API over real HTTP (standalone host, API keys), on both databases."""
 import pytest
 
-from tests.helpers import CHAT_A_PRICE, seed_pricing, units, usage
+from tests.helpers import CHAT_A_PRICE, seed_pricing, usage
 
 
 async def _setup(http, balance="1"):

@@ -1,6 +1,5 @@
 """The foundation: schema from the models on both databases, initdb idempotence, health and
 API-key auth over HTTP, config errors."""
-import json
 import os
 import subprocess
 import sys

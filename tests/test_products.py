@@ -6,7 +6,6 @@ import datetime
 
 import pytest
 
-import billing_module.api.product_handlers  # noqa: F401  (registers the product endpoints)
 from billing_module.core import BillingCore
 from billing_module.errors import Conflict, InsufficientBalance, InvalidParam, NotFound
 from billing_module.products import NotSubscribed, ProductManager, QuotaExceeded

@@ -8,7 +8,6 @@ import sys
 import time
 import urllib.request
 
-from billing_module.server import make_auth_class  # noqa: F401  (import check)
 
 
 def _free_port():

@@ -526,7 +526,6 @@ async def test_export_needs_a_signed_app_or_admin_key(centre_http, edge):
 
 # --- the admin endpoints and health ----------------------------------------------------------------
 async def test_sync_endpoints_and_health_counters(centre_http, centre):
-    from billing_module.api import sync_handlers  # noqa: F401  (the lead imports it in api.handle)
     http = centre_http
     seed_centre(centre)
     status, body = await http.get("api/sync_status.dspy", http.admin_key)

@@ -330,6 +330,23 @@ class Database:
                     raise
                 await asyncio.sleep(random.uniform(0.001, 0.004) * attempt)
 
+    async def run_or_existing(self, work, find, collided="request collided with another request; send it again"):
+        """``(run(work), None)``; or, when a unique key shows that the same request committed
+        concurrently, ``(None, row)`` with the row ``find(tx)`` reads (Conflict when there is none).
+        Idempotent operations use this: the database's unique index, not a prior read, decides
+        which request won."""
+        try:
+            return await self.run(work), None
+        except Exception as e:
+            if not dialects.is_unique_violation(e):
+                raise
+        async with self.read() as tx:
+            existing = await find(tx)
+        if existing is None:
+            from ..errors import Conflict
+            raise collided if isinstance(collided, Exception) else Conflict(collided)
+        return None, existing
+
     async def close(self):
         self.closed = True
         idle, self._idle = self._idle, []

@@ -25,6 +25,8 @@ def build_parser():
     p.add_argument("--demo", action="store_true", help="seed demo customers, prices and a product")
     p.add_argument("--host", help="bind address (server.host)")
     p.add_argument("--port", type=int, help="port (server.port)")
+    p.add_argument("--workers", type=int, default=1, help="server processes sharing the port and the database")
+    p.add_argument("--quiet", action="store_true", help=argparse.SUPPRESS)
 
     p = sub.add_parser("initdb", help="create missing tables and indexes (never drops or alters)")
     _common(p)
@@ -111,8 +113,9 @@ def main(argv=None):
         cfg, data_dir = _load(args)
         if args.command == "serve":
             from .server import serve
-            serve(cfg, data_dir, demo=args.demo)
-            return 0
+            if args.workers < 1:
+                raise ConfigError("--workers must be at least 1")
+            return serve(cfg, data_dir, demo=args.demo, workers=args.workers, argv=argv, quiet=args.quiet) or 0
         return asyncio.run(_run(args, cfg, data_dir))
     except (ConfigError, BillingError) as e:
         print(f"billing-module: {getattr(e, 'message', e)}", file=sys.stderr)

@@ -167,25 +167,73 @@ async def build_app(cfg, data_dir, db_desc=None, demo=False, background=True):
     return app, core
 
 
-def serve(cfg, data_dir, demo=False):
-    """Run until SIGINT/SIGTERM (aiohttp turns both into a clean shutdown)."""
+def _banner(cfg, data_dir, core, demo, workers=1):
+    base = f"http://{cfg.server.host}:{cfg.server.port}/{MODULE_NAME}"
+    db = core.db.desc.kwargs.get("dbname") or core.db.desc.kwargs.get("db")
+    lines = [f"billing_module {core.version} on {core.db.dialect} ({db}), {workers} worker process(es)",
+             f"  health:      {base}/api/health.dspy",
+             f"  admin pages: {base}/index.ui  (user {cfg.server.admin_user}, password in "
+             f"{os.path.join(data_dir, '.admin_password')})"]
+    if demo:
+        lines += [f"  demo API key (admin): {core.demo_admin_key}",
+                  f"  try: curl -H 'Authorization: Bearer {core.demo_admin_key}' "
+                  f"'{base}/api/balance.dspy?customer_id=demo-acme'"]
+    for ln in lines:
+        print(ln, flush=True)
+
+
+def serve(cfg, data_dir, demo=False, workers=1, argv=None, quiet=False):
+    """Run until SIGINT/SIGTERM (aiohttp turns both into a clean shutdown).
+
+    ``workers > 1``: that many server processes share the port (SO_REUSEPORT) and the database,
+    the way the platform scales out; their background jobs claim their rows in the database."""
     import asyncio
     os.makedirs(data_dir, exist_ok=True)
     setup_logging(cfg, data_dir)
+    if workers > 1:
+        return _serve_workers(cfg, data_dir, demo, workers, argv or [])
 
     async def make():
         app, core = await build_app(cfg, data_dir, demo=demo)
-        base = f"http://{cfg.server.host}:{cfg.server.port}/{MODULE_NAME}"
-        lines = [f"billing_module {core.version} on {core.db.dialect} ({core.db.desc.kwargs.get('dbname') or core.db.desc.kwargs.get('db')})",
-                 f"  health:      {base}/api/health.dspy",
-                 f"  admin pages: {base}/index.ui  (user {cfg.server.admin_user}, password in {os.path.join(data_dir, '.admin_password')})"]
-        if demo:
-            lines += [f"  demo API key (admin): {core.demo_admin_key}",
-                      f"  try: curl -H 'Authorization: Bearer {core.demo_admin_key}' '{base}/api/balance.dspy?customer_id=demo-acme'"]
-        for ln in lines:
-            print(ln, flush=True)
+        if not quiet:
+            _banner(cfg, data_dir, core, demo)
         return app
 
-    web.run_app(make(), host=cfg.server.host, port=cfg.server.port, print=None,
+    web.run_app(make(), host=cfg.server.host, port=cfg.server.port, print=None, reuse_port=True,
                 handle_signals=True, shutdown_timeout=10)
     asyncio.set_event_loop(asyncio.new_event_loop())
+
+
+def _serve_workers(cfg, data_dir, demo, workers, argv):
+    """The parent of ``workers`` server processes: prepares the database once, starts them,
+    forwards SIGINT/SIGTERM and waits for them all."""
+    import asyncio
+    import signal
+    import subprocess
+
+    from .core import BillingCore
+
+    async def prepare():
+        core = BillingCore(config=cfg, data_dir=data_dir)
+        try:
+            await core.create_schema()
+            if demo:
+                from .demo import seed_demo
+                await seed_demo(core)
+            core.admin_password = cfg.server.admin_password or _secret_file(data_dir, ".admin_password", 12)
+            _banner(cfg, data_dir, core, demo, workers)
+        finally:
+            await core.close()
+    asyncio.run(prepare())
+    child_argv = [a for a in argv if a != "--demo"]
+    children = [subprocess.Popen([sys.executable, "-m", "billing_module.cli"] + child_argv + ["--workers", "1", "--quiet"])
+                for _ in range(workers)]
+
+    def forward(signum, frame):
+        for c in children:
+            if c.poll() is None:
+                c.send_signal(signal.SIGTERM)
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    codes = [c.wait() for c in children]
+    return max(codes) if codes else 0

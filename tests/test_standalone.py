@@ -87,3 +87,40 @@ def test_admin_login_opens_the_pages(tmp_path):
         proc.send_signal(signal.SIGINT)
         proc.communicate(timeout=30)
     assert proc.returncode == 0
+
+
+def test_two_worker_processes_share_the_port_and_the_database(tmp_path):
+    port = _free_port()
+    env = dict(os.environ)
+    env.pop("BILLING_CONFIG", None)
+    proc = subprocess.Popen([sys.executable, "-m", "billing_module.cli", "serve", "--demo", "--workers", "2",
+                             "--port", str(port), "--data-dir", str(tmp_path)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    base = f"http://127.0.0.1:{port}/billing_module"
+    try:
+        key = None
+        for ln in iter(proc.stdout.readline, ""):
+            if "demo API key" in ln:
+                key = ln.rsplit(" ", 1)[1].strip()
+                break
+        deadline = time.time() + 60
+        while True:
+            try:
+                _get(f"{base}/api/health.dspy")
+                break
+            except OSError:
+                assert time.time() < deadline
+                time.sleep(0.2)
+        time.sleep(1)    # let the second worker bind as well
+        for i in range(20):
+            status, body = _get(f"{base}/api/recharge.dspy", {"Authorization": f"Bearer {key}",
+                                                             "Content-Type": "application/json"},
+                                data=json.dumps({"customer_id": "demo-acme", "amount": "1",
+                                                 "request_id": f"w-{i % 10}"}).encode())
+            assert status == 200, body
+        status, body = _get(f"{base}/api/balance.dspy?customer_id=demo-acme", {"Authorization": f"Bearer {key}"})
+        assert body["balance"] == "110.000000"     # 100 demo + 10 distinct recharges, replays not counted
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=30)
+    assert proc.returncode == 0

@@ -213,6 +213,19 @@ class Ledger:
         await tx.insert_many("ledger_entry", entries)
         return entries, refused
 
+    async def can_cover(self, tx, customer_id, amount, allow_arrears=False):
+        """Whether a usage debit of ``amount`` would pass now: the account exists and, for a
+        charge, is not suspended and (unless arrears are allowed) covers it. The row stays
+        locked, so a post that follows in this transaction sees the same balance. For callers
+        that must decide before they write (the subscription quota hook)."""
+        acct = await tx.one("select status, balance - held + coalesce(credit_limit, 0) as spendable "
+                            "from customer_balance where id = ${c}$" + tx.for_update(), {"c": customer_id})
+        if acct is None:
+            return False
+        if amount <= 0:
+            return True
+        return acct.status != "suspended" and (allow_arrears or int(acct.spendable) >= amount)
+
     async def _create_account(self, tx, customer_id, now, currency=None):
         await tx.execute(
             f"{dialects.insert_ignore(tx.dialect)} into customer_balance (id, balance, held, currency, credit_limit, "

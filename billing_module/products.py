@@ -852,7 +852,8 @@ class ProductManager:
             return None
         take, over = self._split(locked, q)
         charge = _div_half_up(int(price.amount) * over, q)
-        if not await self._chargeable(tx, ev.customer_id, charge):
+        if not await self.core.ledger.can_cover(tx, ev.customer_id, charge,
+                                                allow_arrears=self.config.accounting.allow_arrears):
             return None
         if take:
             await self._take_quota(tx, cov.id, take)
@@ -895,19 +896,6 @@ class ProductManager:
                              {"q": included, "s": row.subscription_id, "now": clock.now_text()})
         await tx.execute("delete from product_usage_log where id = ${u}$", {"u": row.id})
         return True
-
-    async def _chargeable(self, tx, customer_id, amount):
-        """Whether accounting's ledger post of ``amount`` would pass: an account exists and, for a
-        charge, it is not suspended and (without arrears) covers it. The row stays locked, so the
-        post that follows in this transaction sees the same balance. (The rule of Ledger.post's
-        conditional update, read under the lock because the hook must decide before writing.)"""
-        acct = await tx.one("select status, balance - held + coalesce(credit_limit, 0) as spendable "
-                            "from customer_balance where id = ${c}$" + tx.for_update(), {"c": customer_id})
-        if acct is None:
-            return False
-        if amount <= 0:
-            return True
-        return acct.status != "suspended" and (self.config.accounting.allow_arrears or int(acct.spendable) >= amount)
 
     # --- reports ----------------------------------------------------------------------------------------
     def _usage_filter(self, customer_id=None, product_id=None, subscription_id=None, billing_mode=None,

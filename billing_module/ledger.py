@@ -255,7 +255,8 @@ class Ledger:
             if existing is not None:
                 return _replay(existing, phash, request_id)
             return entry_view(await work(tx))
-        result, existing = await self.db.run_or_existing(attempt, lambda tx: self.find_entry(tx, entry_type, request_id))
+        find = lambda tx: self.find_entry(tx, entry_type, request_id)  # noqa: E731
+        result, existing = await self.db.run_or_existing(attempt, find, refused_check=True)
         return result if existing is None else _replay(existing, phash, request_id)
 
     # --- operations ----------------------------------------------------------------------------
@@ -339,7 +340,8 @@ class Ledger:
                     "expires_at": clock.now_text(ttl), "created_at": now, "updated_at": now}
             await tx.insert("billing_hold", hold)
             return hold_view(DictObject(**dict(hold, settled_amount=None)))
-        result, existing = await self.db.run_or_existing(work, lambda tx: self._hold_by_request(tx, request_id))
+        result, existing = await self.db.run_or_existing(work, lambda tx: self._hold_by_request(tx, request_id),
+                                                         refused_check=True)
         return result if existing is None else _replay_hold(existing, phash, request_id)
 
     async def _hold_by_request(self, tx, request_id):

@@ -5,8 +5,10 @@ reply: ``{"success": true, ...}`` with 200, or ``{"success": false, "code", "mes
 the error's 4xx status. An unexpected exception is logged and answered 500 with code
 ``internal_error``: nothing escapes to ahserver's generic 500 page.
 """
+import asyncio
 import json
 import logging
+import os
 
 from aiohttp import web
 
@@ -105,3 +107,57 @@ async def handle(core, request, params_kw, name):
         log.exception("API %s failed", name)
         return reply({"success": False, "code": "internal_error",
                       "message": "internal error; the server log has the details"}, 500)
+
+
+API_PREFIX = "/billing_module/api/"
+
+
+@web.middleware
+async def request_guard(request, handler):
+    """What ahserver does with a request before the endpoint runs can fail: its body parser
+    answers a bare 500 for a JSON array or number, invalid UTF-8 form data, an unknown charset
+    or content encoding, multipart without a boundary, and a missing file is a 500 too. Our
+    ``handle`` lets no exception escape, so one that does comes from there: answer it like the
+    API answers everything else. Also a method other than GET/POST gets the API's 405. Only for
+    this module's API paths."""
+    if not request.path.startswith(API_PREFIX):
+        return await handler(request)
+    if request.method not in ("GET", "POST", "HEAD"):
+        return reply({"success": False, "code": "method_not_allowed",
+                      "message": f"{request.method} is not supported; use GET or POST"}, 405)
+    try:
+        return await handler(request)
+    except web.HTTPException:
+        raise
+    except Exception as e:
+        name = request.path[len(API_PREFIX):]
+        if not (name.endswith(".dspy") and os.path.isfile(os.path.join(_WWWROOT_API, name))):
+            return reply({"success": False, "code": "not_found", "message": f"no API at {request.path}"}, 404)
+        log.info("refused an unparsable request to %s: %s: %s", request.path, type(e).__name__, e)
+        return reply({"success": False, "code": "invalid_param",
+                      "message": f"the request could not be parsed ({type(e).__name__}); send a JSON object "
+                                 "or UTF-8 form data"}, 400)
+
+
+_WWWROOT_API = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+                            "wwwroot", "api")
+
+
+def install_request_guard():
+    """Add ``request_guard`` when ahserver builds the app ('ahapp_built' hook), keeping any hook
+    the host registered (RegisterFunction holds one function per name)."""
+    from appPublic.registerfunction import RegisterFunction
+    rf = RegisterFunction()
+    previous = rf.get("ahapp_built")
+    if getattr(previous, "billing_guard", False):
+        return
+
+    async def ahapp_built(app, *args, **kwargs):
+        if previous is not None:
+            result = previous(app, *args, **kwargs)
+            if asyncio.iscoroutine(result):
+                await result
+        if request_guard not in app.middlewares:
+            app.middlewares.append(request_guard)
+    ahapp_built.billing_guard = True
+    rf.register("ahapp_built", ahapp_built)

@@ -5,7 +5,7 @@ import re
 
 from ..errors import InvalidParam
 
-_ID_RE = re.compile(r"^[A-Za-z0-9_.:@\-]+$")
+_ID_RE = re.compile(r"[A-Za-z0-9_.:@\-]+")
 
 
 class Params:
@@ -43,7 +43,7 @@ class Params:
     def ident(self, name, required=False, max_len=32, default=None):
         """An id: letters, digits and _ . : @ - only."""
         v = self.str(name, required=required, max_len=max_len, default=default)
-        if v is not None and not _ID_RE.match(v):
+        if v is not None and not _ID_RE.fullmatch(v):     # fullmatch: "$" would let "id\n" through
             raise InvalidParam(f"{name}: only letters, digits and _ . : @ - are allowed")
         return v
 
@@ -60,7 +60,7 @@ class Params:
                 raise InvalidParam(f"{name}: expected an integer")
             v = int(v)
         elif isinstance(v, str):
-            if not re.fullmatch(r"-?\d{1,18}", v.strip()):
+            if not re.fullmatch(r"-?[0-9]{1,18}", v.strip()):   # [0-9]: \d also takes other scripts' digits
                 raise InvalidParam(f"{name}: expected an integer")
             v = int(v.strip())
         elif not isinstance(v, int):

@@ -303,9 +303,11 @@ class Database:
                 except BaseException:
                     try:
                         await sor.conn.rollback()
-                    except Exception:
-                        log.exception("rollback failed")
-                        raise ConnectionError("rollback failed") from None
+                    except Exception as e:
+                        # e.g. a statement cancelled mid-flight closes an aiomysql connection; the
+                        # connection is discarded (the server rolls back) and the original
+                        # exception, a cancellation included, goes on
+                        log.warning("rollback failed (%s); the connection is discarded", e)
                     raise
                 if write or dialects.read_needs_commit(self.dialect):
                     await sor.conn.commit()
@@ -330,13 +332,29 @@ class Database:
                     raise
                 await asyncio.sleep(random.uniform(0.001, 0.004) * attempt)
 
-    async def run_or_existing(self, work, find, collided="request collided with another request; send it again"):
+    async def run_or_existing(self, work, find, collided="request collided with another request; send it again",
+                              refused_check=False):
         """``(run(work), None)``; or, when a unique key shows that the same request committed
         concurrently, ``(None, row)`` with the row ``find(tx)`` reads (Conflict when there is none).
         Idempotent operations use this: the database's unique index, not a prior read, decides
-        which request won."""
+        which request won.
+
+        ``refused_check``: a refusal (a BillingError such as insufficient_balance) is also checked
+        against ``find``. On MySQL a second copy of a request waits on the row lock the first one
+        holds; once it runs, its earlier snapshot read cannot see the first copy's committed row,
+        and the balance the first copy used looks short. The answer to that copy is the first
+        copy's result, not a refusal."""
+        from ..errors import BillingError
         try:
             return await self.run(work), None
+        except BillingError:
+            if not refused_check:
+                raise
+            async with self.read() as tx:
+                existing = await find(tx)
+            if existing is None:
+                raise
+            return None, existing
         except Exception as e:
             if not dialects.is_unique_violation(e):
                 raise

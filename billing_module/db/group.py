@@ -43,6 +43,9 @@ class GroupCommit:
         if self._loop is not loop:                # a new event loop (tests): start afresh
             self._loop, self._queue, self._flushing = loop, [], None
         fut = loop.create_future()
+        # a caller that went away (cancelled) no longer reads its future: read it here, so an
+        # error nobody awaits is not reported as "never retrieved"
+        fut.add_done_callback(lambda f: f.cancelled() or f.exception())
         self._queue.append((item, fut))
         if self._flushing is None or self._flushing.done():
             self._flushing = loop.create_task(self._flush())

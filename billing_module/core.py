@@ -69,8 +69,12 @@ class BillingCore:
         build_services(self, db)
 
     async def create_schema(self):
+        """Missing tables and indexes, then the code lists of init/data.json (an upsert)."""
+        from .codes import load_code_tables
         from .db.schema import create_schema
-        return await create_schema(self.db)
+        created = await create_schema(self.db)
+        await load_code_tables(self.db)
+        return created
 
     async def health(self):
         try:

@@ -34,6 +34,22 @@ def reset_host_singletons():
             cls.instance = None
 
 
+async def close_host_pools():
+    """Close the connections of sqlor's own pool (the generated CRUD pages use it). sqlor never
+    closes them, and on MySQL each one sits in the transaction of its last SELECT, whose
+    metadata locks would hold up any DDL (a migration, a dropped database)."""
+    from sqlor.dbpools import DBPools
+    pools = getattr(getattr(DBPools, "instance", None), "_pools", None) or {}
+    for pool in pools.values():
+        for entry in pool.sqlors:
+            conn = getattr(entry.sqlor, "conn", None)
+            if conn is None:
+                continue
+            closing = conn.close()
+            if hasattr(closing, "__await__"):
+                await closing
+
+
 def setup_logging(cfg, data_dir, console=True):
     level = getattr(logging, cfg.server.log_level.upper())
     logger = logging.getLogger("billing_module")
@@ -164,6 +180,10 @@ async def build_app(cfg, data_dir, db_desc=None, demo=False, background=True):
         async def close_core(app):
             await core.close()
         app.on_cleanup.append(close_core)
+
+    async def close_pools(app):
+        await close_host_pools()
+    app.on_cleanup.append(close_pools)
     return app, core
 
 

@@ -141,7 +141,7 @@ class Http:
 
 @pytest.fixture
 async def http(config, db_desc, tmp_path, mysql_database):
-    from billing_module.server import build_app, reset_host_singletons
+    from billing_module.server import build_app, close_host_pools, reset_host_singletons
     app, core = await build_app(config, str(tmp_path / "host"), db_desc=db_desc, background=False)
     _mark_ready(db_desc, mysql_database)
     server = TestServer(app, host="127.0.0.1")
@@ -155,4 +155,5 @@ async def http(config, db_desc, tmp_path, mysql_database):
         assert (await core.ledger.reconcile())["mismatches"] == []
     finally:
         await client.close()
+        await close_host_pools()
         reset_host_singletons()

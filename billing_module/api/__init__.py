@@ -84,7 +84,7 @@ async def authenticate(core, request):
 
 
 async def handle(core, request, params_kw, name):
-    from . import handlers, product_handlers, sync_handlers  # noqa: F401  (registers the endpoints)
+    from . import handlers, product_handlers, report_handlers, sync_handlers  # noqa: F401  (registers the endpoints)
     try:
         spec = HANDLERS.get(name)
         if spec is None:

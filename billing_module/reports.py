@@ -1,0 +1,328 @@
+"""Usage reports: the usage list with a totals row, its CSV export and grouped statistics.
+
+Two sources, never mixed (a product use can also have an accounting record, so a union would
+count it twice):
+
+* ``accounting``: ``accounting_records`` (LLM and API usage priced by the pricing cache);
+* ``product``: ``product_usage_log`` (product consumption, with its supplier cost).
+
+Every query of a source is built here from one filter (``UsageFilter``) and one aggregate
+expression list, so the list's ``totals``, the CSV's totals row and ``stats`` sum exactly the
+rows the list shows. Amounts are integer micro-units in SQL and decimal strings (6 places) out.
+"""
+import codecs
+import csv
+import io
+import logging
+from dataclasses import dataclass
+from decimal import Decimal
+
+from . import clock
+from .db import dialect as dialects
+from .money import from_micro
+
+log = logging.getLogger("billing_module.reports")
+
+SOURCES = ("accounting", "product")
+ACCOUNTING_STATUSES = ("accounted", "pending", "failed")
+GROUPS = {"accounting": ("day", "model", "customer", "total"),
+          "product": ("day", "product", "customer", "supplier", "total")}
+EXPORT_CHUNK_ROWS = 1000
+# a spreadsheet runs a cell starting with one of these as a formula (CSV injection)
+_FORMULA_LEAD = ("=", "+", "-", "@", "\t", "\r")
+
+
+@dataclass
+class UsageFilter:
+    """Validated filters (the API layer parses and checks them). ``start`` / ``end`` are
+    'YYYY-MM-DD HH:MM:SS' texts: ``start`` inclusive, ``end`` exclusive."""
+    source: str = "accounting"
+    customer_id: str = None
+    user_id: str = None
+    model: str = None            # accounting: model_name or llmid
+    product_id: str = None
+    status: str = "accounted"    # accounting: None means every status
+    supplier_org_id: str = None  # product
+    billing_mode: str = None     # product
+    start: str = None
+    end: str = None
+
+
+# --- one description per source: columns, money columns, filters -------------------------------
+class _Source:
+    def __init__(self, name, table, time_col, customer_col, select, money, sums, filters, csv_columns, groups):
+        self.name, self.table, self.time_col, self.customer_col = name, table, time_col, customer_col
+        self.select = select            # list columns (SQL text, code-controlled)
+        self.money = money              # row keys holding micro-units
+        self.sums = sums                # (alias, SQL aggregate) of the totals and the stats
+        self.filters = filters          # (UsageFilter attribute, SQL condition with ${attr}$)
+        self.csv_columns = csv_columns  # (header, row key)
+        self.groups = groups            # group name -> (key SQL, label SQL)
+
+
+_ACCOUNTING = _Source(
+    "accounting", "accounting_records r", "r.use_time", "r.customer_id",
+    select=("r.id, r.request_id, r.use_time, r.customer_id, u.name as customer_name, r.user_id, r.model_name, "
+            "r.llmid, r.product_id, r.status, r.input_tokens, r.output_tokens, r.cached_tokens, r.quantity, r.unit, "
+            "r.amount, r.cost, r.currency, r.subscription_id, r.price_version, r.error_code"),
+    money=("amount", "cost"),
+    sums=(("records", "count(*)"), ("amount", "coalesce(sum(r.amount), 0)"), ("cost", "coalesce(sum(r.cost), 0)"),
+          ("input_tokens", "coalesce(sum(r.input_tokens), 0)"), ("output_tokens", "coalesce(sum(r.output_tokens), 0)"),
+          ("cached_tokens", "coalesce(sum(r.cached_tokens), 0)")),
+    filters=(("customer_id", "r.customer_id = ${customer_id}$"), ("user_id", "r.user_id = ${user_id}$"),
+             ("model", "(r.model_name = ${model}$ or r.llmid = ${model}$)"), ("product_id", "r.product_id = ${product_id}$"),
+             ("status", "r.status = ${status}$"), ("start", "r.use_time >= ${start}$"), ("end", "r.use_time < ${end}$")),
+    csv_columns=(("use_time", "use_time"), ("request_id", "request_id"), ("customer_id", "customer_id"),
+                 ("customer_name", "customer_name"), ("user_id", "user_id"), ("model_name", "model_name"),
+                 ("llmid", "llmid"), ("product_id", "product_id"), ("status", "status"),
+                 ("input_tokens", "input_tokens"), ("output_tokens", "output_tokens"), ("cached_tokens", "cached_tokens"),
+                 ("quantity", "quantity"), ("unit", "unit"), ("amount", "amount"), ("cost", "cost"),
+                 ("currency", "currency"), ("subscription_id", "subscription_id"), ("record_id", "id")),
+    groups={"model": ("coalesce(r.model_name, r.llmid)", "max(coalesce(r.model_name, r.llmid))"),
+            "customer": ("r.customer_id", "max(u.name)")},
+)
+
+_PRODUCT = _Source(
+    "product", "product_usage_log r", "r.use_time", "r.user_org_id",
+    select=("r.id, r.use_time, r.user_org_id as customer_id, u.name as customer_name, r.user_id, r.product_id, "
+            "p.product_name, r.subscription_id, r.resource_type, r.resource_ref_id, r.supplier_org_id, r.used_amount, "
+            "r.used_unit, r.included_amount, r.overage_amount, r.billing_mode, r.sell_price as amount, "
+            "r.total_cost as cost, r.currency, r.source_ref_table, r.source_ref_id"),
+    money=("amount", "cost"),
+    sums=(("records", "count(*)"), ("amount", "coalesce(sum(r.sell_price), 0)"),
+          ("cost", "coalesce(sum(r.total_cost), 0)")),
+    filters=(("customer_id", "r.user_org_id = ${customer_id}$"), ("user_id", "r.user_id = ${user_id}$"),
+             ("product_id", "r.product_id = ${product_id}$"), ("supplier_org_id", "r.supplier_org_id = ${supplier_org_id}$"),
+             ("billing_mode", "r.billing_mode = ${billing_mode}$"), ("start", "r.use_time >= ${start}$"),
+             ("end", "r.use_time < ${end}$")),
+    csv_columns=(("use_time", "use_time"), ("customer_id", "customer_id"), ("customer_name", "customer_name"),
+                 ("user_id", "user_id"), ("product_id", "product_id"), ("product_name", "product_name"),
+                 ("billing_mode", "billing_mode"), ("resource_type", "resource_type"),
+                 ("resource_ref_id", "resource_ref_id"), ("supplier_org_id", "supplier_org_id"),
+                 ("used_amount", "used_amount"), ("used_unit", "used_unit"), ("included_amount", "included_amount"),
+                 ("overage_amount", "overage_amount"), ("amount", "amount"), ("cost", "cost"),
+                 ("currency", "currency"), ("subscription_id", "subscription_id"), ("usage_id", "id")),
+    groups={"product": ("r.product_id", "max(p.product_name)"), "customer": ("r.user_org_id", "max(u.name)"),
+            "supplier": ("coalesce(r.supplier_org_id, '')", "max(r.supplier_org_id)")},
+)
+_SOURCES = {"accounting": _ACCOUNTING, "product": _PRODUCT}
+
+
+def _joins(src):
+    # display names only; a missing cache row leaves the name empty, never drops the usage row
+    joins = f" left join users_cache u on u.id = {src.customer_col} and u.entity_kind = 'org'"
+    if src.name == "product":
+        joins += " left join product p on p.id = r.product_id"
+    return joins
+
+
+def _where(src, f):
+    where, ns = [], {}
+    for attr, cond in src.filters:
+        value = getattr(f, attr)
+        if value is not None:
+            where.append(cond)
+            ns[attr] = value
+    return (" where " + " and ".join(where)) if where else "", ns
+
+
+def _aggregate_sql(src, f, group=None, dialect=None):
+    """The one aggregate statement: totals (``group`` None or 'total') or one row per group."""
+    where, ns = _where(src, f)
+    sums = ", ".join(f"{expr} as {alias}" for alias, expr in src.sums)
+    if group in (None, "total"):
+        return f"select {sums} from {src.table}{_joins(src)}{where}", ns
+    if group == "day":
+        key = dialects.substr_date(dialect, src.time_col)
+        label = f"max({key})"
+    else:
+        key, label = src.groups[group]
+    return f"select {key} as k, {label} as label, {sums} from {src.table}{_joins(src)}{where} group by {key}", ns
+
+
+def _int(v):
+    # SUM of a bigint comes back as Decimal on MySQL, int on SQLite
+    return int(v or 0)
+
+
+def _quantity(v):
+    """decimal(15,4) as plain text: Decimal on MySQL, int / float / text on SQLite."""
+    if v is None:
+        return None
+    return format(Decimal(str(v)).normalize(), "f")
+
+
+def _sums_view(src, row):
+    out = {}
+    for alias, _ in src.sums:
+        out[alias] = from_micro(_int(row[alias])) if alias in src.money else _int(row[alias])
+    out["margin"] = from_micro(_int(row["amount"]) - _int(row["cost"]))
+    return out
+
+
+def _row_view(src, row):
+    view = dict(row)
+    for k in src.money:
+        view[k] = None if row[k] is None else from_micro(int(row[k]))
+    for k in ("quantity", "used_amount", "included_amount", "overage_amount"):
+        if k in view:
+            view[k] = _quantity(view[k])
+    return view
+
+
+def safe_cell(value):
+    """A CSV cell that a spreadsheet shows as text: a leading = + - @ tab or CR gets a quote."""
+    if value is None:
+        return ""
+    text = str(value)
+    return "'" + text if text.startswith(_FORMULA_LEAD) else text
+
+
+class Reports:
+    def __init__(self, db):
+        self.db = db
+
+    # --- the list ----------------------------------------------------------------------------
+    async def usage(self, f, page=1, rows=20):
+        """``{"total", "rows", "totals"}``: one page (newest first) and the totals of every row
+        the filter matches."""
+        src = _SOURCES[f.source]
+        where, ns = _where(src, f)
+        sql = f"select {src.select} from {src.table}{_joins(src)}{where}"
+        agg_sql, agg_ns = _aggregate_sql(src, f)
+        async with self.db.read() as tx:
+            result = await tx.page(sql, ns, f"{src.time_col} desc, r.id desc", page, rows)
+            totals = await tx.one(agg_sql, agg_ns)
+        result["rows"] = [_row_view(src, r) for r in result["rows"]]
+        result["totals"] = _sums_view(src, totals)
+        result.update(page=page, page_size=rows, source=f.source)
+        return result
+
+    # --- statistics --------------------------------------------------------------------------
+    async def stats(self, f, group_by="day", page=1, rows=100):
+        """One row per day / model / product / customer / supplier (or one for ``total``) with
+        records, amount, cost and margin; ``amount_pct`` is the row's amount as a whole percent
+        of the largest group's, for bar charts. Days sort ascending, other groups by amount."""
+        src = _SOURCES[f.source]
+        sql, ns = _aggregate_sql(src, f, group_by, self.db.dialect)
+        order = "k" if group_by == "day" else "amount desc, k"
+        async with self.db.read() as tx:
+            if group_by == "total":
+                result = {"total": 1, "rows": [await tx.one(sql, ns)]}
+                top = result["rows"][0]["amount"]
+            else:
+                result = await tx.page(sql, ns, order, page, rows)
+                top = await tx.scalar(f"select max(amount) as m from ({sql}) grouped_", ns)
+        top = _int(top)
+        out = []
+        for r in result["rows"]:
+            view = _sums_view(src, r)
+            view["key"] = "total" if group_by == "total" else r["k"]
+            view["label"] = "total" if group_by == "total" else (r["label"] or r["k"])
+            amount = _int(r["amount"])
+            view["amount_pct"] = (amount * 100 // top) if top > 0 and amount > 0 else 0
+            out.append(view)
+        return {"total": result["total"], "rows": out, "group_by": group_by, "source": f.source}
+
+    # --- CSV export --------------------------------------------------------------------------
+    def export_name(self, f):
+        return f"usage-{f.source}-{clock.utcnow().strftime('%Y%m%d-%H%M%S')}.csv"
+
+    async def export_chunks(self, f, chunk_rows=EXPORT_CHUNK_ROWS):
+        """CSV text in chunks: a header, every matching row (oldest first) and a TOTAL row.
+
+        Rows are read by keyset (use_time, id) a chunk at a time, all in one read transaction,
+        so on MySQL every chunk and the totals see one snapshot and the TOTAL row sums exactly
+        the exported rows."""
+        src = _SOURCES[f.source]
+        where, ns = _where(src, f)
+        after = f"({src.time_col} > ${{k_time}}$ or ({src.time_col} = ${{k_time}}$ and r.id > ${{k_id}}$))"
+        first_sql = (f"select {src.select} from {src.table}{_joins(src)}{where} "
+                     f"order by {src.time_col}, r.id limit ${{chunk_}}$")
+        next_sql = (f"select {src.select} from {src.table}{_joins(src)}"
+                    f"{where + ' and ' if where else ' where '}{after} "
+                    f"order by {src.time_col}, r.id limit ${{chunk_}}$")
+        agg_sql, agg_ns = _aggregate_sql(src, f)
+        headers = [h for h, _ in src.csv_columns]
+        yield codecs.BOM_UTF8.decode("utf-8") + _csv_line([headers])   # the BOM makes Excel read UTF-8
+        async with self.db.read() as tx:
+            key = None
+            while True:
+                params = dict(ns, chunk_=chunk_rows)
+                if key is None:
+                    rows = await tx.select(first_sql, params)
+                else:
+                    params.update(k_time=key[0], k_id=key[1])
+                    rows = await tx.select(next_sql, params)
+                if not rows:
+                    break
+                yield _csv_line([_csv_values(src, r) for r in rows])
+                key = (rows[-1]["use_time"], rows[-1]["id"])
+                if len(rows) < chunk_rows:
+                    break
+            totals = _sums_view(src, await tx.one(agg_sql, agg_ns))
+        total_row = []
+        for header, _ in src.csv_columns:
+            if header == "use_time":
+                total_row.append("TOTAL")
+            elif header in totals:
+                total_row.append(str(totals[header]))
+            else:
+                total_row.append("")
+        total_row[1] = f"{totals['records']} records"
+        yield _csv_line([total_row])
+
+    async def export_response(self, request, f):
+        """Stream the CSV to the client as an aiohttp StreamResponse."""
+        from aiohttp import web
+        resp = web.StreamResponse(headers={
+            "Content-Type": "text/csv; charset=utf-8",
+            "Content-Disposition": f'attachment; filename="{self.export_name(f)}"',
+            "Cache-Control": "no-store",
+        })
+        chunks = self.export_chunks(f)
+        # the first chunk is the header; reading the second before prepare() lets a database
+        # error still answer a clean 500 instead of a cut file
+        pending = [await chunks.__anext__()]
+        try:
+            pending.append(await chunks.__anext__())
+        except StopAsyncIteration:
+            pass
+        await resp.prepare(request)
+        try:
+            for text in pending:
+                await resp.write(text.encode("utf-8"))
+            async for text in chunks:
+                await resp.write(text.encode("utf-8"))
+        except ConnectionError:
+            log.info("usage export: the client went away")
+            return resp
+        except Exception:
+            # headers are sent: the only honest signal left is a broken transfer (no TOTAL row)
+            log.exception("usage export failed mid-stream")
+            if request.transport is not None:
+                request.transport.close()
+            return resp
+        finally:
+            await chunks.aclose()     # ends the read transaction and returns the connection
+        await resp.write_eof()
+        return resp
+
+
+# numbers this module formats itself cannot be formulas; quoting them would turn a negative
+# amount into text in the spreadsheet
+_NUMERIC_KEYS = {"amount", "cost", "input_tokens", "output_tokens", "cached_tokens", "quantity", "used_amount",
+                 "included_amount", "overage_amount"}
+
+
+def _csv_values(src, row):
+    view = _row_view(src, row)
+    return ["" if view.get(key) is None else str(view[key]) if key in _NUMERIC_KEYS else safe_cell(view.get(key))
+            for _, key in src.csv_columns]
+
+
+def _csv_line(rows):
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\r\n")
+    w.writerows(rows)
+    return buf.getvalue()

@@ -1,0 +1,145 @@
+"""The permission script covers every endpoint, grants what each role should hold and no more,
+and billing_perms.py writes rbac's rows idempotently (on both databases)."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+from billing_module.api import HANDLERS
+from billing_module.server import WWWROOT
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "scripts"))
+import billing_perms  # noqa: E402
+
+ADMIN_ROLES = {"owner.superuser", "owner.admin", "reseller.admin", "provider.admin", "reseller.operator"}
+M = "/billing_module/"
+
+
+@pytest.fixture(scope="module")
+def grants():
+    return billing_perms.grants()
+
+
+def endpoints():
+    out = set()
+    for root, _, files in os.walk(WWWROOT):
+        for name in files:
+            if name.endswith((".dspy", ".ui")):
+                out.add(M + os.path.relpath(os.path.join(root, name), WWWROOT).replace(os.sep, "/"))
+    return out
+
+
+def generated_paths():
+    """What json/build.sh writes (its specs), whether or not the files are present now."""
+    out = set()
+    for name in os.listdir(os.path.join(ROOT, "json")):
+        if name.endswith(".json"):
+            t = name[:-5]
+            out |= {f"{M}{t}/index.ui", f"{M}{t}/get_{t}.dspy"}
+            if t in ("appcodes", "appcodes_kv"):
+                out |= {f"{M}{t}/{op}_{t}.dspy" for op in ("add", "update", "delete")}
+    return out
+
+
+def test_every_endpoint_under_wwwroot_is_granted(grants):
+    granted = {path for _, path in grants}
+    missing = sorted(endpoints() - granted)
+    assert not missing, "add these to scripts/setup_billing_perms.sh:\n" + "\n".join(missing)
+
+
+def test_every_granted_path_exists_or_is_generated(grants):
+    stale = sorted({p for _, p in grants} - endpoints() - generated_paths())
+    assert not stale, f"setup_billing_perms.sh grants paths that no longer exist: {stale}"
+    assert generated_paths() <= {p for _, p in grants}
+
+
+async def test_roles_hold_what_they_need_and_no_more(grants):
+    from tests.test_pages import _registered
+    await _registered()
+    by_role = {}
+    for role, path in grants:
+        by_role.setdefault(role, set()).add(path)
+    assert set(by_role) == ADMIN_ROLES | {"customer.admin", "any"}
+    everything = endpoints() | generated_paths()
+    open_paths = by_role["any"]
+    for role in ADMIN_ROLES:
+        assert by_role[role] | open_paths >= everything, (role, sorted(everything - by_role[role] - open_paths))
+    # open to anyone: the login, the health check and the signed sync export only
+    assert all(p.startswith((M + "login.", M + "logout.", M + "api/health.", M + "sync/")) for p in open_paths), open_paths
+    # a customer admin reaches no admin-only API and no page (a host session is an admin caller)
+    admin_only = {f"{M}api/{name}.dspy" for name, spec in HANDLERS.items() if spec[3]}
+    customer = by_role["customer.admin"]
+    assert not customer & admin_only, sorted(customer & admin_only)
+    assert not [p for p in customer if p.endswith(".ui")]
+
+
+def test_page_actions_are_held_by_the_roles_of_every_api_they_run(grants):
+    """action.ui runs the write APIs it lists: whoever holds it must hold each of them."""
+    from tests.test_pages import action_names
+    holders = {}
+    for role, path in grants:
+        holders.setdefault(path, set()).add(role)
+    for name in action_names():
+        assert holders.get(f"{M}api/{name}.dspy", set()) >= holders[M + "action.ui"], name
+
+
+def test_setup_script_refuses_to_run_outside_the_host_root(tmp_path):
+    r = subprocess.run(["bash", os.path.join(ROOT, "scripts", "setup_billing_perms.sh")], cwd=tmp_path,
+                       capture_output=True, text=True)
+    assert r.returncode == 1 and "host root" in r.stderr
+
+
+_RBAC_TABLES = {
+    "permission": "create table if not exists permission (id varchar(32) not null primary key, name varchar(255), "
+                  "description varchar(255), parentid varchar(32), path varchar(255), icon varchar(255), "
+                  "permtype varchar(255), need_audit varchar(1))",
+    "role": "create table if not exists role (id varchar(32) not null primary key, orgtypeid varchar(32), "
+            "name varchar(255))",
+    "rolepermission": "create table if not exists rolepermission (id varchar(32) not null primary key, "
+                      "roleid varchar(32), permid varchar(32))",
+}
+
+
+async def test_billing_perms_writes_rbac_rows_idempotently(core, grants):
+    async with core.db.transaction() as tx:
+        for ddl in _RBAC_TABLES.values():
+            await tx.execute(ddl)
+        unique = "create unique index permission_idx1 on permission (path)"
+        if tx.dialect == "sqlite":
+            unique = unique.replace("index", "index if not exists")
+        try:
+            await tx.execute(unique)
+        except Exception:
+            pass   # MySQL has no "if not exists" for indexes; it exists from an earlier test
+        for t in _RBAC_TABLES:
+            await tx.execute(f"delete from {t}")
+        # a role the host already has keeps its id
+        await tx.execute("insert into role (id, orgtypeid, name) values ('host-role-1', 'owner', 'superuser')")
+    try:
+        first = await billing_perms.apply(core.db, grants)
+        paths = {p for _, p in grants}
+        roles = {r for r, _ in grants if r not in billing_perms.LITERAL_ROLES}
+        assert first == len(paths) + (len(roles) - 1) + len(grants)
+        assert await billing_perms.apply(core.db, grants) == 0
+        async with core.db.read() as tx:
+            assert await tx.scalar("select count(*) as n from permission") == len(paths)
+            assert await tx.scalar("select count(*) as n from rolepermission") == len(grants)
+            held = await tx.select("select r.orgtypeid, r.name, p.path from rolepermission rp, role r, permission p "
+                                   "where rp.roleid = r.id and rp.permid = p.id and r.id = 'host-role-1'")
+            assert {h.path for h in held} == {p for r, p in grants if r == "owner.superuser"}
+            assert await tx.scalar("select count(*) as n from rolepermission rp, permission p where rp.permid = p.id "
+                                   "and rp.roleid = 'any' and p.path = '/billing_module/login.ui'") == 1
+    finally:
+        async with core.db.transaction() as tx:
+            for t in _RBAC_TABLES:
+                await tx.execute(f"drop table {t}")
+
+
+def test_print_sql_is_the_same_statements():
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "billing_perms.py"), "--print-sql"],
+                         capture_output=True, text=True, check=True).stdout
+    lines = out.strip().splitlines()
+    assert len(lines) == len(billing_perms.statements(billing_perms.grants()))
+    assert all(ln.startswith("insert into ") and ln.endswith(";") and "${" not in ln for ln in lines)

@@ -124,6 +124,7 @@ class Accounting:
         # QuotaResult | None takes quota first; quota_release(tx, record_id) gives it back
         self.quota_hook = None
         self.quota_release = None
+        self.quota_customers = None   # (tx, customer_ids) -> the ones with subscriptions (batches)
         # concurrent post_usage calls share a transaction and its commit
         self.group = GroupCommit(self.db, single=self._charge_new, batch=self._charge_batch)
 
@@ -178,12 +179,13 @@ class Accounting:
             f"select request_id from accounting_records where request_id in {tx.in_list(ids, ns)}", ns)}
         now = clock.now_text()
         outcomes, by_customer, records = [None] * len(items), {}, []
+        covered = await self._covered(tx, {ev.customer_id for ev, _, _ in items})
         for i, (ev, price, model) in enumerate(items):
             if ev.request_id in known:
                 outcomes[i] = (_HAS_RECORD, None)     # a replay or a stored event: handled alone
                 continue
             row = self._accounted_row(ev, now, price, model)
-            if self.quota_hook:
+            if ev.customer_id in covered:
                 self._apply_quota(row, await self.quota_hook(tx, ev, price, row["id"]))
             by_customer.setdefault(ev.customer_id, []).append((i, row, ev))
         for customer_id, group in by_customer.items():
@@ -281,6 +283,7 @@ class Accounting:
                 "order by created_at, id limit ${n}$" + tx.skip_locked(), {"n": limit})
             failed, memo, by_customer = [], {}, {}
             now = clock.now_text()
+            covered = await self._covered(tx, {rec.customer_id for rec in claimed})
             for rec in claimed:
                 try:
                     ev = event_from_record(rec)
@@ -289,7 +292,7 @@ class Accounting:
                     failed.append((rec, e, None))
                     continue
                 row = _accounted_update(rec, price, model, now)
-                if self.quota_hook:
+                if ev.customer_id in covered:
                     self._apply_quota(row, await self.quota_hook(tx, ev, price, rec.id))
                 by_customer.setdefault(ev.customer_id, []).append((row, rec, price))
             rows = []
@@ -323,6 +326,14 @@ class Accounting:
             # the event pending, and the next batch sees it again
             await self.core.failures.record(parse_event_or_none(rec), e, price=price, record=rec)
         return done
+
+    async def _covered(self, tx, customer_ids):
+        """The customers of a batch whose events the quota hook must see."""
+        if not self.quota_hook:
+            return set()
+        if self.quota_customers is None:
+            return set(customer_ids)
+        return await self.quota_customers(tx, customer_ids)
 
     async def _quote_memo(self, ev, memo):
         """catalog.quote with the model, program and discount looked up once per batch."""

@@ -825,6 +825,17 @@ class ProductManager:
         }
 
     # --- the accounting hook --------------------------------------------------------------------------
+    async def subscribed_customers(self, tx, customer_ids):
+        """Which of ``customer_ids`` have an active subscription at all: one query for a whole
+        batch, so the accountant calls the quota hook only for events that may be covered."""
+        ids = sorted(set(customer_ids))
+        if not ids:
+            return set()
+        ns = {}
+        rows = await tx.select(f"select distinct customer_id from product_subscription where status = 'active' "
+                               f"and customer_id in {tx.in_list(ids, ns)}", ns)
+        return {r.customer_id for r in rows}
+
     async def quota_hook(self, tx, ev, price, record_id):
         """Accounting's quota hook: an LLM event covered by an active subscription of its customer
         (through an 'llm' binding of its model, or its product_id) consumes quota first; the

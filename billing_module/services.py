@@ -21,6 +21,7 @@ def build_services(core, db):
     core.products = ProductManager(core)
     core.accounting.quota_hook = core.products.quota_hook
     core.accounting.quota_release = core.products.release_quota
+    core.accounting.quota_customers = core.products.subscribed_customers
 
 
 def background_jobs(core):

@@ -197,6 +197,7 @@ async def test_a_crashed_accountants_rows_are_taken_over(core):
             raise Crash()       # the process dies after charging c0-c2 inside the transaction
         return None
     core.accounting.quota_hook = dying_hook
+    core.accounting.quota_customers = None      # every customer's events reach the hook
     with pytest.raises(Crash):
         await core.accounting.account_pending()
     assert (await core.ledger.balance("cust-1"))["balance"] == "1.000000"

@@ -446,7 +446,7 @@ class Accounting:
         row of this request to complete, or None to insert a new one."""
         now = clock.now_text()
         row = self._accounted_row(ev, now, price, model, existing)
-        if self.quota_hook:
+        if ev.customer_id in await self._covered(tx, {ev.customer_id}):
             self._apply_quota(row, await self.quota_hook(tx, ev, price, row["id"]))
         amount = row["amount"]
         if amount > 0:

@@ -228,6 +228,7 @@ async def test_subscriptions_hook_is_consulted(core):
     async def hook(tx, ev, price, record_id):
         return Quota()
     core.accounting.quota_hook = hook
+    core.accounting.quota_customers = None      # every customer's events reach the hook
     r = await core.accounting.post_usage(usage("q1"))
     assert r["amount"] == "0.000000" and r["subscription_id"] == "sub-1"
     assert (await core.ledger.balance("cust-1"))["balance"] == "1.000000"

@@ -76,6 +76,8 @@ class Bench:
     _mysql_dbs = []
 
     def cleanup(self):
+        import shutil
+        shutil.rmtree(self.tmp, ignore_errors=True)
         for params, db in self._mysql_dbs:
             conn = pymysql.connect(**params)
             with conn.cursor() as c:

@@ -69,3 +69,5 @@ ALTER TABLE llmusage_accounting_failed
 -- 5. the module's new indexes (llmage's idx_laf_* indexes have the module's names already)
 CREATE UNIQUE INDEX llmusage_accounting_failed_idx_laf_llmusageid ON llmusage_accounting_failed(llmusageid);
 CREATE INDEX llmusage_accounting_failed_idx_laf_retry ON llmusage_accounting_failed(retry_state, next_retry_at);
+CREATE INDEX llmusage_accounting_failed_idx_laf_cust_page ON llmusage_accounting_failed(userorgid, handled, failed_time, id);
+CREATE INDEX llmusage_accounting_failed_idx_laf_page ON llmusage_accounting_failed(handled, failed_time, id);

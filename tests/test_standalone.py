@@ -25,6 +25,18 @@ def _get(url, headers=None, data=None):
         return e.code, json.loads(e.read() or b"{}")
 
 
+def _wait_until_serving(base, proc, seconds=60):
+    """The first health reply of a server process that is starting."""
+    deadline = time.time() + seconds
+    while True:
+        try:
+            return _get(f"{base}/api/health.dspy")
+        except OSError:
+            assert proc.poll() is None, proc.stderr.read()
+            assert time.time() < deadline, "server did not start"
+            time.sleep(0.2)
+
+
 def test_serve_demo_answers_health_and_stops_cleanly(tmp_path):
     port = _free_port()
     env = dict(os.environ)
@@ -33,15 +45,7 @@ def test_serve_demo_answers_health_and_stops_cleanly(tmp_path):
                              "--data-dir", str(tmp_path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     base = f"http://127.0.0.1:{port}/billing_module"
     try:
-        deadline = time.time() + 60
-        while True:
-            try:
-                status, body = _get(f"{base}/api/health.dspy")
-                break
-            except OSError:
-                assert proc.poll() is None, proc.stderr.read()
-                assert time.time() < deadline, "server did not start"
-                time.sleep(0.2)
+        status, body = _wait_until_serving(base, proc)
         assert status == 200 and body == dict(body, success=True, status="ok", db="ok")
         # the demo prints an admin key that works
         line = next(ln for ln in iter(proc.stdout.readline, "") if "demo API key" in ln)
@@ -71,14 +75,7 @@ def test_admin_login_opens_the_pages(tmp_path):
                              "--data-dir", str(tmp_path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     base = f"http://127.0.0.1:{port}/billing_module"
     try:
-        deadline = time.time() + 60
-        while True:
-            try:
-                _get(f"{base}/api/health.dspy")
-                break
-            except OSError:
-                assert time.time() < deadline
-                time.sleep(0.2)
+        _wait_until_serving(base, proc)
         status, body = _get(f"{base}/login.dspy", data=b"username=admin&password=wrong")
         assert status == 401 and body["code"] == "unauthorized"
         status, body = _get(f"{base}/login.dspy", data=b"username=admin&password=s3cret-pass")
@@ -103,14 +100,7 @@ def test_two_worker_processes_share_the_port_and_the_database(tmp_path):
             if "demo API key" in ln:
                 key = ln.rsplit(" ", 1)[1].strip()
                 break
-        deadline = time.time() + 60
-        while True:
-            try:
-                _get(f"{base}/api/health.dspy")
-                break
-            except OSError:
-                assert time.time() < deadline
-                time.sleep(0.2)
+        _wait_until_serving(base, proc)
         time.sleep(1)    # let the second worker bind as well
         for i in range(20):
             status, body = _get(f"{base}/api/recharge.dspy", {"Authorization": f"Bearer {key}",

@@ -66,3 +66,25 @@ async def test_load_from_host_init_uses_the_hosts_database(tmp_path, db_desc):
     finally:
         del cleanupctx_coros[before:]
         reset_host_singletons()
+
+
+async def test_a_session_write_from_another_site_is_refused(http):
+    """The admin login's cookie rides along on cross-site requests: writes must come from the
+    server's own pages (Origin / Referer), or carry an API key."""
+    r = await http.client.post("/billing_module/login.dspy",
+                               data={"username": "admin", "password": http.core.admin_password})
+    assert r.status == 200
+    body = {"customer_id": "c1", "amount": "5", "request_id": "csrf-1"}
+    r = await http.client.post("/billing_module/api/recharge.dspy", json=body,
+                               headers={"Origin": "https://evil.example"})
+    assert r.status == 403 and (await r.json(content_type=None))["code"] == "forbidden"
+    r = await http.client.post("/billing_module/api/recharge.dspy", json=body,
+                               headers={"Referer": "https://evil.example/page.html"})
+    assert r.status == 403
+    async with http.core.db.read() as tx:
+        assert await tx.scalar("select count(*) as n from ledger_entry") == 0
+    own = str(http.client.make_url("/billing_module/balances.ui"))
+    r = await http.client.post("/billing_module/api/recharge.dspy", json=body, headers={"Referer": own})
+    assert r.status == 200, await r.text()
+    status, _ = await http.get("api/balance.dspy", customer_id="c1")    # reads need no origin
+    assert status == 200

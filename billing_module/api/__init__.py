@@ -77,10 +77,31 @@ async def authenticate(core, request):
         except Exception:   # no session middleware (a bare test app)
             info = None
         if info and info.get("userid"):
+            _check_same_origin(request)
             return Caller("admin", user=info.userid)
     if not core.config.auth.require_api_key:
         return Caller("admin", user="anonymous")
     raise Unauthorized("missing API key: send 'Authorization: Bearer <key>'")
+
+
+def _check_same_origin(request):
+    """A session cookie rides along on requests other sites make (ahserver sets SameSite=None), so
+    a write authorised by the session alone must come from this site's own pages: a browser says
+    where a request comes from in Origin (or Referer), and a cross-site write is refused. A caller
+    with an API key or a signature is not affected; a client that sends neither header is not a
+    browser page."""
+    if request.method in ("GET", "HEAD"):
+        return
+    source = request.headers.get("Origin") or request.headers.get("Referer")
+    if not source or source == "null":
+        if source == "null":
+            raise Forbidden("a write from an opaque origin needs an API key")
+        return
+    from urllib.parse import urlsplit
+    given = urlsplit(source)
+    host = request.headers.get("X-Forwarded-Host") or request.host
+    if given.netloc.lower() != host.lower():
+        raise Forbidden(f"cross-site write refused: the request comes from {given.scheme}://{given.netloc}")
 
 
 async def handle(core, request, params_kw, name):

@@ -10,6 +10,7 @@ from decimal import Decimal, InvalidOperation
 from . import clock
 from .cache import MISSING
 from .db import dialect as dialects
+from .db.database import where
 from .errors import InvalidParam, NoPricing
 from .pricing import Program, Usage, price_usage
 
@@ -92,9 +93,9 @@ class Catalog:
         self.caches.invalidate(entity)
 
     # --- reads ----------------------------------------------------------------------------------
-    async def _row(self, table, where, ns):
+    async def _row(self, table, condition, ns):
         async with self.db.read() as tx:
-            return await tx.one(f"select * from {table} where {where}", ns)
+            return await tx.one(f"select * from {table} where {condition}", ns)
 
     async def model(self, llmid=None, model_name=None):
         """The cached LLM model row by id, else by name; None if unknown."""
@@ -158,18 +159,10 @@ class Catalog:
         return out
 
     async def users(self, page=1, rows=20, kind=None, org_id=None, name=None):
-        where, ns = ["1 = 1"], {}
-        if kind:
-            where.append("entity_kind = ${kind}$")
-            ns["kind"] = kind
-        if org_id:
-            where.append("org_id = ${org}$")
-            ns["org"] = org_id
-        if name:
-            where.append("name like ${name}$")
-            ns["name"] = f"%{name}%"
+        cond, ns = where(("entity_kind = ${kind}$", "kind", kind), ("org_id = ${org}$", "org", org_id),
+                         ("name like ${name}$", "name", f"%{name}%" if name else None))
         sql = ("select id, entity_kind as kind, name, org_id, org_type, status, discount, version, cached_at "
-               f"from users_cache where {' and '.join(where)}")
+               f"from users_cache where {cond}")
         async with self.db.read() as tx:
             return await tx.page(sql, ns, "entity_kind, name, id", page, rows)
 

@@ -11,6 +11,7 @@ import logging
 
 from . import clock
 from .db import dialect as dialects
+from .db.database import where
 from .errors import BillingError, InvalidParam, NotFound
 from .ids import new_id
 from .money import from_micro
@@ -150,24 +151,16 @@ class Failures:
 
     async def search(self, customer_id=None, user_id=None, llmid=None, handled=None, start_date=None,
                      end_date=None, retry_state=None, page=1, rows=20):
-        where, ns = ["1 = 1"], {}
-        for col, value in (("f.userorgid", customer_id), ("f.userid", user_id), ("f.llmid", llmid),
-                           ("f.handled", handled), ("f.retry_state", retry_state)):
-            if value is not None:
-                key = col.split(".")[1]
-                where.append(f"{col} = ${{{key}}}$")
-                ns[key] = value
-        if start_date:
-            where.append("f.failed_time >= ${start}$")
-            ns["start"] = start_date
-        if end_date:
-            where.append("f.failed_time < ${end}$")
-            ns["end"] = end_date
+        cond, ns = where(("f.userorgid = ${c}$", "c", customer_id), ("f.userid = ${u}$", "u", user_id),
+                         ("f.llmid = ${m}$", "m", llmid), ("f.handled = ${h}$", "h", handled),
+                         ("f.retry_state = ${rs}$", "rs", retry_state),
+                         ("f.failed_time >= ${start}$", "start", start_date),
+                         ("f.failed_time < ${end}$", "end", end_date))
         sql = ("select f.*, u.name as userorgid_text, m.name as llmid_text "
                "from llmusage_accounting_failed f "
                "left join users_cache u on u.id = f.userorgid and u.entity_kind = 'org' "
                "left join llmage_cache m on m.id = f.llmid "
-               f"where {' and '.join(where)}")
+               f"where {cond}")
         async with self.db.read() as tx:
             result = await tx.page(sql, ns, _LIST_SORT, page, rows)
         result["rows"] = [failed_view(r) for r in result["rows"]]

@@ -18,6 +18,7 @@ from appPublic.dictObject import DictObject
 
 from . import clock
 from .db import dialect as dialects
+from .db.database import where
 from .errors import (AccountSuspended, BillingError, Conflict, InsufficientBalance, InvalidParam, NotFound,
                      UnknownCustomer)
 from .ids import new_id, payload_hash
@@ -113,30 +114,19 @@ class Ledger:
         return balance_view(row)
 
     async def balances(self, page=1, rows=20, customer_id=None, status=None):
-        where, ns = ["1 = 1"], {}
-        if customer_id:
-            where.append("b.id like ${cid}$")
-            ns["cid"] = f"%{customer_id}%"
-        if status:
-            where.append("b.status = ${status}$")
-            ns["status"] = status
+        cond, ns = where(("b.id like ${cid}$", "cid", f"%{customer_id}%" if customer_id else None),
+                         ("b.status = ${status}$", "status", status))
         sql = (f"select b.{_BALANCE_COLUMNS.replace(', ', ', b.')}, u.name as customer_name "
                f"from customer_balance b left join users_cache u on u.id = b.id and u.entity_kind = 'org' "
-               f"where {' and '.join(where)}")
+               f"where {cond}")
         async with self.db.read() as tx:
             result = await tx.page(sql, ns, "b.id", page, rows)
         result["rows"] = [dict(balance_view(r), customer_name=r.customer_name) for r in result["rows"]]
         return result
 
     async def entries(self, customer_id=None, page=1, rows=20, entry_type=None):
-        where, ns = ["1 = 1"], {}
-        if customer_id:
-            where.append("customer_id = ${c}$")
-            ns["c"] = customer_id
-        if entry_type:
-            where.append("entry_type = ${t}$")
-            ns["t"] = entry_type
-        sql = f"select * from ledger_entry where {' and '.join(where)}"
+        cond, ns = where(("customer_id = ${c}$", "c", customer_id), ("entry_type = ${t}$", "t", entry_type))
+        sql = f"select * from ledger_entry where {cond}"
         async with self.db.read() as tx:
             result = await tx.page(sql, ns, "created_at desc, id desc", page, rows)
         result["rows"] = [dict(entry_view(e), reason=e.reason, operator=e.operator, ref_type=e.ref_type,

@@ -10,17 +10,6 @@ from . import endpoint
 READ, WRITE = ("GET",), ("POST",)
 
 
-def _amount(p, name="amount", required=True):
-    v = p.raw.get(name)
-    if v is None or v == "":
-        if required:
-            raise InvalidParam(f"{name}: required")
-        return None
-    if isinstance(v, list):
-        raise InvalidParam(f"{name}: given more than once")
-    return to_micro(v, name)
-
-
 def _event(p, caller):
     raw = {k: v for k, v in p.raw.items() if not k.startswith("_")}
     for k, v in raw.items():
@@ -55,21 +44,21 @@ async def balance(core, caller, p, request):
 
 @endpoint("recharge", methods=WRITE, admin=True)
 async def recharge(core, caller, p, request):
-    return await core.ledger.recharge(p.ident("customer_id", required=True), _amount(p),
+    return await core.ledger.recharge(p.ident("customer_id", required=True), p.amount(),
                                       p.ident("request_id", required=True, max_len=64),
                                       operator=caller.operator, note=p.str("note"))
 
 
 @endpoint("adjust", methods=WRITE, admin=True)
 async def adjust(core, caller, p, request):
-    return await core.ledger.adjust(p.ident("customer_id", required=True), _amount(p),
+    return await core.ledger.adjust(p.ident("customer_id", required=True), p.amount(),
                                     p.ident("request_id", required=True, max_len=64),
                                     reason=p.str("reason", required=True), operator=caller.operator)
 
 
 @endpoint("refund", methods=WRITE, admin=True)
 async def refund(core, caller, p, request):
-    return await core.ledger.refund(p.ident("customer_id", required=True), _amount(p),
+    return await core.ledger.refund(p.ident("customer_id", required=True), p.amount(),
                                     p.ident("request_id", required=True, max_len=64),
                                     reason=p.str("reason", required=True), operator=caller.operator,
                                     ref_id=p.ident("record_id"))
@@ -77,7 +66,7 @@ async def refund(core, caller, p, request):
 
 @endpoint("account_update", methods=WRITE, admin=True)
 async def account_update(core, caller, p, request):
-    credit = _amount(p, "credit_limit", required=False)
+    credit = p.amount("credit_limit", required=False)
     status = p.str("status", choices=("active", "suspended"))
     if credit is None and status is None:
         raise InvalidParam("give credit_limit and/or status")
@@ -106,7 +95,7 @@ async def authorize(core, caller, p, request):
     """Hold an amount, or the price of an estimated usage event (same fields as accounting)."""
     customer_id = p.ident("customer_id", required=True)
     caller.check_customer(customer_id)
-    amount = _amount(p, required=False)
+    amount = p.amount(required=False)
     if amount is None:
         quote = await core.accounting.quote(_event(p, caller))
         amount = to_micro(quote["amount"])
@@ -137,7 +126,7 @@ def _hold_ref(p):
 async def settle(core, caller, p, request):
     hold_id, request_id = _hold_ref(p)
     await _hold_customer_check(core, caller, hold_id, request_id)
-    return await core.ledger.settle(_amount(p), hold_id=hold_id, request_id=request_id, operator=caller.operator)
+    return await core.ledger.settle(p.amount(), hold_id=hold_id, request_id=request_id, operator=caller.operator)
 
 
 @endpoint("release", methods=WRITE)

@@ -4,6 +4,7 @@ import math
 import re
 
 from ..errors import InvalidParam
+from ..money import to_micro
 
 _ID_RE = re.compile(r"[A-Za-z0-9_.:@\-]+")
 
@@ -46,6 +47,15 @@ class Params:
         if v is not None and not _ID_RE.fullmatch(v):     # fullmatch: "$" would let "id\n" through
             raise InvalidParam(f"{name}: only letters, digits and _ . : @ - are allowed")
         return v
+
+    def amount(self, name="amount", required=True):
+        """Money: a decimal string (or a whole number) -> integer micro-units; floats are refused."""
+        v = self._get(name)
+        if v is None or v == "":
+            if required:
+                raise InvalidParam(f"{name}: required")
+            return None
+        return to_micro(v, name)
 
     def int(self, name, required=False, default=None, minimum=None, maximum=None):
         v = self._get(name)

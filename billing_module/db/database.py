@@ -374,6 +374,18 @@ class Database:
             await self._discard(sor)
 
 
+def where(*conditions):
+    """``(sql, ns)`` for the filters a caller gave: each condition is ``(fragment, name, value)``
+    with ``${name}$`` in the fragment, and is left out when its value is None or empty. The
+    list endpoints build their WHERE clause with this."""
+    parts, ns = ["1 = 1"], {}
+    for fragment, name, value in conditions:
+        if value is not None and value != "":
+            parts.append(fragment)
+            ns[name] = value
+    return " and ".join(parts), ns
+
+
 def sqlite_desc(path, busy_timeout_ms=10000):
     return {"driver": SQLITE_DRIVER, "kwargs": {"dbname": path, "busy_timeout_ms": busy_timeout_ms}}
 

@@ -7,10 +7,11 @@ import sys
 import pytest
 
 from billing_module.api import HANDLERS
-from billing_module.server import WWWROOT
+from billing_module.resources import resource_dir, resource_path
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "scripts"))
+WWWROOT = str(resource_dir("wwwroot"))
+SCRIPTS = str(resource_dir("scripts"))
+sys.path.insert(0, SCRIPTS)
 import billing_perms  # noqa: E402
 
 ADMIN_ROLES = {"owner.superuser", "owner.admin", "reseller.admin", "provider.admin", "reseller.operator"}
@@ -34,7 +35,7 @@ def endpoints():
 def generated_paths():
     """What json/build.sh writes (its specs), whether or not the files are present now."""
     out = set()
-    for name in os.listdir(os.path.join(ROOT, "json")):
+    for name in os.listdir(resource_dir("json")):
         if name.endswith(".json"):
             t = name[:-5]
             out |= {f"{M}{t}/index.ui", f"{M}{t}/get_{t}.dspy"}
@@ -86,7 +87,7 @@ def test_page_actions_are_held_by_the_roles_of_every_api_they_run(grants):
 
 
 def test_setup_script_refuses_to_run_outside_the_host_root(tmp_path):
-    r = subprocess.run(["bash", os.path.join(ROOT, "scripts", "setup_billing_perms.sh")], cwd=tmp_path,
+    r = subprocess.run(["bash", str(resource_path("scripts", "setup_billing_perms.sh"))], cwd=tmp_path,
                        capture_output=True, text=True)
     assert r.returncode == 1 and "host root" in r.stderr
 
@@ -138,7 +139,7 @@ async def test_billing_perms_writes_rbac_rows_idempotently(core, grants):
 
 
 def test_print_sql_is_the_same_statements():
-    out = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "billing_perms.py"), "--print-sql"],
+    out = subprocess.run([sys.executable, str(resource_path("scripts", "billing_perms.py")), "--print-sql"],
                          capture_output=True, text=True, check=True).stdout
     lines = out.strip().splitlines()
     assert len(lines) == len(billing_perms.statements(billing_perms.grants()))

@@ -1,7 +1,7 @@
 """The crash test, short: the real server process killed with SIGKILL under load, three times."""
 import os
 
-from billing_module import crashtest
+from billing_module.tools import crashtest
 
 
 def _env_for(db_desc):

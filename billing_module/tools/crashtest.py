@@ -4,7 +4,7 @@ random moments, restarted, with clients retrying whatever was not acknowledged.
 Afterwards every acknowledged event must be accounted exactly once, no retry may have charged
 twice, nothing may be left pending, and the books must reconcile.
 
-    python -m billing_module.crashtest --data-dir /tmp/crash --rounds 10 --clients 16
+    billing-module crashtest --data-dir /tmp/crash --rounds 10 --clients 16
 """
 import argparse
 import asyncio
@@ -19,9 +19,9 @@ import time
 
 import aiohttp
 
-from .config import load_config
-from .core import BillingCore
-from .money import from_micro, to_micro
+from ..config import load_config
+from ..core import BillingCore
+from ..money import from_micro, to_micro
 
 PROGRAM = {"id": "crash-pp", "name": "crash", "currency": "CNY",
            "versions": [{"id": "crash-v1", "enabled_date": "2000-01-01", "expired_date": "9999-12-31",

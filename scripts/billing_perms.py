@@ -133,7 +133,9 @@ async def apply(db, pairs=None):
 
 
 def _database(url):
-    sys.path.insert(0, os.path.dirname(HERE))
+    checkout = os.path.dirname(HERE)
+    if os.path.isfile(os.path.join(checkout, "pyproject.toml")):
+        sys.path.insert(0, checkout)   # a checkout that is not installed; a wheel keeps this file in the package
     from billing_module.db.database import Database, mysql_desc, sqlite_desc
     u = urllib.parse.urlparse(url)
     if u.scheme == "sqlite":

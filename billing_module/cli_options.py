@@ -4,7 +4,7 @@ the configuration they select. Its own module so that ``cli`` and the subcommand
 import argparse
 import os
 
-from .config import load_config
+from .config import Config, load_config
 
 
 def add_common_options(parser: argparse.ArgumentParser) -> None:
@@ -12,7 +12,7 @@ def add_common_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data-dir", help="directory for the SQLite file, logs and secrets (server.data_dir)")
 
 
-def load_from_args(args: argparse.Namespace):
+def load_from_args(args: argparse.Namespace) -> tuple[Config, str]:
     """(config, absolute data dir) for the options a subcommand was given."""
     overrides: dict = {}
     if getattr(args, "data_dir", None):

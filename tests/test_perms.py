@@ -232,3 +232,20 @@ def test_print_sql_is_the_same_statements():
     lines = out.strip().splitlines()
     assert len(lines) == len(billing_perms.statements(billing_perms.grants()))
     assert all(ln.startswith("insert into ") and ln.endswith(";") and "${" not in ln for ln in lines)
+
+
+def test_billing_perms_command_inserts_the_any_role_on_an_sqlite_host_db(tmp_path):
+    """The script as an operator runs it (``--db sqlite:///...``) on rbac tables without a role "any"."""
+    import sqlite3
+    path = tmp_path / "host.db"
+    with sqlite3.connect(path) as conn:
+        for ddl in _RBAC_TABLES.values():
+            conn.execute(ddl)
+    out = subprocess.run([sys.executable, str(resource_path("scripts", "billing_perms.py")), "--db", f"sqlite:///{path}"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    with sqlite3.connect(path) as conn:
+        assert conn.execute("select orgtypeid, name from role where id = 'any'").fetchall() == [("0", "any")]
+        open_paths = {p for (p,) in conn.execute("select p.path from rolepermission rp, permission p, role r "
+                                                 "where rp.permid = p.id and rp.roleid = r.id and r.id = 'any'")}
+    assert "/billing_module/api/health.dspy" in open_paths

@@ -43,6 +43,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from . import clock
+from .datadir import secret_file
 from .db import dialect as dialects
 from .errors import Unauthorized
 from .ids import new_id
@@ -135,9 +136,8 @@ def load_secret_key(config, data_dir):
     The standalone host calls this at start so the file exists before the first key is made."""
     if config.auth.secret_key:
         return config.auth.secret_key
-    from .server import _secret_file
     os.makedirs(data_dir, exist_ok=True)
-    return _secret_file(data_dir, ".secret_key", 32)
+    return secret_file(data_dir, ".secret_key", 32)
 
 
 class SecretBox:

@@ -5,13 +5,8 @@ import asyncio
 import os
 import sys
 
-from .config import load_config
+from .cli_options import add_common_options, load_from_args
 from .errors import BillingError, ConfigError
-
-
-def _common(p):
-    p.add_argument("--config", help="YAML config file (default: $BILLING_CONFIG, else built-in defaults)")
-    p.add_argument("--data-dir", help="directory for the SQLite file, logs and secrets (server.data_dir)")
 
 
 def build_parser():
@@ -21,7 +16,7 @@ def build_parser():
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("serve", help="run the standalone server")
-    _common(p)
+    add_common_options(p)
     p.add_argument("--demo", action="store_true", help="seed demo customers, prices and a product")
     p.add_argument("--host", help="bind address (server.host)")
     p.add_argument("--port", type=int, help="port (server.port)")
@@ -29,20 +24,20 @@ def build_parser():
     p.add_argument("--quiet", action="store_true", help=argparse.SUPPRESS)
 
     p = sub.add_parser("initdb", help="create missing tables and indexes (never drops or alters)")
-    _common(p)
+    add_common_options(p)
 
     p = sub.add_parser("ddl", help="print the schema DDL")
-    _common(p)
+    add_common_options(p)
     p.add_argument("--dialect", choices=["mysql", "sqlite"], required=True)
 
     p = sub.add_parser("reconcile", help="prove every balance equals its ledger; exit 1 on any mismatch")
-    _common(p)
+    add_common_options(p)
 
     p = sub.add_parser("account-pending", help="account queued (submitted) usage now, in batches")
-    _common(p)
+    add_common_options(p)
 
     p = sub.add_parser("backup", help="move accounted records used before a date to the history table")
-    _common(p)
+    add_common_options(p)
     p.add_argument("--before", required=True, help="cut-off date (UTC), e.g. 2026-11-01")
 
     from .sync import cli as sync_cli
@@ -51,7 +46,7 @@ def build_parser():
     p = sub.add_parser("apikey", help="create, list or revoke API keys")
     ak = p.add_subparsers(dest="action", required=True)
     c = ak.add_parser("create", help="print a new key alone on stdout")
-    _common(c)
+    add_common_options(c)
     who = c.add_mutually_exclusive_group(required=True)
     who.add_argument("--admin", action="store_true", help="a key for every customer and the admin endpoints")
     who.add_argument("--customer", metavar="ID", help="a key limited to one customer")
@@ -60,24 +55,11 @@ def build_parser():
     c.add_argument("--name", default="")
     c.add_argument("--expires", help="expiry time (UTC), e.g. 2027-01-01")
     c.add_argument("--allowed-ips", default="", help="comma-separated client IPs (empty: any)")
-    _common(ak.add_parser("list"))
+    add_common_options(ak.add_parser("list"))
     r = ak.add_parser("revoke")
-    _common(r)
+    add_common_options(r)
     r.add_argument("key", help="key id or prefix")
     return parser
-
-
-def _load(args):
-    overrides = {}
-    if getattr(args, "data_dir", None):
-        overrides.setdefault("server", {})["data_dir"] = args.data_dir
-    if getattr(args, "host", None):
-        overrides.setdefault("server", {})["host"] = args.host
-    if getattr(args, "port", None) is not None:
-        overrides.setdefault("server", {})["port"] = args.port
-    cfg = load_config(args.config or os.environ.get("BILLING_CONFIG") or None, overrides=overrides)
-    data_dir = os.path.abspath(cfg.server.data_dir)
-    return cfg, data_dir
 
 
 async def _with_core(cfg, data_dir, work):
@@ -91,11 +73,12 @@ async def _with_core(cfg, data_dir, work):
         await core.close()
 
 
-# commands with their own argument parsers: ``billing-module <name> --help``
+# commands with their own argument parsers: ``billing-module <name> --help``. The tools are imported
+# only when their command runs: the runtime never imports billing_module.tools.
 PASS_THROUGH = {
-    "bench": ("billing_module.bench", "benchmarks; appends figures to BENCHMARKS.md with --record"),
-    "crashtest": ("billing_module.crashtest", "SIGKILL the server under load and verify exactly-once"),
-    "proof": ("billing_module.proof", "soak and other proof runs against a running server"),
+    "bench": ("billing_module.tools.bench", "benchmarks; appends figures to BENCHMARKS.md with --record"),
+    "crashtest": ("billing_module.tools.crashtest", "SIGKILL the server under load and verify exactly-once"),
+    "proof": ("billing_module.tools.proof", "soak and other proof runs against a running server"),
 }
 
 
@@ -110,7 +93,7 @@ def main(argv=None):
             from .db.schema import ddl_script
             print(ddl_script(args.dialect))
             return 0
-        cfg, data_dir = _load(args)
+        cfg, data_dir = load_from_args(args)
         if args.command == "serve":
             from .server import serve
             if args.workers < 1:

@@ -7,17 +7,14 @@ way the tables are unique (``appcodes.id``; ``appcodes_kv.(parentid, k)``), so i
 every start, and a host whose appbase already holds a list keeps its row ids.
 """
 import json
-import os
 
 from .errors import ConfigError
+from .resources import resource_path
 
-_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DATA_FILE = os.path.join(_ROOT, "init", "data.json")
-_PACKAGED_DATA_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "init", "data.json")
 
 
 def data_file():
-    return DATA_FILE if os.path.isfile(DATA_FILE) else _PACKAGED_DATA_FILE
+    return str(resource_path("init", "data.json"))
 
 
 def load_data(path=None):

@@ -7,18 +7,18 @@ module exactly as a host's ``init()`` would, and serves it.
 import json
 import logging
 import os
-import secrets
 import sys
 
 from aiohttp import web
 
 from .core import MODULE_NAME
+from .datadir import secret_file
 from .db.database import desc_from_config
+from .resources import resource_dir
 
 log = logging.getLogger("billing_module")
 
-PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-WWWROOT = os.path.join(PACKAGE_ROOT, "wwwroot")
+WWWROOT = str(resource_dir("wwwroot"))
 HOST_DBNAME = "billing"
 
 
@@ -74,19 +74,6 @@ def setup_logging(cfg, data_dir, console=True):
     MyLogger("ahserver", levelname="clientinfo", logfile=os.path.join(data_dir, "ahserver.log"))
 
 
-def _secret_file(data_dir, name, nbytes=24):
-    """A secret generated once and kept in data_dir (mode 600)."""
-    path = os.path.join(data_dir, name)
-    if os.path.exists(path):
-        with open(path, encoding="utf-8") as f:
-            return f.read().strip()
-    value = secrets.token_urlsafe(nbytes)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(value + "\n")
-    return value
-
-
 def write_host_workdir(cfg, data_dir, db_desc):
     """conf/config.json and wwwroot/ for ahserver, inside data_dir."""
     os.makedirs(os.path.join(data_dir, "conf"), exist_ok=True)
@@ -98,7 +85,7 @@ def write_host_workdir(cfg, data_dir, db_desc):
     if not os.path.lexists(link):
         os.symlink(WWWROOT, link)
     host_config = {
-        "password_key": _secret_file(data_dir, ".password_key"),
+        "password_key": secret_file(data_dir, ".password_key"),
         "logger": {"name": "billing", "levelname": "clientinfo", "logfile": os.path.join(data_dir, "ahserver.log")},
         "databases": {HOST_DBNAME: {"driver": db_desc["driver"], "kwargs": db_desc["kwargs"], "dbname": HOST_DBNAME}},
         "filesroot": os.path.join(data_dir, "files"),
@@ -161,7 +148,7 @@ async def build_app(cfg, data_dir, db_desc=None, demo=False, background=True):
     # what a host's init() does
     ServerEnv().get_module_dbname = lambda module: HOST_DBNAME
     core = load_billing_module(config=cfg, db_desc=db_desc, data_dir=data_dir, register_background=False)
-    core.admin_password = cfg.server.admin_password or _secret_file(data_dir, ".admin_password", 12)
+    core.admin_password = cfg.server.admin_password or secret_file(data_dir, ".admin_password", 12)
     from .auth import load_secret_key
     load_secret_key(cfg, data_dir)
 
@@ -240,7 +227,7 @@ def _serve_workers(cfg, data_dir, demo, workers, argv):
             if demo:
                 from .demo import seed_demo
                 await seed_demo(core)
-            core.admin_password = cfg.server.admin_password or _secret_file(data_dir, ".admin_password", 12)
+            core.admin_password = cfg.server.admin_password or secret_file(data_dir, ".admin_password", 12)
             _banner(cfg, data_dir, core, demo, workers)
         finally:
             await core.close()

@@ -6,7 +6,14 @@ stand-in ``set_role_perm.py`` that records each (role, path) instead of writing 
 Rows written (rbac's shape): ``permission(id, name, path)`` one per path (path is unique),
 ``role(id, orgtypeid, name)`` when a role is missing, ``rolepermission(id, roleid, permid)`` one
 per grant. Every statement inserts only what is missing, so running it again changes nothing.
-The literal roles ``any``, ``logined`` and ``anonymous`` are role ids, not rows of ``role``.
+
+The literal roles ``any``, ``logined`` and ``anonymous`` are granted the way the platform's
+``set_role_perm.py`` grants them: ``rolepermission.roleid`` is the literal id. rbac loads the grants
+with an inner join of ``rolepermission`` on ``role`` (yumoqing/rbac ``rbac/userperm.py``,
+``load_roleperms``) and keys a row whose ``role.id`` is ``any`` as the role ``any``: without a
+``role`` row of that id the grant is invisible and the open paths (login, health, the signed
+``/sync/`` export) are refused to everyone. So the row ``role(id='any', orgtypeid='0', name='any')``
+(``'0'``: the role model's default org type) is inserted when no role of that id exists.
 
     python scripts/billing_perms.py --print-sql                 # the SQL, to review or run by hand
     python scripts/billing_perms.py --db mysql://root@127.0.0.1:3306/sage
@@ -76,6 +83,9 @@ def statements(pairs):
         out.append(("insert into permission (id, name, path) select ${id}$, ${name}$, ${path}$ from (select 1 as one_) one_ "
                     "where not exists (select 1 from permission where path = ${path}$)",
                     {"id": _id("perm", path), "name": path.rsplit("/", 1)[-1][:255], "path": path}))
+    for role in dict.fromkeys(r for r, _ in pairs if r in LITERAL_ROLES):
+        out.append(("insert into role (id, orgtypeid, name) select ${id}$, '0', ${id}$ from (select 1 as one_) one_ "
+                    "where not exists (select 1 from role where id = ${id}$)", {"id": role}))
     for role in roles:
         orgtype, name = role.split(".", 1)
         out.append(("insert into role (id, orgtypeid, name) select ${id}$, ${orgtype}$, ${name}$ from (select 1 as one_) one_ "
@@ -123,7 +133,9 @@ async def apply(db, pairs=None):
 
 
 def _database(url):
-    sys.path.insert(0, os.path.dirname(HERE))
+    checkout = os.path.dirname(HERE)
+    if os.path.isfile(os.path.join(checkout, "pyproject.toml")):
+        sys.path.insert(0, checkout)   # a checkout that is not installed; a wheel keeps this file in the package
     from billing_module.db.database import Database, mysql_desc, sqlite_desc
     u = urllib.parse.urlparse(url)
     if u.scheme == "sqlite":

@@ -114,7 +114,9 @@ GENERATED="
 "
 
 # open to anyone: the standalone host's login (a host with rbac answers it 404 and uses its own)
-# and the health check monitors call
+# and the health check monitors call. rbac sees grants to the literal role "any" only when its role
+# table has a row whose id is "any" (rbac/userperm.py load_roleperms joins on it); platform databases
+# are seeded with it, and scripts/billing_perms.py inserts it when it is missing.
 for path in /billing_module/login.ui /billing_module/login.dspy /billing_module/logout.dspy /billing_module/api/health.dspy; do
     set_perm any "$path"
 done

@@ -37,8 +37,10 @@ from hypothesis import strategies as st
 import billing_module.api as api_pkg
 from billing_module.api import HANDLERS
 from billing_module.db.schema import load_models
-from billing_module.server import WWWROOT
+from billing_module.resources import resource_dir
 from tests.helpers import seed_pricing, usage
+
+WWWROOT = str(resource_dir("wwwroot"))
 
 # every handler module registers its endpoints when imported; the fuzz reaches all of them
 # (test_every_dspy_endpoint_is_served checks that a real server registers them too)
@@ -615,7 +617,7 @@ def test_every_dspy_endpoint_is_served():
         "    print(json.dumps(missing))\n"
         "asyncio.run(main(json.loads(sys.argv[1])))\n")
     out = subprocess.run([sys.executable, "-c", code, json.dumps(ENDPOINTS)], capture_output=True, text=True,
-                         timeout=120, cwd=str(Path(WWWROOT).parent))
+                         timeout=120, cwd=str(Path(api_pkg.__file__).parents[2]))
     assert out.returncode == 0, out.stderr[-2000:]
     missing = json.loads(out.stdout.strip().splitlines()[-1])
     assert missing == [], f"these .dspy endpoints answer 404 'no API named' on a server: {missing}"

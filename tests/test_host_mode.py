@@ -6,7 +6,10 @@ import os
 from aiohttp import CookieJar
 from aiohttp.test_utils import TestClient, TestServer
 
-from billing_module.server import WWWROOT, reset_host_singletons
+from billing_module.resources import resource_dir
+from billing_module.server import reset_host_singletons
+
+WWWROOT = str(resource_dir("wwwroot"))
 
 
 async def test_load_from_host_init_uses_the_hosts_database(tmp_path, db_desc):

@@ -15,10 +15,10 @@ import pytest
 from billing_module.core import BillingCore
 from billing_module.db.database import mysql_desc
 from billing_module.db.schema import load_models, render_ddl, table_statements
+from billing_module.resources import resource_path
 from tests.conftest import MYSQL_URL, _mysql_params, make_config
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SQL_FILE = os.path.join(ROOT, "scripts", "migrate_llmage_failed.sql")
+SQL_FILE = str(resource_path("scripts", "migrate_llmage_failed.sql"))
 
 # llmage's model of the table (yumoqing/llmage models/llmusage_accounting_failed.json, commit 07b4893252)
 LLMAGE_MODEL = {

@@ -19,8 +19,10 @@ import urllib.parse
 import pytest
 
 from billing_module.api import HANDLERS
-from billing_module.server import WWWROOT
+from billing_module.resources import resource_dir
 from tests.helpers import seed_pricing, units, usage
+
+WWWROOT = str(resource_dir("wwwroot"))
 
 # bricks-widgets.md §3: [S] confirmed in the public 2023 source, [U] used by current platform pages
 KNOWN_S = {"VBox", "HBox", "HFiller", "VFiller", "VScrollPanel", "HScrollPanel", "TabPanel", "Accordion", "Text",
@@ -307,10 +309,10 @@ def test_generated_crud_pages_are_current(tmp_path):
     """wwwroot/<table>/ holds exactly what json/build.sh generates from json/*.json and models/."""
     import filecmp
     import subprocess
-    root = os.path.dirname(WWWROOT)
-    subprocess.run(["bash", os.path.join(root, "json", "build.sh"), str(tmp_path)], check=True, capture_output=True)
+    specs = resource_dir("json")
+    subprocess.run(["bash", str(specs / "build.sh"), str(tmp_path)], check=True, capture_output=True)
     tables = sorted(os.listdir(tmp_path))
-    assert tables == sorted(n[:-5] for n in os.listdir(os.path.join(root, "json")) if n.endswith(".json"))
+    assert tables == sorted(n[:-5] for n in os.listdir(specs) if n.endswith(".json"))
     for t in tables:
         cmp = filecmp.dircmp(str(tmp_path / t), os.path.join(WWWROOT, t))
         assert not (cmp.left_only or cmp.right_only or cmp.diff_files), (t, cmp.left_only, cmp.right_only, cmp.diff_files)

@@ -7,10 +7,11 @@ import sys
 import pytest
 
 from billing_module.api import HANDLERS
-from billing_module.server import WWWROOT
+from billing_module.resources import resource_dir, resource_path
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "scripts"))
+WWWROOT = str(resource_dir("wwwroot"))
+SCRIPTS = str(resource_dir("scripts"))
+sys.path.insert(0, SCRIPTS)
 import billing_perms  # noqa: E402
 
 ADMIN_ROLES = {"owner.superuser", "owner.admin", "reseller.admin", "provider.admin", "reseller.operator"}
@@ -34,7 +35,7 @@ def endpoints():
 def generated_paths():
     """What json/build.sh writes (its specs), whether or not the files are present now."""
     out = set()
-    for name in os.listdir(os.path.join(ROOT, "json")):
+    for name in os.listdir(resource_dir("json")):
         if name.endswith(".json"):
             t = name[:-5]
             out |= {f"{M}{t}/index.ui", f"{M}{t}/get_{t}.dspy"}
@@ -86,7 +87,7 @@ def test_page_actions_are_held_by_the_roles_of_every_api_they_run(grants):
 
 
 def test_setup_script_refuses_to_run_outside_the_host_root(tmp_path):
-    r = subprocess.run(["bash", os.path.join(ROOT, "scripts", "setup_billing_perms.sh")], cwd=tmp_path,
+    r = subprocess.run(["bash", str(resource_path("scripts", "setup_billing_perms.sh"))], cwd=tmp_path,
                        capture_output=True, text=True)
     assert r.returncode == 1 and "host root" in r.stderr
 
@@ -99,29 +100,45 @@ _RBAC_TABLES = {
             "name varchar(255))",
     "rolepermission": "create table if not exists rolepermission (id varchar(32) not null primary key, "
                       "roleid varchar(32), permid varchar(32))",
+    "users": "create table if not exists users (id varchar(32) not null primary key, username varchar(255), "
+             "orgid varchar(32))",
+    "userrole": "create table if not exists userrole (id varchar(32) not null primary key, userid varchar(32), "
+                "roleid varchar(32))",
 }
+
+
+async def _rbac_tables(tx):
+    """rbac's tables (the columns its queries read), empty."""
+    for ddl in _RBAC_TABLES.values():
+        await tx.execute(ddl)
+    unique = "create unique index permission_idx1 on permission (path)"
+    if tx.dialect == "sqlite":
+        unique = unique.replace("index", "index if not exists")
+    try:
+        await tx.execute(unique)
+    except Exception:
+        pass   # MySQL has no "if not exists" for indexes; it exists from an earlier test
+    for t in _RBAC_TABLES:
+        await tx.execute(f"delete from {t}")
+
+
+async def _drop_rbac_tables(db):
+    async with db.transaction() as tx:
+        for t in _RBAC_TABLES:
+            await tx.execute(f"drop table {t}")
 
 
 async def test_billing_perms_writes_rbac_rows_idempotently(core, grants):
     async with core.db.transaction() as tx:
-        for ddl in _RBAC_TABLES.values():
-            await tx.execute(ddl)
-        unique = "create unique index permission_idx1 on permission (path)"
-        if tx.dialect == "sqlite":
-            unique = unique.replace("index", "index if not exists")
-        try:
-            await tx.execute(unique)
-        except Exception:
-            pass   # MySQL has no "if not exists" for indexes; it exists from an earlier test
-        for t in _RBAC_TABLES:
-            await tx.execute(f"delete from {t}")
+        await _rbac_tables(tx)
         # a role the host already has keeps its id
         await tx.execute("insert into role (id, orgtypeid, name) values ('host-role-1', 'owner', 'superuser')")
     try:
         first = await billing_perms.apply(core.db, grants)
         paths = {p for _, p in grants}
         roles = {r for r, _ in grants if r not in billing_perms.LITERAL_ROLES}
-        assert first == len(paths) + (len(roles) - 1) + len(grants)
+        literal = {r for r, _ in grants if r in billing_perms.LITERAL_ROLES}
+        assert first == len(paths) + len(literal) + (len(roles) - 1) + len(grants)
         assert await billing_perms.apply(core.db, grants) == 0
         async with core.db.read() as tx:
             assert await tx.scalar("select count(*) as n from permission") == len(paths)
@@ -132,14 +149,103 @@ async def test_billing_perms_writes_rbac_rows_idempotently(core, grants):
             assert await tx.scalar("select count(*) as n from rolepermission rp, permission p where rp.permid = p.id "
                                    "and rp.roleid = 'any' and p.path = '/billing_module/login.ui'") == 1
     finally:
-        async with core.db.transaction() as tx:
-            for t in _RBAC_TABLES:
-                await tx.execute(f"drop table {t}")
+        await _drop_rbac_tables(core.db)
+
+
+# --- rbac's permission check, reimplemented from yumoqing/rbac rbac/userperm.py (UserPermissions:
+# load_roleperms, get_userroles, get_user_roles, check_roles_path, is_user_has_path_perm) as called by
+# rbac/check_perm.py objcheckperm: deny by default; a path is open to a caller when one of the
+# caller's roles holds it. Its SQL is rbac's own, run here on the same rows.
+async def _rbac_role_paths(tx):
+    """load_roleperms: {role key: [paths]}; a role row whose id is a literal role keys by that id."""
+    recs = await tx.select("select c.id, c.orgtypeid, c.name, b.path from rolepermission a, permission b, role c "
+                           "where a.permid = b.id and c.id = a.roleid order by c.orgtypeid, c.name")
+    out = {}
+    for r in recs:
+        key = r.id if r.id in ("anonymous", "any", "logined") else f"{r.orgtypeid}.{r.name}"
+        out.setdefault(key, []).append(r.path)
+    return out
+
+
+async def _rbac_user_roles(tx, userid):
+    """get_userroles for a logged-in or header-authenticated user; None is the anonymous caller."""
+    if userid is None:
+        return ["any", "anonymous"]
+    recs = await tx.select("select b.id, b.orgtypeid, b.name from users a, role b, userrole c "
+                           "where a.id = c.userid and c.roleid = b.id and a.id = ${userid}$", {"userid": userid})
+    roles = ["any", "logined"]
+    for r in recs:
+        roles += [f"{r.orgtypeid}.{r.name}", f"{r.orgtypeid}.*", f"*.{r.name}"]
+    return sorted(set(roles))
+
+
+def _rbac_check_roles_path(role_paths, roles, path):
+    """check_roles_path: exact match, '/main/' stripped, a stored path ending in '**' or '%' is a prefix."""
+    normalized = "/" + path[len("/main/"):] if path.startswith("/main/") else path
+    for role in roles:
+        for perm in role_paths.get(role) or []:
+            if perm in (path, normalized):
+                return True
+            prefix = perm[:-2] if perm.endswith("**") else perm[:-1] if perm.endswith("%") else None
+            if prefix and (path.startswith(prefix) or normalized.startswith(prefix)):
+                return True
+    return False
+
+
+async def test_rbac_lets_each_caller_reach_exactly_its_grants(core, grants):
+    """After billing_perms.py (the grants of setup_billing_perms.sh) on a platform database that has no
+    role row "any" yet: the open paths open for an anonymous caller and for a machine caller (an app
+    user authenticated by a header, role downapp.logined as dapi grants it), and each role reaches
+    exactly its own paths plus the open ones."""
+    by_role = {}
+    for role, path in grants:
+        by_role.setdefault(role, set()).add(path)
+    every_path = {p for _, p in grants}
+    users = {role: f"user-{i}" for i, role in enumerate(sorted(set(by_role) - {"any"}) + ["downapp.logined"])}
+    async with core.db.transaction() as tx:
+        await _rbac_tables(tx)
+        for role, userid in users.items():
+            orgtype, name = role.split(".", 1)
+            await tx.execute("insert into role (id, orgtypeid, name) values (${i}$, ${o}$, ${n}$)",
+                             {"i": f"r-{userid}", "o": orgtype, "n": name})
+            await tx.execute("insert into users (id, username, orgid) values (${i}$, ${i}$, 'org-1')", {"i": userid})
+            await tx.execute("insert into userrole (id, userid, roleid) values (${i}$, ${i}$, ${r}$)",
+                             {"i": userid, "r": f"r-{userid}"})
+    try:
+        await billing_perms.apply(core.db)
+        async with core.db.read() as tx:
+            role_paths = await _rbac_role_paths(tx)
+            callers = {"anonymous": await _rbac_user_roles(tx, None)}
+            callers.update({role: await _rbac_user_roles(tx, userid) for role, userid in users.items()})
+        open_paths = by_role["any"]
+        assert open_paths >= {M + "login.ui", M + "api/health.dspy", M + "sync/users.dspy"}
+        for caller, roles in callers.items():
+            allowed = {p for p in every_path | {M + "no_such_page.ui"} if _rbac_check_roles_path(role_paths, roles, p)}
+            assert allowed == open_paths | by_role.get(caller, set()), (caller, sorted(allowed ^ (open_paths | by_role.get(caller, set()))))
+    finally:
+        await _drop_rbac_tables(core.db)
 
 
 def test_print_sql_is_the_same_statements():
-    out = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "billing_perms.py"), "--print-sql"],
+    out = subprocess.run([sys.executable, str(resource_path("scripts", "billing_perms.py")), "--print-sql"],
                          capture_output=True, text=True, check=True).stdout
     lines = out.strip().splitlines()
     assert len(lines) == len(billing_perms.statements(billing_perms.grants()))
     assert all(ln.startswith("insert into ") and ln.endswith(";") and "${" not in ln for ln in lines)
+
+
+def test_billing_perms_command_inserts_the_any_role_on_an_sqlite_host_db(tmp_path):
+    """The script as an operator runs it (``--db sqlite:///...``) on rbac tables without a role "any"."""
+    import sqlite3
+    path = tmp_path / "host.db"
+    with sqlite3.connect(path) as conn:
+        for ddl in _RBAC_TABLES.values():
+            conn.execute(ddl)
+    out = subprocess.run([sys.executable, str(resource_path("scripts", "billing_perms.py")), "--db", f"sqlite:///{path}"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    with sqlite3.connect(path) as conn:
+        assert conn.execute("select orgtypeid, name from role where id = 'any'").fetchall() == [("0", "any")]
+        open_paths = {p for (p,) in conn.execute("select p.path from rolepermission rp, permission p, role r "
+                                                 "where rp.permid = p.id and rp.roleid = r.id and r.id = 'any'")}
+    assert "/billing_module/api/health.dspy" in open_paths

@@ -1,5 +1,5 @@
 """A short, bounded soak (issue 7, item 4) against the standalone host in-process, on SQLite and on
-MariaDB: ``billing_module.proof.soak`` drives it over real HTTP with concurrent clients (recharges,
+MariaDB: ``billing_module.tools.proof.soak`` drives it over real HTTP with concurrent clients (recharges,
 holds, settles, releases, usage accounted now and queued, duplicates sent later and at once,
 retries after client-side timeouts, conflicting payloads), then proves the books from the
 outside. The server runs its background jobs (the accountant charges the queued usage).
@@ -12,7 +12,7 @@ import logging
 
 import pytest
 
-from billing_module.proof import Soak, format_report, soak
+from billing_module.tools.proof import Soak, format_report, soak
 from tests.helpers import seed_pricing
 
 SECONDS, CLIENTS = 8, 8

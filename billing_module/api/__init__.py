@@ -14,6 +14,7 @@ from aiohttp import web
 
 from .. import auth
 from ..errors import BillingError, Forbidden, Unauthorized
+from ..resources import resource_path
 from .params import Params
 
 log = logging.getLogger("billing_module.api")
@@ -160,8 +161,7 @@ async def request_guard(request, handler):
                                  "or UTF-8 form data"}, 400)
 
 
-_WWWROOT_API = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
-                            "wwwroot", "api")
+_WWWROOT_API = str(resource_path("wwwroot", "api"))
 
 
 def install_request_guard():

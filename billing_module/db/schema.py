@@ -14,10 +14,9 @@ from appPublic.myTE import MyTemplateEngine
 from sqlor.ddl_template_mysql import mysql_ddl_tmpl
 from sqlor.ddl_template_sqlite3 import sqlite3_ddl_tmpl
 
+from ..resources import resource_dir
 from . import dialect as dialects
 
-MODELS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "models")
-_PACKAGED_MODELS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "models")
 
 # accounting_records older than a cut-off move here (failures.backup_accounted); the history
 # table is the live table plus the time of the move, so it is derived, not written twice.
@@ -25,7 +24,7 @@ HISTORY_TABLES = {"accounting_records_history": ("accounting_records", "记账�
 
 
 def models_dir():
-    return MODELS_DIR if os.path.isdir(MODELS_DIR) else _PACKAGED_MODELS
+    return str(resource_dir("models"))
 
 
 def load_models(folder=None):

@@ -3,14 +3,14 @@ progress line per page. Exit code 0 when every entity synced, 1 when one failed,
 sync is not configured or already running."""
 import sys
 
+from ..cli_options import add_common_options
 from ..errors import BillingError
 from .base import ENTITY_ORDER
 
 
 def add_parser(subparsers):
-    from ..cli import _common
     p = subparsers.add_parser("sync", help="pull users / pricing / models / upstream APIs from the central platform")
-    _common(p)
+    add_common_options(p)
     p.add_argument("entity", nargs="?", choices=ENTITY_ORDER, help="one entity (default: all, in this order)")
     p.add_argument("--full", action="store_true",
                    help="start from version 0 and delete local rows the centre no longer has")

@@ -4,13 +4,18 @@ random moments, restarted, with clients retrying whatever was not acknowledged.
 Afterwards every acknowledged event must be accounted exactly once, no retry may have charged
 twice, nothing may be left pending, and the books must reconcile.
 
-    python -m billing_module.crashtest --data-dir /tmp/crash --rounds 10 --clients 16
+A run works for a customer of its own (``crash-<run id>``, request ids ``crash-<run id>-<n>``) and
+checks only that customer's records, ledger entries, balance and reconcile line, so it can run on a
+database that already holds other data (another run's, a demo's, production-shaped test data).
+
+    billing-module crashtest --data-dir /tmp/crash --rounds 10 --clients 16
 """
 import argparse
 import asyncio
 import json
 import os
 import random
+import secrets
 import signal
 import socket
 import subprocess
@@ -19,9 +24,9 @@ import time
 
 import aiohttp
 
-from .config import load_config
-from .core import BillingCore
-from .money import from_micro, to_micro
+from ..config import load_config
+from ..core import BillingCore
+from ..money import from_micro, to_micro
 
 PROGRAM = {"id": "crash-pp", "name": "crash", "currency": "CNY",
            "versions": [{"id": "crash-v1", "enabled_date": "2000-01-01", "expired_date": "9999-12-31",
@@ -29,7 +34,6 @@ PROGRAM = {"id": "crash-pp", "name": "crash", "currency": "CNY",
                              {"price_factors": "input_tokens", "unit_prices": "3.0", "unit": "M",
                               "filters": [{"model": "crash-chat"}]}]}}]}
 MODEL = {"id": "crash-llm", "name": "crash-chat", "ppid": "crash-pp"}
-CUSTOMER = "crash-customer"
 PRICE = to_micro("0.003")            # 1,000 input tokens x 3.0 / 1e6
 START_BALANCE = to_micro("100000")
 
@@ -40,18 +44,18 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def _event(request_id):
-    return {"request_id": request_id, "customer_id": CUSTOMER, "model_name": "crash-chat",
+def _event(request_id, customer):
+    return {"request_id": request_id, "customer_id": customer, "model_name": "crash-chat",
             "input_tokens": 1000, "use_time": "2026-11-22 12:00:00"}
 
 
-async def _prepare(cfg, data_dir):
+async def _prepare(cfg, data_dir, customer):
     core = BillingCore(config=cfg, data_dir=data_dir)
     try:
         await core.create_schema()
         await core.catalog.put("pricing", [PROGRAM])
         await core.catalog.put("llmage", [MODEL])
-        await core.ledger.recharge(CUSTOMER, START_BALANCE, "crash-start")
+        await core.ledger.recharge(customer, START_BALANCE, f"{customer}-start")
         key, _ = await core.apikeys.create("admin", name="crash test")
         return key
     finally:
@@ -98,8 +102,8 @@ class Clients:
     """Send events; an event is acknowledged by a 200/202 reply, else it is sent again later
     with the same request_id and payload (what a well-behaved client of a billing API does)."""
 
-    def __init__(self, key, rng, submit_share=0.3):
-        self.key, self.rng, self.submit_share = key, rng, submit_share
+    def __init__(self, key, rng, customer, submit_share=0.3):
+        self.key, self.rng, self.customer, self.submit_share = key, rng, customer, submit_share
         self.next_id = 0
         self.retry = []            # request ids sent but not acknowledged
         self.acked = {}            # request id -> "accounting" | "accounting_submit"
@@ -113,7 +117,7 @@ class Clients:
         if not allow_new:
             return None
         self.next_id += 1
-        rid = f"crash-{self.next_id}"
+        rid = f"{self.customer}-{self.next_id}"
         self.route[rid] = "accounting_submit" if self.rng.random() < self.submit_share else "accounting"
         return rid
 
@@ -125,7 +129,7 @@ class Clients:
             endpoint = self.route[rid]
             self.sent += 1
             try:
-                async with session.post(f"{url}/{endpoint}.dspy", json=_event(rid),
+                async with session.post(f"{url}/{endpoint}.dspy", json=_event(rid, self.customer),
                                         timeout=aiohttp.ClientTimeout(total=10)) as r:
                     body = await r.json(content_type=None)
                     self.statuses[r.status] = self.statuses.get(r.status, 0) + 1
@@ -148,8 +152,9 @@ async def run(data_dir, rounds=5, clients=8, min_up=0.3, max_up=1.5, seed=0, env
     env.pop("BILLING_CONFIG", None)
     cfg = load_config(environ=env, overrides={"server": {"data_dir": data_dir}})
     os.makedirs(data_dir, exist_ok=True)
-    key = await _prepare(cfg, data_dir)
-    load = Clients(key, rng)
+    customer = f"crash-{secrets.token_hex(4)}"
+    key = await _prepare(cfg, data_dir, customer)
+    load = Clients(key, rng, customer)
     kills = 0
     headers = {"Authorization": f"Bearer {key}"}
     async with aiohttp.ClientSession(headers=headers) as session:
@@ -171,20 +176,21 @@ async def run(data_dir, rounds=5, clients=8, min_up=0.3, max_up=1.5, seed=0, env
         stop = asyncio.Event()
         while load.retry:
             await asyncio.gather(*[load.run(session, server.url, stop, allow_new=False) for _ in range(clients)])
-        await _wait_drained(cfg, data_dir)
+        await _wait_drained(cfg, data_dir, customer)
         server.stop()
     report = await verify(cfg, data_dir, load)
-    report.update(kills=kills, sent=load.sent, statuses=load.statuses)
+    report.update(customer=customer, kills=kills, sent=load.sent, statuses=load.statuses)
     return report
 
 
-async def _wait_drained(cfg, data_dir, seconds=60):
+async def _wait_drained(cfg, data_dir, customer, seconds=60):
     core = BillingCore(config=cfg, data_dir=data_dir)
     try:
         deadline = time.monotonic() + seconds
         while time.monotonic() < deadline:
             async with core.db.read() as tx:
-                if not await tx.scalar("select count(*) as n from accounting_records where status = 'pending'"):
+                if not await tx.scalar("select count(*) as n from accounting_records where status = 'pending' "
+                                       "and customer_id = ${c}$", {"c": customer}):
                     return
             await asyncio.sleep(0.1)
     finally:
@@ -192,16 +198,19 @@ async def _wait_drained(cfg, data_dir, seconds=60):
 
 
 async def verify(cfg, data_dir, load):
-    """Every acknowledged event accounted once; every event ever sent charged at most once."""
+    """Every acknowledged event accounted once; every event ever sent charged at most once. Only the
+    run's own customer is looked at: other customers' data is not this run's to judge."""
+    customer = load.customer
     core = BillingCore(config=cfg, data_dir=data_dir)
     try:
         async with core.db.read() as tx:
             records = await tx.select("select request_id, status, amount from accounting_records "
-                                      "where request_id like 'crash-%'")
+                                      "where customer_id = ${c}$", {"c": customer})
             entries = await tx.select("select request_id, count(*) as n, sum(amount) as total from ledger_entry "
-                                      "where entry_type = 'usage' group by request_id")
+                                      "where entry_type = 'usage' and customer_id = ${c}$ group by request_id",
+                                      {"c": customer})
         report = await core.ledger.reconcile()
-        balance = await core.ledger.balance(CUSTOMER)
+        balance = await core.ledger.balance(customer)
     finally:
         await core.close()
     by_id = {r.request_id: r for r in records}
@@ -220,7 +229,7 @@ async def verify(cfg, data_dir, load):
     expected = START_BALANCE - PRICE * len(charged)
     if to_micro(balance["balance"]) != expected:
         problems.append(f"balance {balance['balance']} != {from_micro(expected)}")
-    problems += [f"reconcile: {m}" for m in report["mismatches"]]
+    problems += [f"reconcile: {m}" for m in report["mismatches"] if m.get("customer_id") == customer]
     return {"acknowledged": len(load.acked), "charged": len(charged), "problems": problems,
             "balance": balance["balance"]}
 

@@ -17,12 +17,11 @@ import time
 
 import pymysql
 
-from . import clock
-from .config import load_config
-from .core import BillingCore
-from .db.database import mysql_desc, sqlite_desc
-from .ids import new_id
-from .money import to_micro
+from ..config import load_config
+from ..core import BillingCore
+from ..db.database import mysql_desc, sqlite_desc
+from ..ids import new_id
+from ..money import to_micro
 
 PROGRAM = {
     "id": "bench-pp", "name": "bench", "currency": "CNY",
@@ -91,17 +90,16 @@ class Bench:
         row any usage log must write (an accounting_records row, as llmage writes its llmusage
         row), with no pricing, balance or ledger. post_usage does that insert plus the debit and
         its ledger entry, in one transaction."""
-        from .accounting import parse_event
-        now = clock.now_text()
-        rows = [core.accounting._record_row(parse_event(event(f"floor-{workers}-{i}")), now, "accounted")
-                for i in range(n)]
+        template = await _stored_row(core, f"floor-{workers}-template")
+        rows = [dict(template, id=new_id(), request_id=f"floor-{workers}-{i}", status="accounted") for i in range(n)]
 
         async def one(i):
             async with core.db.transaction() as tx:
                 await tx.insert("accounting_records", rows[i])
         return await _rate(one, n, workers)
 
-    async def post_usage(self, core, n, workers, prefix):
+    async def usage_rate(self, core, n, workers, prefix):
+        """Events per second through ``Accounting.post_usage`` (price, debit, ledger entry, record)."""
         await core.ledger.recharge("bench-c0", to_micro("1000000"), f"{prefix}-top")
 
         async def one(i):
@@ -112,13 +110,10 @@ class Bench:
         await core.ledger.recharge("bench-c0", to_micro("1000000"), "acc-top")
         for c in range(1, 10):
             await core.ledger.recharge(f"bench-c{c}", to_micro("1000000"), f"acc-top-{c}")
-        # queue n events over 10 customers, written in bulk (the submit path is not what is timed)
-        from .accounting import parse_event
-        rows = []
-        now = clock.now_text()
-        for i in range(n):
-            ev = parse_event(event(f"acc-{i}", customer=f"bench-c{i % 10}"))
-            rows.append(core.accounting._record_row(ev, now, "pending"))
+        # queue n events over 10 customers: the first of each submitted, the others copies of it
+        # written in bulk (the submit path is not what is timed)
+        templates = [await _stored_row(core, f"acc-{c}", customer=f"bench-c{c}") for c in range(min(n, 10))]
+        rows = [dict(templates[i % 10], id=new_id(), request_id=f"acc-{i}") for i in range(len(templates), n)]
         for k in range(0, n, 2000):
             async with core.db.transaction() as tx:
                 await tx.insert_many("accounting_records", rows[k:k + 2000])
@@ -148,7 +143,7 @@ class Bench:
                 "settle_p50_ms": pct(settle, 50) * 1e3, "settle_p99_ms": pct(settle, 99) * 1e3}
 
     async def pricing_hit(self, core, n):
-        from .pricing import Usage
+        from ..pricing import Usage
         usage = Usage.from_event(event("p"))
         await core.catalog.quote(usage, None, "bench-chat", "bench-c0")      # warm the caches
         t = time.perf_counter()
@@ -166,7 +161,7 @@ class Bench:
         core = await self.fresh_core(core_name)
         await core.ledger.recharge("bench-c0", to_micro("1000000"), "http-top")
         key, _ = await core.apikeys.create("admin")
-        desc = core._db_desc
+        desc = core.db.desc
         await core.close()
         env = dict(os.environ, BILLING_SERVER_LOG_FILE="", BILLING_SERVER_LOG_LEVEL="warning")
         if self.dialect == "mysql":
@@ -245,8 +240,7 @@ class Bench:
     async def _fill(self, core, start, end):
         """Bulk-insert accounted records (and a failed row per 100) without going through the API:
         one template row, varied in id, request, customer and day."""
-        from .accounting import parse_event
-        template = core.accounting._record_row(parse_event(event("fill-template")), clock.now_text(), "accounted")
+        template = dict(await _stored_row(core, "fill-template"), status="accounted")
         chunk = 5000
         for k in range(start, end, chunk):
             recs, failed = [], []
@@ -265,6 +259,13 @@ class Bench:
             async with core.db.transaction() as tx:
                 await tx.insert_many("accounting_records", recs)
                 await tx.insert_many("llmusage_accounting_failed", failed)
+
+
+async def _stored_row(core, request_id, customer="bench-c0"):
+    """An accounting_records row exactly as the module writes it, got through its public API (the
+    event submitted, the stored record read back), to copy for bulk inserts."""
+    await core.accounting.submit_usage(event(request_id, customer=customer))
+    return dict(await core.accounting.record(request_id=request_id))
 
 
 async def _rate(one, n, workers):
@@ -308,7 +309,7 @@ async def run_one(dialect, scale, mysql_url, skip=(), workers=1, only_growth=Fal
             try:
                 for w in (1, 8):
                     r[f"floor_tps_{w}"] = await b.floor(core, n, w)
-                    r[f"post_usage_tps_{w}"] = await b.post_usage(core, n, w, f"w{w}")
+                    r[f"post_usage_tps_{w}"] = await b.usage_rate(core, n, w, f"w{w}")
                     r[f"post_usage_vs_floor_{w}"] = r[f"post_usage_tps_{w}"] / r[f"floor_tps_{w}"]
                 r.update(await b.authorize_settle(core, n_auth))
                 r["pricing_hit_us"] = await b.pricing_hit(core, n_price)

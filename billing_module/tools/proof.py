@@ -23,7 +23,7 @@ that holds other data. The usage model is the first priced model (``pricing``) w
 positive, or ``model``. The server needs its background accountant for submitted events (the
 default of ``billing-module serve``).
 
-    python -m billing_module.proof soak --url http://127.0.0.1:9180 --key <admin key> --seconds 120
+    billing-module proof soak --url http://127.0.0.1:9180 --key <admin key> --seconds 120
 """
 import argparse
 import asyncio
@@ -37,7 +37,7 @@ import time
 
 import aiohttp
 
-from .money import from_micro, to_micro
+from ..money import from_micro, to_micro
 
 SHAPES = ((1000, 500), (2000, 100), (300, 1200))   # (input_tokens, output_tokens) of the usage events
 MAX_ATTEMPTS = 12                                    # per request: timeouts, "send it again" conflicts
@@ -648,9 +648,9 @@ def run(args):
 async def _soak_cli(args):
     core = None
     if args.config or args.data_dir:
-        from .cli import _load
-        from .core import BillingCore
-        cfg, data_dir = _load(args)
+        from ..cli_options import load_from_args
+        from ..core import BillingCore
+        cfg, data_dir = load_from_args(args)
         core = BillingCore(config=cfg, data_dir=data_dir)
     try:
         report = await soak(args.url, args.key, args.seconds, args.clients, args.seed, customers=args.customers,
@@ -667,7 +667,7 @@ async def _soak_cli(args):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m billing_module.proof",
+    parser = argparse.ArgumentParser(prog="billing-module proof",
                                      description="prove a running billing_module server over HTTP")
     _add_runs(parser)
     return run(parser.parse_args(argv))

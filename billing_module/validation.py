@@ -138,5 +138,7 @@ def bounds(start: object, end: object, start_name: str = "start_date", end_name:
 def page(page_no: object = None, rows: object = None, *, default_rows: int = DEFAULT_ROWS,
          max_rows: int = MAX_ROWS, rows_name: str = "rows") -> tuple[int, int]:
     """``(page, rows)``: page 1 is the first; ``rows`` per page, at most ``max_rows``."""
-    return (integer(page_no, "page", default=1, minimum=1, maximum=MAX_PAGE),
-            integer(rows, rows_name, default=default_rows, minimum=1, maximum=max_rows))
+    number = integer(page_no, "page", default=1, minimum=1, maximum=MAX_PAGE)
+    size = integer(rows, rows_name, default=default_rows, minimum=1, maximum=max_rows)
+    assert number is not None and size is not None   # both have a default
+    return number, size

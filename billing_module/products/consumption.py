@@ -132,7 +132,7 @@ class Consumption:
         if locked is None and product.status != "active":
             raise NotSubscribed(f"product {product.id} is not available without a subscription")
         charge = self._overage_charge(product, locked, take, over, use["customer_id"])
-        if take:
+        if take and locked is not None:     # only a locked quota row gives a take
             await quota.take(tx, locked.id, take)
         row = UsageRow(
             id=new_id(), product_id=product.id, customer_id=use["customer_id"], user_id=use["user_id"],

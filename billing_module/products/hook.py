@@ -10,7 +10,8 @@ from . import quota
 from .catalogue import Catalogue
 from .consumption import Supply, UsageRow, usage_by_key
 from .suppliers import Suppliers, supplier_cost
-from .values import CALL_UNIT, HOOK_SOURCE_TABLE, MODE_INCLUDED, MODE_OVERAGE, TOKEN_UNIT, div_half_up, int_from_db, q_from_db
+from .values import (CALL_UNIT, HOOK_SOURCE_TABLE, MODE_INCLUDED, MODE_OVERAGE, TOKEN_UNIT, div_half_up, int_from_db,
+                     q_from_db)
 from .views import Row
 
 
@@ -61,11 +62,12 @@ class QuotaHook:
             return None
         take, over = quota.split(locked, q)
         charge = div_half_up(int(price.amount) * over, q)
-        if not await self.ledger.can_cover(tx, ev.customer_id, charge, allow_arrears=self.accounting_config.allow_arrears):
+        allow_arrears = self.accounting_config.allow_arrears
+        if not await self.ledger.can_cover(tx, ev.customer_id, charge, allow_arrears=allow_arrears):
             return None
         if take:
             await quota.take(tx, cov.id, take)
-        product = await self.catalogue.product_row(tx, cov.product_id)
+        product = await self.catalogue.require_product(tx, cov.product_id)
         supplier = await self.suppliers.route_in(tx, cov.product_id, cov.product_resource_id)
         supply = Supply.routed(supplier)
         if supply is None and cov.product_resource_id:

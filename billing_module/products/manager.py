@@ -9,7 +9,7 @@ from .hook import QuotaHook
 from .subscriptions import Subscriptions
 from .suppliers import Suppliers
 from .values import choice
-from .views import product_view, usage_view
+from .views import usage_view
 
 STATS_GROUPS = ("product", "supplier", "customer", "day")
 # what the product's price looks like in the overage report

@@ -64,7 +64,7 @@ async def subscribed_customers(tx, customer_ids) -> set[str]:
     ids = sorted(set(customer_ids))
     if not ids:
         return set()
-    ns = {}
+    ns: dict[str, object] = {}
     rows = await tx.select(f"select distinct customer_id from product_subscription where status = 'active' "
                            f"and customer_id in {tx.in_list(ids, ns)}", ns)
     return {r.customer_id for r in rows}

@@ -15,7 +15,7 @@ from ..ids import new_id, payload_hash
 from ..money import from_micro
 from . import quota
 from .catalogue import Catalogue
-from .values import (MAX_PERIOD_MONTHS, SUBSCRIPTION_STATUSES, UNPAID, choice, count, flag, ident, period, qtext,
+from .values import (MAX_PERIOD_MONTHS, SUBSCRIPTION_STATUSES, UNPAID, choice, count, flag, ident, period,
                      quantity, text)
 from .views import Row, subscription_view
 

@@ -8,7 +8,7 @@ from ..errors import Conflict, InvalidParam, NotFound
 from ..ids import new_id
 from .catalogue import Catalogue
 from .values import COST_PER_MICRO, MAX_PRIORITY, QSCALE, cost_text, count, div_half_up, flag, ident, text
-from .values import unit_cost as parse_unit_cost   # the parameters named unit_cost shadow it
+from .values import unit_cost as parse_unit_cost  # the parameters named unit_cost shadow it
 from .views import Row, supplier_view
 
 # Routing: the enabled supplier of an enabled binding, by priority, then cost, then weight
@@ -36,7 +36,8 @@ class Suppliers:
     async def add_supplier(self, product_resource_id, supplier_org_id, unit_cost, priority=100, weight=1,
                            supplier_name=None) -> dict:
         binding_id = ident(product_resource_id, "product_resource_id")
-        rec = {"supplier_org_id": ident(supplier_org_id, "supplier_org_id"), "unit_cost": parse_unit_cost(unit_cost),
+        rec = {"supplier_org_id": ident(supplier_org_id, "supplier_org_id"),
+               "unit_cost": parse_unit_cost(unit_cost),
                "priority": count(priority, "priority", 0, MAX_PRIORITY, 100),
                "weight": count(weight, "weight", 0, MAX_PRIORITY, 1),
                "supplier_name": text(supplier_name, "supplier_name", 128)}
@@ -60,7 +61,7 @@ class Suppliers:
     async def update_supplier(self, supplier_id, unit_cost=None, priority=None, weight=None, enabled=None,
                               supplier_name=None) -> dict:
         supplier_id = ident(supplier_id, "supplier_id")
-        changes = {}
+        changes: dict[str, object] = {}
         if unit_cost not in (None, ""):
             changes["unit_cost"] = parse_unit_cost(unit_cost)
         if priority not in (None, ""):

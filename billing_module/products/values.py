@@ -9,6 +9,7 @@ products' own: quantities, unit costs, their choices and their column formats.
 import calendar
 import datetime
 from decimal import Decimal
+from typing import Literal, overload
 
 from .. import clock, validation
 from ..errors import AccountSuspended, BillingError, InsufficientBalance, InvalidParam, UnknownCustomer
@@ -41,6 +42,12 @@ class NotSubscribed(BillingError):
 
 
 # --- value parsing (bad input raises InvalidParam before anything is written) ---------------------
+@overload
+def ident(value: object, name: str, required: Literal[True] = True, max_len: int = ...) -> str: ...
+@overload
+def ident(value: object, name: str, required: bool, max_len: int = ...) -> str | None: ...
+
+
 def ident(value: object, name: str, required: bool = True, max_len: int = validation.ID_MAX_LEN) -> str | None:
     """An id; the products' arguments are required unless said otherwise."""
     return validation.ident(value, name, required=required, max_len=max_len)

@@ -60,6 +60,20 @@ def ident(value: object, name: str, *, required: bool = False, max_len: int = ID
     return v
 
 
+def flag(value: object, name: str, default: str | None = None) -> str | None:
+    """A yes/no: ``"1"`` or ``"0"`` from a boolean, 1 / 0, or true / false / yes / no."""
+    if not given(value):
+        return default
+    if isinstance(value, bool):
+        return "1" if value else "0"
+    s = str(value).strip().lower()
+    if s in ("1", "true", "yes"):
+        return "1"
+    if s in ("0", "false", "no"):
+        return "0"
+    raise InvalidParam(f"{name}: expected 0 or 1")
+
+
 def integer(value: object, name: str, *, required: bool = False, default: int | None = None,
             minimum: int | None = None, maximum: int | None = None) -> int | None:
     """A whole number: an int, an integral float (JSON ``5.0``) or a string of ASCII digits."""

@@ -64,6 +64,14 @@ def test_text_and_its_choices():
     assert "expected a string" in refused(validation.text, False, "note")
 
 
+def test_yes_no_flags():
+    assert [validation.flag(v, "f") for v in (True, False, 1, 0, "1", "0", " TRUE ", "no", "yes")] == \
+        ["1", "0", "1", "0", "1", "0", "1", "0", "1"]
+    assert validation.flag("", "f") is None and validation.flag(None, "f", default="1") == "1"
+    for bad in ("2", "maybe", 2, "y"):
+        assert refused(validation.flag, bad, "f") == "f: expected 0 or 1"
+
+
 def test_whole_numbers():
     assert [validation.integer(v, "n") for v in ("5", " 7 ", 5.0, -3, "-0")] == [5, 7, 5, -3, 0]
     for bad in ("٣", "1e3", "1.5", 1.5, True, "", "x", float("inf"), "1" * 19):

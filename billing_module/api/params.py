@@ -35,17 +35,7 @@ class Params:
                                   maximum=maximum)
 
     def flag(self, name, default=None):
-        v = self._get(name)
-        if v is None or v == "":
-            return default
-        if isinstance(v, bool):
-            return "1" if v else "0"
-        s = str(v).strip().lower()
-        if s in ("1", "true", "yes"):
-            return "1"
-        if s in ("0", "false", "no"):
-            return "0"
-        raise InvalidParam(f"{name}: expected 0 or 1")
+        return validation.flag(self._get(name), name, default)
 
     def bounds(self, start="start_date", end="end_date", end_day_inclusive=True):
         """A time range ``(start, end)`` as 'YYYY-MM-DD HH:MM:SS' texts, the end exclusive (a day

@@ -12,6 +12,16 @@ from .values import (MAX_PERIOD_MONTHS, PRODUCT_STATUSES, PRODUCT_TYPES, RESOURC
 from .views import Row, binding_view, product_view
 
 
+async def run_unique(db, work, duplicate: Conflict) -> Row:
+    """``db.run(work)``; a unique index refusing the row becomes ``duplicate`` (a 409)."""
+    try:
+        return await db.run(work)
+    except Exception as e:
+        if dialects.is_unique_violation(e):
+            raise duplicate from None
+        raise
+
+
 class Catalogue:
     def __init__(self, db, currency: str):
         self.db = db
@@ -50,12 +60,8 @@ class Catalogue:
             row = dict(rec, id=product_id or new_id(), version=0, created_at=now)
             await tx.insert("product", row)
             return DictObject(**row)
-        try:
-            return product_view(await self.db.run(work))
-        except Exception as e:
-            if dialects.is_unique_violation(e):
-                raise Conflict(f"product code {rec['code']} already exists in org {rec['org_id']}") from None
-            raise
+        return product_view(await run_unique(
+            self.db, work, Conflict(f"product code {rec['code']} already exists in org {rec['org_id']}")))
 
     async def product_row(self, tx, product_id: str) -> Row | None:
         return await tx.one("select * from product where id = ${p}$", {"p": product_id})

@@ -13,9 +13,10 @@ from .. import clock, validation
 from ..errors import Conflict, NotFound
 from ..ids import new_id, payload_hash
 from ..money import from_micro
+from ..validation import flag
 from . import quota
 from .catalogue import Catalogue
-from .values import (MAX_PERIOD_MONTHS, SUBSCRIPTION_STATUSES, UNPAID, choice, count, flag, ident, period,
+from .values import (MAX_PERIOD_MONTHS, SUBSCRIPTION_STATUSES, UNPAID, choice, count, ident, period,
                      quantity, text)
 from .views import Row, subscription_view
 

@@ -3,11 +3,11 @@ use goes to. Unit costs are integers of 1e-8 of the currency unit."""
 from appPublic.dictObject import DictObject
 
 from .. import clock
-from ..db import dialect as dialects
 from ..errors import Conflict, InvalidParam, NotFound
 from ..ids import new_id
-from .catalogue import Catalogue
-from .values import COST_PER_MICRO, MAX_PRIORITY, QSCALE, cost_text, count, div_half_up, flag, ident, text
+from ..validation import flag
+from .catalogue import Catalogue, run_unique
+from .values import COST_PER_MICRO, MAX_PRIORITY, QSCALE, cost_text, count, div_half_up, ident, text
 from .values import unit_cost as parse_unit_cost  # the parameters named unit_cost shadow it
 from .views import Row, supplier_view
 
@@ -50,13 +50,9 @@ class Suppliers:
                        created_at=now, updated_at=now)
             await tx.insert("product_resource_supplier", row)
             return DictObject(**row)
-        try:
-            return supplier_view(await self.db.run(work))
-        except Exception as e:
-            if dialects.is_unique_violation(e):
-                raise Conflict(f"supplier {rec['supplier_org_id']} is already on this resource; update it instead",
-                               code="duplicate_supplier") from None
-            raise
+        return supplier_view(await run_unique(self.db, work, Conflict(
+            f"supplier {rec['supplier_org_id']} is already on this resource; update it instead",
+            code="duplicate_supplier")))
 
     async def update_supplier(self, supplier_id, unit_cost=None, priority=None, weight=None, enabled=None,
                               supplier_name=None) -> dict:

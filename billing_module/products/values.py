@@ -85,23 +85,8 @@ def count(value: object, name: str, minimum: int, maximum: int, default: int | N
 
 def choice(value: object, name: str, choices: tuple[str, ...], default: str | None = None,
            required: bool = True) -> str | None:
-    if not validation.given(value):
-        if default is None and required:
-            raise InvalidParam(f"{name}: required")
-        return default
-    if value not in choices:
-        raise InvalidParam(f"{name}: must be one of {', '.join(choices)}")
-    return value
-
-
-def flag(value: object, name: str, default: str | None) -> str | None:
-    if not validation.given(value):
-        return default
-    if isinstance(value, bool):
-        return "1" if value else "0"
-    if str(value) in ("1", "0"):
-        return str(value)
-    raise InvalidParam(f"{name}: expected 0 or 1")
+    """One of ``choices``; required unless a ``default`` is given or ``required`` is false."""
+    return validation.text(value, name, required=required and default is None, default=default, choices=choices)
 
 
 def text(value: object, name: str, max_len: int, required: bool = False) -> str | None:

@@ -17,7 +17,7 @@ from decimal import Decimal
 
 from appPublic.dictObject import DictObject
 
-from . import clock
+from . import clock, validation
 from .db import dialect as dialects
 from .db.database import Row
 from .db.group import Fallback, GroupCommit
@@ -28,27 +28,12 @@ from .pricing import Usage, price_usage
 
 log = logging.getLogger("billing_module.accounting")
 
-_ID_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.:@-")
 # refusals that leave the event stored as failed (retried later) rather than rejected
 ACCOUNTING_FAILURES = ("no_pricing", "unknown_customer", "insufficient_balance", "account_suspended")
 
 
 def _ident(raw, name, required=False, max_len=32):
-    v = raw.get(name)
-    if v is None or v == "":
-        if required:
-            raise InvalidParam(f"{name}: required")
-        return None
-    if not isinstance(v, str):
-        if isinstance(v, int) and not isinstance(v, bool):
-            v = str(v)
-        else:
-            raise InvalidParam(f"{name}: expected a string")
-    if len(v) > max_len:
-        raise InvalidParam(f"{name}: at most {max_len} characters")
-    if not set(v) <= _ID_CHARS:
-        raise InvalidParam(f"{name}: only letters, digits and _ . : @ - are allowed")
-    return v
+    return validation.ident(raw.get(name), name, required=required, max_len=max_len)
 
 
 @dataclass

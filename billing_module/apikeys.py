@@ -17,7 +17,7 @@ import secrets
 
 from cachetools import TTLCache
 
-from . import clock
+from . import clock, validation
 from .errors import InvalidParam, NotFound, Unauthorized
 from .ids import new_id
 
@@ -50,8 +50,7 @@ class ApiKeys:
             raise InvalidParam("a customer key needs a customer_id")
         if scope == "admin" and customer_id:
             raise InvalidParam("an admin key is not limited to a customer")
-        if customer_id is not None and (not isinstance(customer_id, str) or len(customer_id) > 32):
-            raise InvalidParam("customer_id: at most 32 characters")
+        customer_id = validation.ident(customer_id, "customer_id")
         if scope == "app" and not signed:
             raise InvalidParam("an app key signs its requests: create it with signed=True")
         prefix = secrets.token_hex(4)

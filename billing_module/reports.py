@@ -9,15 +9,17 @@ count it twice):
 Every query of a source is built here from one filter (``UsageFilter``) and one aggregate
 expression list, so the list's ``totals``, the CSV's totals row and ``stats`` sum exactly the
 rows the list shows. Amounts are integer micro-units in SQL and decimal strings (6 places) out.
+The products' reports (``ProductManager.usage_list``, ``overage``, ``stats``) are the product
+source seen through the products' reply shapes.
 """
 import codecs
 import csv
 import io
 import logging
 from dataclasses import dataclass
-from decimal import Decimal
+from decimal import ROUND_HALF_UP, Decimal
 
-from . import clock
+from . import clock, validation
 from .db import dialect as dialects
 from .money import from_micro
 
@@ -27,6 +29,8 @@ SOURCES = ("accounting", "product")
 ACCOUNTING_STATUSES = ("accounted", "pending", "failed")
 GROUPS = {"accounting": ("day", "model", "customer", "total"),
           "product": ("day", "product", "customer", "supplier", "total")}
+BILLING_MODES = ("1", "2", "3")    # product_usage_log.billing_mode: included, overage, pay-as-you-go
+MAX_STATS_ROWS = 1000
 EXPORT_CHUNK_ROWS = 1000
 # a spreadsheet runs a cell starting with one of these as a formula (CSV injection)
 _FORMULA_LEAD = ("=", "+", "-", "@", "\t", "\r")
@@ -44,8 +48,24 @@ class UsageFilter:
     status: str = "accounted"    # accounting: None means every status
     supplier_org_id: str = None  # product
     billing_mode: str = None     # product
+    subscription_id: str = None  # product
+    overage_only: bool = False   # product: only what was charged (billing modes 2 and 3)
     start: str = None
     end: str = None
+
+
+def product_filter(customer_id=None, product_id=None, subscription_id=None, billing_mode=None,
+                   supplier_org_id=None, user_id=None, start=None, end=None, overage_only=False) -> UsageFilter:
+    """The product source's filter from unchecked values (the in-process products API): ids,
+    the billing mode and the time range are checked by the module's validation rules."""
+    t0, t1 = validation.bounds(start, end, "start", "end")
+    return UsageFilter(
+        source="product", status=None, customer_id=validation.ident(customer_id, "customer_id"),
+        user_id=validation.ident(user_id, "user_id"), product_id=validation.ident(product_id, "product_id"),
+        subscription_id=validation.ident(subscription_id, "subscription_id"),
+        supplier_org_id=validation.ident(supplier_org_id, "supplier_org_id"),
+        billing_mode=validation.text(billing_mode, "billing_mode", choices=BILLING_MODES),
+        start=t0, end=t1, overage_only=bool(overage_only))
 
 
 # --- one description per source: columns, money columns, filters -------------------------------
@@ -93,7 +113,9 @@ _PRODUCT = _Source(
           ("cost", "coalesce(sum(r.total_cost), 0)")),
     filters=(("customer_id", "r.user_org_id = ${customer_id}$"), ("user_id", "r.user_id = ${user_id}$"),
              ("product_id", "r.product_id = ${product_id}$"), ("supplier_org_id", "r.supplier_org_id = ${supplier_org_id}$"),
-             ("billing_mode", "r.billing_mode = ${billing_mode}$"), ("start", "r.use_time >= ${start}$"),
+             ("billing_mode", "r.billing_mode = ${billing_mode}$"),
+             ("subscription_id", "r.subscription_id = ${subscription_id}$"),
+             ("overage_only", "r.billing_mode in ('2', '3')"), ("start", "r.use_time >= ${start}$"),
              ("end", "r.use_time < ${end}$")),
     csv_columns=(("use_time", "use_time"), ("customer_id", "customer_id"), ("customer_name", "customer_name"),
                  ("user_id", "user_id"), ("product_id", "product_id"), ("product_name", "product_name"),
@@ -120,7 +142,7 @@ def _where(src, f):
     where, ns = [], {}
     for attr, cond in src.filters:
         value = getattr(f, attr)
-        if value is not None:
+        if value is not None and value is not False:
             where.append(cond)
             ns[attr] = value
     return (" where " + " and ".join(where)) if where else "", ns
@@ -132,12 +154,34 @@ def _aggregate_sql(src, f, group=None, dialect=None):
     sums = ", ".join(f"{expr} as {alias}" for alias, expr in src.sums)
     if group in (None, "total"):
         return f"select {sums} from {src.table}{_joins(src)}{where}", ns
+    key, label = _group_key(src, group, dialect)
+    return f"select {key} as k, {label} as label, {sums} from {src.table}{_joins(src)}{where} group by {key}", ns
+
+
+def _group_key(src, group, dialect):
+    """(key SQL, label SQL) of a group."""
     if group == "day":
         key = dialects.substr_date(dialect, src.time_col)
-        label = f"max({key})"
+        return key, f"max({key})"
+    return src.groups[group]
+
+
+def _quantities_sql(tx, src, f, group, dialect, keys, ns):
+    """The product source's quantities per unit of the groups ``keys`` (units differ between
+    products, so quantities never sum across them). round(x * 10000) turns decimal(15,4) into
+    exact integers of 1e-4 units (SQLite stores them as floats)."""
+    where, where_ns = _where(src, f)
+    ns.update(where_ns)
+    if group == "total":
+        key, group_by = "'total'", "r.used_unit"
     else:
-        key, label = src.groups[group]
-    return f"select {key} as k, {label} as label, {sums} from {src.table}{_joins(src)}{where} group by {key}", ns
+        key = _group_key(src, group, dialect)[0]
+        group_by = f"{key}, r.used_unit"
+        where += (" and " if where else " where ") + f"{key} in {tx.in_list(keys, ns, 'qk')}"
+    return (f"select {key} as k, r.used_unit as unit, sum(round(r.used_amount * 10000)) as q, "
+            "sum(round(coalesce(r.included_amount, 0) * 10000)) as qi, "
+            "sum(round(coalesce(r.overage_amount, 0) * 10000)) as qo "
+            f"from {src.table}{where} group by {group_by} order by 2")
 
 
 def _int(v):
@@ -152,11 +196,20 @@ def _quantity(v):
     return format(Decimal(str(v)).normalize(), "f")
 
 
+def _units(v):
+    """A sum of integers of 1e-4 units as plain decimal text ('2.5', '10')."""
+    return _quantity(Decimal(_int(v)).scaleb(-4))
+
+
 def _sums_view(src, row):
     out = {}
     for alias, _ in src.sums:
         out[alias] = from_micro(_int(row[alias])) if alias in src.money else _int(row[alias])
-    out["margin"] = from_micro(_int(row["amount"]) - _int(row["cost"]))
+    amount, margin = _int(row["amount"]), _int(row["amount"]) - _int(row["cost"])
+    out["margin"] = from_micro(margin)
+    # the margin as a fraction of the amount, 4 places half-up; None when nothing was charged
+    out["margin_rate"] = str((Decimal(margin) / Decimal(amount)).quantize(Decimal("0.0001"), ROUND_HALF_UP)) \
+        if amount else None
     return out
 
 
@@ -187,32 +240,47 @@ class Reports:
         """``{"total", "rows", "totals"}``: one page (newest first) and the totals of every row
         the filter matches."""
         src = _SOURCES[f.source]
+        result = await self._page(src, f, src.select, page, rows)
+        result["rows"] = [_row_view(src, r) for r in result["rows"]]
+        result.update(page=page, page_size=rows, source=f.source)
+        return result
+
+    async def usage_log(self, f, page=1, rows=20):
+        """The product source's page as whole ``product_usage_log`` rows (the products' usage
+        view shapes them), with the totals of every matching row."""
+        assert f.source == "product", "usage_log reads product_usage_log"
+        return await self._page(_PRODUCT, f, "r.*", page, rows)
+
+    async def _page(self, src, f, select, page, rows):
         where, ns = _where(src, f)
-        sql = f"select {src.select} from {src.table}{_joins(src)}{where}"
+        sql = f"select {select} from {src.table}{_joins(src)}{where}"
         agg_sql, agg_ns = _aggregate_sql(src, f)
         async with self.db.read() as tx:
             result = await tx.page(sql, ns, f"{src.time_col} desc, r.id desc", page, rows)
             totals = await tx.one(agg_sql, agg_ns)
-        result["rows"] = [_row_view(src, r) for r in result["rows"]]
         result["totals"] = _sums_view(src, totals)
-        result.update(page=page, page_size=rows, source=f.source)
         return result
 
     # --- statistics --------------------------------------------------------------------------
-    async def stats(self, f, group_by="day", page=1, rows=100):
+    async def stats(self, f, group_by="day", page=1, rows=100, order="amount"):
         """One row per day / model / product / customer / supplier (or one for ``total``) with
-        records, amount, cost and margin; ``amount_pct`` is the row's amount as a whole percent
-        of the largest group's, for bar charts. Days sort ascending, other groups by amount."""
+        records, amount, cost, margin and margin rate; ``amount_pct`` is the row's amount as a
+        whole percent of the largest group's, for bar charts; ``totals`` sums every group. Days
+        sort ascending, other groups by amount (``order="key"``: by key). Product rows also
+        carry their ``quantities`` per unit."""
         src = _SOURCES[f.source]
         sql, ns = _aggregate_sql(src, f, group_by, self.db.dialect)
-        order = "k" if group_by == "day" else "amount desc, k"
+        total_sql, total_ns = _aggregate_sql(src, f)
+        order_by = "k" if group_by == "day" or order == "key" else "amount desc, k"
         async with self.db.read() as tx:
             if group_by == "total":
                 result = {"total": 1, "rows": [await tx.one(sql, ns)]}
                 top = result["rows"][0]["amount"]
             else:
-                result = await tx.page(sql, ns, order, page, rows)
+                result = await tx.page(sql, ns, order_by, page, rows)
                 top = await tx.scalar(f"select max(amount) as m from ({sql}) grouped_", ns)
+            totals = await tx.one(total_sql, total_ns)
+            quantities = await self._quantities(tx, src, f, group_by, result["rows"])
         top = _int(top)
         out = []
         for r in result["rows"]:
@@ -221,8 +289,26 @@ class Reports:
             view["label"] = "total" if group_by == "total" else (r["label"] or r["k"])
             amount = _int(r["amount"])
             view["amount_pct"] = (amount * 100 // top) if top > 0 and amount > 0 else 0
+            if quantities is not None:
+                view["quantities"] = quantities.get(view["key"], [])
             out.append(view)
-        return {"total": result["total"], "rows": out, "group_by": group_by, "source": f.source}
+        return {"total": result["total"], "rows": out, "totals": _sums_view(src, totals), "group_by": group_by,
+                "source": f.source}
+
+    async def _quantities(self, tx, src, f, group_by, rows):
+        """{group key: [{"unit", "amount", "included", "overage"}]} for the product source."""
+        if src is not _PRODUCT:
+            return None
+        if not rows:
+            return {}
+        keys = [] if group_by == "total" else [r["k"] for r in rows]
+        ns = {}
+        sql = _quantities_sql(tx, src, f, group_by, self.db.dialect, keys, ns)
+        out = {}
+        for q in await tx.select(sql, ns):
+            out.setdefault(q["k"], []).append({"unit": q["unit"], "amount": _units(q["q"]),
+                                               "included": _units(q["qi"]), "overage": _units(q["qo"])})
+        return out
 
     # --- CSV export --------------------------------------------------------------------------
     def export_name(self, f):

@@ -1,8 +1,6 @@
 """The endpoint handlers. Each validates its parameters, calls one core function and returns
 the reply's data; ``billing_module.api.handle`` checks the method and the caller and shapes
 the reply."""
-from .. import clock
-
 from ..errors import InvalidParam
 from ..money import to_micro
 from . import endpoint
@@ -18,11 +16,6 @@ def _event(p, caller):
     ev_customer = p.ident("customer_id", required=True)
     caller.check_customer(ev_customer)
     return raw
-
-
-def _day(p, name):
-    v = p.str(name, max_len=40)
-    return None if v is None else clock.fmt(clock.parse(v, name))
 
 
 @endpoint("health", methods=READ, open=True)
@@ -172,10 +165,11 @@ async def users(core, caller, p, request):
 async def failed_accounting_list(core, caller, p, request):
     page, rows = p.page()
     customer = p.ident("customer_id") or p.ident("userorgid")
+    start, end = p.bounds(end_day_inclusive=False)   # the page asks "failed before" a day
     return await core.failures.search(
         customer_id=customer, user_id=p.ident("user_id") or p.ident("userid"), llmid=p.ident("llmid"),
         handled=p.flag("handled"), retry_state=p.str("retry_state", choices=("waiting", "exhausted", "resolved")),
-        start_date=_day(p, "start_date"), end_date=_day(p, "end_date"), page=page, rows=rows)
+        start_date=start, end_date=end, page=page, rows=rows)
 
 
 @endpoint("failed_accounting_retry", methods=WRITE, admin=True)

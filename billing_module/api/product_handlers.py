@@ -5,6 +5,7 @@ checks who may act on which customer and calls one manager method."""
 from ..errors import Forbidden, InvalidParam
 from ..products import COST_FIELDS
 from . import endpoint
+from .report_handlers import usage_filter
 
 READ, WRITE = ("GET",), ("POST",)
 
@@ -144,19 +145,23 @@ async def product_use(core, caller, p, request):
     return _usage_for(caller, result)
 
 
-def _usage_filters(p, caller):
-    return {"customer_id": _customer(p, caller, required=False), "product_id": p.ident("product_id"),
-            "start": p.str("start", max_len=40) or p.str("start_date", max_len=40),
-            "end": p.str("end", max_len=40) or p.str("end_date", max_len=40)}
+def _report_filters(p, caller, names):
+    """The product report's filters (the usage reports' vocabulary, ``start_date`` / ``end_date``
+    with ``start`` / ``end`` still accepted) as the ProductManager's keywords: ``names`` of them,
+    the customer limited to the caller's own and the supplier filter for admins only."""
+    f = usage_filter(p, source="product", aliases=True)
+    filters = {"customer_id": _customer(p, caller, required=False), "start": f.start, "end": f.end,
+               **{name: getattr(f, name) for name in names}}
+    if not caller.is_admin:
+        filters.pop("supplier_org_id", None)
+    return filters
 
 
 @endpoint("product_usage_list", methods=READ)
 async def product_usage_list(core, caller, p, request):
     page, rows = p.page()
-    filters = _usage_filters(p, caller)
-    filters.update(subscription_id=p.ident("subscription_id"), billing_mode=p.str("billing_mode", max_len=1))
-    if caller.is_admin:
-        filters["supplier_org_id"] = p.ident("supplier_org_id")
+    filters = _report_filters(p, caller, ("product_id", "user_id", "subscription_id", "billing_mode",
+                                          "supplier_org_id"))
     return _listing(caller, await core.products.usage_list(page, rows, **filters))
 
 
@@ -164,12 +169,11 @@ async def product_usage_list(core, caller, p, request):
 async def product_overage(core, caller, p, request):
     """Usage charged past a quota (or without one), its total, and the product's overage price."""
     page, rows = p.page()
-    return _listing(caller, await core.products.overage(page=page, rows=rows, **_usage_filters(p, caller)))
+    filters = _report_filters(p, caller, ("product_id",))
+    return _listing(caller, await core.products.overage(page=page, rows=rows, **filters))
 
 
 @endpoint("product_stats", methods=READ, admin=True)
 async def product_stats(core, caller, p, request):
-    return await core.products.stats(
-        p.str("group_by", max_len=16) or "product", start=p.str("start", max_len=40), end=p.str("end", max_len=40),
-        customer_id=p.ident("customer_id"), product_id=p.ident("product_id"),
-        supplier_org_id=p.ident("supplier_org_id"))
+    filters = _report_filters(p, caller, ("product_id", "supplier_org_id"))
+    return await core.products.stats(p.str("group_by", max_len=16) or "product", **filters)

@@ -1,42 +1,46 @@
 """Usage report endpoints (``api/usage_list|usage_export|usage_stats.dspy``), admin only: they
 show every customer's usage, cost and margin. Importing this module registers them."""
-import datetime
-
-from .. import clock
 from ..errors import InvalidParam
-from ..reports import ACCOUNTING_STATUSES, GROUPS, SOURCES, Reports, UsageFilter
+from ..reports import ACCOUNTING_STATUSES, BILLING_MODES, GROUPS, MAX_STATS_ROWS, SOURCES, Reports, UsageFilter
 from . import endpoint
 
 READ = ("GET",)
-MAX_STATS_ROWS = 1000
 
 
-def _bound(p, name, end=False):
-    """A day ('YYYY-MM-DD') or a time. A day as the end bound includes that whole day."""
-    text = p.str(name, max_len=40)
-    if text is None:
-        return None
-    dt = clock.parse(text, name)
-    if end and len(text.strip()) == 10:
-        dt += datetime.timedelta(days=1)
-    return clock.fmt(dt)
+# the product endpoints' earlier names for the time range, still sent by tests/test_fuzz.py
+_RANGE_ALIASES = (("start_date", "start"), ("end_date", "end"))
 
 
-def usage_filter(p):
-    source = p.str("source", choices=SOURCES, default="accounting")
+def time_range(p, aliases=False):
+    """``start_date`` / ``end_date`` (a day as the end includes that day); with ``aliases`` the
+    product endpoints' ``start`` / ``end`` are accepted in their place."""
+    names = []
+    for name, alias in _RANGE_ALIASES:
+        if aliases and p.present(alias):
+            if p.present(name):
+                raise InvalidParam(f"{alias}: the same filter as {name}; give one of them")
+            name = alias
+        names.append(name)
+    return p.bounds(*names)
+
+
+def usage_filter(p, source=None, aliases=False):
+    """The report filter from a request: one vocabulary for every usage and product report.
+    ``source`` fixed by the endpoint (the product endpoints) or read from the request."""
+    source = source or p.str("source", choices=SOURCES, default="accounting")
+    start, end = time_range(p, aliases)
     f = UsageFilter(source=source, customer_id=p.ident("customer_id"), user_id=p.ident("user_id"),
-                    product_id=p.ident("product_id"), start=_bound(p, "start_date"), end=_bound(p, "end_date", end=True))
-    if f.start and f.end and f.start >= f.end:
-        raise InvalidParam("start_date: must be before end_date")
+                    product_id=p.ident("product_id"), start=start, end=end)
     if source == "accounting":
         f.model = p.str("model", max_len=128)
         status = p.str("status", choices=ACCOUNTING_STATUSES + ("all",), default="accounted")
         f.status = None if status == "all" else status
-        _refuse(p, source, ("supplier_org_id", "billing_mode"))
+        _refuse(p, source, ("supplier_org_id", "billing_mode", "subscription_id"))
     else:
         f.status = None
         f.supplier_org_id = p.ident("supplier_org_id")
-        f.billing_mode = p.str("billing_mode", choices=("1", "2", "3"))
+        f.billing_mode = p.str("billing_mode", choices=BILLING_MODES)
+        f.subscription_id = p.ident("subscription_id")
         _refuse(p, source, ("model", "status"))
     return f
 

@@ -1,0 +1,90 @@
+"""``ProductManager``: the one object the rest of the module (``services``, the API handlers,
+``ServerEnv().billing_product_manager``) holds for products. It builds the concept services with
+their collaborators and hands each call to the service that owns it; it holds no logic of its own
+beyond shaping the product report into the products' reply."""
+from ..reports import MAX_STATS_ROWS, Reports, product_filter
+from .catalogue import Catalogue
+from .consumption import Consumption
+from .hook import QuotaHook
+from .subscriptions import Subscriptions
+from .suppliers import Suppliers
+from .values import choice
+from .views import usage_view
+
+STATS_GROUPS = ("product", "supplier", "customer", "day")
+# what the product's price looks like in the overage report
+_PRICE_FIELDS = ("product_id", "quantity_unit", "overage_price", "price_per", "currency")
+
+
+class ProductManager:
+    def __init__(self, core=None, *, db=None, config=None, ledger=None):
+        """``ProductManager(core)`` (what ``services.build_services`` does) takes the database, the
+        config and the ledger from the core; each may also be given on its own."""
+        db = db if db is not None else core.db
+        config = config if config is not None else core.config
+        ledger = ledger if ledger is not None else core.ledger
+        self.db = db
+        self.catalogue = Catalogue(db, config.currency)
+        self.suppliers_service = Suppliers(db, self.catalogue)
+        self.subscriptions_service = Subscriptions(db, ledger, self.catalogue)
+        self.consumption = Consumption(db, ledger, self.catalogue, self.suppliers_service)
+        self.hook = QuotaHook(ledger, self.catalogue, self.suppliers_service, config.accounting)
+        self.reports = Reports(db)
+        # catalogue and bindings
+        self.save_product = self.catalogue.save_product
+        self.product = self.catalogue.product
+        self.bind = self.catalogue.bind
+        self.unbind = self.catalogue.unbind
+        self.bindings = self.catalogue.bindings
+        # suppliers and routing
+        self.add_supplier = self.suppliers_service.add_supplier
+        self.update_supplier = self.suppliers_service.update_supplier
+        self.disable_supplier = self.suppliers_service.disable_supplier
+        self.suppliers = self.suppliers_service.suppliers
+        self.route = self.suppliers_service.route
+        # subscriptions and quota
+        self.subscribe = self.subscriptions_service.subscribe
+        self.subscription = self.subscriptions_service.subscription
+        self.cancel = self.subscriptions_service.cancel
+        self.subscriptions = self.subscriptions_service.subscriptions
+        self.renew_due = self.subscriptions_service.renew_due
+        self.check_quota = self.subscriptions_service.check_quota
+        # consumption, and the accounting hook (services.build_services hands these to Accounting)
+        self.product_use = self.consumption.product_use
+        self.quota_hook = self.hook.quota_hook
+        self.release_quota = self.hook.release_quota
+        self.subscribed_customers = self.hook.subscribed_customers
+
+    # --- the product report (reports.py, source "product") in the products' reply shapes ----------------
+    async def usage_list(self, page=1, rows=20, **filters) -> dict:
+        """One page of usage log rows (newest first); filters as ``reports.product_filter``."""
+        result = await self.reports.usage_log(product_filter(**filters), page, rows)
+        return {"total": result["total"], "rows": [usage_view(r) for r in result["rows"]]}
+
+    async def overage(self, customer_id=None, product_id=None, start=None, end=None, page=1, rows=20) -> dict:
+        """Usage charged beyond a quota or without one, with its total and the product's price."""
+        f = product_filter(customer_id=customer_id, product_id=product_id, start=start, end=end, overage_only=True)
+        result = await self.reports.usage_log(f, page, rows)
+        out = {"total": result["total"], "rows": [usage_view(r) for r in result["rows"]],
+               "total_charged": result["totals"]["amount"]}
+        if f.product_id:
+            out["price"] = {k: v for k, v in (await self.product(f.product_id)).items() if k in _PRICE_FIELDS}
+        return out
+
+    async def stats(self, group_by="product", start=None, end=None, customer_id=None, product_id=None,
+                    supplier_org_id=None) -> dict:
+        """Usage, supplier cost, revenue (what the usage charged) and margin, by product, supplier,
+        customer or day, sorted by key. Package fees are ledger 'subscription' entries and are not
+        part of usage revenue. Quantities are per unit, since units differ between products."""
+        group_by = choice(group_by, "group_by", STATS_GROUPS, "product")
+        f = product_filter(customer_id=customer_id, product_id=product_id, supplier_org_id=supplier_org_id,
+                           start=start, end=end)
+        result = await self.reports.stats(f, group_by, rows=MAX_STATS_ROWS, order="key")
+        rows = [dict(_stats_view(r), key=r["key"], quantities=r["quantities"]) for r in result["rows"]]
+        return {"group_by": group_by, "rows": rows, "totals": _stats_view(result["totals"])}
+
+
+def _stats_view(r: dict) -> dict:
+    # the products' names for the report's columns: uses = records, revenue = amount
+    return {"uses": r["records"], "cost": r["cost"], "revenue": r["amount"], "margin": r["margin"],
+            "margin_rate": r["margin_rate"]}

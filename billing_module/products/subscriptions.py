@@ -1,0 +1,233 @@
+"""Subscriptions: a customer buys a product's plan for a period (the package price is charged to
+the balance, ledger entry 'subscription'), renews it each period or lets it expire, cancels it;
+and what a subscription's quota has left.
+
+Renewals claim their row with a conditional UPDATE on ``version``; only the instance whose update
+matched renews it, and a renewal that cannot be paid leaves the subscription expired with the
+ledger untouched."""
+import logging
+
+from appPublic.dictObject import DictObject
+
+from .. import clock, validation
+from ..errors import Conflict, NotFound
+from ..ids import new_id, payload_hash
+from ..money import from_micro
+from ..validation import flag
+from . import quota
+from .catalogue import Catalogue
+from .values import (MAX_PERIOD_MONTHS, SUBSCRIPTION_STATUSES, UNPAID, choice, count, ident, period,
+                     quantity, text)
+from .views import Row, subscription_view
+
+log = logging.getLogger("billing_module.products")
+
+
+async def check_currency(tx, customer_id: str, currency: str) -> None:
+    """A charge in ``currency`` must be in the currency of the customer's account (if it has one)."""
+    acct = await tx.one("select currency from customer_balance where id = ${c}$", {"c": customer_id})
+    if acct is not None and acct.currency != currency:
+        raise Conflict(f"the product is priced in {currency}, the account of {customer_id} in {acct.currency}",
+                       code="currency_mismatch")
+
+
+class Subscriptions:
+    def __init__(self, db, ledger, catalogue: Catalogue):
+        self.db = db
+        self.ledger = ledger
+        self.catalogue = catalogue
+
+    async def subscribe(self, customer_id, product_id, request_id, user_id=None, included_quantity=None,
+                        package_price=None, period_months=None, auto_renew=True, operator=None):
+        """Subscribe a customer to a product and charge the first period's package price (ledger entry
+        'subscription', must be covered). The plan is the product's unless given (admin). Idempotent on
+        ``request_id``; one active subscription per customer and product."""
+        customer_id = ident(customer_id, "customer_id")
+        product_id = ident(product_id, "product_id")
+        request_id = ident(request_id, "request_id", max_len=60)   # the ledger key adds 'sub:'
+        user_id = ident(user_id, "user_id", required=False)
+        plan = {
+            "included": None if included_quantity in (None, "") else quantity(included_quantity, "included_quantity"),
+            "price": validation.amount(package_price, "package_price", required=False, non_negative=True),
+            "months": None if period_months in (None, "") else count(period_months, "period_months", 1,
+                                                                        MAX_PERIOD_MONTHS),
+        }
+        auto = flag(auto_renew, "auto_renew", "1")
+        phash = payload_hash({"op": "subscribe", "customer_id": customer_id, "product_id": product_id,
+                              "plan": plan, "auto_renew": auto})
+
+        async def work(tx):
+            existing = await self._subscription_by_request(tx, request_id)
+            if existing is not None:
+                return _replay_subscription(existing, phash, request_id)
+            product = await self.catalogue.require_product(tx, product_id)
+            if product.status != "active":
+                raise Conflict(f"product {product_id} is not available for subscription", code="product_disabled")
+            active_key = f"{customer_id}:{product_id}"
+            if await tx.one("select id from product_subscription where active_key = ${k}$", {"k": active_key}):
+                raise Conflict(f"customer {customer_id} already has an active subscription to {product_id}",
+                               code="already_subscribed")
+            now = clock.now_text()
+            months = plan["months"] or int(product.period_months)
+            price = int(product.list_price) if plan["price"] is None else plan["price"]
+            start, end = period(now, months, 0)
+            sub = {
+                "id": new_id(), "customer_id": customer_id, "user_id": user_id, "product_id": product_id,
+                "request_id": request_id, "payload_hash": phash, "active_key": active_key, "status": "active",
+                "included_quantity": int(product.included_quantity) if plan["included"] is None else plan["included"],
+                "used_quantity": 0, "quantity_unit": product.quantity_unit, "package_price": price,
+                "currency": product.currency, "period_months": months, "started_at": start, "period_start": start,
+                "period_end": end, "renewals": 0, "auto_renew": auto, "status_reason": None, "cancelled_at": None,
+                "ledger_entry_id": None, "version": 0, "created_at": now, "updated_at": now,
+            }
+            if price > 0:
+                await check_currency(tx, customer_id, product.currency)
+                entry = await self.ledger.post(
+                    tx, customer_id, -price, "subscription", f"sub:{request_id}", phash, must_cover=True,
+                    refuse_suspended=True, ref_type="product_subscription", ref_id=sub["id"],
+                    reason=f"subscribe {product.code} {start[:10]}..{end[:10]}", operator=operator)
+                sub["ledger_entry_id"] = entry.id
+            await tx.insert("product_subscription", sub)
+            return subscription_view(DictObject(**sub))
+        # a concurrent subscribe may commit first: the same request (a replay) or another one
+        result, existing = await self.db.run_or_existing(
+            work, lambda tx: self._subscription_by_request(tx, request_id),
+            Conflict(f"customer {customer_id} already has an active subscription to {product_id}",
+                     code="already_subscribed"))
+        return result if existing is None else _replay_subscription(existing, phash, request_id)
+
+    async def _subscription_by_request(self, tx, request_id):
+        return await tx.one("select * from product_subscription where request_id = ${r}$", {"r": request_id})
+
+    async def subscription_row(self, tx, subscription_id: str) -> Row | None:
+        return await tx.one("select * from product_subscription where id = ${s}$", {"s": subscription_id})
+
+    async def subscription(self, subscription_id):
+        async with self.db.read() as tx:
+            s = await self.subscription_row(tx, ident(subscription_id, "subscription_id"))
+        if s is None:
+            raise NotFound(f"no subscription {subscription_id}")
+        return subscription_view(s)
+
+    async def cancel(self, subscription_id, at_period_end=False, reason=None):
+        """Cancel now (the quota is no longer usable; no refund), or at the period end (no renewal)."""
+        subscription_id = ident(subscription_id, "subscription_id")
+        reason = text(reason, "reason", 255) or "cancelled"
+
+        async def work(tx):
+            ns = {"s": subscription_id, "now": clock.now_text(), "why": reason}
+            if at_period_end:
+                n = await tx.execute("update product_subscription set auto_renew = '0', status_reason = ${why}$, "
+                                     "version = version + 1, updated_at = ${now}$ "
+                                     "where id = ${s}$ and status = 'active'", ns)
+            else:
+                n = await tx.execute("update product_subscription set status = 'cancelled', active_key = null, "
+                                     "status_reason = ${why}$, cancelled_at = ${now}$, version = version + 1, "
+                                     "updated_at = ${now}$ where id = ${s}$ and status = 'active'", ns)
+            sub = await self.subscription_row(tx, subscription_id)
+            if sub is None:
+                raise NotFound(f"no subscription {subscription_id}")
+            if n == 0 and not (sub.status == "cancelled" and not at_period_end):
+                raise Conflict(f"subscription {subscription_id} is {sub.status}", code="subscription_closed")
+            return subscription_view(sub, duplicate=n == 0)
+        return await self.db.run(work)
+
+    async def subscriptions(self, customer_id=None, product_id=None, status=None, page=1, rows=20):
+        ns = {"c": ident(customer_id, "customer_id", required=False),
+              "p": ident(product_id, "product_id", required=False),
+              "st": choice(status, "status", SUBSCRIPTION_STATUSES, required=False)}
+        page, rows = validation.page(page, rows)
+        sql = ("select * from product_subscription where (${c}$ is null or customer_id = ${c}$) "
+               "and (${p}$ is null or product_id = ${p}$) and (${st}$ is null or status = ${st}$)")
+        async with self.db.read() as tx:
+            result = await tx.page(sql, ns, "created_at desc, id desc", page, rows)
+        result["rows"] = [subscription_view(s) for s in result["rows"]]
+        return result
+
+    async def renew_due(self, limit=100):
+        """Renew (or expire) active subscriptions whose period has ended. Each subscription is claimed
+        by a conditional update on its version, so two instances never renew one twice; the charge,
+        the new period and the quota reset commit together, and a renewal that cannot be paid leaves
+        the subscription expired with the ledger untouched. Returns {"renewed", "expired"}."""
+        now = clock.now_text()
+        async with self.db.read() as tx:
+            due = await tx.select("select id, version from product_subscription where status = 'active' "
+                                  "and period_end <= ${now}$ order by period_end, id limit ${n}$",
+                                  {"now": now, "n": int(limit)})
+        done = {"renewed": 0, "expired": 0}
+        for sub in due:
+            async def work(tx, sub=sub):
+                return await self._renew_one(tx, sub.id, int(sub.version), now)
+            outcome = await self.db.run(work)
+            if outcome:
+                done[outcome] += 1
+        if due:
+            log.info("subscriptions: %d renewed, %d expired", done["renewed"], done["expired"])
+        return done
+
+    async def _renew_one(self, tx, sub_id, version, now):
+        n = await tx.execute("update product_subscription set version = version + 1, updated_at = ${now}$ "
+                             "where id = ${s}$ and version = ${v}$ and status = 'active' and period_end <= ${now}$",
+                             {"s": sub_id, "v": version, "now": now})
+        if n != 1:
+            return None     # another instance claimed it, or it changed since it was listed
+        sub = await self.subscription_row(tx, sub_id)
+        product = await self.catalogue.product_row(tx, sub.product_id)
+        if sub.auto_renew != "1":
+            return await self._expire(tx, sub, now, sub.status_reason or "not renewed")
+        if product is None or product.status != "active":
+            return await self._expire(tx, sub, now, "product no longer available")
+        k = int(sub.renewals) + 1
+        start, end = period(sub.started_at, int(sub.period_months), k)
+        price, entry_id = int(sub.package_price), None
+        if price > 0:
+            try:
+                entry = await self.ledger.post(
+                    tx, sub.customer_id, -price, "subscription", f"renew:{sub.id}:{k}",
+                    payload_hash({"op": "renew", "subscription": sub.id, "k": k, "amount": price}),
+                    must_cover=True, refuse_suspended=True, ref_type="product_subscription", ref_id=sub.id,
+                    reason=f"renew {product.code} {start[:10]}..{end[:10]}")
+            except UNPAID as e:
+                # post() refused before writing anything; the claim and the expiry commit together
+                return await self._expire(tx, sub, now, f"renewal not paid: {e.code}")
+            entry_id = entry.id
+        await tx.execute("update product_subscription set period_start = ${ps}$, period_end = ${pe}$, "
+                         "used_quantity = 0, renewals = ${k}$, ledger_entry_id = coalesce(${e}$, ledger_entry_id), "
+                         "updated_at = ${now}$ where id = ${s}$",
+                         {"ps": start, "pe": end, "k": k, "e": entry_id, "now": now, "s": sub.id})
+        return "renewed"
+
+    async def _expire(self, tx, sub, now, reason):
+        await tx.execute("update product_subscription set status = 'expired', active_key = null, "
+                         "status_reason = ${why}$, updated_at = ${now}$ where id = ${s}$",
+                         {"s": sub.id, "why": reason[:255], "now": now})
+        return "expired"
+
+    # --- quota -----------------------------------------------------------------------------------------
+    async def check_quota(self, customer_id, product_id):
+        """Included, used and remaining quantity in the current period, and what happens past it."""
+        customer_id, product_id = ident(customer_id, "customer_id"), ident(product_id, "product_id")
+        now = clock.now_text()
+        async with self.db.read() as tx:
+            product = await self.catalogue.require_product(tx, product_id)
+            cov = await quota.covering(tx, customer_id, now, product_id=product_id)
+            sub = await self.subscription_row(tx, cov.id) if cov else None
+        over = None if product.overage_price is None else from_micro(int(product.overage_price))
+        result = {"customer_id": customer_id, "product_id": product_id, "unit": product.quantity_unit,
+                  "subscribed": sub is not None, "overage_price": over, "price_per": str(int(product.price_per)),
+                  "currency": product.currency}
+        if sub is None:
+            result.update(included="0", used="0", remaining="0", subscription_id=None,
+                          past_quota="pay_as_you_go" if over is not None and product.status == "active" else "refused")
+            return result
+        view = subscription_view(sub)
+        result.update({k: view[k] for k in ("subscription_id", "included", "used", "remaining", "period_start",
+                                            "period_end", "auto_renew", "status")},
+                      unit=sub.quantity_unit, past_quota="overage" if over is not None else "refused")
+        return result
+
+
+def _replay_subscription(existing, phash, request_id):
+    if existing.payload_hash != phash:
+        raise Conflict(f"request_id {request_id} was already used for a different subscription")
+    return subscription_view(existing, duplicate=True)

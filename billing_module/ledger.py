@@ -417,8 +417,10 @@ class Ledger:
 
     # --- proof -------------------------------------------------------------------------------------
     async def reconcile(self):
-        """Every customer whose balance is not the sum of its ledger entries, or whose held amount
-        is not the sum of its open holds, plus ledger entries of customers with no balance row."""
+        """Every customer whose balance is not the sum of its ledger entries, whose held amount is
+        not the sum of its open holds, or whose entries' running ``balance_after`` do not chain from
+        0 to the balance; plus ledger entries of customers with no balance row. One dict per
+        customer in ``mismatches``; nothing raises on bad data."""
         sql = ("select b.id as customer_id, b.balance, b.held, coalesce(l.total, 0) as ledger_total, "
                "coalesce(h.total, 0) as open_holds from customer_balance b "
                "left join (select customer_id, sum(amount) as total from ledger_entry group by customer_id) l "
@@ -430,15 +432,38 @@ class Ledger:
         async with self.db.read() as tx:
             rows = await tx.select(sql)
             orphans = await tx.select(orphan_sql)
+            broken = {r.customer_id: int(r.n) for r in await tx.select(_BROKEN_CHAINS)}
         problems = []
         for r in rows:
-            if int(r.balance) != int(r.ledger_total) or int(r.held) != int(r.open_holds):
-                problems.append({"customer_id": r.customer_id, "balance": from_micro(int(r.balance)),
-                                 "ledger_total": from_micro(int(r.ledger_total)), "held": from_micro(int(r.held)),
-                                 "open_holds": from_micro(int(r.open_holds))})
+            chain_ok = r.customer_id not in broken
+            if int(r.balance) != int(r.ledger_total) or int(r.held) != int(r.open_holds) or not chain_ok:
+                problem = {"customer_id": r.customer_id, "balance": from_micro(int(r.balance)),
+                           "ledger_total": from_micro(int(r.ledger_total)), "held": from_micro(int(r.held)),
+                           "open_holds": from_micro(int(r.open_holds))}
+                if not chain_ok:
+                    problem["running_balance"] = f"{broken[r.customer_id]} balance_after values do not chain"
+                problems.append(problem)
         for o in orphans:
             problems.append({"customer_id": o.customer_id, "problem": "ledger entries without a balance row"})
         return {"customers": len(rows), "mismatches": problems}
+
+
+# The running balance_after check, free of order: entries of concurrent transactions may carry
+# ids and created_at out of commit order. In commit order each entry starts where the previous
+# one ended (balance_after - amount = the previous balance_after; the first starts at 0) and the
+# last ends at the balance row. So per customer the multiset {balance_after - amount} + {balance}
+# equals {0} + {balance_after}: every value's count below must net to zero (repeated balances
+# count once per entry; a zero amount adds a value to both sides). A customer listed here has
+# a value left over; the number is how many.
+_BROKEN_CHAINS = (
+    "select customer_id, count(*) as n from ("
+    " select customer_id, v, sum(k) as net from ("
+    "  select customer_id, balance_after - amount as v, 1 as k from ledger_entry"
+    "  union all select customer_id, balance_after as v, -1 as k from ledger_entry"
+    "  union all select id as customer_id, balance as v, 1 as k from customer_balance"
+    "  union all select id as customer_id, 0 as v, -1 as k from customer_balance"
+    " ) moves group by customer_id, v having sum(k) <> 0"
+    ") unmatched group by customer_id")
 
 
 def _replay(existing, phash, request_id):

@@ -400,20 +400,26 @@ class Ledger:
         return n
 
     async def expire_holds(self, limit=500):
-        """Release open holds past their expiry. Safe with several instances: each hold closes
-        through a conditional update, so only one of them releases it."""
-        async with self.db.read() as tx:
-            due = await tx.select("select id, customer_id, amount from billing_hold where status = 'open' "
-                                  "and expires_at <= ${now}$ order by expires_at limit ${n}$",
-                                  {"now": clock.now_text(), "n": limit})
+        """Release open holds past their expiry. Safe with several instances, and against a settle
+        or release that closes a hold between the read and the update: each hold closes through a
+        conditional update, so only one of them closes it."""
         expired = 0
-        for hold in due:
-            async def work(tx, hold=hold):
-                return await self._close_hold(tx, hold, "expired")
-            expired += await self.db.run(work)
+        for hold in await self.due_holds(limit):
+            expired += await self.expire_hold(hold)
         if expired:
             log.info("expired %d holds", expired)
         return expired
+
+    async def due_holds(self, limit=500):
+        """Open holds past their expiry (read without locks: they may close before ``expire_hold``)."""
+        async with self.db.read() as tx:
+            return await tx.select("select id, customer_id, amount from billing_hold where status = 'open' "
+                                   "and expires_at <= ${now}$ order by expires_at limit ${n}$",
+                                   {"now": clock.now_text(), "n": limit})
+
+    async def expire_hold(self, hold):
+        """Expire one hold read by ``due_holds``; 0 when it has been closed meanwhile."""
+        return await self.db.run(lambda tx: self._close_hold(tx, hold, "expired"))
 
     # --- proof -------------------------------------------------------------------------------------
     async def reconcile(self):

@@ -4,6 +4,7 @@ pytest. Usage, from the repository root:
 
     python tests/mutation/run_mutants.py                 # SQLite
     BILLING_TEST_MYSQL=mysql://root@127.0.0.1:3306/test python tests/mutation/run_mutants.py
+    BILLING_TEST_MYSQL=... python tests/mutation/run_mutants.py --backend mysql   # MariaDB only
     python tests/mutation/run_mutants.py --only held_ignored_when_covering
 
 A mutant whose snippet is no longer in its file (the code moved) is reported as ``stale``: update
@@ -83,9 +84,11 @@ def copy_tree(dest):
     shutil.copytree(ROOT, dest, ignore=ignore, dirs_exist_ok=True)
 
 
-def run_tests(tree, tests):
+def run_tests(tree, tests, backend=None):
     """True when every test passed."""
     cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *tests]
+    if backend:                       # test ids carry the backend: [sqlite], [http-mysql-...]
+        cmd += ["-k", backend]
     done = subprocess.run(cmd, cwd=tree, capture_output=True, text=True, env=dict(os.environ, PYTHONDONTWRITEBYTECODE="1"))
     return done.returncode == 0, (done.stdout + done.stderr).strip().splitlines()[-1:] or [""]
 
@@ -100,15 +103,19 @@ def check_import_path(tree):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--only", action="append", help="run only this mutant (repeatable)")
+    ap.add_argument("--backend", choices=("sqlite", "mysql"),
+                    help="run the killing tests on this database only (mysql needs BILLING_TEST_MYSQL)")
     args = ap.parse_args(argv)
     mutants = [m for m in MUTANTS if not args.only or m.name in args.only]
-    backend = "SQLite + MariaDB" if os.environ.get("BILLING_TEST_MYSQL") else "SQLite"
+    if args.backend == "mysql" and not os.environ.get("BILLING_TEST_MYSQL"):
+        sys.exit("--backend mysql needs BILLING_TEST_MYSQL")
+    backend = args.backend or ("SQLite + MariaDB" if os.environ.get("BILLING_TEST_MYSQL") else "SQLite")
     with tempfile.TemporaryDirectory(prefix="billing-mutants-") as tmp:
         tree = Path(tmp).resolve()
         copy_tree(tree)
         check_import_path(tree)
         all_tests = sorted({t for m in mutants for t in m.tests})
-        ok, tail = run_tests(tree, all_tests)
+        ok, tail = run_tests(tree, all_tests, args.backend)
         if not ok:
             sys.exit(f"the unmutated tree fails its killing tests: {tail[0]}")
         results = []
@@ -121,7 +128,7 @@ def main(argv=None):
             target.write_text(source.replace(m.original, m.replacement))
             started = time.monotonic()
             try:
-                passed, tail = run_tests(tree, m.tests)
+                passed, tail = run_tests(tree, m.tests, args.backend)
             finally:
                 target.write_text(source)
             results.append((m, "survived" if passed else "killed", time.monotonic() - started, tail[0]))

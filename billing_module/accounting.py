@@ -273,7 +273,7 @@ class Accounting:
         its rows are free again at once: there is nothing to expire.
 
         Built for throughput: the events were validated when they were stored, so they are rebuilt
-        from the stored payload without validating again; lookups are memoised per batch; each customer's debits are one
+        from the record's payload; lookups are memoised per batch; each customer's debits are one
         conditional update (``Ledger.post_many``); entries and record updates are multi-row."""
         limit = limit or self.config.accounting.batch_size
 
@@ -385,7 +385,7 @@ class Accounting:
         checked = parse_event(raw)
         return await self.rebuild_event(checked.payload, checked.hash)
 
-    async def rebuild_event(self, payload: dict, phash: str, memo: dict | None = None) -> "Event":
+    async def rebuild_event(self, payload: dict, phash: str, memo: dict | None = None) -> Event:
         """The event to account, from its payload as the caller sent it (after ``parse_event``
         validated it; the ``payload`` column of its record). The one way every path gets it: the
         first post, the accountant, the automatic and the admin retry. Never from the record's

@@ -108,7 +108,8 @@ async def test_a_settled_hold_cannot_be_released(core):
         await core.ledger.release(hold_id=hold["hold_id"])
     assert refused.value.code == "hold_closed"
     async with core.db.read() as tx:
-        assert (await tx.one("select status from billing_hold where id = ${h}$", {"h": hold["hold_id"]})).status == "settled"
+        row = await tx.one("select status from billing_hold where id = ${h}$", {"h": hold["hold_id"]})
+    assert row.status == "settled"
     bal = await core.ledger.balance("c1")
     assert (bal["balance"], bal["held"]) == ("8.750000", "0.000000")
 

@@ -12,6 +12,7 @@ import json
 
 import pytest
 
+from billing_module.accounting import record_view
 from billing_module.demo import seed_demo
 from billing_module.errors import BillingError
 from billing_module.money import to_micro
@@ -205,7 +206,7 @@ async def test_fixed_failures_are_charged_once_by_either_retry(env, fixed_clock,
     assert status == 200 and by_admin["status"] == "accounted", by_admin
     fixed_clock.now = datetime.datetime.fromisoformat(again["ev-auto"]["next_retry_at"])
     assert await core.failures.retry_due() == 1
-    by_auto = record_of(await core.accounting.record(request_id="ev-auto"))
+    by_auto = record_view(await core.accounting.record(request_id="ev-auto"))
 
     status, fresh = await env.post(event("ev-fresh", naming))
     assert status == 200, fresh
@@ -225,11 +226,6 @@ async def test_fixed_failures_are_charged_once_by_either_retry(env, fixed_clock,
     for request_id in ("ev-auto", "ev-admin"):
         assert len(await usage_entries(core, request_id)) == 1
     assert (await core.ledger.reconcile())["mismatches"] == []
-
-
-def record_of(rec):
-    from billing_module.accounting import record_view
-    return record_view(rec)
 
 
 # --- the reproduction from the issue, over HTTP on the demo data --------------------------------

@@ -89,7 +89,8 @@ def run_tests(tree, tests, backend=None):
     cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *tests]
     if backend:                       # test ids carry the backend: [sqlite], [http-mysql-...]
         cmd += ["-k", backend]
-    done = subprocess.run(cmd, cwd=tree, capture_output=True, text=True, env=dict(os.environ, PYTHONDONTWRITEBYTECODE="1"))
+    env = dict(os.environ, PYTHONDONTWRITEBYTECODE="1")
+    done = subprocess.run(cmd, cwd=tree, capture_output=True, text=True, env=env)
     return done.returncode == 0, (done.stdout + done.stderr).strip().splitlines()[-1:] or [""]
 
 

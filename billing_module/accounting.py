@@ -258,7 +258,7 @@ class Accounting:
         its rows are free again at once: there is nothing to expire.
 
         Built for throughput: the events were validated when they were stored, so they are rebuilt
-        from the record's columns; lookups are memoised per batch; each customer's debits are one
+        from the record's payload; lookups are memoised per batch; each customer's debits are one
         conditional update (``Ledger.post_many``); entries and record updates are multi-row."""
         limit = limit or self.config.accounting.batch_size
 
@@ -271,7 +271,7 @@ class Accounting:
             covered = await self._covered(tx, {rec.customer_id for rec in claimed})
             for rec in claimed:
                 try:
-                    ev = event_from_record(rec)
+                    ev = await self.rebuild_event(json.loads(rec.payload), rec.payload_hash, memo)
                     price, model = await self._quote_memo(ev, memo)
                 except BillingError as e:
                     failed.append((rec, e, None))
@@ -345,7 +345,7 @@ class Accounting:
             raise NotFound(f"no accounting record {record_id}")
         if rec.status == "accounted":
             return record_view(rec, duplicate=True)
-        ev = parse_event(json.loads(rec.payload))
+        ev = await self.rebuild_event(json.loads(rec.payload), rec.payload_hash)
         try:
             price, model = await self.core.catalog.quote(ev.usage, ev.llmid, ev.payload["model_name"],
                                                          ev.customer_id, ev.day)
@@ -367,13 +367,37 @@ class Accounting:
 
     # --- internals -----------------------------------------------------------------------------
     async def _prepare(self, raw):
-        ev = parse_event(raw)
-        if not ev.payload["model_name"] and ev.llmid:
-            model = await self.core.catalog.model(ev.llmid)
-            if model is not None:
-                ev.usage = Usage.from_event(dict(ev.payload, model_name=model.name,
-                                                 quantity=ev.payload["quantity"], attributes=ev.usage.attributes))
-        return ev
+        checked = parse_event(raw)
+        return await self.rebuild_event(checked.payload, checked.hash)
+
+    async def rebuild_event(self, payload: dict, phash: str, memo: dict | None = None) -> Event:
+        """The event to account, from its payload as the caller sent it (after ``parse_event``
+        validated it; the ``payload`` column of its record). The one way every path gets it: the
+        first post, the accountant, the automatic and the admin retry. Never from the record's
+        other columns: those hold what an earlier attempt resolved, or failed to.
+
+        An event named by ``llmid`` alone is priced under its model's name, looked up now (once
+        per ``memo``, the accountant's batch): a model synced after the first attempt counts."""
+        model_name = payload.get("model_name")
+        llmid = payload.get("llmid")
+        if not model_name and llmid:
+            model = await self._model_by_id(llmid, memo)
+            model_name = model.name if model is not None else None
+        quantity = payload.get("quantity")
+        usage = Usage(model_name or llmid or payload.get("product_id"), int(payload.get("input_tokens") or 0),
+                      int(payload.get("output_tokens") or 0), int(payload.get("cached_tokens") or 0),
+                      Decimal(str(quantity)) if quantity else Decimal(0), payload.get("unit"),
+                      dict(payload.get("attributes") or {}))
+        return Event(payload["request_id"], payload["customer_id"], usage, payload.get("user_id"), llmid,
+                     payload.get("product_id"), payload["use_time"], payload.get("transno"), payload, phash)
+
+    async def _model_by_id(self, llmid, memo):
+        if memo is None:
+            return await self.core.catalog.model(llmid)
+        key = ("llmid", llmid)
+        if key not in memo:          # an unknown model is memoised too (as None)
+            memo[key] = await self.core.catalog.model(llmid)
+        return memo[key]
 
     async def _replay_if_done(self, ev):
         async with self.db.read() as tx:
@@ -456,19 +480,8 @@ class Accounting:
 
 _HAS_RECORD = object()   # a grouped request whose request_id already has a record
 
-_CLAIM_COLUMNS = ("id, request_id, customer_id, user_id, llmid, product_id, model_name, input_tokens, output_tokens, "
-                  "cached_tokens, quantity, unit, use_time, transno, payload, payload_hash, attempts, created_at, status")
-
-
-def event_from_record(rec):
-    """The Event of a stored record, from its columns (validated when it was stored)."""
-    payload = json.loads(rec.payload)
-    attributes = payload.get("attributes") or {}
-    quantity = Decimal(str(rec.quantity)) if rec.quantity not in (None, "") else Decimal(0)
-    usage = Usage(rec.model_name or rec.llmid or rec.product_id, int(rec.input_tokens or 0),
-                  int(rec.output_tokens or 0), int(rec.cached_tokens or 0), quantity, rec.unit, attributes)
-    return Event(rec.request_id, rec.customer_id, usage, rec.user_id, rec.llmid, rec.product_id, rec.use_time,
-                 rec.transno, payload, rec.payload_hash)
+# the event itself is rebuilt from the payload (rebuild_event); the rest is what the update needs
+_CLAIM_COLUMNS = "id, request_id, customer_id, payload, payload_hash, attempts, created_at, status"
 
 
 def _accounted_update(rec, price, model, now):

@@ -150,20 +150,21 @@ async def test_usage_debits_respect_held_money(core):
 
 
 async def test_a_customer_key_cannot_settle_another_customers_hold(http):
-    """Kills: the settle endpoint skipping the customer check."""
+    """Kills: settling or releasing without the hold's customer check. The hold is the customer's
+    own (placed with its key); another customer's key names it by hold_id (403) or by the
+    request_id (404: request ids are per customer, so another tenant's id is not even found)."""
     await http.core.ledger.recharge("cust-1", units("10"), "r1")
-    status, hold = await http.post("api/authorize.dspy", http.admin_key,
-                                   json={"customer_id": "cust-1", "amount": "4", "request_id": "auth-1"})
+    owner, _ = await http.core.apikeys.create("customer", customer_id="cust-1")
+    status, hold = await http.post("api/authorize.dspy", owner, json={"amount": "4", "request_id": "auth-1"})
     assert status == 200
     other, _ = await http.core.apikeys.create("customer", customer_id="cust-2")
-    for ref in ({"hold_id": hold["hold_id"]}, {"request_id": "auth-1"}):
+    for ref, code in (({"hold_id": hold["hold_id"]}, (403, "forbidden")), ({"request_id": "auth-1"}, (404, "not_found"))):
         status, body = await http.post("api/settle.dspy", other, json=dict(ref, amount="3"))
-        assert status == 403 and body["code"] == "forbidden", body
+        assert (status, body["code"]) == code, body
         status, body = await http.post("api/release.dspy", other, json=ref)
-        assert status == 403 and body["code"] == "forbidden", body
+        assert (status, body["code"]) == code, body
     bal = await http.core.ledger.balance("cust-1")
     assert (bal["balance"], bal["held"]) == ("10.000000", "4.000000")
-    owner, _ = await http.core.apikeys.create("customer", customer_id="cust-1")
     status, body = await http.post("api/settle.dspy", owner, json={"hold_id": hold["hold_id"], "amount": "3"})
     assert status == 200 and body["status"] == "settled"
 

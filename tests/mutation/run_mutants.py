@@ -63,10 +63,9 @@ MUTANTS = [
            'cond += " and balance - held + ${amt}$ - ${hd}$ >= -coalesce(credit_limit, 0)"',
            'cond += " and balance + ${amt}$ - ${hd}$ >= -coalesce(credit_limit, 0)"',
            (f"{PLANTED}::test_usage_debits_respect_held_money",)),
-    Mutant("settle_skips_customer_check", "billing_module/api/handlers.py",
-           "    await _hold_customer_check(core, caller, hold_id, request_id)\n"
-           "    return await core.ledger.settle(",
-           "    return await core.ledger.settle(",
+    Mutant("settle_skips_customer_check", "billing_module/ledger.py",
+           "    if hold.customer_id != customer_id:\n        raise Forbidden(",
+           "    if False:\n        raise Forbidden(",
            (f"{PLANTED}::test_a_customer_key_cannot_settle_another_customers_hold",)),
     Mutant("reconcile_skips_running_balance", "billing_module/ledger.py",
            "chain_ok = r.customer_id not in broken", "chain_ok = True",

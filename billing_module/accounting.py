@@ -69,8 +69,13 @@ class Event:
         return datetime.date.fromisoformat(self.use_time[:10])   # use_time is stored normalised
 
 
-def parse_event(raw):
-    """Validate a usage event (dict). Bad input raises InvalidParam and nothing is written."""
+_DEFAULT_TIMES = clock.TimeRange()
+
+
+def parse_event(raw, times: clock.TimeRange = _DEFAULT_TIMES) -> "Event":
+    """Validate a usage event (dict). Bad input raises InvalidParam and nothing is written.
+    ``use_time`` must lie in ``times`` (a stored time must sort and parse back, and the
+    accountant dates the price by it)."""
     if not isinstance(raw, dict):
         raise InvalidParam("event: must be an object")
     request_id = _ident(raw, "request_id", required=True, max_len=64)
@@ -86,7 +91,7 @@ def parse_event(raw):
         raise InvalidParam("one of model_name, llmid or product_id is required")
     usage = Usage.from_event(dict(raw, model_name=model_name or llmid or product_id))
     use_time = raw.get("use_time")
-    use_time = clock.fmt(clock.parse(use_time, "use_time")) if use_time not in (None, "") else clock.now_text()
+    use_time = times.parse(use_time, "use_time") if use_time not in (None, "") else clock.now_text()
     payload = {
         "request_id": request_id, "customer_id": customer_id, "user_id": user_id, "llmid": llmid,
         "product_id": product_id, "model_name": model_name, "input_tokens": usage.input_tokens,
@@ -125,6 +130,7 @@ class Accounting:
         self.quota_hook = None
         self.quota_release = None
         self.quota_customers = None   # (tx, customer_ids) -> the ones with subscriptions (batches)
+        self.times = clock.TimeRange.from_config(self.config.accounting)
         # concurrent post_usage calls share a transaction and its commit
         self.group = GroupCommit(self.db, single=self._charge_new, batch=self._charge_batch)
 
@@ -382,7 +388,7 @@ class Accounting:
 
     # --- internals -----------------------------------------------------------------------------
     async def _prepare(self, raw):
-        ev = parse_event(raw)
+        ev = parse_event(raw, self.times)
         if not ev.payload["model_name"] and ev.llmid:
             model = await self.core.catalog.model(ev.llmid)
             if model is not None:

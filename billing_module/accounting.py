@@ -319,7 +319,7 @@ class Accounting:
                 # one event's problem is that event's alone: it goes to failed accounting with its
                 # code and the batch goes on (only a database error stops the batch)
                 try:
-                    ev = rebuild_event(rec)
+                    ev = rebuild_event(rec, self.times)
                     price, model = await self._quote_memo(ev, memo)
                     refusal = self._refusal(price, currencies.get(ev.customer_id))
                 except Exception as e:
@@ -550,13 +550,13 @@ def event_from_record(rec):
                  rec.transno, payload, rec.payload_hash)
 
 
-def rebuild_event(rec) -> Event:
+def rebuild_event(rec, times: clock.TimeRange = _DEFAULT_TIMES) -> Event:
     """The Event of a claimed record, or InvalidEvent saying why it cannot be rebuilt: a row
-    written around the API (an unparsable payload, a use_time that is not a time) must not stop
-    the accountant for everyone else."""
+    written around the API (an unparsable payload, a use_time that is not a time or outside the
+    range the API accepts) must not stop the accountant for everyone else."""
     try:
         ev = event_from_record(rec)
-        clock.parse(ev.use_time, "use_time")
+        times.parse(ev.use_time, "use_time")
         ev.day   # the price is dated by it
     except Exception as e:
         raise InvalidEvent(f"stored event {rec.request_id} cannot be rebuilt: {type(e).__name__}: {e}"[:500]) from None

@@ -288,3 +288,27 @@ async def test_partial_pricing_when_allowed_lists_what_was_not_charged(core):
     assert view["unpriced_factors"] == ["quantity"] and view["duplicate"] is True
     plain = await core.accounting.post_usage(usage("p3"))
     assert plain["unpriced_factors"] == []
+
+
+def test_legacy_factor_names_on_an_event_are_read_not_dropped():
+    from billing_module.pricing import Usage
+    u = Usage.from_event({"model_name": "m", "prompt_tokens": 1000, "completion_tokens": "500", "duration": "4"})
+    assert (u.input_tokens, u.output_tokens, u.quantity, u.unit) == (1000, 500, 4, "second")
+    same = Usage.from_event({"model_name": "m", "prompt_tokens": 1000, "input_tokens": 1000})
+    assert same.input_tokens == 1000
+    for bad in ({"prompt_tokens": 1000, "input_tokens": 1}, {"duration": 3, "unit": "image"},
+                {"completion_tokens": -1}):
+        with pytest.raises(InvalidParam):
+            Usage.from_event(dict(bad, model_name="m"))
+
+
+async def test_an_event_with_legacy_token_names_is_charged_not_zero(core):
+    await seed_pricing(core)
+    await core.ledger.recharge("cust-1", units("1"), "r1")
+    event = {"request_id": "legacy", "customer_id": "cust-1", "model_name": "chat-a",
+             "prompt_tokens": 1000, "completion_tokens": 500, "use_time": "2026-11-22 10:00:00"}
+    assert (await core.accounting.post_usage(event))["amount"] == CHAT_A_PRICE
+    video = dict(event, request_id="legacy-video", model_name="flat-1", duration=4)
+    del video["prompt_tokens"], video["completion_tokens"]
+    with pytest.raises(UnpricedFactor):     # flat-1 has no per-second price: not silently free
+        await core.accounting.post_usage(video)

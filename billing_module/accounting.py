@@ -268,21 +268,25 @@ class Accounting:
         return dict(record_view(existing, duplicate=True))
 
     async def quote(self, raw):
-        ev = await self._prepare(dict(raw, request_id=raw.get("request_id") or "quote"))
-        price, model = await self.core.catalog.quote(ev.usage, ev.llmid, ev.payload["model_name"], ev.customer_id, ev.day)
+        _, price, model = await self._estimate(raw)
         return dict(price.to_dict(), llmid=model.id, model_name=model.name, unpriced_factors=list(price.unpriced))
 
     async def hold_amount(self, raw) -> int:
         """What to hold for an estimated event: its price in micro-units, refused the way the
         charge would be (another currency than the balance's, an unpriced factor)."""
-        ev = await self._prepare(dict(raw, request_id=raw.get("request_id") or "quote"))
-        price, _ = await self.core.catalog.quote(ev.usage, ev.llmid, ev.payload["model_name"], ev.customer_id, ev.day)
+        ev, price, _ = await self._estimate(raw)
         async with self.db.read() as tx:
             currency = (await self._currencies(tx, {ev.customer_id})).get(ev.customer_id)
         refusal = self._refusal(price, currency)
         if refusal is not None:
             raise refusal
         return price.amount
+
+    async def _estimate(self, raw):
+        """(event, price, model) of an event that is priced, not charged (no request_id needed)."""
+        ev = await self._prepare(dict(raw, request_id=raw.get("request_id") or "quote"))
+        price, model = await self.core.catalog.quote(ev.usage, ev.llmid, ev.payload["model_name"], ev.customer_id, ev.day)
+        return ev, price, model
 
     async def record(self, record_id=None, request_id=None):
         async with self.db.read() as tx:

@@ -18,10 +18,10 @@ from decimal import Decimal
 from appPublic.dictObject import DictObject
 
 from . import clock
+from .catalog import price_for_model
 from .db import dialect as dialects
 from .db.database import Row
 from .db.group import Fallback, GroupCommit
-from .catalog import price_for_model
 from .errors import (BillingError, Conflict, CurrencyMismatch, InvalidEvent, InvalidParam, UnknownCustomer,
                      UnpricedFactor)
 from .ids import new_id, payload_hash
@@ -327,6 +327,8 @@ class Accounting:
                     price, model = await self._quote_memo(ev, memo)
                     refusal = self._refusal(price, currencies.get(ev.customer_id))
                 except Exception as e:
+                    if dialects.is_database_error(e):
+                        raise          # no event's fault: the batch stops and its rows stay pending
                     failed.append((rec, _event_error(e, rec), None))
                     continue
                 if refusal is not None:
@@ -569,11 +571,9 @@ def rebuild_event(rec, times: clock.TimeRange = _DEFAULT_TIMES) -> Event:
 
 def _event_error(exc, rec):
     """The failure to record for one event of a batch: its own BillingError, or ``invalid_event``
-    for anything else it raised. A database error is no event's fault: it stops the batch."""
+    for anything else it raised (a bug must not stop the others either; the log has the trace)."""
     if isinstance(exc, BillingError):
         return exc
-    if dialects.is_database_error(exc):
-        raise exc
     log.warning("accounting record %s cannot be priced", rec.id, exc_info=exc)
     return InvalidEvent(f"stored event {rec.request_id} cannot be priced: {type(exc).__name__}: {exc}"[:500])
 

@@ -126,7 +126,14 @@ class Catalog:
         """The compiled pricing program (parsed once per cache lifetime), or None."""
         async def load():
             row = await self._row("pricing_cache", "id = ${k}$", {"k": ppid})
-            return Program.from_payload(json.loads(row.payload)) if row else None
+            if row is None:
+                return None
+            try:
+                return Program.from_payload(json.loads(row.payload))
+            except (ValueError, InvalidParam) as e:
+                # a row written around the sync (which validates) prices nothing, for nobody
+                message = e.message if isinstance(e, InvalidParam) else f"{type(e).__name__}: {e}"
+                raise NoPricing(f"pricing program {ppid} in the cache cannot be read: {message}"[:500]) from None
         return await self.caches.cache("pricing").get_or_load(ppid, load)
 
     async def discount(self, customer_id):

@@ -11,7 +11,7 @@ import sys
 import pytest
 
 from billing_module import clock
-from billing_module.errors import CurrencyMismatch, InvalidParam, ModelMismatch, UnpricedFactor
+from billing_module.errors import CurrencyMismatch, InvalidParam, ModelMismatch, NoPricing, UnpricedFactor
 from billing_module.ids import new_id
 from tests.conftest import make_config
 from tests.helpers import CHAT_A_PRICE, MODELS, PROGRAM, seed_pricing, units, usage
@@ -312,3 +312,21 @@ async def test_an_event_with_legacy_token_names_is_charged_not_zero(core):
     del video["prompt_tokens"], video["completion_tokens"]
     with pytest.raises(UnpricedFactor):     # flat-1 has no per-second price: not silently free
         await core.accounting.post_usage(video)
+
+
+async def test_a_corrupt_price_list_row_fails_its_own_events_only(core):
+    await seed_pricing(core)
+    async with core.db.transaction() as tx:     # written around the sync, which validates
+        await tx.execute("insert into pricing_cache (id, name, currency, payload, version, cached_at) "
+                         "values ('pp-bad', 'bad', 'CNY', '{not json', '1', '2026-11-22 10:00:00')")
+    await core.catalog.put("llmage", [{"id": "llm-bad", "name": "bad-model", "ppid": "pp-bad"}])
+    for customer in ("cust-1", "cust-2"):
+        await core.ledger.recharge(customer, units("1"), f"r-{customer}")
+    await core.accounting.submit_usage(usage("bad-q", customer="cust-1", model="bad-model"))
+    await core.accounting.submit_usage(usage("good-q", customer="cust-2"))
+    assert await core.accounting.account_pending() == 1
+    rec = await _record(core, "bad-q")
+    assert (rec.status, rec.error_code) == ("failed", "no_pricing")
+    with pytest.raises(NoPricing):
+        await core.accounting.post_usage(usage("bad-now", customer="cust-1", model="bad-model"))
+    assert (await core.ledger.balance("cust-2"))["balance"] == "0.994000"

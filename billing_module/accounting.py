@@ -407,7 +407,10 @@ class Accounting:
             raise NotFound(f"no accounting record {record_id}")
         if rec.status == "accounted":
             return record_view(rec, duplicate=True)
-        ev = parse_event(json.loads(rec.payload))
+        try:
+            ev = parse_event(json.loads(rec.payload))
+        except (ValueError, TypeError) as e:   # a row written around the API: an admin's case, not a 500
+            raise InvalidEvent(f"stored event {rec.request_id} cannot be rebuilt: {type(e).__name__}: {e}"[:500]) from None
         try:
             price, model = await self.core.catalog.quote(ev.usage, ev.llmid, ev.payload["model_name"],
                                                          ev.customer_id, ev.day)

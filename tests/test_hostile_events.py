@@ -330,3 +330,16 @@ async def test_a_corrupt_price_list_row_fails_its_own_events_only(core):
     with pytest.raises(NoPricing):
         await core.accounting.post_usage(usage("bad-now", customer="cust-1", model="bad-model"))
     assert (await core.ledger.balance("cust-2"))["balance"] == "0.994000"
+
+
+async def test_an_admin_retry_of_a_poison_row_is_an_answer_not_a_500(http):
+    core = http.core
+    await seed_pricing(core)
+    await core.ledger.recharge("mallory", units("1"), "r1")
+    await _plant_poison(core)
+    await core.accounting.account_pending()
+    failed = await core.failures.search(customer_id="mallory")
+    for row in failed["rows"]:
+        status, body = await http.post("api/failed_accounting_retry.dspy", http.admin_key, json={"id": row["id"]})
+        assert status < 500, body
+        assert status == 200 or body["code"] in ("invalid_event", "invalid_param"), body

@@ -36,9 +36,9 @@ from billing_module.money import (
 )
 
 FACTORS = ("input_tokens", "output_tokens", "cached_tokens", "quantity", "flat")
-# Legacy platform names. "duration" also fixes quantity_unit to "second".
+# Legacy platform names, in rules and on events.
 ALIASES = {"prompt_tokens": "input_tokens", "completion_tokens": "output_tokens", "duration": "quantity"}
-# The unit an alias implies on an event (a legacy event's "duration" is a number of seconds).
+# The unit an alias implies: a "duration" rule is per second, a "duration" on an event is seconds.
 ALIAS_UNITS = {"duration": "second"}
 # Units every program knows; a program's own unit_values extend and override these.
 DEFAULT_UNIT_VALUES = {
@@ -524,10 +524,11 @@ def _parse_rule(i, raw, units, where):
     quantity_unit = None
     if factor == "quantity":
         quantity_unit = raw.get("quantity_unit")
-        if name == "duration":
-            if quantity_unit not in (None, "second"):
-                raise InvalidParam(f"{where}: duration rules are per second, got quantity_unit {quantity_unit!r}")
-            quantity_unit = "second"
+        implied = ALIAS_UNITS.get(name)
+        if implied is not None:
+            if quantity_unit not in (None, implied):
+                raise InvalidParam(f"{where}: {name} rules are per {implied}, got quantity_unit {quantity_unit!r}")
+            quantity_unit = implied
         if not isinstance(quantity_unit, str) or not quantity_unit.strip():
             raise InvalidParam(f"{where}: quantity_unit is required for quantity rules (e.g. second, image, char, call)")
         quantity_unit = quantity_unit.strip()

@@ -364,14 +364,17 @@ class Accounting:
             return len(rows), failed
 
         done, failed = await self.db.run(work)
+        await self._record_failures(failed)
+        return done
+
+    async def _record_failures(self, failed):
+        """Each in its own transaction, after the batch: a failure that cannot be recorded leaves
+        its event pending (the next batch sees it again) and stops no other."""
         for rec, e, price in failed:
-            # in their own transactions, after the batch: a failure that cannot be recorded leaves
-            # the event pending, and the next batch sees it again
             try:
                 await self.core.failures.record(parse_event_or_none(rec), e, price=price, record=rec)
             except Exception:
                 log.exception("could not record the failure of accounting record %s", rec.id)
-        return done
 
     async def _covered(self, tx, customer_ids):
         """The customers of a batch whose events the quota hook must see."""

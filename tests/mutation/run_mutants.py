@@ -72,8 +72,8 @@ MUTANTS = [
            (f"{PLANTED}::test_reconcile_reports_a_broken_running_balance_per_customer",)),
     # the bug issue 10 started from: the retry rebuilt the event without resolving the llmid
     Mutant("retry_rebuilds_without_resolving", "billing_module/accounting.py",
-           "ev = await self.rebuild_event(json.loads(rec.payload), rec.payload_hash)\n",
-           "ev = parse_event(json.loads(rec.payload))\n",
+           "        if not model_name and llmid:\n            model = await self._model_by_id(llmid, memo)\n",
+           "        if False:\n            model = await self._model_by_id(llmid, memo)\n",
            (f"{RECOVERY}::test_issue_reproduction_llmid_only_event_is_recovered_and_charged_once",)),
 ]
 

@@ -55,8 +55,9 @@ def _page(status, title, message, headers=None):
 
 
 def error_reply(request, status, code, message, headers=None):
-    """JSON for the API and the sync export, a plain HTML page for the pages."""
-    if request.path.startswith(JSON_PREFIXES):
+    """JSON for the API, the sync export and every other ``.dspy`` (they all answer JSON), a plain
+    HTML page for the pages and files."""
+    if request.path.startswith(JSON_PREFIXES) or request.path.endswith(".dspy"):
         return _json(status, code, message, headers)
     return _page(status, code.replace("_", " "), message, headers)
 

@@ -40,7 +40,7 @@ def background_jobs(core):
         ("failed-accounting-retries", core.failures.retry_due, max(acc.interval_seconds, 5.0)),
         ("hold-expiry", core.ledger.expire_holds, holds.sweep_interval_seconds),
         ("subscription-renewals", core.products.renew_due, 60.0),
-        ("session-purge", SessionStore(core.db).purge, 300.0),
+        ("session-purge", SessionStore(core).purge, 300.0),
     ] + core.sync.background_jobs() + core.auth.background_jobs()
 
 

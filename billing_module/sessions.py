@@ -63,8 +63,12 @@ def _digest(key: str) -> str:
 class SessionStore:
     """The SQL of ``web_session``."""
 
-    def __init__(self, db):
-        self.db = db
+    def __init__(self, core):
+        self.core = core
+
+    @property
+    def db(self):
+        return self.core.db
 
     async def load(self, key: str):
         async with self.db.read() as tx:
@@ -89,9 +93,10 @@ class DatabaseSessionStorage(aiohttp_session.AbstractStorage):
     """aiohttp_session storage with the session data on the server: the cookie is a random key
     (HttpOnly, SameSite=Lax, Secure under https), an empty (logged-out) session deletes its row."""
 
-    def __init__(self, store: SessionStore, lifetime_seconds: int, behind_proxy: bool):
-        super().__init__(cookie_name=SESSION_COOKIE, max_age=lifetime_seconds, httponly=True, samesite="Lax")
-        self._store, self._behind_proxy = store, behind_proxy
+    def __init__(self, store: SessionStore, server_config):
+        super().__init__(cookie_name=SESSION_COOKIE, max_age=server_config.session_lifetime_seconds,
+                         httponly=True, samesite="Lax")
+        self._store, self._server_config = store, server_config
 
     async def load_session(self, request):
         key = self.load_cookie(request)
@@ -112,14 +117,14 @@ class DatabaseSessionStorage(aiohttp_session.AbstractStorage):
             session.set_new_identity(key)
         await self._store.save(key, json.dumps(self._get_session_data(session)), self.max_age)
         response.set_cookie(self.cookie_name, key, max_age=self.max_age, path="/", httponly=True, samesite="Lax",
-                            secure=request_is_https(request, self._behind_proxy))
+                            secure=request_is_https(request, self._server_config.behind_proxy))
 
 
 def setup_standalone_sessions(app: web.Application, core, secret: bytes) -> None:
     """What ``AuthAPI.setupAuth`` does, minus its port-derived secret: database sessions and auth
     tickets signed with ``secret``, both living ``server.session_lifetime_seconds``."""
     lifetime = core.config.server.session_lifetime_seconds
-    storage = DatabaseSessionStorage(SessionStore(core.db), lifetime, core.config.server.behind_proxy)
+    storage = DatabaseSessionStorage(SessionStore(core), core.config.server)
     aiohttp_session.setup(app, storage)
     policy = aiohttp_auth.SessionTktAuthentication(secret, lifetime, reissue_time=max(1, lifetime // 4),
                                                    include_ip=True)

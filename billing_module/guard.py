@@ -206,11 +206,18 @@ def _unexpected(request, config, exc):
         log.info("refused an unparsable request to %s: %s: %s", request.path, type(exc).__name__, exc)
         return _json(400, "invalid_param", f"the request could not be parsed ({type(exc).__name__}); "
                                            "send a JSON object or UTF-8 form data")
-    if request.path.endswith(".ui") and "bricks" in str(exc):
+    if request.path.endswith(".ui") and not _bricks_installed():
+        # a full-page .ui is wrapped in /bricks/header.tmpl, which this host does not have
         return _page(404, "page not available", "this page needs the bricks front-end (/bricks/), which this "
                                                 "server does not serve")
     log.error("%s %s failed: %s: %s", request.method, request.path, type(exc).__name__, exc, exc_info=exc)
     return error_reply(request, 400, "bad_request", "the request could not be served; the server log has details")
+
+
+def _bricks_installed():
+    from appPublic.jsonConfig import getConfig
+    paths = getConfig().website.paths or []
+    return any(os.path.isfile(os.path.join(root, "bricks", "header.tmpl")) for root, prefix in paths if prefix == "")
 
 
 def install_request_guard():

@@ -170,9 +170,12 @@ async def module_guard(request, handler):
             return refusal
         return await handler(request)
     except web.HTTPException as e:
-        if e.status < 500:
-            raise
-        return _unexpected(request, config, e)
+        if e.status >= 500:
+            return _unexpected(request, config, e)
+        if e.status < 400 or e.content_type != "text/plain":
+            raise     # a redirect, or a refusal that already says what it is
+        # ahserver's bare "404: Not Found" (a folder) and its like
+        return error_reply(request, e.status, e.reason.lower().replace(" ", "_"), e.reason)
     except Exception as e:
         return _unexpected(request, config, e)
 

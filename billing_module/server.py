@@ -78,6 +78,7 @@ def _secret_file(data_dir, name, nbytes=24):
     """A secret generated once and kept in data_dir (mode 600)."""
     path = os.path.join(data_dir, name)
     if os.path.exists(path):
+        os.chmod(path, 0o600)     # one an older version left readable to others
         with open(path, encoding="utf-8") as f:
             return f.read().strip()
     value = secrets.token_urlsafe(nbytes)

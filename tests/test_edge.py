@@ -302,7 +302,9 @@ def test_secret_files_are_0600_and_the_database_password_is_not_in_clear(tmp_pat
     conf = tmp_path / "conf"
     conf.mkdir()
     (conf / "config.json").write_text("{}")
-    os.chmod(conf / "config.json", 0o644)           # as an older version left it
+    (tmp_path / ".password_key").write_text("an-older-key-left-readable\n")
+    for name in ("conf/config.json", ".password_key"):
+        os.chmod(tmp_path / name, 0o644)             # as an older version left them
     written = write_host_workdir(make_config(tmp_path), str(tmp_path),
                                  mysql_desc("db.example", 3306, "billing", "Sup3r-Secret", "billing"))
     text = (conf / "config.json").read_text()

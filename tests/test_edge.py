@@ -283,6 +283,15 @@ async def test_logout_ends_the_session_on_the_server(http):
         assert await tx.scalar("select count(*) as n from web_session") == 0
 
 
+async def test_a_session_ends_on_the_server_after_its_lifetime(http, fixed_clock):
+    await login(http)
+    status, _ = await http.get("api/balances.dspy")
+    assert status == 200
+    fixed_clock.advance(http.core.config.server.session_lifetime_seconds + 1)
+    status, _ = await http.get("api/balances.dspy")
+    assert status == 401
+
+
 async def test_the_session_cookie_is_secure_under_https_behind_a_proxy(http):
     http.core.config.server["behind_proxy"] = True
     try:

@@ -11,7 +11,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from billing_module.server import WWWROOT, reset_host_singletons
 
 
-async def test_load_from_host_init_uses_the_hosts_database(tmp_path, db_desc):
+async def test_load_from_host_init_uses_the_hosts_database(tmp_path, db_desc, caplog):
     from ahserver.configuredServer import ConfiguredServer, cleanupctx_coros
     from ahserver.serverenv import ServerEnv
     from sqlor.dbpools import DBPools
@@ -55,6 +55,7 @@ async def test_load_from_host_init_uses_the_hosts_database(tmp_path, db_desc):
         test_server = TestServer(app, host="127.0.0.1")
         await test_server.start_server()
         assert core.host_sessions_trusted is False
+        assert any(r.levelname == "ERROR" and "default (port-derived) secret" in r.getMessage() for r in caplog.records)
         # the session cookie is Secure: let the jar send it over plain http to this test server
         jar = CookieJar(unsafe=True, treat_as_secure_origin=str(test_server.make_url("/")))
         client = TestClient(test_server, cookie_jar=jar)

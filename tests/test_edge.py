@@ -436,3 +436,16 @@ async def test_crud_delete_without_id_is_400_and_pages_never_500(http):
     # a full-page .ui request (no _webbricks_): bricks templates may be missing, never a 500
     r = await http.client.get("/billing_module/index.ui")
     assert r.status in (200, 404) and r.headers["Content-Type"].startswith("text/html"), await r.text()
+
+
+async def test_a_multipart_login_still_works_after_the_body_check(http):
+    """The guard reads the body to bound it and hands it on: ahserver's multipart reader (the
+    bricks client posts forms as multipart) still sees every field."""
+    import aiohttp
+    with aiohttp.MultipartWriter("form-data") as mp:
+        for name, value in (("username", "admin"), ("password", http.core.admin_password)):
+            mp.append(value).set_content_disposition("form-data", name=name)
+    r = await http.client.post("/billing_module/login.dspy", data=mp, headers={"Origin": origin(http)})
+    assert r.status == 200, await r.text()
+    status, _ = await http.get("api/balances.dspy")
+    assert status == 200

@@ -25,6 +25,10 @@ class BillingCore:
         self.apikeys = None
         self._services_built = False
         self._tasks = []
+        from .throttle import LoginThrottle
+        self.login_throttle = LoginThrottle(self.config.server)
+        self.host_sessions_trusted = False   # set by the start-up check (sessions.check_host_sessions)
+        self.standalone_admin = None         # the standalone host's admin user name
 
     _SERVICES = ("caches", "catalog", "ledger", "failures", "accounting", "products", "sync", "auth")
 

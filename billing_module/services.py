@@ -27,6 +27,7 @@ def build_services(core, db):
 def background_jobs(core):
     """(name, coroutine function, interval seconds); each claims its rows in the database, so
     several instances on one database can all run them."""
+    from .sessions import SessionStore
     acc, holds = core.config.accounting, core.config.holds
 
     async def accountant():
@@ -39,6 +40,7 @@ def background_jobs(core):
         ("failed-accounting-retries", core.failures.retry_due, max(acc.interval_seconds, 5.0)),
         ("hold-expiry", core.ledger.expire_holds, holds.sweep_interval_seconds),
         ("subscription-renewals", core.products.renew_due, 60.0),
+        ("session-purge", SessionStore(core).purge, 300.0),
     ] + core.sync.background_jobs() + core.auth.background_jobs()
 
 

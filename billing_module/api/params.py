@@ -7,6 +7,11 @@ from ..errors import InvalidParam
 from ..money import to_micro
 
 _ID_RE = re.compile(r"[A-Za-z0-9_.:@\-]+")
+# What a browser page sends for a field left empty: "" (an empty input), "undefined" (a select
+# never touched: JavaScript's undefined made a string in a query), "null" (JSON null made a
+# string). All mean "not given", for every parameter: an optional filter is then no filter, a
+# required one is "required" rather than a customer named "undefined".
+ABSENT = ("", "undefined", "null")
 
 
 class Params:
@@ -17,11 +22,17 @@ class Params:
         v = self.raw.get(name)
         if isinstance(v, list):
             raise InvalidParam(f"{name}: given more than once")
+        if isinstance(v, str) and v in ABSENT:
+            return None
         return v
+
+    def value(self, name):
+        """The value as sent (None when absent), for a reader further in that checks it itself."""
+        return self._get(name)
 
     def present(self, name):
         v = self.raw.get(name)
-        return v is not None and v != ""
+        return v is not None and not (isinstance(v, str) and v in ABSENT)
 
     def str(self, name, required=False, max_len=255, default=None, choices=None):
         v = self._get(name)

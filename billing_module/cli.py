@@ -25,6 +25,8 @@ def build_parser():
     p.add_argument("--demo", action="store_true", help="seed demo customers, prices and a product")
     p.add_argument("--host", help="bind address (server.host)")
     p.add_argument("--port", type=int, help="port (server.port)")
+    p.add_argument("--bricks-dir", help="bricks front end (a build or its source folder) served at /bricks/ "
+                   "(server.bricks_dir)")
     p.add_argument("--workers", type=int, default=1, help="server processes sharing the port and the database")
     p.add_argument("--quiet", action="store_true", help=argparse.SUPPRESS)
 
@@ -73,6 +75,8 @@ def _load(args):
         overrides.setdefault("server", {})["data_dir"] = args.data_dir
     if getattr(args, "host", None):
         overrides.setdefault("server", {})["host"] = args.host
+    if getattr(args, "bricks_dir", None):
+        overrides.setdefault("server", {})["bricks_dir"] = os.path.abspath(args.bricks_dir)
     if getattr(args, "port", None) is not None:
         overrides.setdefault("server", {})["port"] = args.port
     cfg = load_config(args.config or os.environ.get("BILLING_CONFIG") or None, overrides=overrides)

@@ -102,6 +102,7 @@ SCHEMA = {
         "log_level": ("info", _choice("debug", "info", "warning", "error")),
         "admin_user": ("admin", _str),
         "admin_password": ("", _str),         # empty: generated at first start, stored in data_dir
+        "bricks_dir": ("", _str),             # bricks build or source folder served at /bricks/
     },
     "auth": {
         "require_api_key": (True, _bool),     # standalone API needs a key; a host may use its own auth

@@ -97,6 +97,7 @@ def write_host_workdir(cfg, data_dir, db_desc):
         os.unlink(link)
     if not os.path.lexists(link):
         os.symlink(WWWROOT, link)
+    install_bricks(cfg, www)
     host_config = {
         "password_key": _secret_file(data_dir, ".password_key"),
         "logger": {"name": "billing", "levelname": "clientinfo", "logfile": os.path.join(data_dir, "ahserver.log")},
@@ -115,6 +116,19 @@ def write_host_workdir(cfg, data_dir, db_desc):
     with open(os.path.join(data_dir, "conf", "config.json"), "w", encoding="utf-8") as f:
         json.dump(host_config, f, indent=1)
     return host_config
+
+
+def install_bricks(cfg, www):
+    """``/bricks/`` from ``server.bricks_dir`` (see billing_module.bricks)."""
+    from . import bricks
+    bricks.install(www, cfg.server.bricks_dir or None)
+
+
+def serve_static_files(app, data_dir):
+    """Bricks, the favicon and 404s for missing files, ahead of the login check."""
+    from . import bricks
+    from .api import API_PREFIX
+    app.middlewares.insert(0, bricks.static_middleware(os.path.join(data_dir, "wwwroot"), API_PREFIX))
 
 
 def make_auth_class():
@@ -168,6 +182,7 @@ async def build_app(cfg, data_dir, db_desc=None, demo=False, background=True):
     server = ConfiguredServer(auth_klass=make_auth_class(), workdir=data_dir)
     server.configPath(server.config)
     app = await server.build_app()
+    serve_static_files(app, data_dir)
     created = await core.create_schema()
     if created:
         log.info("schema: created %s", ", ".join(created))

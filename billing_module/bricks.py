@@ -1,0 +1,157 @@
+"""The standalone host's bricks: the front-end library that turns a ``.ui`` description into a page.
+
+A platform host serves bricks itself at ``/bricks/``. The standalone host serves the folder given
+by ``server.bricks_dir`` (``serve --bricks-dir``) there, laid out in ``<data_dir>/wwwroot/bricks``:
+
+* a built bricks (``bricks.js`` next to ``css/``), linked as it is;
+* the source folder (``build.sh`` with its ``SOURCES=`` list, or a folder holding ``bricks/build.sh``):
+  the sources are concatenated in that order into ``bricks.js``, as bricks' own build does, and
+  ``css/`` and ``imgs/`` are linked.
+
+It also writes ``header.tmpl`` / ``footer.tmpl``, which ahserver wraps around a ``.ui`` opened by a
+browser (without ``_webbricks_``). With no bricks configured they make that page a short HTML note
+saying how to configure it.
+
+``static_middleware`` answers ``/bricks/*`` and ``/favicon.ico`` before the login check (the login
+page needs them) and a GET for a file that does not exist with 404 (ahserver answers 500).
+"""
+import os
+import re
+import shutil
+from typing import Awaitable, Callable, Optional
+
+from aiohttp import web
+
+from .errors import ConfigError
+
+BRICKS_URL = "/bricks/"
+
+HEADER = """<!DOCTYPE html>
+<html>
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>Billing console</title>
+<link rel="icon" href="data:,">
+<link href="/bricks/css/bricks.css" rel="stylesheet">
+<script src="/bricks/bricks.js"></script>
+</head>
+<body>
+<script>
+const opts = {"widget":"""
+
+FOOTER = """};
+new BricksApp(opts).run();
+</script>
+</body>
+</html>
+"""
+
+# With no bricks: the description stays in the page as inert text under a note.
+HEADER_UNCONFIGURED = """<!DOCTYPE html>
+<html>
+<head><meta charset="utf-8"><title>Billing console: bricks not configured</title>
+<link rel="icon" href="data:,"></head>
+<body>
+<h1>This page needs the bricks front end</h1>
+<p>The standalone host serves bricks (github.com/yumoqing/bricks, MIT) from a folder you give it:
+start it with <code>billing-module serve --bricks-dir PATH</code> or set <code>server.bricks_dir</code>
+(environment <code>BILLING_SERVER_BRICKS_DIR</code>). PATH is a built bricks (<code>bricks.js</code> and
+<code>css/</code>) or its source folder. A platform host serves its own bricks at <code>/bricks/</code>.</p>
+<p>The JSON APIs under <code>/billing_module/api/</code> work without it.</p>
+<script type="application/json" id="page-description">"""
+
+FOOTER_UNCONFIGURED = """</script>
+</body>
+</html>
+"""
+
+# a favicon, so browsers asking for one get an answer rather than an error in their console
+FAVICON_SVG = ('<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 16 16">'
+               '<rect width="16" height="16" rx="3" fill="#2f5d8a"/>'
+               '<text x="8" y="12" font-size="11" text-anchor="middle" fill="#fff" font-family="sans-serif">B</text>'
+               '</svg>')
+
+
+def build_order(build_sh: str) -> list[str]:
+    """The source files named by ``SOURCES="..."`` in bricks' build.sh, in order."""
+    with open(build_sh, encoding="utf-8") as f:
+        m = re.search(r'SOURCES="([^"]*)"', f.read())
+    if not m:
+        raise ConfigError(f"bricks: no SOURCES=\"...\" list in {build_sh}")
+    return m.group(1).replace("\\", " ").split()
+
+
+def locate(bricks_dir: str) -> tuple[str, str]:
+    """('source', folder with build.sh) or ('built', folder with bricks.js); ConfigError otherwise."""
+    path = os.path.abspath(os.path.expanduser(bricks_dir))
+    for folder in (path, os.path.join(path, "bricks")):
+        if os.path.isfile(os.path.join(folder, "build.sh")):
+            return "source", folder
+    for folder in (path, os.path.join(path, "dist")):
+        if os.path.isfile(os.path.join(folder, "bricks.js")):
+            return "built", folder
+    raise ConfigError(f"server.bricks_dir {bricks_dir!r}: neither a bricks build (bricks.js) "
+                      "nor its source folder (build.sh)")
+
+
+def _concatenate(source: str, target: str) -> None:
+    with open(target, "w", encoding="utf-8") as out:
+        for name in build_order(os.path.join(source, "build.sh")):
+            path = os.path.join(source, name)
+            if not os.path.isfile(path):
+                raise ConfigError(f"bricks: {name} is listed in build.sh but missing in {source}")
+            with open(path, encoding="utf-8") as f:
+                out.write(f.read())
+            out.write("\n")
+
+
+def install(www: str, bricks_dir: Optional[str]) -> str:
+    """Lay out ``<www>/bricks`` (rebuilt at each start: it holds only links and generated files)."""
+    target = os.path.join(www, "bricks")
+    if os.path.islink(target) or os.path.isfile(target):
+        os.unlink(target)
+    elif os.path.isdir(target):
+        shutil.rmtree(target)
+    os.makedirs(target)
+    header, footer = HEADER_UNCONFIGURED, FOOTER_UNCONFIGURED
+    if bricks_dir:
+        kind, folder = locate(bricks_dir)
+        if kind == "source":
+            _concatenate(folder, os.path.join(target, "bricks.js"))
+            entries = [e for e in ("css", "imgs") if os.path.isdir(os.path.join(folder, e))]
+        else:
+            entries = [e for e in os.listdir(folder) if not e.endswith(".tmpl")]
+        for entry in entries:
+            os.symlink(os.path.join(folder, entry), os.path.join(target, entry))
+        header, footer = HEADER, FOOTER
+    for name, text in (("header.tmpl", header), ("footer.tmpl", footer)):
+        with open(os.path.join(target, name), "w", encoding="utf-8") as f:
+            f.write(text)
+    return target
+
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def static_middleware(www: str, api_prefix: str):
+    """Serve bricks and the favicon without login; 404 for a missing file (not ahserver's 500)."""
+    root = os.path.abspath(www)
+
+    @web.middleware
+    async def serve_static(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if request.method not in ("GET", "HEAD") or request.path.startswith(api_prefix):
+            return await handler(request)
+        if request.path == "/favicon.ico":
+            return web.Response(text=FAVICON_SVG, content_type="image/svg+xml")
+        path = os.path.normpath(os.path.join(root, request.path.lstrip("/")))
+        inside = path == root or path.startswith(root + os.sep)
+        if not inside or not os.path.exists(path):
+            raise web.HTTPNotFound(text=f"{request.path}: not found")
+        if request.path.startswith(BRICKS_URL) and not path.endswith(".tmpl"):
+            if os.path.isfile(path):
+                return web.FileResponse(path)
+            raise web.HTTPNotFound(text=f"{request.path}: not found")
+        return await handler(request)
+
+    return serve_static

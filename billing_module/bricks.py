@@ -35,6 +35,15 @@ HEADER = """<!DOCTYPE html>
 <link rel="icon" href="data:,">
 <link href="/bricks/css/bricks.css" rel="stylesheet">
 <script src="/bricks/bricks.js"></script>
+<script>
+// bricks 2023 keeps one parameter object for all its requests (HttpText.params): the filters of
+// one request ride along on the next. Each request starts from its own parameters here.
+if (typeof HttpText !== "undefined" && typeof jc !== "undefined" && typeof hc !== "undefined") {
+  for (const c of [jc, hc]) {
+    c.url_parse = function (url) { this.params = {"_webbricks_": 1}; return HttpText.prototype.url_parse.call(this, url); };
+  }
+}
+</script>
 </head>
 <body>
 <script>

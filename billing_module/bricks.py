@@ -34,6 +34,8 @@ HEADER = """<!DOCTYPE html>
 <title>Billing console</title>
 <link rel="icon" href="data:,">
 <link href="/bricks/css/bricks.css" rel="stylesheet">
+</head>
+<body>
 <script src="/bricks/bricks.js"></script>
 <script>
 // bricks 2023 keeps one parameter object for all its requests (HttpText.params): the filters of
@@ -44,8 +46,6 @@ if (typeof HttpText !== "undefined" && typeof jc !== "undefined" && typeof hc !=
   }
 }
 </script>
-</head>
-<body>
 <script>
 const opts = {"widget":"""
 

@@ -34,6 +34,10 @@ HEADER = """<!DOCTYPE html>
 <title>Billing console</title>
 <link rel="icon" href="data:,">
 <link href="/bricks/css/bricks.css" rel="stylesheet">
+<style>
+/* a form's fields flow in CSS columns (bricks' .multicolumns): keep each label with its input */
+.multicolumns > .inputbox { break-inside: avoid; }
+</style>
 </head>
 <body>
 <script src="/bricks/bricks.js"></script>

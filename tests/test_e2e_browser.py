@@ -5,6 +5,7 @@ effect is checked through the API or the database; every page's browser log must
 severe errors (a failed request shows there too) except the deliberate ones. One server and one
 browser session serve every flow; the flows run in file order. A PNG of every page goes to
 ``$E2E_SHOTS`` (default ``tests/.e2e-shots``, git-ignored)."""
+import asyncio
 import csv
 import io
 import json
@@ -15,12 +16,15 @@ import socket
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.parse
 import urllib.request
 
 import pytest
+
+from tests.central_server import CentralServer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BRICKS = os.environ.get("BILLING_BRICKS_DIR") or os.path.join(os.path.dirname(REPO), "shared", "vendor", "bricks")
@@ -74,13 +78,30 @@ class Api:
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
+def central():
+    """The central platform (tests/central_server.py) on its own event loop in a thread, with users
+    to sync, so that "sync now" has something to do."""
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    server = CentralServer("e2e-app", "e2e-secret")
+    server.put("users", [{"id": "e2e-org", "kind": "org", "name": "E2E Org", "org_type": "customer",
+                          "status": "active"}])
+    url = asyncio.run_coroutine_threadsafe(server.start(), loop).result(10)
+    yield {"BILLING_SYNC_CENTRAL_URL": url, "BILLING_SYNC_APP_KEY": "e2e-app", "BILLING_SYNC_APP_SECRET": "e2e-secret"}
+    asyncio.run_coroutine_threadsafe(server.stop(), loop).result(10)
+    loop.call_soon_threadsafe(loop.stop)
+    thread.join(10)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, central):
     _browser_binaries()
     if not os.path.isdir(BRICKS):
         pytest.skip(f"no bricks at {BRICKS}: set BILLING_BRICKS_DIR to a bricks build or its source folder")
     data_dir = tmp_path_factory.mktemp("e2e")
     port = _free_port()
-    env = dict(os.environ, BILLING_SERVER_ADMIN_PASSWORD=PASSWORD)
+    env = dict(os.environ, BILLING_SERVER_ADMIN_PASSWORD=PASSWORD, **central)
     env.pop("BILLING_CONFIG", None)
     proc = subprocess.Popen([sys.executable, "-m", "billing_module.cli", "serve", "--demo", "--port", str(port),
                              "--data-dir", str(data_dir), "--bricks-dir", BRICKS],
@@ -352,8 +373,10 @@ def test_products_create_bind_supply_subscribe_and_cancel(console, clean_log):
     c.wait_text("#pr_result", "Bind resource: done")
     bindings = c.api.call("product_bindings", product_id=product_id)["rows"]
     assert [b["resource_ref_id"] for b in bindings] == ["demo-llm-chat"]
-    resource_id = bindings[0]["id"]
-    c.wait_text("#pr_grid", "demo-llm-chat")
+    resource_id = bindings[0]["product_resource_id"]
+    c.type("pr_filter", "product_id", product_id)
+    c.click("pr_filter_go")
+    c.wait_text("#pr_grid", resource_id)
     c.shot("product-resources")
 
     c.open("product_suppliers.ui")
@@ -423,8 +446,11 @@ def test_sync_now_shows_its_outcome(console, clean_log):
     c.open("sync_status.ui")
     c.click("sync_now_1")
     outcome = c.wait_text("#sync_result", "Sync now")
+    assert "Sync now: done" in outcome, outcome
     entity = c.api.call("sync_status")["entities"][0]
-    assert f"{entity['entity']}: {entity['sync_status']}" in outcome, (outcome, entity)
+    assert entity["entity"] == "users" and entity["sync_status"] == "success"
+    assert "users: success" in outcome
+    assert c.db("select name from users_cache where id = 'e2e-org'") == [("E2E Org",)]
     c.shot("sync-status")
 
 

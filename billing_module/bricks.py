@@ -37,6 +37,8 @@ HEADER = """<!DOCTYPE html>
 <style>
 /* a form's fields flow in CSS columns (bricks' .multicolumns): keep each label with its input */
 .multicolumns > .inputbox { break-inside: avoid; }
+/* a button in a column is as wide as its label, not the whole page */
+.vcontainer > button { align-self: flex-start; min-width: 8em; }
 </style>
 </head>
 <body>

@@ -181,6 +181,15 @@ class Console:
         field.clear()
         field.send_keys(text)
 
+    def fill(self, form, **values):
+        for name, text in values.items():
+            self.type(form, name, text)
+
+    def submit(self, form, **values):
+        """Fill ``form`` and click its button (``<form>_go``)."""
+        self.fill(form, **values)
+        self.click(f"{form}_go")
+
     def select(self, form, name, value):
         Select(self.el(f"#{form} select[name={name}]")).select_by_value(value)
 
@@ -232,8 +241,7 @@ def test_login_refuses_a_wrong_password_then_opens_the_console(console):
     c = console
     c.open("login.ui")
     c.d.get_log("browser")
-    c.type("billing_login_form", "username", "admin")
-    c.type("billing_login_form", "password", "wrong")
+    c.fill("billing_login_form", username="admin", password="wrong")
     c.click("billing_login_go")
     c.wait_text("#billing_login_error", "password")
     c.shot("login-refused")
@@ -265,8 +273,7 @@ def test_failed_accounting_filter_retry_and_mark_handled(console, clean_log):
     c = console
     c.open("failed_accounting.ui")
     c.wait_text("#fa_grid", "e2e-missing-a")
-    c.type("fa_filter", "customer_id", "demo-globex")
-    c.click("fa_filter_go")
+    c.submit("fa_filter", customer_id="demo-globex")
     c.wait(lambda: "e2e-missing-a" not in c.text("#fa_grid") and "e2e-missing-b" in c.text("#fa_grid"),
            "the customer filter did not narrow the grid")
     c.shot("failed-accounting")
@@ -290,8 +297,7 @@ def test_usage_logs_totals_chart_and_export_match_the_api(console, clean_log):
     c = console
     c.open("usage_logs.ui")
     c.wait_text("#accounting_totals", "records")
-    c.type("ua_filter", "customer_id", "demo-acme")
-    c.click("ua_filter_go")
+    c.submit("ua_filter", customer_id="demo-acme")
     stats = c.api.call("usage_stats", group_by="total", customer_id="demo-acme", status="accounted")["rows"][0]
     c.wait(lambda: c.text("#accounting_total_records") == f"{stats['records']} records", "totals not filtered")
     assert stats["records"] == 2
@@ -334,9 +340,7 @@ def test_balances_recharge_and_adjust_double_click_charges_once(console, clean_l
     recharges = c.db("select count(*) from ledger_entry where customer_id = ? and entry_type = 'recharge'", "demo-initech")
     assert recharges == [(2,)]          # the demo's and this one
     assert float(_balance(c, "demo-initech")) == float(start) + 12.5
-    c.type("bal_adjust", "amount", "-2.00")
-    c.type("bal_adjust", "reason", "goodwill correction")
-    c.click("bal_adjust_go")
+    c.submit("bal_adjust", amount="-2.00", reason="goodwill correction")
     c.wait_text("#bal_result", "Adjustment: done")
     assert float(_balance(c, "demo-initech")) == float(start) + 10.5
     c.shot("balances")
@@ -348,53 +352,46 @@ def _product_id(message):
     return m.group(1)
 
 
-def test_products_create_bind_supply_subscribe_and_cancel(console, clean_log):
-    c = console
+def _create_and_edit_product(c):
     c.open("products.ui")
-    fields = {"code": "e2e-pack", "product_name": "E2E pack", "quantity_unit": "token", "included_quantity": "1000",
-              "list_price": "30.00", "period_months": "1", "overage_price": "0.01", "price_per": "1000"}
-    for name, value in fields.items():
-        c.type("prod_form", name, value)
+    c.fill("prod_form", code="e2e-pack", product_name="E2E pack", quantity_unit="token", included_quantity="1000",
+           list_price="30.00", period_months="1", overage_price="0.01", price_per="1000")
     c.click("prod_save_go")
     product_id = _product_id(c.wait_text("#prod_result", "Save product: done"))
     assert c.db("select product_name, status from product where id = ?", product_id) == [("E2E pack", "active")]
     # edit: the same form with the product id replaces the product
-    c.type("prod_form", "product_id", product_id)
-    c.type("prod_form", "product_name", "E2E pack plus")
+    c.fill("prod_form", product_id=product_id, product_name="E2E pack plus")
     c.click("prod_save_go")
     c.wait(lambda: c.db("select product_name from product where id = ?", product_id) == [("E2E pack plus",)],
            "the edit did not reach the database")
     c.shot("products")
+    return product_id
 
+
+def _bind_resource(c, product_id):
     c.open("product_resources.ui")
-    c.type("pr_bind", "product_id", product_id)
     c.select("pr_bind", "resource_type", "llm")
-    c.type("pr_bind", "resource_ref_id", "demo-llm-chat")
-    c.type("pr_bind", "resource_name", "demo chat")
-    c.click("pr_bind_go")
+    c.submit("pr_bind", product_id=product_id, resource_ref_id="demo-llm-chat", resource_name="demo chat")
     c.wait_text("#pr_result", "Bind resource: done")
     bindings = c.api.call("product_bindings", product_id=product_id)["rows"]
     assert [b["resource_ref_id"] for b in bindings] == ["demo-llm-chat"]
     resource_id = bindings[0]["product_resource_id"]
-    c.type("pr_filter", "product_id", product_id)
-    c.click("pr_filter_go")
+    c.submit("pr_filter", product_id=product_id)
     c.wait_text("#pr_grid", resource_id)
     c.shot("product-resources")
+    return resource_id
 
+
+def _add_edit_disable_supplier(c, product_id, resource_id):
     c.open("product_suppliers.ui")
-    c.type("ps_add", "product_resource_id", resource_id)
-    c.type("ps_add", "supplier_org_id", "sup-e2e")
-    c.type("ps_add", "supplier_name", "E2E supplier")
-    c.type("ps_add", "unit_cost", "0.000001")
+    c.fill("ps_add", product_resource_id=resource_id, supplier_org_id="sup-e2e", supplier_name="E2E supplier",
+           unit_cost="0.000001")
     c.click("ps_add_go")
     c.wait_text("#ps_result", "Add supplier: done")
-    supplier = c.api.call("product_suppliers", product_resource_id=resource_id)["rows"][0]
-    assert supplier["supplier_org_id"] == "sup-e2e"
-    c.type("ps_filter", "product_id", product_id)
-    c.click("ps_filter_go")
+    assert c.api.call("product_suppliers", product_resource_id=resource_id)["rows"][0]["supplier_org_id"] == "sup-e2e"
+    c.submit("ps_filter", product_id=product_id)
     c.row_button("sup-e2e", "edit").click()
-    c.type("ps_edit", "priority", "5")
-    c.click("ps_edit_go")
+    c.submit("ps_edit", priority="5")
     c.wait_text("#ps_result", "Update supplier: done")
     assert c.api.call("product_suppliers", product_resource_id=resource_id)["rows"][0]["priority"] == 5
     c.click("ps_filter_go")
@@ -404,25 +401,14 @@ def test_products_create_bind_supply_subscribe_and_cancel(console, clean_log):
     assert str(rows[0]["enabled"]) == "0"
     c.shot("product-suppliers")
 
-    c.open("product_subscriptions.ui")
-    c.type("sub_new", "customer_id", "demo-initech")     # 15.50 left: the 30.00 package does not fit
-    c.type("sub_new", "product_id", product_id)
-    c.type("sub_new", "user_id", "demo-user-1")
-    c.click("sub_new_go")
-    refusal = c.wait_text("#sub_result", "Subscribe: refused")
-    assert "insufficient" in refusal.lower()
-    assert c.api.call("product_subscriptions", customer_id="demo-initech", status="")["total"] == 0
-    c.shot("subscription-refused")
-    c.open("product_subscriptions.ui")                    # a new page load: a new request id
-    c.type("sub_new", "customer_id", "demo-acme")
-    c.type("sub_new", "product_id", product_id)
-    c.type("sub_new", "user_id", "demo-user-1")
-    c.click("sub_new_go")
-    c.wait_text("#sub_result", "Subscribe: done")
-    subs = c.api.call("product_subscriptions", customer_id="demo-acme", product_id=product_id)["rows"]
-    assert [s["status"] for s in subs] == ["active"]
 
-    # consumption: a use of the product, then the per-product and per-day figures of the page
+def _subscribe(c, customer_id, product_id):
+    c.open("product_subscriptions.ui")      # each page load draws a new request id
+    c.submit("sub_new", customer_id=customer_id, product_id=product_id, user_id="demo-user-1")
+
+
+def _check_consumption(c, product_id):
+    """A use of the product, then the per-product and per-day figures the page shows."""
     used = c.api.call("product_use", "POST", customer_id="demo-acme", user_id="demo-user-1", product_id=product_id,
                       amount="1500", source_ref_table="e2e", source_ref_id="use-1")
     assert used["success"], used
@@ -434,9 +420,24 @@ def test_products_create_bind_supply_subscribe_and_cancel(console, clean_log):
     assert per_day[0]["key"] in c.text("#pc_by_day") and per_day[0]["amount"] in c.text("#pc_by_day")
     c.shot("product-consumption")
 
+
+def test_products_create_bind_supply_subscribe_and_cancel(console, clean_log):
+    c = console
+    product_id = _create_and_edit_product(c)
+    resource_id = _bind_resource(c, product_id)
+    _add_edit_disable_supplier(c, product_id, resource_id)
+    _subscribe(c, "demo-initech", product_id)          # 15.50 left: the 30.00 package does not fit
+    refusal = c.wait_text("#sub_result", "Subscribe: refused")
+    assert "insufficient" in refusal.lower()
+    assert c.api.call("product_subscriptions", customer_id="demo-initech", status="")["total"] == 0
+    c.shot("subscription-refused")
+    _subscribe(c, "demo-acme", product_id)
+    c.wait_text("#sub_result", "Subscribe: done")
+    subs = c.api.call("product_subscriptions", customer_id="demo-acme", product_id=product_id)["rows"]
+    assert [s["status"] for s in subs] == ["active"]
+    _check_consumption(c, product_id)
     c.open("product_subscriptions.ui")
-    c.type("sub_filter", "customer_id", "demo-acme")
-    c.click("sub_filter_go")
+    c.submit("sub_filter", customer_id="demo-acme")
     c.row_button("demo-acme", "cancel_now").click()
     c.wait_text("#sub_result", "Cancel subscription: done")
     subs = c.api.call("product_subscriptions", customer_id="demo-acme", product_id=product_id, status="")["rows"]

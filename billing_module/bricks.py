@@ -15,6 +15,7 @@ saying how to configure it.
 ``static_middleware`` answers ``/bricks/*`` and ``/favicon.ico`` before the login check (the login
 page needs them) and a GET for a file that does not exist with 404 (ahserver answers 500).
 """
+import contextlib
 import os
 import re
 import shutil
@@ -110,39 +111,59 @@ def locate(bricks_dir: str) -> tuple[str, str]:
                       "nor its source folder (build.sh)")
 
 
-def _concatenate(source: str, target: str) -> None:
-    with open(target, "w", encoding="utf-8") as out:
-        for name in build_order(os.path.join(source, "build.sh")):
-            path = os.path.join(source, name)
-            if not os.path.isfile(path):
-                raise ConfigError(f"bricks: {name} is listed in build.sh but missing in {source}")
-            with open(path, encoding="utf-8") as f:
-                out.write(f.read())
-            out.write("\n")
+def _concatenated(source: str) -> str:
+    parts = []
+    for name in build_order(os.path.join(source, "build.sh")):
+        path = os.path.join(source, name)
+        if not os.path.isfile(path):
+            raise ConfigError(f"bricks: {name} is listed in build.sh but missing in {source}")
+        with open(path, encoding="utf-8") as f:
+            parts.append(f.read() + "\n")
+    return "".join(parts)
+
+
+def _put(path: str, text: Optional[str] = None, link_to: Optional[str] = None) -> None:
+    """Write a file or a symlink by renaming a fresh one over it: server processes starting at the
+    same time on one data dir (``serve --workers``) each lay out the folder, and none may see it
+    half written or missing."""
+    tmp = f"{path}.{os.getpid()}.tmp"
+    if link_to is not None:
+        os.symlink(link_to, tmp)
+    else:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+    os.replace(tmp, path)
 
 
 def install(www: str, bricks_dir: Optional[str]) -> str:
-    """Lay out ``<www>/bricks`` (rebuilt at each start: it holds only links and generated files)."""
+    """Lay out ``<www>/bricks``: links and generated files only, replaced at each start."""
     target = os.path.join(www, "bricks")
     if os.path.islink(target) or os.path.isfile(target):
         os.unlink(target)
-    elif os.path.isdir(target):
-        shutil.rmtree(target)
-    os.makedirs(target)
-    header, footer = HEADER_UNCONFIGURED, FOOTER_UNCONFIGURED
+    os.makedirs(target, exist_ok=True)
+    files = {"header.tmpl": HEADER_UNCONFIGURED, "footer.tmpl": FOOTER_UNCONFIGURED}
+    links = {}
     if bricks_dir:
         kind, folder = locate(bricks_dir)
+        files = {"header.tmpl": HEADER, "footer.tmpl": FOOTER}
         if kind == "source":
-            _concatenate(folder, os.path.join(target, "bricks.js"))
-            entries = [e for e in ("css", "imgs") if os.path.isdir(os.path.join(folder, e))]
+            files["bricks.js"] = _concatenated(folder)
+            names = [e for e in ("css", "imgs") if os.path.isdir(os.path.join(folder, e))]
         else:
-            entries = [e for e in os.listdir(folder) if not e.endswith(".tmpl")]
-        for entry in entries:
-            os.symlink(os.path.join(folder, entry), os.path.join(target, entry))
-        header, footer = HEADER, FOOTER
-    for name, text in (("header.tmpl", header), ("footer.tmpl", footer)):
-        with open(os.path.join(target, name), "w", encoding="utf-8") as f:
-            f.write(text)
+            names = [e for e in os.listdir(folder) if not e.endswith(".tmpl")]
+        links = {name: os.path.join(folder, name) for name in names}
+    for name in os.listdir(target):
+        if name not in files and name not in links and not name.endswith(".tmp"):
+            path = os.path.join(target, name)
+            if os.path.isdir(path) and not os.path.islink(path):
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(path)
+    for name, text in files.items():
+        _put(os.path.join(target, name), text=text)
+    for name, folder_entry in links.items():
+        _put(os.path.join(target, name), link_to=folder_entry)
     return target
 
 

@@ -13,7 +13,8 @@ browser (without ``_webbricks_``). With no bricks configured they make that page
 saying how to configure it.
 
 ``static_middleware`` answers ``/bricks/*`` and ``/favicon.ico`` before the login check (the login
-page needs them) and a GET for a file that does not exist with 404 (ahserver answers 500).
+page needs them), a GET for a file that does not exist with 404 (ahserver answers 500), and sends a
+browser that opens a page before logging in to the login page.
 """
 import contextlib
 import os
@@ -170,8 +171,9 @@ def install(www: str, bricks_dir: Optional[str]) -> str:
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-def static_middleware(www: str, api_prefix: str):
-    """Serve bricks and the favicon without login; 404 for a missing file (not ahserver's 500)."""
+def static_middleware(www: str, api_prefix: str, login_page: str):
+    """Serve bricks and the favicon without login; 404 for a missing file (not ahserver's 500); a
+    page a browser opens before logging in goes to ``login_page``."""
     root = os.path.abspath(www)
 
     @web.middleware
@@ -188,6 +190,14 @@ def static_middleware(www: str, api_prefix: str):
             if os.path.isfile(path):
                 return web.FileResponse(path)
             raise web.HTTPNotFound(text=f"{request.path}: not found")
-        return await handler(request)
+        navigation = "text/html" in request.headers.get("Accept", "") and "_webbricks_" not in request.query
+        if not (request.path.endswith(".ui") and navigation):
+            return await handler(request)
+        try:
+            return await handler(request)
+        except web.HTTPUnauthorized:
+            # the browser opened the page itself (bricks' own requests carry _webbricks_, API
+            # clients do not ask for HTML: both keep the 401): show the login page
+            raise web.HTTPFound(login_page)
 
     return serve_static

@@ -125,10 +125,12 @@ def install_bricks(cfg, www):
 
 
 def serve_static_files(app, data_dir):
-    """Bricks, the favicon and 404s for missing files, ahead of the login check."""
+    """Bricks, the favicon, 404s for missing files and the way to the login page, ahead of the
+    login check."""
     from . import bricks
     from .api import API_PREFIX
-    app.middlewares.insert(0, bricks.static_middleware(os.path.join(data_dir, "wwwroot"), API_PREFIX))
+    app.middlewares.insert(0, bricks.static_middleware(os.path.join(data_dir, "wwwroot"), API_PREFIX,
+                                                       f"/{MODULE_NAME}/login.ui"))
 
 
 def make_auth_class():

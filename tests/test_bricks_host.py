@@ -92,7 +92,15 @@ async def test_bricks_and_favicon_are_open_and_missing_files_are_404(http):
         assert r.status == 404, path
     # the templates are for ahserver, not for the browser; pages still need the login
     assert (await http.client.get("/bricks/header.tmpl")).status in (401, 403)
-    assert (await http.client.get("/billing_module/index.ui")).status == 401
+    # a page the browser opens before logging in leads to the login page; bricks' own requests
+    # (with _webbricks_) still get the 401
+    html = {"Accept": "text/html,application/xhtml+xml,*/*;q=0.8"}
+    r = await http.client.get("/billing_module/index.ui", headers=html, allow_redirects=False)
+    assert r.status == 302 and r.headers["Location"] == "/billing_module/login.ui"
+    r = await http.client.get("/billing_module/index.ui", params={"_webbricks_": "1"}, headers=html,
+                              allow_redirects=False)
+    assert r.status == 401
+    assert (await http.client.get("/billing_module/index.ui", allow_redirects=False)).status == 401
     # the login page is a bricks page a browser can open
     r = await http.client.get("/billing_module/login.ui")
     text = await r.text()

@@ -239,6 +239,8 @@ def clean_log(console):
 
 def test_login_refuses_a_wrong_password_then_opens_the_console(console):
     c = console
+    c.d.get(f"{c.base}/index.ui")          # before logging in, the console leads to the login page
+    c.wait(lambda: c.d.current_url.endswith("/login.ui"), "no way to the login page")
     c.open("login.ui")
     c.d.get_log("browser")
     c.fill("billing_login_form", username="admin", password="wrong")

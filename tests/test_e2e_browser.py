@@ -348,6 +348,20 @@ def test_balances_recharge_and_adjust_double_click_charges_once(console, clean_l
     c.shot("balances")
 
 
+def test_a_request_does_not_carry_the_previous_ones_filters(console, clean_log):
+    """bricks 2023 keeps one parameter object for every request; the host's page header starts each
+    request from its own (without it, the second call below would still filter on arrears)."""
+    c = console
+    c.open("balances.ui")
+    totals = c.d.execute_async_script("""
+        const done = arguments[arguments.length - 1];
+        const url = arguments[0];
+        jcall(url, {method: 'GET', params: {status: 'arrears'}})
+            .then(first => jcall(url, {method: 'GET', params: {}}).then(second => done([first.total, second.total])));
+    """, f"{c.base}/api/balances.dspy")
+    assert totals == [0, c.api.call("balances")["total"]] and totals[1] == 3
+
+
 def _product_id(message):
     m = re.search(r"product_id: (\S+?)(;|$)", message)
     assert m, message

@@ -101,7 +101,9 @@ def server(tmp_path_factory, central):
         pytest.skip(f"no bricks at {BRICKS}: set BILLING_BRICKS_DIR to a bricks build or its source folder")
     data_dir = tmp_path_factory.mktemp("e2e")
     port = _free_port()
-    env = dict(os.environ, BILLING_SERVER_ADMIN_PASSWORD=PASSWORD, **central)
+    # background retries of failed accounting wait an hour: only the operator's "retry now" counts
+    env = dict(os.environ, BILLING_SERVER_ADMIN_PASSWORD=PASSWORD, BILLING_ACCOUNTING_RETRY_BASE_SECONDS="3600",
+               **central)
     env.pop("BILLING_CONFIG", None)
     proc = subprocess.Popen([sys.executable, "-m", "billing_module.cli", "serve", "--demo", "--port", str(port),
                              "--data-dir", str(data_dir), "--bricks-dir", BRICKS],

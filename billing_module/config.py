@@ -163,6 +163,7 @@ SCHEMA = {
         "login_backoff_seconds": (30, _positive_int),  # first lock; doubles per further failure
         "login_backoff_max_seconds": (3600, _positive_int),
         "retry_after_seconds": (5, _positive_int),     # Retry-After of a 503 database_unavailable
+        "bricks_dir": ("", _str),             # bricks build or source folder served at /bricks/
     },
     "auth": {
         "require_api_key": (True, _bool),     # standalone API needs a key; a host may use its own auth

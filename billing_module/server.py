@@ -86,6 +86,7 @@ def write_host_workdir(cfg, data_dir, db_desc):
         os.symlink(WWWROOT, link)
     password_key = secret_file(data_dir, ".password_key")
     db_kwargs = _host_db_kwargs(db_desc["kwargs"], password_key)
+    install_bricks(cfg, www)
     host_config = {
         "password_key": password_key,
         "logger": {"name": "billing", "levelname": "clientinfo", "logfile": os.path.join(data_dir, "ahserver.log")},
@@ -121,6 +122,19 @@ def _write_private(path, text):
     os.fchmod(fd, 0o600)
     with os.fdopen(fd, "w", encoding="utf-8") as f:
         f.write(text)
+def install_bricks(cfg, www):
+    """``/bricks/`` from ``server.bricks_dir`` (see billing_module.bricks)."""
+    from . import bricks
+    bricks.install(www, cfg.server.bricks_dir or None)
+
+
+def serve_static_files(app, data_dir):
+    """Bricks, the favicon, 404s for missing files and the way to the login page, ahead of the
+    login check."""
+    from . import bricks
+    from .guard import API_PREFIX
+    app.middlewares.insert(0, bricks.static_middleware(os.path.join(data_dir, "wwwroot"), API_PREFIX,
+                                                       f"/{MODULE_NAME}/login.ui"))
 
 
 def make_auth_class():
@@ -184,6 +198,7 @@ async def build_app(cfg, data_dir, db_desc=None, demo=False, background=True):
     server = ConfiguredServer(auth_klass=make_auth_class(), workdir=data_dir)
     server.configPath(server.config)
     app = await server.build_app()
+    serve_static_files(app, data_dir)
     created = await core.create_schema()
     if created:
         log.info("schema: created %s", ", ".join(created))

@@ -167,10 +167,12 @@ SCHEMA = {
     },
     "auth": {
         "require_api_key": (True, _bool),     # standalone API needs a key; a host may use its own auth
-        # a logged-in host session acts as an admin caller when the user holds one of
-        # host_admin_roles (rbac) and the host's session secret is not ahserver's default
+        # a logged-in session is a caller when the host's session secret is not ahserver's default:
+        # a platform role (host_admin_roles, shell-style patterns) reaches every customer, a
+        # customer role (customer_roles) only the user's organisation (rbac's userorgid)
         "trust_host_session": (True, _bool),
-        "host_admin_roles": (("owner.superuser", "owner.admin"), _role_list),
+        "host_admin_roles": (("owner.*", "reseller.*", "provider.admin"), _role_list),
+        "customer_roles": (("customer.admin", "customer.user"), _role_list),
         "signature_window_seconds": (300, _positive_int),
         "secret_key": ("", _str),             # encrypts signing secrets; empty: generated in data_dir
         "nonce_purge_seconds": (300, _positive_int),   # how often seen nonces older than 2 windows go

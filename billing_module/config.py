@@ -6,6 +6,7 @@ top-level keys), e.g. ``BILLING_DATABASE_DRIVER=mysql`` or ``BILLING_ACCOUNTING_
 A wrong value is a ``ConfigError`` naming the key, raised when the config is loaded.
 """
 import copy
+import re
 import os
 
 import yaml
@@ -123,6 +124,23 @@ def _role_list(v):
     return tuple(roles)
 
 
+def _time_zone(v):
+    import zoneinfo
+    v = str(v).strip()
+    try:
+        zoneinfo.ZoneInfo(v)
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError) as e:
+        raise ValueError(f"not a known IANA time zone ({e})")
+    return v
+
+
+def _statement_prefix(v):
+    v = str(v).strip()
+    if not re.fullmatch(r"[A-Za-z0-9]{1,8}", v):
+        raise ValueError("1 to 8 letters or digits")
+    return v
+
+
 def _sync_path(v):
     v = str(v).strip()
     if not v.startswith("/") or "{entity}" not in v:
@@ -232,6 +250,16 @@ SCHEMA = {
         "max_page_bytes": (64 * 1024 * 1024, _positive_int),
         "verify_replies": (True, _bool),                  # the centre's replies must carry our signature
         "export_max_limit": (5000, _positive_int),        # largest page the export side serves
+    },
+    "statements": {
+        # months begin at midnight in this IANA time zone (statements.py); the number is
+        # "<number_prefix>-<year>-<sequence>", unique per deployment and year
+        "timezone": ("UTC", _time_zone),
+        "number_prefix": ("ST", _statement_prefix),
+        # a month is closed this long after its end (a transaction that stamped its entry just
+        # before the cut-off has committed by then), by a job that looks every interval
+        "close_grace_seconds": (300, _non_negative_int),
+        "close_interval_seconds": (600, _positive_int),
     },
 }
 

@@ -62,6 +62,11 @@ def build_parser():
     add_common_options(r)
     r.add_argument("key", help="key id or prefix")
     _add_user_parser(sub)
+    p = sub.add_parser("statements", help="monthly statements")
+    st = p.add_subparsers(dest="action", required=True)
+    c = st.add_parser("close", help="close a month's statements for every customer (idempotent)")
+    add_common_options(c)
+    c.add_argument("--month", required=True, help="YYYY-MM, in statements.timezone")
     return parser
 
 
@@ -141,6 +146,8 @@ async def _run(args, cfg, data_dir):
         return 0
     if args.command == "apikey":
         return await _with_core(cfg, data_dir, lambda core: _apikey(core, args))
+    if args.command == "statements":
+        return await _with_core(cfg, data_dir, lambda core: _close_statements(core, args.month))
     if args.command == "user":
         return await _with_core(cfg, data_dir, lambda core: _user(core, cfg, args))
     if args.command == "sync":
@@ -162,11 +169,23 @@ async def _run(args, cfg, data_dir):
 
 
 async def _reconcile(core):
+    from .statements import Statements
     report = await core.ledger.reconcile()
     for m in report["mismatches"]:
         print("MISMATCH " + "  ".join(f"{k}={v}" for k, v in m.items()))
     print(f"checked {report['customers']} customers: {len(report['mismatches'])} mismatches")
-    return 1 if report["mismatches"] else 0
+    statement_mismatches = await Statements(core.db, core.config).reconcile()
+    for m in statement_mismatches:
+        print("STATEMENT MISMATCH " + "  ".join(f"{k}={v}" for k, v in m.items()))
+    print(f"closed statements against the ledger: {len(statement_mismatches)} mismatches")
+    return 1 if report["mismatches"] or statement_mismatches else 0
+
+
+async def _close_statements(core, month):
+    from .statements import Statements
+    closed = await Statements(core.db, core.config, core.instance_id).close_month(month, closed_by="cli")
+    print(f"closed {closed} statements for {month}")
+    return 0
 
 
 async def _account_pending(core):

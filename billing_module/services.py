@@ -28,6 +28,7 @@ def background_jobs(core):
     """(name, coroutine function, interval seconds); each claims its rows in the database, so
     several instances on one database can all run them."""
     from .sessions import SessionStore
+    from .statements import Statements
     acc, holds = core.config.accounting, core.config.holds
 
     async def accountant():
@@ -41,6 +42,8 @@ def background_jobs(core):
         ("hold-expiry", core.ledger.expire_holds, holds.sweep_interval_seconds),
         ("subscription-renewals", core.products.renew_due, 60.0),
         ("session-purge", SessionStore(core).purge, 300.0),
+        ("statement-close", Statements(core.db, core.config, core.instance_id).close_due,
+         core.config.statements.close_interval_seconds),
     ] + core.sync.background_jobs() + core.auth.background_jobs()
 
 

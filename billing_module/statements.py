@@ -183,7 +183,7 @@ class Statements:
             raise NotFound(f"no statement {statement_id}")
         return found
 
-    async def list(self, customer_id: str, page: int, rows: int) -> dict:
+    async def closed(self, customer_id: str, page: int, rows: int) -> dict:
         async with self.db.read() as tx:
             found = await tx.page("select id, number, customer_id, month, status, currency, opening, recharges, "
                                   "charges, refunds, adjustments, closing, closed_at from statement "

@@ -17,10 +17,10 @@ set_perm() { python set_role_perm.py "$1" "$2"; }
 
 # the platform's administering roles: everything
 ADMIN_ROLES="owner.superuser owner.admin reseller.admin provider.admin reseller.operator"
-# a customer organisation's admin: the catalogue and prices only. A host session reaches the API
-# as an admin caller (auth.trust_host_session), so granting it a usage, balance or
-# subscription page or API would show every customer's data.
-READONLY_ROLES="customer.admin"
+# a customer organisation's users: a session of these roles is a customer caller limited to the
+# user's organisation (Caller.for_session, the same scope rule as a customer API key), so they
+# may hold the customer pages and the read APIs that show their organisation's own books
+CUSTOMER_ROLES="customer.admin customer.user"
 
 # pages
 PAGES="
@@ -62,12 +62,21 @@ READ_APIS="
 /billing_module/api/product_overage.dspy
 /billing_module/api/product_stats.dspy
 /billing_module/api/sync_status.dspy
+/billing_module/api/statements.dspy
+/billing_module/api/statement_export.dspy
 "
-# read APIs a customer admin may call: prices and what each product sells, nobody's usage
-READONLY_APIS="
+# read APIs a customer user may call: prices, what each product sells, and its own
+# organisation's balance, ledger, subscriptions and statements
+CUSTOMER_APIS="
 /billing_module/api/pricing.dspy
 /billing_module/api/quote.dspy
 /billing_module/api/product_bindings.dspy
+/billing_module/api/balance.dspy
+/billing_module/api/transactions.dspy
+/billing_module/api/product_subscriptions.dspy
+/billing_module/api/product_quota.dspy
+/billing_module/api/statements.dspy
+/billing_module/api/statement_export.dspy
 "
 # write APIs
 WRITE_APIS="
@@ -133,8 +142,8 @@ for role in $ADMIN_ROLES; do
         set_perm "$role" "$path"
     done
 done
-for role in $READONLY_ROLES; do
-    for path in $READONLY_APIS; do
+for role in $CUSTOMER_ROLES; do
+    for path in $CUSTOMER_APIS; do
         set_perm "$role" "$path"
     done
 done

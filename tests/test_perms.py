@@ -62,18 +62,19 @@ async def test_roles_hold_what_they_need_and_no_more(grants):
     by_role = {}
     for role, path in grants:
         by_role.setdefault(role, set()).add(path)
-    assert set(by_role) == ADMIN_ROLES | {"customer.admin", "any"}
+    assert set(by_role) == ADMIN_ROLES | {"customer.admin", "customer.user", "any"}
     everything = endpoints() | generated_paths()
     open_paths = by_role["any"]
     for role in ADMIN_ROLES:
         assert by_role[role] | open_paths >= everything, (role, sorted(everything - by_role[role] - open_paths))
     # open to anyone: the login, the health check and the signed sync export only
     assert all(p.startswith((M + "login.", M + "logout.", M + "api/health.", M + "sync/")) for p in open_paths), open_paths
-    # a customer admin reaches no admin-only API and no page (a host session is an admin caller)
-    admin_only = {f"{M}api/{name}.dspy" for name, spec in HANDLERS.items() if spec[3]}
-    customer = by_role["customer.admin"]
-    assert not customer & admin_only, sorted(customer & admin_only)
-    assert not [p for p in customer if p.endswith(".ui")]
+    # a customer role reaches no admin-only API, no write and no admin page (only the customer area)
+    admin_only = {f"{M}api/{name}.dspy" for name, spec in HANDLERS.items() if spec[3] or "GET" not in spec[1]}
+    for role in ("customer.admin", "customer.user"):
+        customer = by_role[role]
+        assert not customer & admin_only, sorted(customer & admin_only)
+        assert not [p for p in customer if p.endswith(".ui") and not p.startswith(M + "my/")]
 
 
 def test_page_actions_are_held_by_the_roles_of_every_api_they_run(grants):

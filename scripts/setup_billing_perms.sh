@@ -19,7 +19,8 @@ set_perm() { python set_role_perm.py "$1" "$2"; }
 ADMIN_ROLES="owner.superuser owner.admin reseller.admin provider.admin reseller.operator"
 # a customer organisation's users: a session of these roles is a customer caller limited to the
 # user's organisation (Caller.for_session, the same scope rule as a customer API key), so they
-# may hold the customer pages and the read APIs that show their organisation's own books
+# may hold the customer pages and the read APIs that show their organisation's own books (usage
+# without cost and margin)
 CUSTOMER_ROLES="customer.admin customer.user"
 
 # pages
@@ -77,6 +78,9 @@ CUSTOMER_APIS="
 /billing_module/api/product_quota.dspy
 /billing_module/api/statements.dspy
 /billing_module/api/statement_export.dspy
+/billing_module/api/usage_list.dspy
+/billing_module/api/usage_stats.dspy
+/billing_module/api/usage_export.dspy
 "
 # write APIs
 WRITE_APIS="

@@ -152,7 +152,12 @@ SPEC = {
     "sync_run": [Base({}, [F("entity", "choice", choices=("users", "pricing", "llmage", "uapi")), F("full", "flag")])],
     "usage_list": _usage_report(),
     "usage_export": _usage_report(paging=False),
-    "usage_stats": [Base({}, [F("group_by", "choice", choices=("day", "model", "customer", "total")),
+    "statements": [Base({"customer_id": "cust-1", "month": "2026-11"}, [F("customer_id", "ident", True),
+                                                                        F("month", "month")]),
+                   Base({"customer_id": "cust-1"}, [F("customer_id", "ident", True), *PAGING])],
+    "statement_export": [Base({"id": "fz-missing"}, [F("id", "ident", True),
+                                                      F("format", "choice", choices=("csv", "html", "pdf"))])],
+    "usage_stats": [Base({}, [F("group_by", "choice", choices=("day", "model", "user", "customer", "total")),
                               F("source", "choice", choices=("accounting", "product")), F("customer_id", "ident"),
                               F("start_date", "date"), F("end_date", "date"), F("status", "choice",
                                                                                 choices=("accounted", "pending",
@@ -364,6 +369,12 @@ def bad_values(f):
             _bytes_with_invalid_utf8(),
             _j(st.one_of(st.floats(), st.booleans(), _JSON_CONTAINERS, st.integers(-10**30, -1))),
             _raw(st.sampled_from(RAW_NUMBERS)))
+    if k == "month":
+        return st.one_of(
+            _s(st.sampled_from(["2026-13", "2026-00", "2026-1", "26-11", "1999-12", "9999-01", "2026-11-01", "2026/11",
+                                " 2026-11", "2026-11\n", "２０２６-11"] + INJECTIONS)),
+            _bytes_with_invalid_utf8(),
+            _j(st.one_of(st.floats(), st.booleans(), _JSON_CONTAINERS)))
     if k == "text":
         max_len = o["max_len"]
         return st.one_of(

@@ -150,7 +150,8 @@ async def authenticate(core, request):
 
 def load_handlers():
     """Import the handler modules: each registers its endpoints in HANDLERS."""
-    from . import handlers, product_handlers, report_handlers, statement_handlers, sync_handlers  # noqa: F401
+    from . import (handlers, key_handlers, product_handlers, report_handlers, statement_handlers,  # noqa: F401
+                   sync_handlers)
 
 
 async def handle(core, request, params_kw, name):

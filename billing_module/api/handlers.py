@@ -194,16 +194,17 @@ async def admin_login(core, caller, p, request):
     keys = core.login_throttle.keys(user, request.get("client_ip") or request.remote or "")
     core.login_throttle.check(keys)
     if hmac.compare_digest(user.encode(), core.config.server.admin_user.encode()):
-        ok, orgid = hmac.compare_digest(given.encode(), password.encode()), ""
+        ok, orgid, home = hmac.compare_digest(given.encode(), password.encode()), "", "index.ui"
     else:
         page_user = await PageUsers(core.db).verify(user, given)
         ok, orgid = page_user is not None, (page_user.customer_id if page_user else "") or ""
+        home = "my/index.ui" if orgid else "index.ui"
     if not ok:
         core.login_throttle.failed(keys)
         raise Unauthorized("wrong user name or password")
     core.login_throttle.succeeded(keys)
     await start_session(request, user, orgid)
-    return {"user": user}
+    return {"user": user, "home": home}     # the page to open: the console, or the customer area
 
 
 @endpoint("admin_logout", methods=WRITE, open=True)

@@ -135,3 +135,53 @@ async def test_page_users_from_the_cli_log_in_and_a_disabled_one_is_logged_out(h
     r = await http.client.post("/billing_module/login.dspy", data={"username": "carol", "password": PASSWORD},
                                headers={"Origin": str(http.client.make_url("/")).rstrip("/")})
     assert r.status == 401
+
+
+async def _page(http, path, method="GET", **params):
+    params = {k: str(v) for k, v in dict(params, _webbricks_="1").items()}
+    url = f"/billing_module/{path}"
+    if method == "GET":
+        r = await http.client.get(url, params=params)
+    else:
+        r = await http.client.post(url, data=params, headers={"Origin": str(http.client.make_url("/")).rstrip("/")})
+    return r.status, await r.text()
+
+
+async def test_the_customer_area_shows_only_the_users_organisation_and_its_admin_manages_keys(http):
+    import json
+    core = http.core
+    await _seed(core)
+    users = PageUsers(core.db)
+    await users.add("alice", "customer.admin", OWN, PASSWORD)
+    await users.add("bob", "customer.user", OWN, PASSWORD)
+    await _login(http, "alice")
+    own_balance = (await core.ledger.balance(OWN))["balance"]
+    pages = ["my/index.ui", "my/balance.ui", "my/usage.ui", "my/subscriptions.ui", "my/statements.ui", "my/keys.ui"]
+    for path, params in [(p, {}) for p in pages] + [("my/usage.ui", {"part": "summary"}), ("my/keys.ui", {"part": "list"})]:
+        status, text = await _page(http, path, **params)
+        assert status == 200 and SECRET_MARK not in text, (path, params, text[:300])
+        json.loads(text)
+    assert own_balance in (await _page(http, "my/balance.ui"))[1]
+    assert "records" in (await _page(http, "my/usage.ui", part="summary"))[1]
+    assert "my_nav_keys" in (await _page(http, "my/index.ui"))[1]
+    assert (await _page(http, "balances.ui"))[0] == 403           # the admin pages stay the platform's
+    # a key created in the page is shown once, works for the organisation only, and is revoked there
+    status, text = await _page(http, "my/keys.ui", "POST", part="create", name="ci")
+    key = json.loads(text)["subwidgets"][1]["options"]["text"]
+    assert status == 200 and key.startswith("bk_")
+    assert key not in (await _page(http, "my/keys.ui", part="list"))[1]
+    assert (await http.get("api/balance.dspy", key))[0] == 200
+    assert (await http.get("api/balance.dspy", key, customer_id=OTHER))[0] == 403
+    prefix = key.split("_")[1]
+    listed = (await http.get("api/customer_keys.dspy"))[1]["rows"]
+    assert [k["key_prefix"] for k in listed] == [prefix]
+    other_key, other_row = await core.apikeys.create("customer", customer_id=OTHER)
+    status, text = await _page(http, "my/keys.ui", "POST", part="revoke", key_id=other_row["id"])
+    assert "Refused" in text and (await http.get("api/balance.dspy", other_key))[0] == 200
+    status, text = await _page(http, "my/keys.ui", "POST", part="revoke", key_id=listed[0]["key_id"])
+    assert "Key revoked" in text and (await http.get("api/balance.dspy", key))[0] == 401
+    # a customer.user sees the area without the keys, and cannot create one
+    await _login(http, "bob")
+    assert "my_nav_keys" not in (await _page(http, "my/index.ui"))[1]
+    status, text = await _page(http, "my/keys.ui", "POST", part="create", name="x")
+    assert "Refused" in text and "customer.admin" in text

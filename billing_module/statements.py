@@ -229,14 +229,15 @@ class Statements:
         await tx.insert("statement", row)
 
     async def close_month(self, month: str, closed_by: str = "") -> int:
-        """Close the month for every customer whose account existed before its end; returns how
-        many statements this call closed."""
+        """Close the month for every customer whose account existed before its end or whose
+        ledger has an entry before it; returns how many statements this call closed."""
         month = validation.month(month, "month", required=True)
         _, end = self.bounds(month)
         async with self.db.read() as tx:
             customers = await tx.select(
-                "select id from customer_balance where created_at < ${e}$ and id not in "
-                "(select customer_id from statement where month = ${m}$) order by id", {"e": end, "m": month})
+                "select id from customer_balance b where (b.created_at < ${e}$ or exists (select 1 from ledger_entry "
+                "where customer_id = b.id and created_at < ${e}$)) and b.id not in "
+                "(select customer_id from statement where month = ${m}$) order by b.id", {"e": end, "m": month})
         for row in customers:
             await self.close(row.id, month, closed_by)
         return len(customers)

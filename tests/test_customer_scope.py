@@ -154,6 +154,10 @@ async def test_the_customer_area_shows_only_the_users_organisation_and_its_admin
     users = PageUsers(core.db)
     await users.add("alice", "customer.admin", OWN, PASSWORD)
     await users.add("bob", "customer.user", OWN, PASSWORD)
+    from billing_module import clock
+    from billing_module.statements import Statements, month_of, previous_month
+    last_month = previous_month(month_of(clock.utcnow(), "UTC"))
+    await Statements(core.db, core.config).close(OWN, last_month)
     await _login(http, "alice")
     own_balance = (await core.ledger.balance(OWN))["balance"]
     pages = ["my/index.ui", "my/balance.ui", "my/usage.ui", "my/subscriptions.ui", "my/statements.ui", "my/keys.ui"]
@@ -164,6 +168,7 @@ async def test_the_customer_area_shows_only_the_users_organisation_and_its_admin
     assert own_balance in (await _page(http, "my/balance.ui"))[1]
     assert "records" in (await _page(http, "my/usage.ui", part="summary"))[1]
     assert "my_nav_keys" in (await _page(http, "my/index.ui"))[1]
+    assert f"my_statement_csv_{last_month}" in (await _page(http, "my/statements.ui"))[1]
     assert (await _page(http, "balances.ui"))[0] == 403           # the admin pages stay the platform's
     # a key created in the page is shown once, works for the organisation only, and is revoked there
     status, text = await _page(http, "my/keys.ui", "POST", part="create", name="ci")

@@ -9,22 +9,28 @@ Several instances may share one database: the accountant's transaction claims it
 locking read with SKIP LOCKED on MySQL, the write lock on SQLite), so an event is never accounted
 twice, and a crashed instance's claims vanish with its rolled-back transaction.
 """
+from __future__ import annotations
+
 import datetime
 import json
 import logging
 from dataclasses import dataclass, field
 from decimal import Decimal
+from typing import Any, Protocol
 
 from appPublic.dictObject import DictObject
 
 from . import clock, validation
+from .catalog import Catalog
+from .config import Config
 from .db import dialect as dialects
-from .db.database import Row
+from .db.database import Database, Row, Tx
 from .db.group import Fallback, GroupCommit
 from .errors import BillingError, Conflict, InvalidParam, UnknownCustomer
 from .ids import new_id, payload_hash
 from .money import from_micro
-from .pricing import Usage, price_usage
+from .ledger import Ledger
+from .pricing import PriceResult, Usage, price_usage
 
 log = logging.getLogger("billing_module.accounting")
 
@@ -100,16 +106,37 @@ def record_view(rec, duplicate=False):
     }
 
 
+class FailureStore(Protocol):
+    """What accounting needs of failed accounting (``failures.Failures``): store a failure in its
+    own transaction; resolve one inside the transaction that finally charged it."""
+
+    async def record(self, ev: Event | None, exc: BaseException, price: PriceResult | None = None,
+                     record: Row | None = None) -> str | None: ...
+
+    async def resolve_in(self, tx: Tx, record_id: str, now: str) -> None: ...
+
+
+class QuotaSource(Protocol):
+    """Subscriptions' quota (``products.hook.QuotaHook``): taken first, inside the charge's
+    transaction; given back when a batch refuses the charge."""
+
+    async def quota_hook(self, tx: Tx, ev: Event, price: PriceResult, record_id: str) -> Any: ...
+
+    async def release_quota(self, tx: Tx, record_id: str) -> bool: ...
+
+    async def subscribed_customers(self, tx: Tx, customer_ids: set[str]) -> set[str]: ...
+
+
 class Accounting:
-    def __init__(self, core):
-        self.core = core
-        self.db = core.db
-        self.config = core.config
-        # subscriptions (ProductManager) fill these: quota_hook(tx, event, price, record_id) ->
-        # QuotaResult | None takes quota first; quota_release(tx, record_id) gives it back
-        self.quota_hook = None
-        self.quota_release = None
-        self.quota_customers = None   # (tx, customer_ids) -> the ones with subscriptions (batches)
+    def __init__(self, db: Database, config: Config, *, catalog: Catalog, ledger: Ledger, failures: FailureStore,
+                 quota: QuotaSource | None = None) -> None:
+        self.db = db
+        self.config = config
+        self.catalog = catalog
+        self.ledger = ledger
+        self.failures = failures
+        # subscriptions take quota first (None: every event is charged in full)
+        self.quota = quota
         # concurrent post_usage calls share a transaction and its commit
         self.group = GroupCommit(self.db, single=self._charge_new, batch=self._charge_batch)
 
@@ -117,14 +144,14 @@ class Accounting:
     async def post_usage(self, raw):
         ev = await self._prepare(raw)
         try:
-            price, model = await self.core.catalog.quote(ev.usage, ev.llmid, ev.payload["model_name"],
+            price, model = await self.catalog.quote(ev.usage, ev.llmid, ev.payload["model_name"],
                                                          ev.customer_id, ev.day)
         except BillingError as e:
             # a replay of an event accounted before its price went away is still a replay
             replay = await self._replay_if_done(ev)
             if replay is not None:
                 return replay
-            await self.core.failures.record(ev, e)
+            await self.failures.record(ev, e)
             raise
 
         try:
@@ -140,7 +167,7 @@ class Accounting:
                 replay = await self._replay_if_done(ev)   # a replay is refused by a short balance too
                 if replay is not None:
                     return replay
-                await self.core.failures.record(ev, e, price=price)
+                await self.failures.record(ev, e, price=price)
             raise
         except Exception as e:
             if not dialects.is_unique_violation(e):
@@ -171,14 +198,14 @@ class Accounting:
                 continue
             row = self._accounted_row(ev, now, price, model)
             if ev.customer_id in covered:
-                self._apply_quota(row, await self.quota_hook(tx, ev, price, row["id"]))
+                self._apply_quota(row, await self.quota.quota_hook(tx, ev, price, row["id"]))
             by_customer.setdefault(ev.customer_id, []).append((i, row, ev))
         for customer_id, group in by_customer.items():
             charged = [{"amount": -row["amount"], "request_id": ev.request_id, "payload_hash": ev.hash,
                         "ref_type": "accounting_records", "ref_id": row["id"]}
                        for _, row, ev in group if row["amount"] > 0]
             if charged:
-                entries, refused = await self.core.ledger.post_many(
+                entries, refused = await self.ledger.post_many(
                     tx, customer_id, charged, "usage", must_cover=not self.config.accounting.allow_arrears,
                     refuse_suspended=True, all_or_nothing=True)
                 if refused:
@@ -215,14 +242,14 @@ class Accounting:
             return await self.db.run(work)
         except BillingError as e:
             if e.code in ACCOUNTING_FAILURES:
-                await self.core.failures.record(ev, e, price=price)
+                await self.failures.record(ev, e, price=price)
             raise
 
     async def submit_usage(self, raw):
         """Store the event as pending and return at once; the accountant charges it."""
         ev = await self._prepare(raw)
         now = clock.now_text()
-        row = self._record_row(ev, now, status="pending")
+        row = record_row(ev, now, "pending", self.config.currency)
         async def store(tx):
             await tx.insert("accounting_records", row)
             return None
@@ -236,7 +263,7 @@ class Accounting:
 
     async def quote(self, raw):
         ev = await self._prepare(dict(raw, request_id=raw.get("request_id") or "quote"))
-        price, model = await self.core.catalog.quote(ev.usage, ev.llmid, ev.payload["model_name"], ev.customer_id, ev.day)
+        price, model = await self.catalog.quote(ev.usage, ev.llmid, ev.payload["model_name"], ev.customer_id, ev.day)
         return dict(price.to_dict(), llmid=model.id, model_name=model.name)
 
     async def record(self, record_id=None, request_id=None):
@@ -278,14 +305,14 @@ class Accounting:
                     continue
                 row = _accounted_update(rec, price, model, now)
                 if ev.customer_id in covered:
-                    self._apply_quota(row, await self.quota_hook(tx, ev, price, rec.id))
+                    self._apply_quota(row, await self.quota.quota_hook(tx, ev, price, rec.id))
                 by_customer.setdefault(ev.customer_id, []).append((row, rec, price))
             rows = []
             for customer_id, items in by_customer.items():
                 charged = [{"amount": -row["amount"], "request_id": rec.request_id, "payload_hash": rec.payload_hash,
                             "ref_type": "accounting_records", "ref_id": rec.id}
                            for row, rec, _ in items if row["amount"] > 0]
-                entries, no = (await self.core.ledger.post_many(
+                entries, no = (await self.ledger.post_many(
                     tx, customer_id, charged, "usage", must_cover=not self.config.accounting.allow_arrears,
                     refuse_suspended=True)) if charged else ([], [])
                 no = {item["ref_id"]: e for item, e in no}
@@ -297,8 +324,8 @@ class Accounting:
                 for row, rec, price in items:
                     if row["id"] in no:
                         failed.append((rec, no[row["id"]], price))
-                        if self.quota_release:   # the batch commits: give back what the hook took
-                            await self.quota_release(tx, rec.id)
+                        if self.quota is not None:   # the batch commits: give back what the hook took
+                            await self.quota.release_quota(tx, rec.id)
                     else:
                         row["ledger_entry_id"] = entry_of.get(row["id"])
                         rows.append(row)
@@ -309,31 +336,29 @@ class Accounting:
         for rec, e, price in failed:
             # in their own transactions, after the batch: a failure that cannot be recorded leaves
             # the event pending, and the next batch sees it again
-            await self.core.failures.record(parse_event_or_none(rec), e, price=price, record=rec)
+            await self.failures.record(parse_event_or_none(rec), e, price=price, record=rec)
         return done
 
     async def _covered(self, tx, customer_ids):
         """The customers of a batch whose events the quota hook must see."""
-        if not self.quota_hook:
+        if self.quota is None:
             return set()
-        if self.quota_customers is None:
-            return set(customer_ids)
-        return await self.quota_customers(tx, customer_ids)
+        return await self.quota.subscribed_customers(tx, customer_ids)
 
     async def _quote_memo(self, ev, memo):
         """catalog.quote with the model, program and discount looked up once per batch."""
         key = (ev.llmid, ev.payload["model_name"])
         found = memo.get(key)
         if found is None:
-            model = await self.core.catalog.model(ev.llmid, ev.payload["model_name"] or ev.usage.model_name)
-            program = await self.core.catalog.program(model.ppid) if model is not None and model.ppid else None
+            model = await self.catalog.model(ev.llmid, ev.payload["model_name"] or ev.usage.model_name)
+            program = await self.catalog.program(model.ppid) if model is not None and model.ppid else None
             found = memo[key] = (model, program)
         model, program = found
         if program is None:   # let quote raise the precise no_pricing error
-            return await self.core.catalog.quote(ev.usage, ev.llmid, ev.payload["model_name"], ev.customer_id, ev.day)
+            return await self.catalog.quote(ev.usage, ev.llmid, ev.payload["model_name"], ev.customer_id, ev.day)
         discount = memo.get(("discount", ev.customer_id))
         if discount is None:
-            discount = memo[("discount", ev.customer_id)] = await self.core.catalog.discount(ev.customer_id)
+            discount = memo[("discount", ev.customer_id)] = await self.catalog.discount(ev.customer_id)
         return price_usage(program, ev.usage, ev.day, discount), model
 
     async def account_record(self, record_id):
@@ -347,10 +372,10 @@ class Accounting:
             return record_view(rec, duplicate=True)
         ev = parse_event(json.loads(rec.payload))
         try:
-            price, model = await self.core.catalog.quote(ev.usage, ev.llmid, ev.payload["model_name"],
+            price, model = await self.catalog.quote(ev.usage, ev.llmid, ev.payload["model_name"],
                                                          ev.customer_id, ev.day)
         except BillingError as e:
-            await self.core.failures.record(ev, e, record=rec)
+            await self.failures.record(ev, e, record=rec)
             raise
 
         async def work(tx):
@@ -362,14 +387,14 @@ class Accounting:
             return await self.db.run(work)
         except BillingError as e:
             if e.code in ACCOUNTING_FAILURES:
-                await self.core.failures.record(ev, e, price=price, record=rec)
+                await self.failures.record(ev, e, price=price, record=rec)
             raise
 
     # --- internals -----------------------------------------------------------------------------
     async def _prepare(self, raw):
         ev = parse_event(raw)
         if not ev.payload["model_name"] and ev.llmid:
-            model = await self.core.catalog.model(ev.llmid)
+            model = await self.catalog.model(ev.llmid)
             if model is not None:
                 ev.usage = Usage.from_event(dict(ev.payload, model_name=model.name,
                                                  quantity=ev.payload["quantity"], attributes=ev.usage.attributes))
@@ -391,28 +416,8 @@ class Accounting:
         the unique index turns a concurrent insert into a duplicate-key error (a replay)."""
         return await tx.lock_by_key("accounting_records", "request_id", request_id)
 
-    def _record_row(self, ev, now, status, price=None, model=None):
-        u = ev.usage
-        row = {
-            "id": new_id(), "customer_id": ev.customer_id, "llmid": (model.id if model else ev.llmid),
-            "model_name": (model.name if model else ev.payload["model_name"]) or u.model_name,
-            "pricing_id": price.program_id if price else None,
-            "input_tokens": u.input_tokens, "output_tokens": u.output_tokens,
-            "total_tokens": u.input_tokens + u.output_tokens, "cached_tokens": u.cached_tokens,
-            "quantity": str(u.quantity), "unit": u.unit, "amount": price.amount if price else 0,
-            "original_amount": price.original_amount if price else None, "cost": price.cost if price else None,
-            "discount": price.discount if price else None, "price_version": price.version_id if price else None,
-            "price_lines": json.dumps([ln.to_dict() for ln in price.lines]) if price else None,
-            "currency": price.currency if price else self.config.currency,
-            "request_id": ev.request_id, "transno": ev.transno, "status": status, "user_id": ev.user_id,
-            "product_id": ev.product_id, "use_time": ev.use_time,
-            "payload": json.dumps(ev.payload, ensure_ascii=False), "payload_hash": ev.hash,
-            "attempts": 0, "created_at": now, "updated_at": now,
-        }
-        return row
-
     def _accounted_row(self, ev, now, price, model, existing=None):
-        row = self._record_row(ev, now, "accounted", price, model)
+        row = record_row(ev, now, "accounted", self.config.currency, price, model)
         row["accounted_at"] = now
         if existing is not None:
             row.update(id=existing.id, created_at=existing.created_at, attempts=int(existing.attempts or 0) + 1,
@@ -432,10 +437,10 @@ class Accounting:
         now = clock.now_text()
         row = self._accounted_row(ev, now, price, model, existing)
         if ev.customer_id in await self._covered(tx, {ev.customer_id}):
-            self._apply_quota(row, await self.quota_hook(tx, ev, price, row["id"]))
+            self._apply_quota(row, await self.quota.quota_hook(tx, ev, price, row["id"]))
         amount = row["amount"]
         if amount > 0:
-            entry = await self.core.ledger.post(
+            entry = await self.ledger.post(
                 tx, ev.customer_id, -amount, "usage", ev.request_id, ev.hash,
                 must_cover=not self.config.accounting.allow_arrears, refuse_suspended=True,
                 ref_type="accounting_records", ref_id=row["id"], want_balance=False)
@@ -450,8 +455,32 @@ class Accounting:
             keep = ("id", "request_id", "payload", "payload_hash", "created_at")
             sets = ", ".join(f"{k} = ${{{k}}}$" for k in row if k not in keep)
             await tx.execute(f"update accounting_records set {sets} where id = ${{id}}$", row)
-            await self.core.failures.resolve_in(tx, existing.id, now)
+            await self.failures.resolve_in(tx, existing.id, now)
         return record_view(DictObject(**row))
+
+
+def record_row(ev: Event, now: str, status: str, currency: str, price: PriceResult | None = None,
+               model: Row | None = None) -> dict[str, Any]:
+    """The ``accounting_records`` row of event ``ev`` (a new id), priced when ``price`` is given;
+    ``currency`` is the module's, for a row not priced yet."""
+    u = ev.usage
+    row = {
+        "id": new_id(), "customer_id": ev.customer_id, "llmid": (model.id if model else ev.llmid),
+        "model_name": (model.name if model else ev.payload["model_name"]) or u.model_name,
+        "pricing_id": price.program_id if price else None,
+        "input_tokens": u.input_tokens, "output_tokens": u.output_tokens,
+        "total_tokens": u.input_tokens + u.output_tokens, "cached_tokens": u.cached_tokens,
+        "quantity": str(u.quantity), "unit": u.unit, "amount": price.amount if price else 0,
+        "original_amount": price.original_amount if price else None, "cost": price.cost if price else None,
+        "discount": price.discount if price else None, "price_version": price.version_id if price else None,
+        "price_lines": json.dumps([ln.to_dict() for ln in price.lines]) if price else None,
+        "currency": price.currency if price else currency,
+        "request_id": ev.request_id, "transno": ev.transno, "status": status, "user_id": ev.user_id,
+        "product_id": ev.product_id, "use_time": ev.use_time,
+        "payload": json.dumps(ev.payload, ensure_ascii=False), "payload_hash": ev.hash,
+        "attempts": 0, "created_at": now, "updated_at": now,
+    }
+    return row
 
 
 _HAS_RECORD = object()   # a grouped request whose request_id already has a record

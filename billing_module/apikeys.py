@@ -9,15 +9,19 @@ for HMAC request signatures (``auth.py``). HMAC needs the secret itself, so it i
 encrypted (``secret_enc``, Fernet under ``auth.secret_key``); the app key's digest fills
 ``key_hash``, so it can never be used as a Bearer key.
 """
+from __future__ import annotations
+
 import collections
 import hashlib
 import hmac
 import re
 import secrets
+from typing import Protocol
 
 from cachetools import TTLCache
 
 from . import clock, validation
+from .db.database import Database
 from .errors import InvalidParam, NotFound, Unauthorized
 from .ids import new_id
 
@@ -31,15 +35,21 @@ AppCredentials = collections.namedtuple("AppCredentials", "app_key secret")
 _VERIFIED_TTL_SECONDS = 5
 
 
+class SecretSealer(Protocol):
+    """Encrypts a signing secret for storage (``auth.SecretBox``)."""
+
+    def encrypt(self, text: str) -> str: ...
+
+
 def _digest(key):
     return hashlib.sha256(key.encode("utf-8")).hexdigest()
 
 
 class ApiKeys:
-    def __init__(self, db):
+    def __init__(self, db: Database, secret_box: SecretSealer) -> None:
         self.db = db
-        self._verified = TTLCache(maxsize=10000, ttl=_VERIFIED_TTL_SECONDS)
-        self.secret_box = None   # auth.SecretBox, set where the services are built
+        self._verified: TTLCache = TTLCache(maxsize=10000, ttl=_VERIFIED_TTL_SECONDS)
+        self.secret_box = secret_box
 
     async def create(self, scope, customer_id=None, name="", expires_at=None, allowed_ips="", signed=False):
         """A new key: ``(key, row)``; with ``signed=True`` ``(AppCredentials(app_key, secret), row)``.
@@ -55,8 +65,6 @@ class ApiKeys:
             raise InvalidParam("an app key signs its requests: create it with signed=True")
         prefix = secrets.token_hex(4)
         if signed:
-            if self.secret_box is None:
-                raise RuntimeError("ApiKeys.secret_box is not set (auth.Auth is not wired)")
             # lower-case hex: MySQL compares this column case-insensitively
             key = f"ak_{prefix}_{secrets.token_hex(12)}"
             secret = secrets.token_urlsafe(32)

@@ -28,6 +28,8 @@ The verifier checks, in this order: headers present, timestamp inside
 then the key's state (revoked / expired / IP) and last the nonce (stored in ``api_nonce``; a
 unique index turns a replay into an error). Nothing is written for a request that fails.
 """
+from __future__ import annotations
+
 import base64
 import calendar
 import hashlib
@@ -37,14 +39,19 @@ import os
 import re
 import secrets
 import urllib.parse
+from collections.abc import Awaitable, Callable
 
+from aiohttp import web
 from cryptography.fernet import Fernet, InvalidToken
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from . import clock
+from .apikeys import ApiKeys
+from .config import Config
 from .datadir import secret_file
 from .db import dialect as dialects
+from .db.database import Database
 from .errors import Unauthorized
 from .ids import new_id
 
@@ -57,7 +64,7 @@ HEADER_SIGNATURE = "X-Billing-Signature"
 SIGNED_HEADERS = (HEADER_APP_KEY, HEADER_TIMESTAMP, HEADER_NONCE, HEADER_SIGNATURE)
 ALGORITHM = "BILLING-HMAC-SHA256"
 REPLY_ALGORITHM = "BILLING-HMAC-SHA256-REPLY"
-# where verify_signed leaves the verified key for the handler (e.g. to sign its reply)
+# where Auth.verify leaves the verified key for the handler (e.g. to sign its reply)
 REQUEST_KEY = "billing_signed"
 
 _NONCE_RE = re.compile(r"^[A-Za-z0-9_\-]{16,64}$")
@@ -179,15 +186,17 @@ class SignedKey:
 
 # --- dapi_auth: verifying inbound requests -----------------------------------------------------------
 class Auth:
-    def __init__(self, core):
-        self.core = core
-        self.secret_box = SecretBox(core.config, core.data_dir)
+    def __init__(self, db: Database, config: Config, apikeys: ApiKeys, secret_box: SecretBox) -> None:
+        self.db = db
+        self.config = config
+        self.apikeys = apikeys
+        self.secret_box = secret_box
 
     @property
-    def window(self):
-        return self.core.config.auth.signature_window_seconds
+    def window(self) -> int:
+        return self.config.auth.signature_window_seconds
 
-    async def verify(self, request):
+    async def verify(self, request: web.Request) -> SignedKey:
         """The verified ``SignedKey`` of an aiohttp request, or Unauthorized / Forbidden."""
         h = request.headers
         missing = [name for name in SIGNED_HEADERS if not h.get(name)]
@@ -204,7 +213,7 @@ class Auth:
             raise Unauthorized(f"{HEADER_NONCE} must be 16-64 characters of A-Z a-z 0-9 _ -")
         if not _SIGNATURE_RE.match(sig):
             raise Unauthorized("bad signature")
-        keys = self.core.apikeys
+        keys = self.apikeys
         row = await keys.signed_key(app_key)
         try:
             secret = self.secret_box.decrypt(row.secret_enc)
@@ -226,31 +235,23 @@ class Auth:
     async def _remember_nonce(self, app_key, nonce):
         row = {"id": new_id(), "nonce": nonce.lower(), "app_key": app_key, "seen_at": clock.now_text()}
         try:
-            async with self.core.db.transaction() as tx:
+            async with self.db.transaction() as tx:
                 await tx.insert("api_nonce", row)
         except Exception as e:
             if dialects.is_unique_violation(e):
                 raise Unauthorized("nonce replayed") from None
             raise
 
-    async def purge_nonces(self):
+    async def purge_nonces(self) -> int:
         """Forget nonces older than two windows: a request signed at t is accepted until
         t + window, and a nonce first seen at t - window may carry a timestamp up to t, so
         after 2 windows any replay already fails the timestamp check."""
-        async with self.core.db.transaction() as tx:
+        async with self.db.transaction() as tx:
             return await tx.execute("delete from api_nonce where seen_at < ${cut}$",
                                     {"cut": clock.now_text(-2 * self.window)})
 
-    def background_jobs(self):
-        return [("nonce-purge", self.purge_nonces, self.core.config.auth.nonce_purge_seconds)]
-
-
-async def verify_signed(core, request):
-    """dapi_auth for the API layer: the ``Caller`` of a signed request."""
-    from .api import Caller
-    signed = await core.auth.verify(request)
-    row = signed.row
-    return Caller(row.scope, customer_id=row.customer_id, key_id=row.key_prefix)
+    def background_jobs(self) -> list[tuple[str, Callable[[], Awaitable[int]], float]]:
+        return [("nonce-purge", self.purge_nonces, self.config.auth.nonce_purge_seconds)]
 
 
 def is_signed(request):

@@ -343,6 +343,12 @@ class Ledger:
             return await tx.one(f"select * from billing_hold where id = ${{h}}${suffix}", {"h": hold_id})
         return await tx.one(f"select * from billing_hold where request_id = ${{r}}${suffix}", {"r": request_id})
 
+    async def hold_customer(self, hold_id: str | None = None, request_id: str | None = None) -> str | None:
+        """The customer whose hold this is, or None when there is no such hold."""
+        async with self.db.read() as tx:
+            hold = await self._find_hold(tx, hold_id, request_id)
+        return None if hold is None else hold.customer_id
+
     async def settle(self, amount, hold_id=None, request_id=None, operator=None):
         """Charge the actual usage of a hold and release the rest. Usage already delivered is
         charged even past the available balance (the account may go into arrears), and even

@@ -15,54 +15,17 @@ from aiohttp import web
 from .. import auth
 from ..errors import BillingError, Forbidden, Unauthorized
 from ..resources import resource_path
+from . import handlers, product_handlers, report_handlers, sync_handlers  # noqa: F401  (each registers its endpoints)
 from .params import Params
+from .registry import HANDLERS, Caller, endpoint, reply
+
+__all__ = ["HANDLERS", "Caller", "Params", "authenticate", "endpoint", "handle", "reply", "signed_caller"]
 
 log = logging.getLogger("billing_module.api")
 
-HANDLERS = {}
-
-
-class Caller:
-    def __init__(self, kind, customer_id=None, key_id=None, user=None):
-        self.kind = kind              # "admin" or "customer"
-        self.customer_id = customer_id
-        self.key_id = key_id
-        self.user = user
-
-    @property
-    def is_admin(self):
-        return self.kind == "admin"
-
-    @property
-    def operator(self):
-        return self.user or (f"key:{self.key_id}" if self.key_id else "system")
-
-    def check_customer(self, customer_id):
-        """A customer-scoped caller may only touch its own customer."""
-        if not self.is_admin and customer_id != self.customer_id:
-            raise Forbidden("this API key is limited to another customer")
-
-    def require_admin(self):
-        if not self.is_admin:
-            raise Forbidden("this endpoint needs an admin key")
-
-
-def endpoint(name, methods=("GET", "POST"), open=False, admin=False):
-    """Register ``func(core, caller, params, request)`` as the handler of ``api/<name>.dspy``."""
-    def register(func):
-        HANDLERS[name] = (func, tuple(methods), open, admin)
-        return func
-    return register
-
-
-def reply(data, status=200):
-    return web.Response(text=json.dumps(data, ensure_ascii=False, default=str), status=status,
-                        content_type="application/json", charset="utf-8")
-
-
 async def authenticate(core, request):
     if auth.is_signed(request):
-        return await auth.verify_signed(core, request)
+        return await signed_caller(core, request)
     header = request.headers.get("Authorization", "")
     if header:
         scheme, _, token = header.partition(" ")
@@ -83,6 +46,12 @@ async def authenticate(core, request):
     if not core.config.auth.require_api_key:
         return Caller("admin", user="anonymous")
     raise Unauthorized("missing API key: send 'Authorization: Bearer <key>'")
+
+
+async def signed_caller(core, request):
+    """dapi_auth: the ``Caller`` of a signed request (its key verified by ``core.auth``)."""
+    row = (await core.auth.verify(request)).row
+    return Caller(row.scope, customer_id=row.customer_id, key_id=row.key_prefix)
 
 
 def _check_same_origin(request):
@@ -106,7 +75,6 @@ def _check_same_origin(request):
 
 
 async def handle(core, request, params_kw, name):
-    from . import handlers, product_handlers, report_handlers, sync_handlers  # noqa: F401  (registers the endpoints)
     try:
         spec = HANDLERS.get(name)
         if spec is None:

@@ -3,7 +3,7 @@ the reply's data; ``billing_module.api.handle`` checks the method and the caller
 the reply."""
 from ..errors import InvalidParam
 from ..money import to_micro
-from . import endpoint
+from .registry import endpoint
 
 READ, WRITE = ("GET",), ("POST",)
 
@@ -102,10 +102,9 @@ async def authorize(core, caller, p, request):
 async def _hold_customer_check(core, caller, hold_id, request_id):
     if caller.is_admin:
         return
-    async with core.db.read() as tx:
-        hold = await core.ledger._find_hold(tx, hold_id, request_id)
-    if hold is not None:
-        caller.check_customer(hold.customer_id)
+    customer_id = await core.ledger.hold_customer(hold_id, request_id)
+    if customer_id is not None:
+        caller.check_customer(customer_id)
 
 
 def _hold_ref(p):
@@ -174,7 +173,7 @@ async def failed_accounting_list(core, caller, p, request):
 
 @endpoint("failed_accounting_retry", methods=WRITE, admin=True)
 async def failed_accounting_retry(core, caller, p, request):
-    return await core.failures.retry(p.ident("id", required=True), operator=caller.operator)
+    return await core.retries.retry(p.ident("id", required=True), operator=caller.operator)
 
 
 @endpoint("failed_accounting_handle", methods=WRITE, admin=True)

@@ -2,6 +2,9 @@
 ``ServerEnv().billing_product_manager``) holds for products. It builds the concept services with
 their collaborators and hands each call to the service that owns it; it holds no logic of its own
 beyond shaping the product report into the products' reply."""
+from ..config import Config
+from ..db.database import Database
+from ..ledger import Ledger
 from ..reports import MAX_STATS_ROWS, Reports, product_filter
 from .catalogue import Catalogue
 from .consumption import Consumption
@@ -17,12 +20,7 @@ _PRICE_FIELDS = ("product_id", "quantity_unit", "overage_price", "price_per", "c
 
 
 class ProductManager:
-    def __init__(self, core=None, *, db=None, config=None, ledger=None):
-        """``ProductManager(core)`` (what ``services.build_services`` does) takes the database, the
-        config and the ledger from the core; each may also be given on its own."""
-        db = db if db is not None else core.db
-        config = config if config is not None else core.config
-        ledger = ledger if ledger is not None else core.ledger
+    def __init__(self, *, db: Database, config: Config, ledger: Ledger) -> None:
         self.db = db
         self.catalogue = Catalogue(db, config.currency)
         self.suppliers_service = Suppliers(db, self.catalogue)
@@ -49,11 +47,8 @@ class ProductManager:
         self.subscriptions = self.subscriptions_service.subscriptions
         self.renew_due = self.subscriptions_service.renew_due
         self.check_quota = self.subscriptions_service.check_quota
-        # consumption, and the accounting hook (services.build_services hands these to Accounting)
+        # consumption (services.build_services hands ``hook`` to Accounting)
         self.product_use = self.consumption.product_use
-        self.quota_hook = self.hook.quota_hook
-        self.release_quota = self.hook.release_quota
-        self.subscribed_customers = self.hook.subscribed_customers
 
     # --- the product report (reports.py, source "product") in the products' reply shapes ----------------
     async def usage_list(self, page=1, rows=20, **filters) -> dict:

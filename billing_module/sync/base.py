@@ -190,7 +190,9 @@ class EntitySync:
 
     def __init__(self, manager):
         self.manager = manager
-        self.core = manager.core
+        self.db = manager.db
+        self.config = manager.config
+        self.catalog = manager.catalog
         self.store = manager.store
         self._lock = asyncio.Lock()
         self.table = ENTITIES[self.entity][0]
@@ -206,12 +208,12 @@ class EntitySync:
     # --- the run -----------------------------------------------------------------------------
     @property
     def interval(self):
-        s = self.core.config.sync
+        s = self.config.sync
         return getattr(s, f"{self.entity}_interval_seconds") or s.interval_seconds
 
     def client(self):
         try:
-            return SignedClient.from_config(self.core.config)
+            return SignedClient.from_config(self.config)
         except ValueError as e:
             raise SyncNotConfigured(f"sync is not configured: {e} (sync.central_url, sync.app_key, "
                                     "sync.app_secret)") from None
@@ -222,7 +224,7 @@ class EntitySync:
         raised before anything is touched."""
         client = self.client()
         async with self._lock:
-            state = await self.store.claim(self.entity, self.core.config.sync.claim_seconds)
+            state = await self.store.claim(self.entity, self.config.sync.claim_seconds)
             since = 0 if full else int(state.sync_version) if (state.sync_version or "").isdigit() else 0
             result = {"entity": self.entity, "status": "success", "full": bool(full), "since": since,
                       "version": since, "pages": 0, "items": 0, "deleted": 0, "warnings": [], "error": None}
@@ -239,7 +241,7 @@ class EntitySync:
             return result
 
     async def _pages(self, client, full, result, progress):
-        cfg = self.core.config.sync
+        cfg = self.config.sync
         path = cfg.path.format(entity=self.entity)
         seen = set() if full else None
         since = result["since"]
@@ -250,9 +252,9 @@ class EntitySync:
             if seen is not None:
                 seen.update(str(i.get("id")) for i in page.items if isinstance(i, dict))
             final = not page.has_more
-            items_applied, deleted_applied, warnings = await self.core.db.run(
+            items_applied, deleted_applied, warnings = await self.db.run(
                 lambda tx, page=page, final=final: self._apply(tx, page, seen, final))
-            self.core.catalog.invalidate(self.entity)
+            self.catalog.invalidate(self.entity)
             since = page.version
             result["pages"] += 1
             result["items"] += items_applied
@@ -273,7 +275,7 @@ class EntitySync:
             gone = set(deleted)
             local = {r.id for r in await tx.select(f"select id from {self.table}")}
             deleted += sorted(local - seen - gone)
-        n_items, n_deleted = await self.core.catalog.apply(tx, self.entity, page.items, deleted, str(page.version))
+        n_items, n_deleted = await self.catalog.apply(tx, self.entity, page.items, deleted, str(page.version))
         warnings = await self.after_apply(tx, page.items)
         await self.store.page_applied(tx, self.entity, page.version, n_items + n_deleted, final, self.interval)
         return n_items, n_deleted, warnings
@@ -291,7 +293,7 @@ class EntitySync:
         result.update(status="failed", error=message)
         # doubles with each failure in a row, never beyond the entity's normal interval
         doubling = 2 ** min(state.retry_count or 0, 20)
-        backoff = min(self.interval, self.core.config.sync.failure_backoff_seconds * doubling)
+        backoff = min(self.interval, self.config.sync.failure_backoff_seconds * doubling)
         log.warning("sync failed: %s (next attempt in %ss)", message, backoff)
         try:
             await self.store.failed(self.entity, message, backoff)

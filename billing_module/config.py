@@ -60,6 +60,23 @@ def _choice(*options):
     return check
 
 
+def _max_balance(v):
+    # whole currency units, at most money.MAX_UNITS (1e12, i.e. 1e18 micro-units): a balance plus
+    # one amount and a credit line then always stays inside a signed 64-bit integer
+    from .money import MAX_UNITS
+    v = int(str(v).strip())
+    if not 0 < v <= MAX_UNITS:
+        raise ValueError(f"must be a whole number of currency units between 1 and {MAX_UNITS}")
+    return v
+
+
+def _non_negative_float(v):
+    v = float(v)
+    if not v >= 0 or v == float("inf"):
+        raise ValueError("must be zero or a positive number")
+    return v
+
+
 def _port(v):
     v = int(v)
     if not 0 <= v <= 65535:
@@ -124,6 +141,14 @@ SCHEMA = {
         "default_ttl_seconds": (600, _positive_int),
         "max_ttl_seconds": (86400, _positive_int),
         "sweep_interval_seconds": (30, _positive_float),
+        # how far an admin may settle above the held amount, as a ratio of the hold (0.1: up to
+        # 110 %); 0: never above the hold. A customer key never settles above the hold.
+        "max_settle_over_hold_ratio": (0.0, _non_negative_float),
+    },
+    "ledger": {
+        # the largest balance (and the most negative one), in currency units: a recharge, refund,
+        # adjustment or charge whose result would leave it is refused (400 amount_out_of_range)
+        "max_balance": (10**12, _max_balance),
     },
     "cache": {
         "size": (10000, _positive_int),

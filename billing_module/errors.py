@@ -60,5 +60,14 @@ class AccountSuspended(BillingError):
     status, code = 403, "account_suspended"
 
 
+class AmountOutOfRange(BillingError):
+    """A balance change whose result would leave the configured maximum or the 64-bit range."""
+    status, code = 400, "amount_out_of_range"
+
+
+class RefundExceedsCharges(BillingError):
+    status, code = 400, "refund_exceeds_charges"
+
+
 class ConfigError(Exception):
     """A wrong configuration value: raised at start, never at request time."""

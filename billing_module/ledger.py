@@ -9,20 +9,25 @@ is idempotent on the caller's ``request_id`` (unique per entry type in the datab
 request again returns the first result with ``duplicate: true``; the same ``request_id`` with a
 different payload is a ``conflict``.
 
+Bounds: every balance change keeps the balance within ``ledger.max_balance`` (both signs), checked
+by the same conditional UPDATE (refused as ``amount_out_of_range``). With the maximum at most 1e18
+micro-units the SQL sum never leaves the signed 64-bit range, where SQLite would turn it into a float.
+
 Availability rule: a debit that must be covered (a hold, a usage charge when arrears are not
 allowed) passes when ``balance - held - amount >= -credit_limit``.
 """
 import logging
+from decimal import Decimal
 
 from appPublic.dictObject import DictObject
 
 from . import clock
 from .db import dialect as dialects
 from .db.database import where
-from .errors import (AccountSuspended, BillingError, Conflict, InsufficientBalance, InvalidParam, NotFound,
-                     UnknownCustomer)
+from .errors import (AccountSuspended, AmountOutOfRange, BillingError, Conflict, Forbidden, InsufficientBalance,
+                     InvalidParam, NotFound, RefundExceedsCharges, UnknownCustomer)
 from .ids import new_id, payload_hash
-from .money import MAX_MICRO, from_micro
+from .money import MAX_MICRO, MICRO, from_micro
 
 log = logging.getLogger("billing_module.ledger")
 
@@ -38,8 +43,9 @@ _BALANCE_COLUMNS = ("id, balance, held, credit_limit, currency, status, last_rec
                     "last_consumption, version, updated_at")
 
 
-def _balance_update(must_cover, refuse_suspended):
-    """The conditional UPDATE behind every money movement (parameters c, amt, hd, now, et)."""
+def _balance_update(must_cover, refuse_suspended, guard=""):
+    """The conditional UPDATE behind every money movement (parameters c, amt, hd, now, et, maxb);
+    ``guard``: one more SQL condition the update must meet (a refund's limit)."""
     # status comes first: MySQL evaluates SET left to right with the new values, SQLite with
     # the old ones; read before the balance changes, both see the old balance.
     sets = ("status = case when status = 'arrears' and balance + ${amt}$ >= -coalesce(credit_limit, 0) "
@@ -49,12 +55,29 @@ def _balance_update(must_cover, refuse_suspended):
             "last_recharge = case when ${amt}$ > 0 and ${et}$ = 'recharge' then ${now}$ else last_recharge end, "
             "last_consumption = case when ${amt}$ < 0 and ${et}$ in ('usage', 'settle', 'overage', 'subscription') "
             "then ${now}$ else last_consumption end")
-    cond = "id = ${c}$"
+    cond = "id = ${c}$ and balance + ${amt}$ <= ${maxb}$ and balance + ${amt}$ >= -${maxb}$"
+    if guard:
+        cond += f" and {guard}"
     if must_cover or refuse_suspended:
         cond += " and status <> 'suspended'"
     if must_cover:
         cond += " and balance - held + ${amt}$ - ${hd}$ >= -coalesce(credit_limit, 0)"
     return f"update customer_balance set {sets} where {cond}"
+
+
+# What a refund may still return, as conditions on the balance row being updated (correlated, so
+# they are evaluated under that row's lock: two refunds of one customer are serialised by it, and
+# on MySQL the subqueries of an UPDATE are locking reads that see the latest committed entries).
+_CHARGE_TYPES = "('usage', 'settle', 'overage', 'subscription')"
+_REFUND_WITHIN_CHARGES = (
+    "${amt}$ <= (select coalesce(-sum(amount), 0) from ledger_entry where customer_id = customer_balance.id "
+    f"and entry_type in {_CHARGE_TYPES}) - (select coalesce(sum(amount), 0) from ledger_entry "
+    "where customer_id = customer_balance.id and entry_type = 'refund')")
+_REFUND_WITHIN_RECORD = (
+    "${amt}$ <= (select coalesce(-sum(amount), 0) from ledger_entry where customer_id = customer_balance.id "
+    "and entry_type = 'usage' and request_id = ${rreq}$) - (select coalesce(sum(amount), 0) from ledger_entry "
+    "where customer_id = customer_balance.id and entry_type = 'refund' and ref_type = 'accounting_records' "
+    "and ref_id = ${rid}$)")
 
 
 def balance_view(row):
@@ -103,6 +126,7 @@ class Ledger:
     def __init__(self, db, config):
         self.db = db
         self.config = config
+        self.max_balance_micros = config.ledger.max_balance * MICRO
 
     # --- reads -----------------------------------------------------------------------------
     async def balance(self, customer_id):
@@ -137,19 +161,23 @@ class Ledger:
     async def post(self, tx, customer_id, amount, entry_type, request_id, phash, *, must_cover=False,
                    refuse_suspended=False, want_balance=True,
                    held_delta=0, ref_type=None, ref_id=None, reason=None, operator=None, create=False,
-                   currency=None):
+                   currency=None, guard=None):
         """Apply ``amount`` (signed micro-units) to the balance and append its ledger entry, inside
         the caller's transaction. ``must_cover``: refuse with ``insufficient_balance`` when the
-        debit would take ``balance - held`` below ``-credit_limit``. Returns the entry row."""
+        debit would take ``balance - held`` below ``-credit_limit``. ``guard``: (SQL condition, its
+        parameters, the error when it fails). Returns the entry row."""
         now = clock.now_text()
-        ns = {"c": customer_id, "amt": amount, "hd": held_delta, "now": now, "et": entry_type}
-        sql = _balance_update(must_cover, refuse_suspended)
+        ns = {"c": customer_id, "amt": amount, "hd": held_delta, "now": now, "et": entry_type,
+              "maxb": self.max_balance_micros}
+        sql = _balance_update(must_cover, refuse_suspended, guard[0] if guard else "")
+        if guard:
+            ns.update(guard[1])
         n = await tx.execute(sql, ns)
         if n == 0 and create:
             await self._create_account(tx, customer_id, now, currency)
             n = await tx.execute(sql, ns)
         if n == 0:
-            await self._explain_refusal(tx, customer_id)
+            await self._explain_refusal(tx, customer_id, amount, otherwise=guard[2] if guard else None)
         entry = {
             "id": new_id(), "customer_id": customer_id, "entry_type": entry_type, "amount": amount,
             "request_id": request_id, "payload_hash": phash, "ref_type": ref_type, "ref_id": ref_id,
@@ -174,9 +202,11 @@ class Ledger:
         written with one multi-row insert, each with its exact running balance_after."""
         now = clock.now_text()
         sql = _balance_update(must_cover, refuse_suspended)
-        ns = {"c": customer_id, "hd": 0, "now": now, "et": entry_type, "amt": sum(i["amount"] for i in items)}
+        total = sum(i["amount"] for i in items)
+        ns = {"c": customer_id, "hd": 0, "now": now, "et": entry_type, "amt": total, "maxb": self.max_balance_micros}
         accepted, refused = list(items), []
-        if await tx.execute(sql, ns) == 0:
+        # a total past the bounds is not bound as one parameter (it may not fit 64 bits): item by item
+        if abs(total) > MAX_MICRO or await tx.execute(sql, ns) == 0:
             if all_or_nothing:
                 return [], [(item, None) for item in items]
             accepted = []
@@ -185,7 +215,7 @@ class Ledger:
                     accepted.append(item)
                     continue
                 try:
-                    await self._explain_refusal(tx, customer_id)
+                    await self._explain_refusal(tx, customer_id, item["amount"])
                 except BillingError as e:
                     refused.append((item, e))
         if not accepted:
@@ -223,11 +253,18 @@ class Ledger:
             "${now}$, ${now}$, ${now}$)",
             {"c": customer_id, "cur": currency or self.config.currency, "now": now})
 
-    async def _explain_refusal(self, tx, customer_id):
+    async def _explain_refusal(self, tx, customer_id, amount=0, otherwise=None):
+        """Why a conditional balance update changed no row: raise the matching error."""
         row = await tx.one("select balance, held, credit_limit, status from customer_balance where id = ${c}$",
                            {"c": customer_id})
         if row is None:
             raise UnknownCustomer(f"customer {customer_id} has no account")
+        limit = self.max_balance_micros
+        if not isinstance(row.balance, int) or abs(row.balance + amount) > limit:
+            raise AmountOutOfRange(f"the balance of customer {customer_id} would leave the allowed range "
+                                   f"of -{from_micro(limit)} to {from_micro(limit)}; nothing was written")
+        if otherwise is not None:
+            raise otherwise
         if row.status == "suspended":
             raise AccountSuspended(f"customer {customer_id} is suspended")
         raise InsufficientBalance(
@@ -260,15 +297,38 @@ class Ledger:
         return await self._idempotent("recharge", request_id, phash, work)
 
     async def refund(self, customer_id, amount, request_id, reason, operator=None, ref_id=None):
+        """Return money charged to the customer: at most its charges minus its earlier refunds, and
+        with ``ref_id`` (an accounting record of this customer) at most that record's charge minus
+        the refunds that named it. The limits are conditions of the balance update itself."""
         _check_amount(amount, "amount")
         phash = payload_hash({"op": "refund", "customer_id": customer_id, "amount": amount, "ref_id": ref_id})
+        refused = RefundExceedsCharges(
+            f"a refund of {from_micro(amount)} is more than {'record ' + ref_id if ref_id else customer_id} "
+            "was charged, less earlier refunds")
 
         async def work(tx):
+            guard, ns = _REFUND_WITHIN_CHARGES, {}
+            if ref_id:
+                record = await self._charged_record(tx, customer_id, ref_id)
+                guard, ns = f"{guard} and {_REFUND_WITHIN_RECORD}", {"rreq": record.request_id, "rid": ref_id}
             return await self.post(tx, customer_id, amount, "refund", request_id, phash, reason=reason,
-                                   operator=operator, ref_type="accounting_records" if ref_id else None, ref_id=ref_id)
+                                   operator=operator, ref_type="accounting_records" if ref_id else None, ref_id=ref_id,
+                                   guard=(guard, ns, refused))
         return await self._idempotent("refund", request_id, phash, work)
 
+    async def _charged_record(self, tx, customer_id, record_id):
+        """The accounting record a refund names: it must exist (live or archived) and be this customer's."""
+        for table in ("accounting_records", "accounting_records_history"):
+            record = await tx.one(f"select customer_id, request_id from {table} where id = ${{r}}$", {"r": record_id})
+            if record is not None:
+                break
+        if record is None or record.customer_id != customer_id:
+            raise NotFound(f"customer {customer_id} has no accounting record {record_id}", code="unknown_record")
+        return record
+
     async def adjust(self, customer_id, amount, request_id, reason, operator=None):
+        """A signed correction of an existing account (an unknown customer is ``unknown_customer``:
+        only a recharge opens an account)."""
         _check_amount(amount, "amount", signed=True)
         if not reason:
             raise InvalidParam("reason: required for an adjustment")
@@ -276,7 +336,7 @@ class Ledger:
 
         async def work(tx):
             return await self.post(tx, customer_id, amount, "adjust", request_id, phash, reason=reason,
-                                   operator=operator, create=True)
+                                   operator=operator)
         return await self._idempotent("adjust", request_id, phash, work)
 
     async def update_account(self, customer_id, credit_limit=None, status=None):
@@ -303,7 +363,10 @@ class Ledger:
         return balance_view(await self.db.run(work))
 
     # --- holds ---------------------------------------------------------------------------------
-    async def hold(self, customer_id, amount, request_id, ttl_seconds=None, note=None):
+    async def hold(self, customer_id, amount, request_id, ttl_seconds=None, note=None, scope="admin",
+                   created_by=None):
+        """Reserve ``amount``. ``scope`` (admin: the platform, customer: a customer key) is recorded:
+        the hold belongs to it (see ``settle``)."""
         _check_amount(amount, "amount")
         holds = self.config.holds
         ttl = holds.default_ttl_seconds if ttl_seconds is None else ttl_seconds
@@ -327,6 +390,7 @@ class Ledger:
                 await self._explain_refusal(tx, customer_id)
             hold = {"id": new_id(), "customer_id": customer_id, "request_id": request_id, "amount": amount,
                     "status": "open", "payload_hash": phash, "note": (note or "")[:255] or None,
+                    "created_scope": scope, "created_by": (created_by or "")[:64] or None,
                     "expires_at": clock.now_text(ttl), "created_at": now, "updated_at": now}
             await tx.insert("billing_hold", hold)
             return hold_view(DictObject(**dict(hold, settled_amount=None)))
@@ -343,22 +407,20 @@ class Ledger:
             return await tx.one(f"select * from billing_hold where id = ${{h}}${suffix}", {"h": hold_id})
         return await tx.one(f"select * from billing_hold where request_id = ${{r}}${suffix}", {"r": request_id})
 
-    async def hold_customer(self, hold_id: str | None = None, request_id: str | None = None) -> str | None:
-        """The customer whose hold this is, or None when there is no such hold."""
-        async with self.db.read() as tx:
-            hold = await self._find_hold(tx, hold_id, request_id)
-        return None if hold is None else hold.customer_id
-
-    async def settle(self, amount, hold_id=None, request_id=None, operator=None):
+    async def settle(self, amount, hold_id=None, request_id=None, operator=None, scope="admin", customer_id=None):
         """Charge the actual usage of a hold and release the rest. Usage already delivered is
         charged even past the available balance (the account may go into arrears), and even
-        when the hold has expired; a released hold cannot be settled."""
+        when the hold has expired; a released hold cannot be settled. ``scope``/``customer_id``:
+        who asks (see ``_check_hold_access``); only an admin settles above the held amount, and
+        at most ``holds.max_settle_over_hold_ratio`` above it."""
         _check_amount(amount, "amount", allow_zero=True)
 
         async def work(tx):
             hold = await self._find_hold(tx, hold_id, request_id, lock=True)
             if hold is None:
                 raise NotFound("no such hold")
+            _check_hold_access(hold, scope, customer_id)
+            self._check_settle_amount(hold, amount, scope)
             if hold.status == "settled":
                 if int(hold.settled_amount) != amount:
                     raise Conflict(f"hold {hold.id} was already settled for {from_micro(int(hold.settled_amount))}")
@@ -381,11 +443,12 @@ class Ledger:
             return dict(hold_view(hold), entry=entry_view(entry))
         return await self.db.run(work)
 
-    async def release(self, hold_id=None, request_id=None):
+    async def release(self, hold_id=None, request_id=None, scope="admin", customer_id=None):
         async def work(tx):
             hold = await self._find_hold(tx, hold_id, request_id, lock=True)
             if hold is None:
                 raise NotFound("no such hold")
+            _check_hold_access(hold, scope, customer_id)
             if hold.status in ("released", "expired"):
                 return hold_view(hold, duplicate=True)
             if hold.status == "settled":
@@ -394,6 +457,18 @@ class Ledger:
             hold.status = "released"
             return hold_view(hold)
         return await self.db.run(work)
+
+    def _check_settle_amount(self, hold, amount, scope):
+        held = int(hold.amount)
+        if amount <= held:
+            return
+        if scope != "admin":
+            raise Forbidden(f"settling above the held amount ({from_micro(held)}) needs an admin key")
+        ratio = Decimal(str(self.config.holds.max_settle_over_hold_ratio))
+        limit = held + int(held * ratio)
+        if amount > limit:
+            raise InvalidParam(f"amount: at most {from_micro(limit)} for hold {hold.id} of {from_micro(held)} "
+                               "(holds.max_settle_over_hold_ratio)", code="settle_exceeds_hold")
 
     async def _close_hold(self, tx, hold, status):
         now = clock.now_text()
@@ -434,17 +509,68 @@ class Ledger:
         orphan_sql = ("select distinct l.customer_id from ledger_entry l left join customer_balance b "
                       "on b.id = l.customer_id where b.id is null")
         async with self.db.read() as tx:
-            rows = await tx.select(sql)
+            try:
+                rows = await tx.select(sql)
+            except Exception as e:     # SQLite's sum() raises on a 64-bit overflow: one customer at a time
+                if not dialects.is_integer_overflow(e):
+                    raise
+                rows = await self._reconcile_each(tx)
             orphans = await tx.select(orphan_sql)
         problems = []
         for r in rows:
-            if int(r.balance) != int(r.ledger_total) or int(r.held) != int(r.open_holds):
+            values = [_exact_int(r[k]) for k in ("balance", "ledger_total", "held", "open_holds")]
+            if None in values:
+                problems.append({"customer_id": r.customer_id, "problem": "an amount outside the 64-bit integer "
+                                 f"range or not an integer: balance {r.balance}, ledger total {r.ledger_total}"})
+            elif values[0] != values[1] or values[2] != values[3]:
                 problems.append({"customer_id": r.customer_id, "balance": from_micro(int(r.balance)),
                                  "ledger_total": from_micro(int(r.ledger_total)), "held": from_micro(int(r.held)),
                                  "open_holds": from_micro(int(r.open_holds))})
         for o in orphans:
             problems.append({"customer_id": o.customer_id, "problem": "ledger entries without a balance row"})
         return {"customers": len(rows), "mismatches": problems}
+
+    async def _reconcile_each(self, tx):
+        """The rows of ``reconcile`` with each customer's ledger summed on its own; a sum that
+        overflows is reported as None instead of stopping the proof of every other customer."""
+        rows = await tx.select("select b.id as customer_id, b.balance, b.held, coalesce(sum(h.amount), 0) as open_holds "
+                               "from customer_balance b left join billing_hold h on h.customer_id = b.id "
+                               "and h.status = 'open' group by b.id, b.balance, b.held")
+        for r in rows:
+            try:
+                r.ledger_total = await tx.scalar("select coalesce(sum(amount), 0) as total from ledger_entry "
+                                                 "where customer_id = ${c}$", {"c": r.customer_id})
+            except Exception as e:
+                if not dialects.is_integer_overflow(e):
+                    raise
+                r.ledger_total = None
+        return rows
+
+
+def _exact_int(value):
+    """An amount read back as an int, or None when it is not one (SQLite turns an integer that
+    overflowed into a float; an exact float is accepted only inside the 64-bit range)."""
+    if isinstance(value, bool) or value is None:
+        return None
+    if isinstance(value, int):
+        return value
+    try:
+        as_int = int(value)
+    except (TypeError, ValueError, OverflowError):
+        return None
+    return as_int if as_int == value and -2**63 <= as_int < 2**63 and not isinstance(value, float) else None
+
+
+def _check_hold_access(hold, scope, customer_id):
+    """A hold belongs to the scope that created it: a customer key closes only the holds a
+    customer key created for its own customer. A hold with no recorded scope (made before the
+    column existed) counts as the platform's."""
+    if scope == "admin":
+        return
+    if hold.customer_id != customer_id:
+        raise Forbidden("this hold belongs to another customer")
+    if hold.created_scope != "customer":
+        raise Forbidden(f"hold {hold.id} was placed by the platform: only an admin key can settle or release it")
 
 
 def _replay(existing, phash, request_id):

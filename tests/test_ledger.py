@@ -30,9 +30,11 @@ async def test_concurrent_duplicate_recharges_credit_once(core):
 
 async def test_refund_and_adjust(core):
     await core.ledger.recharge("c1", units("1"), "r1")
+    hold = await core.ledger.hold("c1", units("0.5"), "h1")
+    await core.ledger.settle(units("0.5"), hold_id=hold["hold_id"])       # charged 0.5: refundable
     await core.ledger.refund("c1", units("0.5"), "f1", reason="bad answer")
     await core.ledger.adjust("c1", -units("0.25"), "a1", reason="correction", operator="ops")
-    assert (await core.ledger.balance("c1"))["balance"] == "1.250000"
+    assert (await core.ledger.balance("c1"))["balance"] == "0.750000"
     with pytest.raises(UnknownCustomer):
         await core.ledger.refund("nobody", units("1"), "f2", reason="x")
     with pytest.raises(InvalidParam):
@@ -40,7 +42,7 @@ async def test_refund_and_adjust(core):
     with pytest.raises(InvalidParam):
         await core.ledger.adjust("c1", 5, "a3", reason="")
     entries = await core.ledger.entries("c1")
-    assert entries["total"] == 3 and [e["entry_type"] for e in entries["rows"]].count("adjust") == 1
+    assert entries["total"] == 4 and [e["entry_type"] for e in entries["rows"]].count("adjust") == 1
 
 
 async def test_hold_settle_release_and_limits(core):
@@ -67,6 +69,7 @@ async def test_hold_settle_release_and_limits(core):
 
 
 async def test_settle_past_the_balance_puts_the_account_in_arrears(core):
+    core.config.holds.max_settle_over_hold_ratio = 2.0      # an admin may settle up to 3x the hold
     await core.ledger.recharge("c1", units("1"), "r1")
     h = await core.ledger.hold("c1", units("1"), "h1")
     await core.ledger.settle(units("3"), hold_id=h["hold_id"])      # delivered: charged in full

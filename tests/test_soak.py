@@ -22,6 +22,8 @@ SECONDS, CLIENTS = 8, 8
 async def server(http):
     """The standalone host with its background jobs running (as ``billing-module serve``)."""
     await seed_pricing(http.core)
+    # the soak settles some holds above their amount (delivered more than estimated): let an admin
+    http.core.config.holds.max_settle_over_hold_ratio = 1000.0
     await http.core.start_background()
     try:
         yield http

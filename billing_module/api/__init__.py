@@ -86,10 +86,14 @@ async def handle(core, request, params_kw, name):
         caller = None if is_open else await authenticate(core, request)
         if admin_only:
             caller.require_admin()
+        if caller is not None:
+            params_kw = caller.scope(params_kw)
         result = await func(core, caller, Params(params_kw), request)
         if isinstance(result, web.StreamResponse):
             return result
         status = result.pop("_status", 200) if isinstance(result, dict) else 200
+        if caller is not None:
+            result = caller.unscope(result)
         return reply({"success": True, **result}, status)
     except BillingError as e:
         return reply(e.to_reply(), e.status)

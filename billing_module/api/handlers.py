@@ -96,15 +96,7 @@ async def authorize(core, caller, p, request):
             raise InvalidParam("the estimated usage prices at zero; send an amount to hold")
     ttl = p.int("ttl_seconds", minimum=1)
     return await core.ledger.hold(customer_id, amount, p.ident("request_id", required=True, max_len=64),
-                                  ttl_seconds=ttl, note=p.str("note"))
-
-
-async def _hold_customer_check(core, caller, hold_id, request_id):
-    if caller.is_admin:
-        return
-    customer_id = await core.ledger.hold_customer(hold_id, request_id)
-    if customer_id is not None:
-        caller.check_customer(customer_id)
+                                  ttl_seconds=ttl, note=p.str("note"), scope=caller.kind, created_by=caller.operator)
 
 
 def _hold_ref(p):
@@ -117,15 +109,15 @@ def _hold_ref(p):
 @endpoint("settle", methods=WRITE)
 async def settle(core, caller, p, request):
     hold_id, request_id = _hold_ref(p)
-    await _hold_customer_check(core, caller, hold_id, request_id)
-    return await core.ledger.settle(p.amount(), hold_id=hold_id, request_id=request_id, operator=caller.operator)
+    return await core.ledger.settle(p.amount(), hold_id=hold_id, request_id=request_id, operator=caller.operator,
+                                    scope=caller.kind, customer_id=caller.customer_id)
 
 
 @endpoint("release", methods=WRITE)
 async def release(core, caller, p, request):
     hold_id, request_id = _hold_ref(p)
-    await _hold_customer_check(core, caller, hold_id, request_id)
-    return await core.ledger.release(hold_id=hold_id, request_id=request_id)
+    return await core.ledger.release(hold_id=hold_id, request_id=request_id, scope=caller.kind,
+                                     customer_id=caller.customer_id)
 
 
 # --- usage --------------------------------------------------------------------------------------

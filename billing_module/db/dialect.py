@@ -23,6 +23,11 @@ def is_unique_violation(exc):
     return False
 
 
+def is_integer_overflow(exc):
+    """SQLite's sum() of integers that leaves the signed 64-bit range raises (MySQL sums into DECIMAL)."""
+    return isinstance(exc, sqlite3.OperationalError) and "integer overflow" in str(exc)
+
+
 def is_retryable(exc):
     """A transaction that failed this way did nothing and may be run again as a whole."""
     if isinstance(exc, sqlite3.OperationalError):

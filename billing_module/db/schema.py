@@ -53,13 +53,47 @@ def _history_model(source, table, title):
     return m
 
 
+# Ids and idempotency keys compare byte for byte on both databases: SQLite compares text that way,
+# and the MySQL tables' default collation (utf8mb4_unicode_ci) would make 'DEMO-ACME' the same
+# customer as 'demo-acme'. The column-level collation wins over the table's and the database's.
+ID_COLLATION = "utf8mb4_bin"
+_KEY_COLUMNS = {"idempotency_key", "active_key", "source_ref_table", "transno"}
+
+
+def is_id_column(field):
+    """A text column holding an id or an idempotency key (ids end in 'id': customer_id, llmid)."""
+    name = field["name"].lower()
+    return field["type"] in ("str", "char") and (name.endswith("id") or name in _KEY_COLUMNS)
+
+
+def id_columns(model):
+    return [f for f in model["fields"] if is_id_column(f)]
+
+
 def render_ddl(model, dialect):
     tmpl = sqlite3_ddl_tmpl if dialect == dialects.SQLITE else mysql_ddl_tmpl
     data = copy.deepcopy(model)
     pri = data["summary"][0]["primary"]
     if isinstance(pri, str):
         data["summary"][0]["primary"] = [pri]
-    return MyTemplateEngine([]).renders(tmpl, data)
+    ddl = MyTemplateEngine([]).renders(tmpl, data)
+    if dialect != dialects.SQLITE:
+        for field in id_columns(model):
+            ddl = re.sub(rf"(`{field['name']}` VARCHAR\(\d+\))", rf"\1 COLLATE {ID_COLLATION}", ddl, count=1)
+    return ddl
+
+
+def id_collation_migration(models=None):
+    """ALTER statements that give an existing MySQL/MariaDB schema the binary id collation of
+    ``render_ddl`` (``create_schema`` never alters a table): scripts/migrate_binary_ids.sql. Each
+    column keeps its rendered definition (type, NULL, default, comment)."""
+    out = []
+    for name, model in (models or load_models()).items():
+        create, _ = table_statements(model, dialects.MYSQL)
+        for field in id_columns(model):
+            line = re.search(rf"^\s*(`{field['name']}` VARCHAR.*?),?$", create, re.M).group(1).strip()
+            out.append(f"ALTER TABLE {name} MODIFY {line};")
+    return out
 
 
 def _statements(ddl):

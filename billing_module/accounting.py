@@ -47,20 +47,20 @@ class Event:
     request_id: str
     customer_id: str
     usage: Usage
-    user_id: str = None
-    llmid: str = None
-    product_id: str = None
-    use_time: str = None
-    transno: str = None
-    payload: dict = field(default_factory=dict)
+    user_id: str | None = None
+    llmid: str | None = None
+    product_id: str | None = None
+    use_time: str = ""          # normalised "YYYY-MM-DD HH:MM:SS"; parse_event sets it
+    transno: str | None = None
+    payload: dict[str, Any] = field(default_factory=dict)
     hash: str = ""
 
     @property
-    def day(self):
+    def day(self) -> datetime.date:
         return datetime.date.fromisoformat(self.use_time[:10])   # use_time is stored normalised
 
 
-def parse_event(raw):
+def parse_event(raw: dict[str, Any]) -> Event:
     """Validate a usage event (dict). Bad input raises InvalidParam and nothing is written."""
     if not isinstance(raw, dict):
         raise InvalidParam("event: must be an object")
@@ -91,7 +91,7 @@ def parse_event(raw):
                  payload_hash(hashed))
 
 
-def record_view(rec, duplicate=False):
+def record_view(rec: Row, duplicate: bool = False) -> dict[str, Any]:
     """The reply for an accounted (or failed / pending) record: built only from stored fields, so
     a replay returns exactly what the first call returned."""
     lines = json.loads(rec.price_lines) if rec.price_lines else []
@@ -141,7 +141,7 @@ class Accounting:
         self.group = GroupCommit(self.db, single=self._charge_new, batch=self._charge_batch)
 
     # --- public entry points ---------------------------------------------------------------------
-    async def post_usage(self, raw):
+    async def post_usage(self, raw: dict[str, Any]) -> dict[str, Any]:
         ev = await self._prepare(raw)
         try:
             price, model = await self.catalog.quote(ev.usage, ev.llmid, ev.payload["model_name"],
@@ -186,11 +186,13 @@ class Accounting:
         ids = [ev.request_id for ev, _, _ in items]
         if len(set(ids)) != len(ids):
             raise Fallback()
-        ns = {}
+        ns: dict[str, Any] = {}
         known = {r.request_id for r in await tx.select(
             f"select request_id from accounting_records where request_id in {tx.in_list(ids, ns)}", ns)}
         now = clock.now_text()
-        outcomes, by_customer, records = [None] * len(items), {}, []
+        outcomes: list[Any] = [None] * len(items)
+        by_customer: dict[str, list[Any]] = {}
+        records = []
         covered = await self._covered(tx, {ev.customer_id for ev, _, _ in items})
         for i, (ev, price, model) in enumerate(items):
             if ev.request_id in known:
@@ -198,7 +200,7 @@ class Accounting:
                 continue
             row = self._accounted_row(ev, now, price, model)
             if ev.customer_id in covered:
-                self._apply_quota(row, await self.quota.quota_hook(tx, ev, price, row["id"]))
+                self._apply_quota(row, await self._take_quota(tx, ev, price, row["id"]))
             by_customer.setdefault(ev.customer_id, []).append((i, row, ev))
         for customer_id, group in by_customer.items():
             charged = [{"amount": -row["amount"], "request_id": ev.request_id, "payload_hash": ev.hash,
@@ -245,7 +247,7 @@ class Accounting:
                 await self.failures.record(ev, e, price=price)
             raise
 
-    async def submit_usage(self, raw):
+    async def submit_usage(self, raw: dict[str, Any]) -> dict[str, Any]:
         """Store the event as pending and return at once; the accountant charges it."""
         ev = await self._prepare(raw)
         now = clock.now_text()
@@ -261,12 +263,12 @@ class Accounting:
             raise Conflict(f"request_id {ev.request_id} was already used with a different payload")
         return dict(record_view(existing, duplicate=True))
 
-    async def quote(self, raw):
+    async def quote(self, raw: dict[str, Any]) -> dict[str, Any]:
         ev = await self._prepare(dict(raw, request_id=raw.get("request_id") or "quote"))
         price, model = await self.catalog.quote(ev.usage, ev.llmid, ev.payload["model_name"], ev.customer_id, ev.day)
         return dict(price.to_dict(), llmid=model.id, model_name=model.name)
 
-    async def record(self, record_id=None, request_id=None):
+    async def record(self, record_id: str | None = None, request_id: str | None = None) -> Row | None:
         async with self.db.read() as tx:
             if record_id:
                 rec = await tx.one("select * from accounting_records where id = ${i}$", {"i": record_id})
@@ -275,7 +277,7 @@ class Accounting:
         return rec
 
     # --- the background accountant -----------------------------------------------------------------
-    async def account_pending(self, limit=None):
+    async def account_pending(self, limit: int | None = None) -> int:
         """Account up to ``limit`` pending events in one transaction; returns how many were
         accounted. Events that cannot be accounted are then recorded as failed.
 
@@ -293,7 +295,9 @@ class Accounting:
             claimed = await tx.select(
                 f"select {_CLAIM_COLUMNS} from accounting_records where status = 'pending' "
                 "order by created_at, id limit ${n}$" + tx.skip_locked(), {"n": limit})
-            failed, memo, by_customer = [], {}, {}
+            failed: list[Any] = []
+            memo: dict[Any, Any] = {}
+            by_customer: dict[str, list[Any]] = {}
             now = clock.now_text()
             covered = await self._covered(tx, {rec.customer_id for rec in claimed})
             for rec in claimed:
@@ -305,17 +309,17 @@ class Accounting:
                     continue
                 row = _accounted_update(rec, price, model, now)
                 if ev.customer_id in covered:
-                    self._apply_quota(row, await self.quota.quota_hook(tx, ev, price, rec.id))
+                    self._apply_quota(row, await self._take_quota(tx, ev, price, rec.id))
                 by_customer.setdefault(ev.customer_id, []).append((row, rec, price))
             rows = []
             for customer_id, items in by_customer.items():
                 charged = [{"amount": -row["amount"], "request_id": rec.request_id, "payload_hash": rec.payload_hash,
                             "ref_type": "accounting_records", "ref_id": rec.id}
                            for row, rec, _ in items if row["amount"] > 0]
-                entries, no = (await self.ledger.post_many(
+                entries, refusals = (await self.ledger.post_many(
                     tx, customer_id, charged, "usage", must_cover=not self.config.accounting.allow_arrears,
                     refuse_suspended=True)) if charged else ([], [])
-                no = {item["ref_id"]: e for item, e in no}
+                no = {item["ref_id"]: e for item, e in refusals}
                 if any(row["amount"] == 0 for row, _, _ in items) and not await tx.scalar(
                         "select count(*) as n from customer_balance where id = ${c}$", {"c": customer_id}):
                     no.update({row["id"]: UnknownCustomer(f"customer {customer_id} has no account")
@@ -361,7 +365,7 @@ class Accounting:
             discount = memo[("discount", ev.customer_id)] = await self.catalog.discount(ev.customer_id)
         return price_usage(program, ev.usage, ev.day, discount), model
 
-    async def account_record(self, record_id):
+    async def account_record(self, record_id: str) -> dict[str, Any]:
         """Account one stored (pending or failed) record now. Returns its view; raises the
         accounting error (after recording it) when it still cannot be accounted."""
         rec = await self.record(record_id=record_id)
@@ -424,6 +428,10 @@ class Accounting:
                        next_attempt_at=None, error_code=None, error_msg=None)
         return row
 
+    async def _take_quota(self, tx: Tx, ev: Event, price: PriceResult, record_id: str) -> Any:
+        """What a subscription of the customer absorbs (None: the event is charged in full)."""
+        return None if self.quota is None else await self.quota.quota_hook(tx, ev, price, record_id)
+
     @staticmethod
     def _apply_quota(row, quota):
         """A subscription absorbed part of the usage: only ``quota.charge_amount`` is charged."""
@@ -437,7 +445,7 @@ class Accounting:
         now = clock.now_text()
         row = self._accounted_row(ev, now, price, model, existing)
         if ev.customer_id in await self._covered(tx, {ev.customer_id}):
-            self._apply_quota(row, await self.quota.quota_hook(tx, ev, price, row["id"]))
+            self._apply_quota(row, await self._take_quota(tx, ev, price, row["id"]))
         amount = row["amount"]
         if amount > 0:
             entry = await self.ledger.post(
@@ -489,7 +497,7 @@ _CLAIM_COLUMNS = ("id, request_id, customer_id, user_id, llmid, product_id, mode
                   "cached_tokens, quantity, unit, use_time, transno, payload, payload_hash, attempts, created_at, status")
 
 
-def event_from_record(rec):
+def event_from_record(rec: Row) -> Event:
     """The Event of a stored record, from its columns (validated when it was stored)."""
     payload = json.loads(rec.payload)
     attributes = payload.get("attributes") or {}
@@ -513,7 +521,7 @@ def _accounted_update(rec, price, model, now):
     }
 
 
-def parse_event_or_none(rec):
+def parse_event_or_none(rec: Row) -> Event | None:
     try:
         return parse_event(json.loads(rec.payload))
     except (BillingError, ValueError, TypeError):

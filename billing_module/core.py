@@ -44,6 +44,9 @@ class BillingCore:
         self.version = __version__
         self.instance_id = instance_id or f"{os.uname().nodename}:{os.getpid()}:{id(self) % 100000}"
         self._tasks: list[asyncio.Task] = []
+        # the standalone host's console credentials (server.py sets them; None in a host)
+        self.admin_password: str | None = None
+        self.demo_admin_key: str | None = None
 
     # --- database -------------------------------------------------------------------------
     def _resolve_db_desc(self) -> dict:

@@ -45,12 +45,16 @@ class Failures:
         parses). Runs in its own transaction; returns the failed row id."""
         code = exc.code if isinstance(exc, BillingError) else "db_error"
         message = (exc.message if isinstance(exc, BillingError) else f"{type(exc).__name__}: {exc}")[:2000]
+        source = ev if ev is not None else record
+        if source is None:
+            raise ValueError("Failures.record needs the event or its stored record")
+        request_id = source.request_id
 
         async def work(tx):
             now = clock.now_text()
-            request_id = ev.request_id if ev is not None else record.request_id
             rec = await tx.lock_by_key("accounting_records", "request_id", request_id)
             if rec is None:
+                assert ev is not None, "an event known only by its record has that record"
                 row = record_row(ev, now, "failed", self.config.currency, price)
                 row.update(error_code=code, error_msg=message, attempts=1)
                 await tx.insert("accounting_records", row)
@@ -213,5 +217,7 @@ class FailureRetries:
         row = await self.failures.row(failed_id)
         if row.retry_state == "resolved":
             rec = await self.accounting.record(record_id=row.llmusageid)
+            if rec is None:
+                raise NotFound(f"failed accounting {failed_id} names no accounting record")
             return dict(record_view(rec, duplicate=True))
         return await self.accounting.account_record(row.llmusageid)

@@ -18,6 +18,7 @@ import io
 import logging
 from dataclasses import dataclass
 from decimal import ROUND_HALF_UP, Decimal
+from typing import Any
 
 from . import clock, validation
 from .db import dialect as dialects
@@ -41,17 +42,17 @@ class UsageFilter:
     """Validated filters (the API layer parses and checks them). ``start`` / ``end`` are
     'YYYY-MM-DD HH:MM:SS' texts: ``start`` inclusive, ``end`` exclusive."""
     source: str = "accounting"
-    customer_id: str = None
-    user_id: str = None
-    model: str = None            # accounting: model_name or llmid
-    product_id: str = None
-    status: str = "accounted"    # accounting: None means every status
-    supplier_org_id: str = None  # product
-    billing_mode: str = None     # product
-    subscription_id: str = None  # product
+    customer_id: str | None = None
+    user_id: str | None = None
+    model: str | None = None     # accounting: model_name or llmid
+    product_id: str | None = None
+    status: str | None = "accounted"  # accounting: None means every status
+    supplier_org_id: str | None = None  # product
+    billing_mode: str | None = None  # product
+    subscription_id: str | None = None  # product
     overage_only: bool = False   # product: only what was charged (billing modes 2 and 3)
-    start: str = None
-    end: str = None
+    start: str | None = None
+    end: str | None = None
 
 
 def product_filter(customer_id=None, product_id=None, subscription_id=None, billing_mode=None,
@@ -272,6 +273,7 @@ class Reports:
         sql, ns = _aggregate_sql(src, f, group_by, self.db.dialect)
         total_sql, total_ns = _aggregate_sql(src, f)
         order_by = "k" if group_by == "day" or order == "key" else "amount desc, k"
+        result: dict[str, Any]
         async with self.db.read() as tx:
             if group_by == "total":
                 result = {"total": 1, "rows": [await tx.one(sql, ns)]}
@@ -302,9 +304,9 @@ class Reports:
         if not rows:
             return {}
         keys = [] if group_by == "total" else [r["k"] for r in rows]
-        ns = {}
+        ns: dict[str, Any] = {}
         sql = _quantities_sql(tx, src, f, group_by, self.db.dialect, keys, ns)
-        out = {}
+        out: dict[str, list[dict[str, Any]]] = {}
         for q in await tx.select(sql, ns):
             out.setdefault(q["k"], []).append({"unit": q["unit"], "amount": _units(q["q"]),
                                                "included": _units(q["qi"]), "overage": _units(q["qo"])})

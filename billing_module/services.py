@@ -67,9 +67,10 @@ def background_jobs(services: Services, config: Config) -> list[Job]:
         while await accounting.account_pending() >= acc.batch_size:
             pass
 
-    return [
+    jobs: list[Job] = [
         ("accountant", accountant, acc.interval_seconds),
         ("failed-accounting-retries", services.retries.retry_due, max(acc.interval_seconds, 5.0)),
         ("hold-expiry", services.ledger.expire_holds, holds.sweep_interval_seconds),
         ("subscription-renewals", services.products.renew_due, 60.0),
-    ] + services.sync.background_jobs() + services.auth.background_jobs()
+    ]
+    return jobs + services.sync.background_jobs() + services.auth.background_jobs()

@@ -84,7 +84,7 @@ async def handle(core, request, params_kw, name):
             return reply({"success": False, "code": "method_not_allowed",
                           "message": f"{name} accepts {', '.join(methods)}"}, 405)
         caller = None if is_open else await authenticate(core, request)
-        if admin_only:
+        if admin_only and caller is not None:
             caller.require_admin()
         if caller is not None:
             params_kw = caller.scope(params_kw)
@@ -152,5 +152,5 @@ def install_request_guard():
                 await result
         if request_guard not in app.middlewares:
             app.middlewares.append(request_guard)
-    ahapp_built.billing_guard = True
+    ahapp_built.__dict__["billing_guard"] = True
     rf.register("ahapp_built", ahapp_built)

@@ -203,7 +203,7 @@ class Database:
         self.pool_size = pool_size if self.dialect != dialects.SQLITE else max(2, min(pool_size, 4))
         self._idle = []           # [(sor, last_used_monotonic)]
         self._all = set()
-        self._slots = None
+        self._slots: asyncio.Semaphore = asyncio.Semaphore(1)   # replaced per event loop
         self._write_lock = None
         self._loop = None
         self.closed = False

@@ -18,6 +18,7 @@ the group is run again from the start.
 """
 import asyncio
 import logging
+from typing import Any
 
 from . import dialect as dialects
 
@@ -81,7 +82,7 @@ class GroupCommit:
         return await self.db.run(lambda tx: self._each(tx, items))
 
     async def _each(self, tx, items):
-        outcomes = []
+        outcomes: list[tuple[Any, Exception | None]] = []
         for item in items:
             await tx.execute("savepoint bm_group")
             try:

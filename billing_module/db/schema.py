@@ -91,7 +91,9 @@ def id_collation_migration(models=None):
     for name, model in (models or load_models()).items():
         create, _ = table_statements(model, dialects.MYSQL)
         for field in id_columns(model):
-            line = re.search(rf"^\s*(`{field['name']}` VARCHAR.*?),?$", create, re.M).group(1).strip()
+            found = re.search(rf"^\s*(`{field['name']}` VARCHAR.*?),?$", create, re.M)
+            assert found is not None, f"{name}.{field['name']}: no VARCHAR column in the generated DDL"
+            line = found.group(1).strip()
             out.append(f"ALTER TABLE {name} MODIFY {line};")
     return out
 

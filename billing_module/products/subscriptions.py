@@ -172,6 +172,7 @@ class Subscriptions:
         if n != 1:
             return None     # another instance claimed it, or it changed since it was listed
         sub = await self.subscription_row(tx, sub_id)
+        assert sub is not None, f"subscription {sub_id} was updated just above"
         product = await self.catalogue.product_row(tx, sub.product_id)
         if sub.auto_renew != "1":
             return await self._expire(tx, sub, now, sub.status_reason or "not renewed")

@@ -15,6 +15,7 @@ import asyncio
 import collections
 import logging
 import time
+from typing import Any
 
 from .. import clock
 from ..catalog import ENTITIES
@@ -186,7 +187,7 @@ class SyncStateStore:
 class EntitySync:
     """One entity's pull. Subclasses name the entity and add its own checks."""
 
-    entity = None
+    entity: str      # each subclass names its entity
 
     def __init__(self, manager):
         self.manager = manager
@@ -226,7 +227,7 @@ class EntitySync:
         async with self._lock:
             state = await self.store.claim(self.entity, self.config.sync.claim_seconds)
             since = 0 if full else int(state.sync_version) if (state.sync_version or "").isdigit() else 0
-            result = {"entity": self.entity, "status": "success", "full": bool(full), "since": since,
+            result: dict[str, Any] = {"entity": self.entity, "status": "success", "full": bool(full), "since": since,
                       "version": since, "pages": 0, "items": 0, "deleted": 0, "warnings": [], "error": None}
             started = time.monotonic()
             try:
@@ -243,7 +244,7 @@ class EntitySync:
     async def _pages(self, client, full, result, progress):
         cfg = self.config.sync
         path = cfg.path.format(entity=self.entity)
-        seen = set() if full else None
+        seen: set[str] | None = set() if full else None
         since = result["since"]
         while True:
             page = parse_page(self.entity, await client.get_json(path, {"since": since, "limit": cfg.page_size}),

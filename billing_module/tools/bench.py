@@ -72,7 +72,7 @@ class Bench:
         await core.catalog.put("llmage", [MODEL])
         return core
 
-    _mysql_dbs = []
+    _mysql_dbs: list[tuple[dict, str]] = []
 
     def cleanup(self):
         import shutil

@@ -90,10 +90,12 @@ class Server:
         raise RuntimeError("server did not start")
 
     def kill(self):
+        assert self.proc is not None, "the server was started"
         self.proc.send_signal(signal.SIGKILL)
         self.proc.wait()
 
     def stop(self):
+        assert self.proc is not None, "the server was started"
         self.proc.send_signal(signal.SIGTERM)
         return self.proc.wait(timeout=30)
 

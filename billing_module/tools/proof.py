@@ -34,6 +34,7 @@ import random
 import secrets
 import sys
 import time
+from typing import Any
 
 import aiohttp
 
@@ -72,10 +73,10 @@ class Soak:
         self.maybe = {}           # (customer, entry_type, request_id) -> micro: sent, stored or unanswered
         self.submitted = {}       # request_id -> (customer, micro): acknowledged submits
         self.stored_failed = {}   # request_id -> (customer, micro): refused usage the server stores as failed
-        self.new_acks = collections.Counter()    # (kind, key) -> replies that said "not a duplicate"
-        self.overrun = collections.Counter()     # customer -> micro settled beyond holds (sent)
-        self.acked = collections.Counter()
-        self.stats = collections.Counter()
+        self.new_acks: collections.Counter = collections.Counter()    # (kind, key) -> replies that said "not a duplicate"
+        self.overrun: collections.Counter = collections.Counter()     # customer -> micro settled beyond holds (sent)
+        self.acked: collections.Counter = collections.Counter()
+        self.stats: collections.Counter = collections.Counter()
         self.problems = []
         self.acked_log = []       # (kind, body, reply) of acknowledged requests, for resends
         self.price = {}           # (customer, shape) -> micro
@@ -84,7 +85,7 @@ class Soak:
     async def _call(self, method, name, body=None, query=None, timeout=None):
         """One request: (status or 'timeout' / 'error', parsed body or None)."""
         url = self.api + name + ".dspy"
-        kw = {"timeout": aiohttp.ClientTimeout(total=timeout or self.timeout)}
+        kw: dict[str, Any] = {"timeout": aiohttp.ClientTimeout(total=timeout or self.timeout)}
         if method == "GET":
             kw["params"] = query or {}
         else:
@@ -189,7 +190,7 @@ class Soak:
     # --- one client --------------------------------------------------------------------------------
     async def client(self, i, deadline):
         rng = random.Random(f"{self.seed}-{i}")
-        holds = []          # (customer, request_id, amount) of open holds
+        holds: list[tuple[str, str, int]] = []          # (customer, request_id, amount) of open holds
         n = 0
         loop = asyncio.get_running_loop()
         while loop.time() < deadline and n < self.max_requests:
@@ -286,7 +287,7 @@ class Soak:
             amount = rng.choice((1, 3, 6)) * self.unit
             body = {"customer_id": c, "amount": from_micro(amount), "request_id": rid}
         body["ttl_seconds"] = int(min(86400, max(600, 3 * self.seconds + 120)))
-        info = {}
+        info: dict[str, Any] = {}
         status, data = await self._answer("authorize", body, self._first_timeout(rng), info)
         self._hold_reply(c, body, amount, status, data, holds)
         if status == 402 and info.get("resent"):
@@ -500,7 +501,7 @@ class Soak:
         self.stats["late_charges"] = self.stats["queued_charged"] = 0
         for c, (bal, ledger, failed) in books.items():
             failed_ids = {f["request_id"] for f in failed if f.get("retry_state") != "resolved"}
-            seen = collections.Counter()
+            seen: collections.Counter = collections.Counter()
             total = 0
             for e in ledger:
                 key = (c, e["entry_type"], e["request_id"])

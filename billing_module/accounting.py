@@ -16,26 +16,28 @@ import json
 import logging
 from dataclasses import dataclass, field
 from decimal import Decimal
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 from appPublic.dictObject import DictObject
 
 from . import clock, validation
-from .catalog import Catalog
+from .catalog import Catalog, price_for_model
 from .config import Config
 from .db import dialect as dialects
 from .db.database import Database, Row, Tx
 from .db.group import Fallback, GroupCommit
-from .errors import BillingError, Conflict, InvalidParam, UnknownCustomer
+from .errors import (BillingError, Conflict, CurrencyMismatch, InvalidEvent, InvalidParam, UnknownCustomer,
+                     UnpricedFactor)
 from .ids import new_id, payload_hash
 from .money import from_micro
 from .ledger import Ledger
-from .pricing import PriceResult, Usage, price_usage
+from .pricing import PriceResult, Usage
 
 log = logging.getLogger("billing_module.accounting")
 
 # refusals that leave the event stored as failed (retried later) rather than rejected
-ACCOUNTING_FAILURES = ("no_pricing", "unknown_customer", "insufficient_balance", "account_suspended")
+ACCOUNTING_FAILURES = ("no_pricing", "unknown_customer", "insufficient_balance", "account_suspended",
+                       "currency_mismatch", "unpriced_factor")
 
 
 def _ident(raw, name, required=False, max_len=32):
@@ -60,8 +62,13 @@ class Event:
         return datetime.date.fromisoformat(self.use_time[:10])   # use_time is stored normalised
 
 
-def parse_event(raw: dict[str, Any]) -> Event:
-    """Validate a usage event (dict). Bad input raises InvalidParam and nothing is written."""
+_DEFAULT_TIMES = clock.TimeRange()
+
+
+def parse_event(raw: dict[str, Any], times: clock.TimeRange = _DEFAULT_TIMES) -> Event:
+    """Validate a usage event (dict). Bad input raises InvalidParam and nothing is written.
+    ``use_time`` must lie in ``times`` (a stored time must sort and parse back, and the
+    accountant dates the price by it)."""
     if not isinstance(raw, dict):
         raise InvalidParam("event: must be an object")
     request_id = _ident(raw, "request_id", required=True, max_len=64)
@@ -77,7 +84,7 @@ def parse_event(raw: dict[str, Any]) -> Event:
         raise InvalidParam("one of model_name, llmid or product_id is required")
     usage = Usage.from_event(dict(raw, model_name=model_name or llmid or product_id))
     use_time = raw.get("use_time")
-    use_time = clock.fmt(clock.parse(use_time, "use_time")) if use_time not in (None, "") else clock.now_text()
+    use_time = times.parse(use_time, "use_time") if use_time not in (None, "") else clock.now_text()
     payload = {
         "request_id": request_id, "customer_id": customer_id, "user_id": user_id, "llmid": llmid,
         "product_id": product_id, "model_name": model_name, "input_tokens": usage.input_tokens,
@@ -94,7 +101,8 @@ def parse_event(raw: dict[str, Any]) -> Event:
 def record_view(rec: Row, duplicate: bool = False) -> dict[str, Any]:
     """The reply for an accounted (or failed / pending) record: built only from stored fields, so
     a replay returns exactly what the first call returned."""
-    lines = json.loads(rec.price_lines) if rec.price_lines else []
+    stored = json.loads(rec.price_lines) if rec.price_lines else []
+    lines = [ln for ln in stored if not ln.get("unpriced")]
     return {
         "record_id": rec.id, "request_id": rec.request_id, "customer_id": rec.customer_id,
         "status": rec.status, "amount": from_micro(int(rec.amount or 0)),
@@ -103,6 +111,7 @@ def record_view(rec: Row, duplicate: bool = False) -> dict[str, Any]:
         "price_version": rec.price_version, "lines": lines, "subscription_id": rec.subscription_id,
         "included_quantity": None if rec.included_quantity is None else format(Decimal(str(rec.included_quantity)).normalize(), "f"),
         "ledger_entry_id": rec.ledger_entry_id, "use_time": rec.use_time, "duplicate": duplicate,
+        "unpriced_factors": [ln["factor"] for ln in stored if ln.get("unpriced")],
     }
 
 
@@ -137,6 +146,7 @@ class Accounting:
         self.failures = failures
         # subscriptions take quota first (None: every event is charged in full)
         self.quota = quota
+        self.times = clock.TimeRange.from_config(self.config.accounting)
         # concurrent post_usage calls share a transaction and its commit
         self.group = GroupCommit(self.db, single=self._charge_new, batch=self._charge_batch)
 
@@ -151,6 +161,8 @@ class Accounting:
             replay = await self._replay_if_done(ev)
             if replay is not None:
                 return replay
+            if e.code not in ACCOUNTING_FAILURES:
+                raise        # the caller's mistake (model_mismatch, ...): refused, nothing stored
             await self.failures.record(ev, e)
             raise
 
@@ -189,6 +201,9 @@ class Accounting:
         ns: dict[str, Any] = {}
         known = {r.request_id for r in await tx.select(
             f"select request_id from accounting_records where request_id in {tx.in_list(ids, ns)}", ns)}
+        currencies = await self._currencies(tx, {ev.customer_id for ev, _, _ in items})
+        if any(self._refusal(price, currencies.get(ev.customer_id)) for ev, price, _ in items):
+            raise Fallback()      # charged one by one, where the refusal is that event's alone
         now = clock.now_text()
         outcomes: list[Any] = [None] * len(items)
         by_customer: dict[str, list[Any]] = {}
@@ -250,6 +265,8 @@ class Accounting:
     async def submit_usage(self, raw: dict[str, Any]) -> dict[str, Any]:
         """Store the event as pending and return at once; the accountant charges it."""
         ev = await self._prepare(raw)
+        if ev.llmid and ev.payload["model_name"]:
+            await self.catalog.model(ev.llmid, ev.payload["model_name"])   # model_mismatch now
         now = clock.now_text()
         row = record_row(ev, now, "pending", self.config.currency)
         async def store(tx):
@@ -264,9 +281,25 @@ class Accounting:
         return dict(record_view(existing, duplicate=True))
 
     async def quote(self, raw: dict[str, Any]) -> dict[str, Any]:
+        _, price, model = await self._estimate(raw)
+        return dict(price.to_dict(), llmid=model.id, model_name=model.name, unpriced_factors=list(price.unpriced))
+
+    async def hold_amount(self, raw: dict[str, Any]) -> int:
+        """What to hold for an estimated event: its price in micro-units, refused the way the
+        charge would be (another currency than the balance's, an unpriced factor)."""
+        ev, price, _ = await self._estimate(raw)
+        async with self.db.read() as tx:
+            currency = (await self._currencies(tx, {ev.customer_id})).get(ev.customer_id)
+        refusal = self._refusal(price, currency)
+        if refusal is not None:
+            raise refusal
+        return price.amount
+
+    async def _estimate(self, raw):
+        """(event, price, model) of an event that is priced, not charged (no request_id needed)."""
         ev = await self._prepare(dict(raw, request_id=raw.get("request_id") or "quote"))
         price, model = await self.catalog.quote(ev.usage, ev.llmid, ev.payload["model_name"], ev.customer_id, ev.day)
-        return dict(price.to_dict(), llmid=model.id, model_name=model.name)
+        return ev, price, model
 
     async def record(self, record_id: str | None = None, request_id: str | None = None) -> Row | None:
         async with self.db.read() as tx:
@@ -287,7 +320,7 @@ class Accounting:
         its rows are free again at once: there is nothing to expire.
 
         Built for throughput: the events were validated when they were stored, so they are rebuilt
-        from the record's columns; lookups are memoised per batch; each customer's debits are one
+        from the record's payload; lookups are memoised per batch; each customer's debits are one
         conditional update (``Ledger.post_many``); entries and record updates are multi-row."""
         limit = limit or self.config.accounting.batch_size
 
@@ -300,12 +333,21 @@ class Accounting:
             by_customer: dict[str, list[Any]] = {}
             now = clock.now_text()
             covered = await self._covered(tx, {rec.customer_id for rec in claimed})
+            currencies = await self._currencies(tx, {rec.customer_id for rec in claimed})
             for rec in claimed:
+                # one event's problem is that event's alone: it goes to failed accounting with its
+                # code and the batch goes on (only a database error stops the batch)
                 try:
-                    ev = event_from_record(rec)
+                    ev = await self.rebuild_stored(rec, memo)
                     price, model = await self._quote_memo(ev, memo)
-                except BillingError as e:
-                    failed.append((rec, e, None))
+                    refusal = self._refusal(price, currencies.get(ev.customer_id))
+                except Exception as e:
+                    if dialects.is_database_error(e):
+                        raise          # no event's fault: the batch stops and its rows stay pending
+                    failed.append((rec, _event_error(e, rec), None))
+                    continue
+                if refusal is not None:
+                    failed.append((rec, refusal, price))
                     continue
                 row = _accounted_update(rec, price, model, now)
                 if ev.customer_id in covered:
@@ -337,11 +379,17 @@ class Accounting:
             return len(rows), failed
 
         done, failed = await self.db.run(work)
-        for rec, e, price in failed:
-            # in their own transactions, after the batch: a failure that cannot be recorded leaves
-            # the event pending, and the next batch sees it again
-            await self.failures.record(parse_event_or_none(rec), e, price=price, record=rec)
+        await self._record_failures(failed)
         return done
+
+    async def _record_failures(self, failed):
+        """Each in its own transaction, after the batch: a failure that cannot be recorded leaves
+        its event pending (the next batch sees it again) and stops no other."""
+        for rec, e, price in failed:
+            try:
+                await self.failures.record(parse_event_or_none(rec), e, price=price, record=rec)
+            except Exception:
+                log.exception("could not record the failure of accounting record %s", rec.id)
 
     async def _covered(self, tx, customer_ids):
         """The customers of a batch whose events the quota hook must see."""
@@ -354,7 +402,8 @@ class Accounting:
         key = (ev.llmid, ev.payload["model_name"])
         found = memo.get(key)
         if found is None:
-            model = await self.catalog.model(ev.llmid, ev.payload["model_name"] or ev.usage.model_name)
+            model = await self.catalog.model(ev.llmid, ev.payload["model_name"] or
+                                                  (None if ev.llmid else ev.usage.model_name))
             program = await self.catalog.program(model.ppid) if model is not None and model.ppid else None
             found = memo[key] = (model, program)
         model, program = found
@@ -363,7 +412,7 @@ class Accounting:
         discount = memo.get(("discount", ev.customer_id))
         if discount is None:
             discount = memo[("discount", ev.customer_id)] = await self.catalog.discount(ev.customer_id)
-        return price_usage(program, ev.usage, ev.day, discount), model
+        return price_for_model(program, model, ev.usage, ev.day, discount), model
 
     async def account_record(self, record_id: str) -> dict[str, Any]:
         """Account one stored (pending or failed) record now. Returns its view; raises the
@@ -374,7 +423,7 @@ class Accounting:
             raise NotFound(f"no accounting record {record_id}")
         if rec.status == "accounted":
             return record_view(rec, duplicate=True)
-        ev = parse_event(json.loads(rec.payload))
+        ev = await self.rebuild_stored(rec)
         try:
             price, model = await self.catalog.quote(ev.usage, ev.llmid, ev.payload["model_name"],
                                                          ev.customer_id, ev.day)
@@ -396,13 +445,57 @@ class Accounting:
 
     # --- internals -----------------------------------------------------------------------------
     async def _prepare(self, raw):
-        ev = parse_event(raw)
-        if not ev.payload["model_name"] and ev.llmid:
-            model = await self.catalog.model(ev.llmid)
+        checked = parse_event(raw, self.times)
+        return await self.rebuild_event(checked.payload, checked.hash)
+
+    async def rebuild_event(self, payload: dict, phash: str, memo: dict | None = None) -> Event:
+        """The event to account, from its payload as the caller sent it (after ``parse_event``
+        validated it; the ``payload`` column of its record). The one way every path gets it: the
+        first post, the accountant, the automatic and the admin retry. Never from the record's
+        other columns: those hold what an earlier attempt resolved, or failed to.
+
+        An event named by ``llmid`` alone is priced under its model's name, looked up now (once
+        per ``memo``, the accountant's batch): a model synced after the first attempt counts."""
+        model_name: Any = payload.get("model_name")      # the payload is JSON, validated by parse_event
+        llmid = payload.get("llmid")
+        if not model_name and llmid:
+            model = await self._model_by_id(llmid, memo)
             if model is not None:
-                ev.usage = Usage.from_event(dict(ev.payload, model_name=model.name,
-                                                 quantity=ev.payload["quantity"], attributes=ev.usage.attributes))
-        return ev
+                model_name = model.name
+        quantity = payload.get("quantity")
+        # parse_event let the event in with one of these names
+        usage = Usage(cast(str, model_name or llmid or payload.get("product_id")), int(payload.get("input_tokens") or 0),
+                      int(payload.get("output_tokens") or 0), int(payload.get("cached_tokens") or 0),
+                      Decimal(str(quantity)) if quantity else Decimal(0), payload.get("unit"),
+                      dict(payload.get("attributes") or {}))
+        return Event(payload["request_id"], payload["customer_id"], usage, payload.get("user_id"), llmid,
+                     payload.get("product_id"), payload["use_time"], payload.get("transno"), payload, phash)
+
+    async def rebuild_stored(self, rec: Row, memo: dict | None = None) -> Event:
+        """``rebuild_event`` over a stored record's payload, or InvalidEvent saying why it cannot be
+        rebuilt: a row written around the API (an unparsable payload, a use_time that is not a time
+        or outside the range the API accepts) must not stop the accountant for everyone else. A
+        database error is no event's fault and passes through."""
+        try:
+            payload = json.loads(rec.payload)
+            self.times.parse(payload["use_time"], "use_time")
+            ev = await self.rebuild_event(payload, rec.payload_hash, memo)
+            ev.day   # the price is dated by it
+            return ev
+        except BillingError:
+            raise
+        except Exception as e:
+            if dialects.is_database_error(e):
+                raise
+            raise InvalidEvent(f"stored event {rec.request_id} cannot be rebuilt: {type(e).__name__}: {e}"[:500]) from None
+
+    async def _model_by_id(self, llmid, memo):
+        if memo is None:
+            return await self.catalog.model(llmid)
+        key = ("llmid", llmid)
+        if key not in memo:          # an unknown model is memoised too (as None)
+            memo[key] = await self.catalog.model(llmid)
+        return memo[key]
 
     async def _replay_if_done(self, ev):
         async with self.db.read() as tx:
@@ -433,6 +526,26 @@ class Accounting:
         return None if self.quota is None else await self.quota.quota_hook(tx, ev, price, record_id)
 
     @staticmethod
+    async def _currencies(tx, customer_ids):
+        """customer id -> the currency of its balance, for those that have an account."""
+        ns: dict[str, Any] = {}
+        rows = await tx.select("select id, currency from customer_balance where id in "
+                               f"{tx.in_list(sorted(customer_ids), ns)}", ns)
+        return {r.id: r.currency for r in rows}
+
+    def _refusal(self, price, currency):
+        """Why ``price`` must not be charged to a balance in ``currency`` (None: no account; the
+        ledger refuses that), or None. A refusal leaves the event stored as failed."""
+        if currency is not None and price.currency != currency:
+            return CurrencyMismatch(f"program {price.program_id} prices in {price.currency}, the balance is in "
+                                    f"{currency}; no conversion is made")
+        if price.unpriced and not self.config.accounting.allow_partial_pricing:
+            return UnpricedFactor(f"no price for {', '.join(price.unpriced)} in program {price.program_id} "
+                                  f"version {price.version_id}; the event is kept until it has one",
+                                  unpriced_factors=list(price.unpriced))
+        return None
+
+    @staticmethod
     def _apply_quota(row, quota):
         """A subscription absorbed part of the usage: only ``quota.charge_amount`` is charged."""
         if quota is not None:
@@ -442,6 +555,9 @@ class Accounting:
     async def _charge(self, tx, ev, price, model, existing):
         """Debit and write the accounted record inside ``tx``. ``existing``: the pending or failed
         row of this request to complete, or None to insert a new one."""
+        refusal = self._refusal(price, (await self._currencies(tx, {ev.customer_id})).get(ev.customer_id))
+        if refusal is not None:
+            raise refusal
         now = clock.now_text()
         row = self._accounted_row(ev, now, price, model, existing)
         if ev.customer_id in await self._covered(tx, {ev.customer_id}):
@@ -481,7 +597,7 @@ def record_row(ev: Event, now: str, status: str, currency: str, price: PriceResu
         "quantity": str(u.quantity), "unit": u.unit, "amount": price.amount if price else 0,
         "original_amount": price.original_amount if price else None, "cost": price.cost if price else None,
         "discount": price.discount if price else None, "price_version": price.version_id if price else None,
-        "price_lines": json.dumps([ln.to_dict() for ln in price.lines]) if price else None,
+        "price_lines": _price_lines_json(price) if price else None,
         "currency": price.currency if price else currency,
         "request_id": ev.request_id, "transno": ev.transno, "status": status, "user_id": ev.user_id,
         "product_id": ev.product_id, "use_time": ev.use_time,
@@ -493,19 +609,17 @@ def record_row(ev: Event, now: str, status: str, currency: str, price: PriceResu
 
 _HAS_RECORD = object()   # a grouped request whose request_id already has a record
 
-_CLAIM_COLUMNS = ("id, request_id, customer_id, user_id, llmid, product_id, model_name, input_tokens, output_tokens, "
-                  "cached_tokens, quantity, unit, use_time, transno, payload, payload_hash, attempts, created_at, status")
+# the event itself is rebuilt from the payload (rebuild_event); the rest is what the update needs
+_CLAIM_COLUMNS = "id, request_id, customer_id, payload, payload_hash, attempts, created_at, status"
 
 
-def event_from_record(rec: Row) -> Event:
-    """The Event of a stored record, from its columns (validated when it was stored)."""
-    payload = json.loads(rec.payload)
-    attributes = payload.get("attributes") or {}
-    quantity = Decimal(str(rec.quantity)) if rec.quantity not in (None, "") else Decimal(0)
-    usage = Usage(rec.model_name or rec.llmid or rec.product_id, int(rec.input_tokens or 0),
-                  int(rec.output_tokens or 0), int(rec.cached_tokens or 0), quantity, rec.unit, attributes)
-    return Event(rec.request_id, rec.customer_id, usage, rec.user_id, rec.llmid, rec.product_id, rec.use_time,
-                 rec.transno, payload, rec.payload_hash)
+def _event_error(exc, rec):
+    """The failure to record for one event of a batch: its own BillingError, or ``invalid_event``
+    for anything else it raised (a bug must not stop the others either; the log has the trace)."""
+    if isinstance(exc, BillingError):
+        return exc
+    log.warning("accounting record %s cannot be priced", rec.id, exc_info=exc)
+    return InvalidEvent(f"stored event {rec.request_id} cannot be priced: {type(exc).__name__}: {exc}"[:500])
 
 
 def _accounted_update(rec, price, model, now):
@@ -515,10 +629,16 @@ def _accounted_update(rec, price, model, now):
         "id": rec.id, "customer_id": rec.customer_id, "created_at": rec.created_at, "status": "accounted",
         "amount": price.amount, "original_amount": price.original_amount, "cost": price.cost,
         "discount": price.discount, "currency": price.currency, "pricing_id": price.program_id,
-        "price_version": price.version_id, "price_lines": json.dumps([ln.to_dict() for ln in price.lines]),
+        "price_version": price.version_id, "price_lines": _price_lines_json(price),
         "llmid": model.id, "model_name": model.name, "ledger_entry_id": None, "subscription_id": None,
         "included_quantity": None, "attempts": int(rec.attempts or 0) + 1, "accounted_at": now, "updated_at": now,
     }
+
+
+def _price_lines_json(price: PriceResult) -> str:
+    """The stored price lines; a factor of the event that had no price is kept as
+    ``{"factor": ..., "unpriced": true}`` so the record says what was not charged."""
+    return json.dumps([ln.to_dict() for ln in price.lines] + [{"factor": f, "unpriced": True} for f in price.unpriced])
 
 
 def parse_event_or_none(rec: Row) -> Event | None:

@@ -6,6 +6,7 @@ the LRU + TTL caches of ``cache.py``, so a price is computed from memory on a hi
 """
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import json
 from collections.abc import Collection, Iterable
@@ -16,7 +17,7 @@ from . import clock
 from .cache import MISSING, CacheManager
 from .db import dialect as dialects
 from .db.database import Database, Row, Tx, where
-from .errors import InvalidParam, NoPricing
+from .errors import InvalidParam, ModelMismatch, NoPricing
 from .pricing import PriceResult, Program, Usage, price_usage
 
 # entity -> (table, columns taken from an item besides id / payload / version / cached_at)
@@ -68,6 +69,14 @@ def _discount(text, customer_id):
     return d
 
 
+def price_for_model(program, model, usage: Usage, day, discount):
+    """Price ``usage`` as the catalogue's ``model``: the rules' model filters see its name, never
+    a name the event carried (the stored event of an unknown id carries the id itself)."""
+    if usage.model_name != model.name:
+        usage = dataclasses.replace(usage, model_name=model.name)
+    return price_usage(program, usage, day, discount)
+
+
 class Catalog:
     def __init__(self, db: Database, caches: CacheManager) -> None:
         self.db = db
@@ -105,10 +114,16 @@ class Catalog:
             return await tx.one(f"select * from {table} where {condition}", ns)
 
     async def model(self, llmid: str | None = None, model_name: str | None = None) -> Row | None:
-        """The cached LLM model row by id, else by name; None if unknown."""
+        """The cached LLM model row by id, else by name; None if unknown. Given both, the id
+        decides, and a name that is not that model's is refused (``model_mismatch``): an event
+        must not be priced as a model of the caller's choosing while recorded as another."""
         if llmid:
-            return await self.caches.cache("llmage:id").get_or_load(
+            row = await self.caches.cache("llmage:id").get_or_load(
                 llmid, lambda: self._row("llmage_cache", "id = ${k}$", {"k": llmid}))
+            if row is not None and model_name and row.name != model_name:
+                raise ModelMismatch(f"llmid {llmid} is model {row.name}, not {model_name}",
+                                    llmid=llmid, model_name=row.name)
+            return row
         if model_name:
             return await self.caches.cache("llmage:name").get_or_load(
                 model_name, lambda: self._row("llmage_cache", "name = ${k}$ order by id limit 1", {"k": model_name}))
@@ -118,7 +133,14 @@ class Catalog:
         """The compiled pricing program (parsed once per cache lifetime), or None."""
         async def load():
             row = await self._row("pricing_cache", "id = ${k}$", {"k": ppid})
-            return Program.from_payload(json.loads(row.payload)) if row else None
+            if row is None:
+                return None
+            try:
+                return Program.from_payload(json.loads(row.payload))
+            except (ValueError, InvalidParam) as e:
+                # a row written around the sync (which validates) prices nothing, for nobody
+                message = e.message if isinstance(e, InvalidParam) else f"{type(e).__name__}: {e}"
+                raise NoPricing(f"pricing program {ppid} in the cache cannot be read: {message}"[:500]) from None
         return await self.caches.cache("pricing").get_or_load(ppid, load)
 
     async def discount(self, customer_id: str) -> Decimal:
@@ -133,8 +155,9 @@ class Catalog:
 
     async def quote(self, usage: Usage, llmid: str | None = None, model_name: str | None = None,
                     customer_id: str | None = None, day: datetime.date | None = None) -> tuple[PriceResult, Row]:
-        """Price a usage without charging. Returns (PriceResult, model row)."""
-        model = await self.model(llmid, model_name or usage.model_name)
+        """Price a usage without charging. Returns (PriceResult, model row). ``model_name`` is the
+        name the caller sent (compared with ``llmid``'s model), not one derived from the id."""
+        model = await self.model(llmid, model_name or (None if llmid else usage.model_name))
         if model is None:
             raise NoPricing(f"unknown model {llmid or model_name or usage.model_name}")
         if not model.ppid:
@@ -143,7 +166,7 @@ class Catalog:
         if program is None:
             raise NoPricing(f"pricing program {model.ppid} of model {model.name} is not in the pricing cache")
         discount = await self.discount(customer_id) if customer_id else Decimal(1)
-        return price_usage(program, usage, day or clock.today(), discount), model
+        return price_for_model(program, model, usage, day or clock.today(), discount), model
 
     async def priced_models(self) -> list[dict[str, Any]]:
         """Every cached model with its pricing program's current price rules (for the pricing API)."""

@@ -10,7 +10,8 @@ import os
 
 import yaml
 
-from .errors import ConfigError
+from . import clock
+from .errors import ConfigError, InvalidParam
 
 # (default, validator) per key; the validator converts and checks one value.
 
@@ -91,6 +92,13 @@ def _currency(v):
     return v
 
 
+def _time(v):
+    try:
+        return clock.fmt(clock.parse(str(v), "time"))
+    except InvalidParam:
+        raise ValueError("must be a UTC date or time such as 2000-01-01") from None
+
+
 def _sync_path(v):
     v = str(v).strip()
     if not v.startswith("/") or "{entity}" not in v:
@@ -136,6 +144,12 @@ SCHEMA = {
         "retry_base_seconds": (30, _positive_int),
         "retry_max_seconds": (3600, _positive_int),
         "background": (True, _bool),
+        # the use_time an event may carry: from this UTC time to now + use_time_ahead_seconds
+        "use_time_earliest": ("2000-01-01", _time),
+        "use_time_ahead_seconds": (86400, _non_negative_int),
+        # charge an event some of whose factors have no price (the reply lists them); false: the
+        # event is stored as failed unpriced_factor and retried when the price appears
+        "allow_partial_pricing": (False, _bool),
     },
     "holds": {
         "default_ttl_seconds": (600, _positive_int),

@@ -69,5 +69,25 @@ class RefundExceedsCharges(BillingError):
     status, code = 400, "refund_exceeds_charges"
 
 
+class ModelMismatch(BillingError):
+    """``llmid`` and ``model_name`` name different models: which one to price is not ours to guess."""
+    status, code = 400, "model_mismatch"
+
+
+class CurrencyMismatch(BillingError):
+    """The price list is in another currency than the customer's balance (no conversion)."""
+    status, code = 409, "currency_mismatch"
+
+
+class UnpricedFactor(BillingError):
+    """Part of the event (a factor with a quantity) has no price: not charged half."""
+    status, code = 404, "unpriced_factor"
+
+
+class InvalidEvent(BillingError):
+    """A stored event that can no longer be rebuilt (a row written around the API, an old format)."""
+    status, code = 422, "invalid_event"
+
+
 class ConfigError(Exception):
     """A wrong configuration value: raised at start, never at request time."""

@@ -25,6 +25,8 @@ from .pricing import PriceResult
 log = logging.getLogger("billing_module.failures")
 
 _LIST_SORT = "f.failed_time desc, f.id desc"
+# rebuilding the same stored bytes fails the same way: such a row waits for an admin
+_NOT_RETRIED = ("invalid_event",)
 
 
 class Failures:
@@ -75,10 +77,12 @@ class Failures:
             if existing is None:
                 await tx.insert("llmusage_accounting_failed", {
                     "id": new_id(), "llmusageid": rec_id, "llmid": llmid, "userid": user_id,
-                    "userorgid": customer_id, "use_date": use_time[:10], "use_time": use_time,
+                    "userorgid": customer_id, "use_date": (use_time or "")[:10] or None, "use_time": use_time,
                     "amount": amount or 0, "cost": cost or 0, "failed_reason": message, "failed_time": now,
                     "retry_count": 0, "handled": "0", "request_id": request_id, "model_name": model_name,
-                    "failure_code": code, "retry_state": "waiting" if self.config.accounting.max_retries else "exhausted",
+                    "failure_code": code,
+                    "retry_state": "waiting" if self.config.accounting.max_retries and code not in _NOT_RETRIED
+                    else "exhausted",
                     "next_retry_at": clock.now_text(self.backoff_seconds(0)),
                 })
                 return rec_id

@@ -512,25 +512,33 @@ class Ledger:
         return n
 
     async def expire_holds(self, limit: int = 500) -> int:
-        """Release open holds past their expiry. Safe with several instances: each hold closes
-        through a conditional update, so only one of them releases it."""
-        async with self.db.read() as tx:
-            due = await tx.select("select id, customer_id, amount from billing_hold where status = 'open' "
-                                  "and expires_at <= ${now}$ order by expires_at limit ${n}$",
-                                  {"now": clock.now_text(), "n": limit})
+        """Release open holds past their expiry. Safe with several instances, and against a settle
+        or release that closes a hold between the read and the update: each hold closes through a
+        conditional update, so only one of them closes it."""
         expired = 0
-        for hold in due:
-            async def work(tx, hold=hold):
-                return await self._close_hold(tx, hold, "expired")
-            expired += await self.db.run(work)
+        for hold in await self.due_holds(limit):
+            expired += await self.expire_hold(hold)
         if expired:
             log.info("expired %d holds", expired)
         return expired
 
+    async def due_holds(self, limit: int = 500) -> list[Row]:
+        """Open holds past their expiry (read without locks: they may close before ``expire_hold``)."""
+        async with self.db.read() as tx:
+            return await tx.select("select id, customer_id, amount from billing_hold where status = 'open' "
+                                   "and expires_at <= ${now}$ order by expires_at limit ${n}$",
+                                   {"now": clock.now_text(), "n": limit})
+
+    async def expire_hold(self, hold: Row) -> int:
+        """Expire one hold read by ``due_holds``; 0 when it has been closed meanwhile."""
+        return await self.db.run(lambda tx: self._close_hold(tx, hold, "expired"))
+
     # --- proof -------------------------------------------------------------------------------------
     async def reconcile(self) -> dict[str, Any]:
-        """Every customer whose balance is not the sum of its ledger entries, or whose held amount
-        is not the sum of its open holds, plus ledger entries of customers with no balance row."""
+        """Every customer whose balance is not the sum of its ledger entries, whose held amount is
+        not the sum of its open holds, or whose entries' running ``balance_after`` do not chain from
+        0 to the balance; plus ledger entries of customers with no balance row. One dict per
+        customer in ``mismatches``; nothing raises on bad data."""
         sql = ("select b.id as customer_id, b.balance, b.held, coalesce(l.total, 0) as ledger_total, "
                "coalesce(h.total, 0) as open_holds from customer_balance b "
                "left join (select customer_id, sum(amount) as total from ledger_entry group by customer_id) l "
@@ -547,16 +555,22 @@ class Ledger:
                     raise
                 rows = await self._reconcile_each(tx)
             orphans = await tx.select(orphan_sql)
+            broken = {r.customer_id: int(r.n) for r in await tx.select(_BROKEN_CHAINS)}
         problems = []
         for r in rows:
             values = [_exact_int(r[k]) for k in ("balance", "ledger_total", "held", "open_holds")]
             if None in values:
                 problems.append({"customer_id": r.customer_id, "problem": "an amount outside the 64-bit integer "
                                  f"range or not an integer: balance {r.balance}, ledger total {r.ledger_total}"})
-            elif values[0] != values[1] or values[2] != values[3]:
-                problems.append({"customer_id": r.customer_id, "balance": from_micro(int(r.balance)),
-                                 "ledger_total": from_micro(int(r.ledger_total)), "held": from_micro(int(r.held)),
-                                 "open_holds": from_micro(int(r.open_holds))})
+                continue
+            chain_ok = r.customer_id not in broken
+            if values[0] != values[1] or values[2] != values[3] or not chain_ok:
+                problem = {"customer_id": r.customer_id, "balance": from_micro(values[0]),
+                           "ledger_total": from_micro(values[1]), "held": from_micro(values[2]),
+                           "open_holds": from_micro(values[3])}
+                if not chain_ok:
+                    problem["running_balance"] = f"{broken[r.customer_id]} balance_after values do not chain"
+                problems.append(problem)
         for o in orphans:
             problems.append({"customer_id": o.customer_id, "problem": "ledger entries without a balance row"})
         return {"customers": len(rows), "mismatches": problems}
@@ -603,6 +617,24 @@ def _check_hold_access(hold, scope, customer_id):
         raise Forbidden("this hold belongs to another customer")
     if hold.created_scope != "customer":
         raise Forbidden(f"hold {hold.id} was placed by the platform: only an admin key can settle or release it")
+
+
+# The running balance_after check, free of order: entries of concurrent transactions may carry
+# ids and created_at out of commit order. In commit order each entry starts where the previous
+# one ended (balance_after - amount = the previous balance_after; the first starts at 0) and the
+# last ends at the balance row. So per customer the multiset {balance_after - amount} + {balance}
+# equals {0} + {balance_after}: every value's count below must net to zero (repeated balances
+# count once per entry; a zero amount adds a value to both sides). A customer listed here has
+# a value left over; the number is how many.
+_BROKEN_CHAINS = (
+    "select customer_id, count(*) as n from ("
+    " select customer_id, v, sum(k) as net from ("
+    "  select customer_id, balance_after - amount as v, 1 as k from ledger_entry"
+    "  union all select customer_id, balance_after as v, -1 as k from ledger_entry"
+    "  union all select id as customer_id, balance as v, 1 as k from customer_balance"
+    "  union all select id as customer_id, 0 as v, -1 as k from customer_balance"
+    " ) moves group by customer_id, v having sum(k) <> 0"
+    ") unmatched group by customer_id")
 
 
 def _replay(existing, phash, request_id):

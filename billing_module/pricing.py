@@ -37,8 +37,10 @@ from billing_module.money import (
 )
 
 FACTORS = ("input_tokens", "output_tokens", "cached_tokens", "quantity", "flat")
-# Legacy platform names. "duration" also fixes quantity_unit to "second".
+# Legacy platform names, in rules and on events.
 ALIASES = {"prompt_tokens": "input_tokens", "completion_tokens": "output_tokens", "duration": "quantity"}
+# The unit an alias implies: a "duration" rule is per second, a "duration" on an event is seconds.
+ALIAS_UNITS = {"duration": "second"}
 # Units every program knows; a program's own unit_values extend and override these.
 DEFAULT_UNIT_VALUES = {
     "M": 1_000_000,
@@ -93,6 +95,7 @@ class Usage:
         """Build a Usage from an API event dict, validating every field."""
         if not isinstance(event, dict):
             raise InvalidParam("event: must be an object")
+        event = _legacy_fields(event)
         model = event.get("model_name")
         if not isinstance(model, str) or not model.strip():
             raise InvalidParam("model_name: required, a non-empty string")
@@ -114,6 +117,28 @@ class Usage:
         elif not isinstance(attributes, dict):
             raise InvalidParam("attributes: must be an object")
         return cls(model, quantity=quantity, unit=unit, attributes=dict(attributes), **counts)
+
+
+def _legacy_fields(event):
+    """The event with its legacy factor names (``ALIASES``, as in rules) read as the factors they
+    stand for: a count sent under an old name is priced or reported unpriced, never dropped.
+    ``duration`` is a quantity of seconds. Both names with different values is an error."""
+    if not any(event.get(alias) is not None for alias in ALIASES):
+        return event
+    event = dict(event)
+    for alias, factor in ALIASES.items():
+        value = event.pop(alias, None)
+        if value is None:
+            continue
+        if event.get(factor) is not None and str(event[factor]) != str(value):
+            raise InvalidParam(f"{alias}: the legacy name of {factor}, given with a different value")
+        unit = ALIAS_UNITS.get(alias)
+        if unit is not None:
+            if (event.get("unit") or unit) != unit:
+                raise InvalidParam(f"{alias}: a number of {unit}s; unit must be {unit}, got {event['unit']!r}")
+            event["unit"] = unit
+        event[factor] = value
+    return event
 
 
 # --------------------------------------------------------------- result ----
@@ -500,10 +525,11 @@ def _parse_rule(i, raw, units, where):
     quantity_unit = None
     if factor == "quantity":
         quantity_unit = raw.get("quantity_unit")
-        if name == "duration":
-            if quantity_unit not in (None, "second"):
-                raise InvalidParam(f"{where}: duration rules are per second, got quantity_unit {quantity_unit!r}")
-            quantity_unit = "second"
+        implied = ALIAS_UNITS.get(name)
+        if implied is not None:
+            if quantity_unit not in (None, implied):
+                raise InvalidParam(f"{where}: {name} rules are per {implied}, got quantity_unit {quantity_unit!r}")
+            quantity_unit = implied
         if not isinstance(quantity_unit, str) or not quantity_unit.strip():
             raise InvalidParam(f"{where}: quantity_unit is required for quantity rules (e.g. second, image, char, call)")
         quantity_unit = quantity_unit.strip()

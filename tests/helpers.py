@@ -15,6 +15,9 @@ PROGRAM = {
                 {"price_factors": "output_tokens", "unit_prices": "8.0", "cost_prices": "4.0", "unit": "M",
                  "filters": [{"model": "chat-a"}]},
                 {"price_factors": "flat", "unit_prices": "1.0", "filters": [{"model": "flat-1"}]},
+                # priced per call: its token counts are free, said so (a factor without a rule is unpriced)
+                {"price_factors": "input_tokens", "unit_prices": "0", "filters": [{"model": "flat-1"}]},
+                {"price_factors": "output_tokens", "unit_prices": "0", "filters": [{"model": "flat-1"}]},
             ],
         },
     }],

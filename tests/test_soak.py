@@ -84,7 +84,7 @@ async def _move(core, customer, amount, sql, ns):
 
 async def test_the_soak_finds_charges_reconcile_cannot_see(server):
     """A charge no client asked for and a charge of the wrong amount, each with its balance moved
-    along (so reconcile is clean): the client's record finds both."""
+    along (so the sums reconcile): the client's record finds both."""
     from billing_module.ids import new_id
     run = Soak(base_url(server), server.admin_key, seconds=2, clients=3, seed=11, drain_seconds=30)
     await run.run()       # whatever it found (test_soak_proves_the_books judges the server)
@@ -93,14 +93,17 @@ async def test_the_soak_finds_charges_reconcile_cannot_see(server):
     c0, c1 = run.customers[0], run.customers[1]
     charged = next(k for k in run.expected if k[0] == c1 and k[1] in ("usage", "settle"))
     ghost = {"i": new_id(), "c": c0, "r": f"{run.prefix}-ghost"}
+    # the ghost ends the running balance where the moved balance is, so reconcile's chain holds
     await _move(server.core, c0, -1000, "insert into ledger_entry (id, customer_id, entry_type, amount, balance_after, "
-                "currency, request_id, payload_hash, created_at) values (${i}$, ${c}$, 'usage', -1000, 0, 'CNY', "
-                "${r}$, 'x', '2026-01-01 00:00:00')", ghost)
+                "currency, request_id, payload_hash, created_at) select ${i}$, ${c}$, 'usage', -1000, balance - 1000, "
+                "'CNY', ${r}$, 'x', '2026-01-01 00:00:00' from customer_balance where id = ${c}$", ghost)
     wrong = {"c": c1, "t": charged[1], "r": charged[2]}
     await _move(server.core, c1, -1, "update ledger_entry set amount = amount - 1 where customer_id = ${c}$ "
                 "and entry_type = ${t}$ and request_id = ${r}$", wrong)
     try:
-        assert (await server.core.ledger.reconcile())["mismatches"] == []     # the books alone look fine
+        # the books alone: the ghost is invisible; the wrong amount breaks only c1's running balance
+        mismatches = (await server.core.ledger.reconcile())["mismatches"]
+        assert [(m["customer_id"], "running_balance" in m) for m in mismatches] == [(c1, True)], mismatches
         async with run_session(run):
             problems = set(run.verify(await run.read_books())) - found_before
         assert any(ghost["r"] in p and "matches no request" in p for p in problems), problems

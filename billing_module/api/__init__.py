@@ -6,7 +6,6 @@ the error's 4xx status. An unexpected exception is logged and answered 500 with 
 ``internal_error``: nothing escapes to ahserver's generic 500 page.
 """
 import asyncio
-import json
 import logging
 import os
 

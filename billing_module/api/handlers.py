@@ -2,7 +2,6 @@
 the reply's data; ``billing_module.api.handle`` checks the method and the caller and shapes
 the reply."""
 from ..errors import InvalidParam
-from ..money import to_micro
 from .registry import endpoint
 
 READ, WRITE = ("GET",), ("POST",)
@@ -90,8 +89,7 @@ async def authorize(core, caller, p, request):
     caller.check_customer(customer_id)
     amount = p.amount(required=False)
     if amount is None:
-        quote = await core.accounting.quote(_event(p, caller))
-        amount = to_micro(quote["amount"])
+        amount = await core.accounting.hold_amount(_event(p, caller))
         if amount == 0:
             raise InvalidParam("the estimated usage prices at zero; send an amount to hold")
     ttl = p.int("ttl_seconds", minimum=1)

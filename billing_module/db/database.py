@@ -31,10 +31,11 @@ _DEADLOCK_RETRIES = 10
 
 
 def _py_value(v):
+    # isoformat, not strftime: '%Y' does not pad a year below 1000 to four digits
     if isinstance(v, datetime.datetime):
-        return v.strftime("%Y-%m-%d %H:%M:%S")
+        return v.replace(microsecond=0).isoformat(sep=" ")
     if isinstance(v, datetime.date):
-        return v.strftime("%Y-%m-%d")
+        return v.isoformat()
     return v
 
 

@@ -43,6 +43,11 @@ def is_connection_lost(exc):
     return isinstance(exc, (ConnectionError, BrokenPipeError))
 
 
+def is_database_error(exc):
+    """An error of the database or of the way to it (as opposed to one of the data)."""
+    return isinstance(exc, (sqlite3.Error, pymysql.err.Error, ConnectionError, TimeoutError, OSError))
+
+
 def for_update(dialect):
     """Row-lock suffix for a SELECT inside a write transaction (SQLite locks the whole
     database at BEGIN IMMEDIATE, so it needs none)."""

@@ -18,8 +18,7 @@ import json
 
 from ..catalog import ENTITIES
 from ..db import dialect as dialects
-from ..errors import BillingError, Forbidden, NotFound
-from .base import MAX_VERSION_DIGITS, SyncStateStore
+from .base import SyncStateStore
 
 _STAMP_GROUP = 500
 

@@ -1,0 +1,145 @@
+"""Planted-bug campaign: apply each mutant to a temporary copy of the tree, run the tests that
+must kill it, report killed / survived. Not part of the runtime package and not collected by
+pytest. Usage, from the repository root:
+
+    python tests/mutation/run_mutants.py                 # SQLite
+    BILLING_TEST_MYSQL=mysql://root@127.0.0.1:3306/test python tests/mutation/run_mutants.py
+    BILLING_TEST_MYSQL=... python tests/mutation/run_mutants.py --backend mysql   # MariaDB only
+    python tests/mutation/run_mutants.py --only held_ignored_when_covering
+
+A mutant whose snippet is no longer in its file (the code moved) is reported as ``stale``: update
+its snippet, do not drop it. The unmutated copy must pass every killing test first.
+"""
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+PLANTED = "tests/test_planted_bugs.py"
+RECOVERY = "tests/test_recovery.py"
+
+
+@dataclass(frozen=True)
+class Mutant:
+    name: str
+    path: str            # file relative to the repository root
+    original: str        # exact snippet, must occur exactly once
+    replacement: str
+    tests: tuple         # pytest node ids that must fail with the mutant in place
+
+
+MUTANTS = [
+    Mutant("backoff_never_grows", "billing_module/failures.py",
+           "acc.retry_base_seconds * (2 ** retry_count)", "acc.retry_base_seconds * (2 ** 0)",
+           (f"{PLANTED}::test_retry_backoff_grows_retry_by_retry",)),
+    Mutant("failure_record_reopens_accounted", "billing_module/failures.py",
+           '            elif rec.status == "accounted":\n                return None',
+           "            elif False:\n                return None",
+           (f"{PLANTED}::test_recording_a_failure_never_turns_an_accounted_event_back",)),
+    Mutant("submit_skips_payload_hash", "billing_module/accounting.py",
+           '"status": "pending", "duplicate": False}\n        if existing.payload_hash != ev.hash:',
+           '"status": "pending", "duplicate": False}\n        if False:',
+           (f"{PLANTED}::test_submit_refuses_a_reused_request_id_with_another_payload",
+            f"{PLANTED}::test_submit_over_http_answers_409_for_a_reused_request_id")),
+    Mutant("post_many_balance_before_entry", "billing_module/ledger.py",
+           '"amount": item["amount"], "balance_after": running,',
+           '"amount": item["amount"], "balance_after": running - item["amount"],',
+           (f"{PLANTED}::test_batched_entries_carry_their_running_balance",)),
+    Mutant("release_after_settle", "billing_module/ledger.py",
+           '            if hold.status == "settled":\n                raise Conflict(f"hold {hold.id} is settled',
+           '            if False:\n                raise Conflict(f"hold {hold.id} is settled',
+           (f"{PLANTED}::test_a_settled_hold_cannot_be_released",)),
+    Mutant("close_hold_not_only_open", "billing_module/ledger.py",
+           "\"where id = ${h}$ and status = 'open'\", {\"st\": status",
+           "\"where id = ${h}$\", {\"st\": status",
+           (f"{PLANTED}::test_an_expiry_racing_a_settle_releases_nothing_twice",)),
+    Mutant("held_ignored_when_covering", "billing_module/ledger.py",
+           'cond += " and balance - held + ${amt}$ - ${hd}$ >= -coalesce(credit_limit, 0)"',
+           'cond += " and balance + ${amt}$ - ${hd}$ >= -coalesce(credit_limit, 0)"',
+           (f"{PLANTED}::test_usage_debits_respect_held_money",)),
+    Mutant("settle_skips_customer_check", "billing_module/ledger.py",
+           "    if hold.customer_id != customer_id:\n        raise Forbidden(",
+           "    if False:\n        raise Forbidden(",
+           (f"{PLANTED}::test_a_customer_key_cannot_settle_another_customers_hold",)),
+    Mutant("reconcile_skips_running_balance", "billing_module/ledger.py",
+           "chain_ok = r.customer_id not in broken", "chain_ok = True",
+           (f"{PLANTED}::test_reconcile_reports_a_broken_running_balance_per_customer",)),
+    # the bug issue 10 started from: the retry rebuilt the event without resolving the llmid
+    Mutant("retry_rebuilds_without_resolving", "billing_module/accounting.py",
+           "        if not model_name and llmid:\n            model = await self._model_by_id(llmid, memo)\n",
+           "        if False:\n            model = await self._model_by_id(llmid, memo)\n",
+           (f"{RECOVERY}::test_issue_reproduction_llmid_only_event_is_recovered_and_charged_once",)),
+]
+
+
+def copy_tree(dest):
+    ignore = shutil.ignore_patterns(".git", "__pycache__", ".pytest_cache", "*.egg-info", ".hypothesis")
+    shutil.copytree(ROOT, dest, ignore=ignore, dirs_exist_ok=True)
+
+
+def run_tests(tree, tests, backend=None):
+    """True when every test passed."""
+    cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *tests]
+    if backend:                       # test ids carry the backend: [sqlite], [http-mysql-...]
+        cmd += ["-k", backend]
+    env = dict(os.environ, PYTHONDONTWRITEBYTECODE="1")
+    done = subprocess.run(cmd, cwd=tree, capture_output=True, text=True, env=env)
+    return done.returncode == 0, (done.stdout + done.stderr).strip().splitlines()[-1:] or [""]
+
+
+def check_import_path(tree):
+    out = subprocess.run([sys.executable, "-c", "import billing_module; print(billing_module.__file__)"],
+                         cwd=tree, capture_output=True, text=True).stdout.strip()
+    if not out.startswith(str(tree)):
+        sys.exit(f"the copy at {tree} does not import its own package ({out}); aborting")
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--only", action="append", help="run only this mutant (repeatable)")
+    ap.add_argument("--backend", choices=("sqlite", "mysql"),
+                    help="run the killing tests on this database only (mysql needs BILLING_TEST_MYSQL)")
+    args = ap.parse_args(argv)
+    mutants = [m for m in MUTANTS if not args.only or m.name in args.only]
+    if args.backend == "mysql" and not os.environ.get("BILLING_TEST_MYSQL"):
+        sys.exit("--backend mysql needs BILLING_TEST_MYSQL")
+    backend = args.backend or ("SQLite + MariaDB" if os.environ.get("BILLING_TEST_MYSQL") else "SQLite")
+    with tempfile.TemporaryDirectory(prefix="billing-mutants-") as tmp:
+        tree = Path(tmp).resolve()
+        copy_tree(tree)
+        check_import_path(tree)
+        all_tests = sorted({t for m in mutants for t in m.tests})
+        ok, tail = run_tests(tree, all_tests, args.backend)
+        if not ok:
+            sys.exit(f"the unmutated tree fails its killing tests: {tail[0]}")
+        results = []
+        for m in mutants:
+            target = tree / m.path
+            source = target.read_text()
+            if source.count(m.original) != 1:
+                results.append((m, "stale", 0.0, f"snippet found {source.count(m.original)} times"))
+                continue
+            target.write_text(source.replace(m.original, m.replacement))
+            started = time.monotonic()
+            try:
+                passed, tail = run_tests(tree, m.tests, args.backend)
+            finally:
+                target.write_text(source)
+            results.append((m, "survived" if passed else "killed", time.monotonic() - started, tail[0]))
+    print(f"planted-bug campaign on {backend}")
+    print(f"{'mutant':36} {'result':9} {'seconds':>7}  last line of pytest")
+    for m, result, seconds, tail in results:
+        print(f"{m.name:36} {result:9} {seconds:7.1f}  {tail}")
+    killed = sum(1 for _, r, _, _ in results if r == "killed")
+    print(f"killed {killed} of {len(results)}")
+    return 0 if killed == len(results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

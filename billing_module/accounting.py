@@ -482,10 +482,10 @@ class Accounting:
             ev = await self.rebuild_event(payload, rec.payload_hash, memo)
             ev.day   # the price is dated by it
             return ev
-        except BillingError:
-            raise
         except Exception as e:
-            if dialects.is_database_error(e):
+            # a refusal of the event itself (pricing, model) and a database error pass through;
+            # what the API would have refused at the door is an admin's case, never retried
+            if (isinstance(e, BillingError) and not isinstance(e, InvalidParam)) or dialects.is_database_error(e):
                 raise
             raise InvalidEvent(f"stored event {rec.request_id} cannot be rebuilt: {type(e).__name__}: {e}"[:500]) from None
 

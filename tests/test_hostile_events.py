@@ -81,7 +81,9 @@ async def _plant_poison(core):
     bad_time = dict(usage("poison-time", customer="mallory"), use_time="999-12-31 10:00:00")
     await _plant(core, "poison-time", "mallory", "999-12-31 10:00:00", json.dumps(bad_time))
     await _plant(core, "poison-json", "mallory", "2026-11-22 10:00:00", "{not json")
-    await _plant(core, "poison-null", "mallory", None, json.dumps(usage("poison-null", customer="mallory")))
+    # the event is rebuilt from its payload (never from the columns), so the poison is in the payload
+    null_time = dict(usage("poison-null", customer="mallory"), use_time=None)
+    await _plant(core, "poison-null", "mallory", None, json.dumps(null_time))
 
 
 async def test_poison_rows_do_not_stop_the_accountant_for_other_tenants(core):

@@ -26,11 +26,18 @@ from .config import Config
 from .db import dialect as dialects
 from .db.database import Database, Row, Tx
 from .db.group import Fallback, GroupCommit
-from .errors import (BillingError, Conflict, CurrencyMismatch, InvalidEvent, InvalidParam, UnknownCustomer,
-                     UnpricedFactor)
+from .errors import (
+    BillingError,
+    Conflict,
+    CurrencyMismatch,
+    InvalidEvent,
+    InvalidParam,
+    UnknownCustomer,
+    UnpricedFactor,
+)
 from .ids import new_id, payload_hash
-from .money import from_micro
 from .ledger import Ledger
+from .money import from_micro
 from .pricing import PriceResult, Usage
 
 log = logging.getLogger("billing_module.accounting")
@@ -109,7 +116,8 @@ def record_view(rec: Row, duplicate: bool = False) -> dict[str, Any]:
         "original_amount": from_micro(int(rec.original_amount or 0)), "cost": from_micro(int(rec.cost or 0)),
         "discount": rec.discount, "currency": rec.currency, "pricing_id": rec.pricing_id,
         "price_version": rec.price_version, "lines": lines, "subscription_id": rec.subscription_id,
-        "included_quantity": None if rec.included_quantity is None else format(Decimal(str(rec.included_quantity)).normalize(), "f"),
+        "included_quantity": (None if rec.included_quantity is None
+                              else format(Decimal(str(rec.included_quantity)).normalize(), "f")),
         "ledger_entry_id": rec.ledger_entry_id, "use_time": rec.use_time, "duplicate": duplicate,
         "unpriced_factors": [ln["factor"] for ln in stored if ln.get("unpriced")],
     }
@@ -464,7 +472,8 @@ class Accounting:
                 model_name = model.name
         quantity = payload.get("quantity")
         # parse_event let the event in with one of these names
-        usage = Usage(cast(str, model_name or llmid or payload.get("product_id")), int(payload.get("input_tokens") or 0),
+        usage = Usage(cast(str, model_name or llmid or payload.get("product_id")),
+                      int(payload.get("input_tokens") or 0),
                       int(payload.get("output_tokens") or 0), int(payload.get("cached_tokens") or 0),
                       Decimal(str(quantity)) if quantity else Decimal(0), payload.get("unit"),
                       dict(payload.get("attributes") or {}))
@@ -480,14 +489,15 @@ class Accounting:
             payload = json.loads(rec.payload)
             self.times.parse(payload["use_time"], "use_time")
             ev = await self.rebuild_event(payload, rec.payload_hash, memo)
-            ev.day   # the price is dated by it
+            _ = ev.day   # the price is dated by it
             return ev
         except Exception as e:
             # a refusal of the event itself (pricing, model) and a database error pass through;
             # what the API would have refused at the door is an admin's case, never retried
             if (isinstance(e, BillingError) and not isinstance(e, InvalidParam)) or dialects.is_database_error(e):
                 raise
-            raise InvalidEvent(f"stored event {rec.request_id} cannot be rebuilt: {type(e).__name__}: {e}"[:500]) from None
+            raise InvalidEvent(
+                f"stored event {rec.request_id} cannot be rebuilt: {type(e).__name__}: {e}"[:500]) from None
 
     async def _model_by_id(self, llmid, memo):
         if memo is None:

@@ -172,7 +172,8 @@ class Catalog:
         """Every cached model with its pricing program's current price rules (for the pricing API)."""
         async with self.db.read() as tx:
             rows = await tx.select("select m.id, m.name, m.ppid, p.name as program_name, p.payload "
-                                   "from llmage_cache m left join pricing_cache p on p.id = m.ppid order by m.name, m.id")
+                                   "from llmage_cache m left join pricing_cache p on p.id = m.ppid "
+                                   "order by m.name, m.id")
         out = []
         today = clock.today()
         for r in rows:

@@ -61,7 +61,8 @@ class Failures:
                 row.update(error_code=code, error_msg=message, attempts=1)
                 await tx.insert("accounting_records", row)
                 rec_id, use_time, amount, cost = row["id"], row["use_time"], row["amount"], row["cost"]
-                llmid, user_id, customer_id, model_name = row["llmid"], row["user_id"], row["customer_id"], row["model_name"]
+                llmid, user_id = row["llmid"], row["user_id"]
+                customer_id, model_name = row["customer_id"], row["model_name"]
             elif rec.status == "accounted":
                 return None           # accounted meanwhile: nothing failed
             else:
@@ -89,8 +90,9 @@ class Failures:
             retries = int(existing.retry_count or 0) + 1
             exhausted = retries >= self.config.accounting.max_retries
             await tx.execute(
-                "update llmusage_accounting_failed set retry_count = ${n}$, failed_reason = ${m}$, failed_time = ${now}$, "
-                "failure_code = ${c}$, amount = ${amt}$, cost = ${cost}$, retry_state = ${st}$, next_retry_at = ${nx}$, "
+                "update llmusage_accounting_failed set retry_count = ${n}$, failed_reason = ${m}$, "
+                "failed_time = ${now}$, failure_code = ${c}$, amount = ${amt}$, cost = ${cost}$, "
+                "retry_state = ${st}$, next_retry_at = ${nx}$, "
                 "handled = '0', resolved_time = null where id = ${i}$",
                 {"n": retries, "m": message, "now": now, "c": code, "amt": amount or 0, "cost": cost or 0,
                  "st": "exhausted" if exhausted else "waiting",
@@ -137,7 +139,8 @@ class Failures:
             await tx.execute("update llmusage_accounting_failed set handled = '1', handled_time = ${now}$, "
                              "handled_note = ${note}$, handled_by = ${op}$, next_retry_at = null, "
                              "retry_state = case when retry_state = 'resolved' then 'resolved' else 'exhausted' end "
-                             "where id = ${i}$", {"now": now, "note": note[:2000], "op": (operator or "")[:64], "i": row.id})
+                             "where id = ${i}$",
+                             {"now": now, "note": note[:2000], "op": (operator or "")[:64], "i": row.id})
         return await self.get(failed_id)
 
     async def row(self, failed_id: str) -> Row:

@@ -531,7 +531,8 @@ def _parse_rule(i, raw, units, where):
                 raise InvalidParam(f"{where}: {name} rules are per {implied}, got quantity_unit {quantity_unit!r}")
             quantity_unit = implied
         if not isinstance(quantity_unit, str) or not quantity_unit.strip():
-            raise InvalidParam(f"{where}: quantity_unit is required for quantity rules (e.g. second, image, char, call)")
+            raise InvalidParam(
+                f"{where}: quantity_unit is required for quantity rules (e.g. second, image, char, call)")
         quantity_unit = quantity_unit.strip()
 
     unit = raw.get("unit")

@@ -13,16 +13,17 @@ SQLite has one writer: write transactions take an in-process lock and ``BEGIN IM
 import asyncio
 import datetime
 import functools
+import logging
 import random
 import re
-import logging
 import time
 from contextlib import asynccontextmanager
 
 from appPublic.dictObject import DictObject
 
 from . import dialect as dialects
-from .sqlite_driver import DRIVER_NAME as SQLITE_DRIVER, BillingSQLiteor
+from .sqlite_driver import DRIVER_NAME as SQLITE_DRIVER
+from .sqlite_driver import BillingSQLiteor
 
 log = logging.getLogger("billing_module.db")
 
@@ -95,12 +96,12 @@ class Tx:
             # one hand-off to the connection's thread instead of two (execute, then fetchall);
             # SQLite returns only int / float / str / bytes / None, nothing to convert
             rows = await self.sor.conn.execute_fetchall(marked, data)
-            return [Row(zip(r.keys(), r)) for r in rows]
+            return [Row(zip(r.keys(), r, strict=True)) for r in rows]
         cur = self.sor.cur
         await cur.execute(marked, data)
         rows = await cur.fetchall()
         names = [d[0].lower() for d in cur.description]
-        return [Row({n: _py_value(v) for n, v in zip(names, row)}) for row in rows]
+        return [Row({n: _py_value(v) for n, v in zip(names, row, strict=True)}) for row in rows]
 
     async def one(self, sql, ns=None):
         rows = await self.select(sql, ns)
@@ -131,7 +132,7 @@ class Tx:
     async def insert(self, table, record):
         cols = list(record)
         sql = (f"insert into {table} ({', '.join(cols)}) values "
-               f"({', '.join('${%s}$' % c for c in cols)})")
+               f"({', '.join('${' + c + '}$' for c in cols)})")
         return await self.execute(sql, record)
 
     async def insert_many(self, table, records):
@@ -139,7 +140,7 @@ class Tx:
             return 0
         cols = list(records[0])
         sql = (f"insert into {table} ({', '.join(cols)}) values "
-               f"({', '.join('${%s}$' % c for c in cols)})")
+               f"({', '.join('${' + c + '}$' for c in cols)})")
         return await self.execute_many(sql, records)
 
     async def update_many(self, table, rows, key="id"):
@@ -171,7 +172,7 @@ class Tx:
         names = []
         for i, v in enumerate(values):
             ns[f"{prefix}{i}"] = v
-            names.append("${%s%d}$" % (prefix, i))
+            names.append(f"${{{prefix}{i}}}$")
         return "(" + ", ".join(names) + ")"
 
     async def lock_by_key(self, table, column, value):

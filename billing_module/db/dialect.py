@@ -87,7 +87,7 @@ def insert_ignore(dialect):
 def upsert(dialect, table, columns, key="id"):
     """INSERT ... that updates the non-key columns when the key exists."""
     cols = ", ".join(columns)
-    values = ", ".join("${%s}$" % c for c in columns)
+    values = ", ".join("${" + c + "}$" for c in columns)
     rest = [c for c in columns if c != key]
     if dialect == SQLITE:
         sets = ", ".join(f"{c} = excluded.{c}" for c in rest)

@@ -60,7 +60,7 @@ class GroupCommit:
                 outcomes = await self._write(items)
             except Exception as e:           # the group could not commit: every request fails with it
                 outcomes = [(None, e)] * len(group)
-            for (_, fut), (result, error) in zip(group, outcomes):
+            for (_, fut), (result, error) in zip(group, outcomes, strict=False):
                 if fut.done():
                     continue
                 if error is not None:

@@ -10,7 +10,6 @@ Database description: ``{"driver": "billing_sqlite", "kwargs": {"dbname": "/path
 import sqlite3
 from typing import Any
 
-
 import aiosqlite
 from sqlor.sor import SQLor
 

@@ -7,8 +7,17 @@ from .. import clock, validation
 from ..db import dialect as dialects
 from ..errors import Conflict, NotFound
 from ..ids import new_id
-from .values import (MAX_PERIOD_MONTHS, PRODUCT_STATUSES, PRODUCT_TYPES, RESOURCE_TYPES, choice, count, ident,
-                     quantity, text)
+from .values import (
+    MAX_PERIOD_MONTHS,
+    PRODUCT_STATUSES,
+    PRODUCT_TYPES,
+    RESOURCE_TYPES,
+    choice,
+    count,
+    ident,
+    quantity,
+    text,
+)
 from .views import Row, binding_view, product_view
 
 

@@ -19,8 +19,22 @@ from . import quota
 from .catalogue import Catalogue
 from .subscriptions import check_currency
 from .suppliers import Suppliers, supplier_cost
-from .values import (HOOK_SOURCE_TABLE, MODE_INCLUDED, MODE_OVERAGE, MODE_PAYG, QSCALE, NotSubscribed, QuotaExceeded,
-                     div_half_up, ident, ledger_key, q_from_db, qdb, qtext, quantity)
+from .values import (
+    HOOK_SOURCE_TABLE,
+    MODE_INCLUDED,
+    MODE_OVERAGE,
+    MODE_PAYG,
+    QSCALE,
+    NotSubscribed,
+    QuotaExceeded,
+    div_half_up,
+    ident,
+    ledger_key,
+    q_from_db,
+    qdb,
+    qtext,
+    quantity,
+)
 from .views import Row, usage_view
 
 

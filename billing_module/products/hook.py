@@ -10,8 +10,16 @@ from . import quota
 from .catalogue import Catalogue
 from .consumption import Supply, UsageRow, usage_by_key
 from .suppliers import Suppliers, supplier_cost
-from .values import (CALL_UNIT, HOOK_SOURCE_TABLE, MODE_INCLUDED, MODE_OVERAGE, TOKEN_UNIT, div_half_up, int_from_db,
-                     q_from_db)
+from .values import (
+    CALL_UNIT,
+    HOOK_SOURCE_TABLE,
+    MODE_INCLUDED,
+    MODE_OVERAGE,
+    TOKEN_UNIT,
+    div_half_up,
+    int_from_db,
+    q_from_db,
+)
 from .views import Row
 
 

@@ -59,7 +59,8 @@ class Soak:
         self.api = base + ("/api/" if base.endswith("/billing_module") else "/billing_module/api/")
         self.admin_key, self.seconds, self.n_clients, self.seed = admin_key, float(seconds), int(clients), seed
         self.n_customers, self.model, self.reconcile = max(1, int(customers)), model, reconcile
-        self.drain_seconds, self.timeout, self.max_requests = float(drain_seconds), float(timeout), max_requests_per_client
+        self.drain_seconds, self.timeout = float(drain_seconds), float(timeout)
+        self.max_requests = max_requests_per_client
         self.prefix = f"s{seed}-{secrets.token_hex(3)}"
         self.shared = [f"{self.prefix}-c{i}" for i in range(self.n_customers)]
         # each client's own customer takes its concurrent duplicates: nothing else moves its
@@ -73,7 +74,8 @@ class Soak:
         self.maybe = {}           # (customer, entry_type, request_id) -> micro: sent, stored or unanswered
         self.submitted = {}       # request_id -> (customer, micro): acknowledged submits
         self.stored_failed = {}   # request_id -> (customer, micro): refused usage the server stores as failed
-        self.new_acks: collections.Counter = collections.Counter()    # (kind, key) -> replies that said "not a duplicate"
+        # (kind, key) -> replies that said "not a duplicate"
+        self.new_acks: collections.Counter = collections.Counter()
         self.overrun: collections.Counter = collections.Counter()     # customer -> micro settled beyond holds (sent)
         self.acked: collections.Counter = collections.Counter()
         self.stats: collections.Counter = collections.Counter()
@@ -147,7 +149,8 @@ class Soak:
         status, data = await self._call("GET", "pricing")
         if status != 200:
             raise SoakError(f"pricing: {status} {data}")
-        names = [self.model] if self.model else [r.get("model_name") for r in data.get("rows", []) if r.get("model_name")]
+        names = ([self.model] if self.model
+                 else [r.get("model_name") for r in data.get("rows", []) if r.get("model_name")])
         for name in names:
             status, data = await self._call("POST", "quote", self._event(self.customers[0], "quote", SHAPES[0], name))
             if status == 200 and _micro(data["amount"]) > 0:
@@ -488,7 +491,7 @@ class Soak:
 
     def _unsettled_submits(self, books):
         done = set()
-        for c, (_, ledger, failed) in books.items():
+        for _, ledger, failed in books.values():
             done |= {e["request_id"] for e in ledger if e["entry_type"] == "usage"}
             done |= {f["request_id"] for f in failed}
         return sorted(set(self.submitted) - done)

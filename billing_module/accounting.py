@@ -407,11 +407,11 @@ class Accounting:
 
     async def _quote_memo(self, ev, memo):
         """catalog.quote with the model, program and discount looked up once per batch."""
-        key = (ev.llmid, ev.payload["model_name"])
+        name = ev.payload["model_name"] or (None if ev.llmid else ev.usage.model_name)
+        key = ("model", ev.llmid, name)   # exactly what the lookup is asked: two product_ids never share
         found = memo.get(key)
         if found is None:
-            model = await self.catalog.model(ev.llmid, ev.payload["model_name"] or
-                                                  (None if ev.llmid else ev.usage.model_name))
+            model = await self.catalog.model(ev.llmid, name)
             program = await self.catalog.program(model.ppid) if model is not None and model.ppid else None
             found = memo[key] = (model, program)
         model, program = found

@@ -151,6 +151,22 @@ async def test_submitted_usage_is_accounted_by_the_batch_accountant(core):
     assert (await core.ledger.reconcile())["mismatches"] == []
 
 
+async def test_one_batch_prices_each_product_id_as_its_own_model(core):
+    """The accountant looks models up once per batch: two events named by product_id alone are
+    two models (a memo keyed without the name priced the second as the first)."""
+    await seed_pricing(core)
+    await core.ledger.recharge("cust-1", units("10"), "r1")
+    chat = dict(usage("by-product-chat", model=None), product_id="chat-a")
+    flat = dict(usage("by-product-flat", model=None), product_id="flat-1")
+    for ev in (chat, flat):
+        await core.accounting.submit_usage({k: v for k, v in ev.items() if v is not None})
+    assert await core.accounting.account_pending() == 2
+    chat_rec = await core.accounting.record(request_id="by-product-chat")
+    flat_rec = await core.accounting.record(request_id="by-product-flat")
+    assert (chat_rec.model_name, chat_rec.amount) == ("chat-a", units("0.006"))
+    assert (flat_rec.model_name, flat_rec.amount) == ("flat-1", units("1"))
+
+
 async def test_two_accountants_on_one_database_account_each_event_once(core, config, db_desc, tmp_path):
     await seed_pricing(core)
     await core.ledger.recharge("cust-1", units("10"), "r1")

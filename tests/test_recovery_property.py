@@ -152,7 +152,7 @@ async def test_every_event_is_charged_exactly_once_in_the_end(core, second, fixe
         rec = await core.accounting.record(request_id=ev["request_id"])
         assert rec.status == "accounted", (ev, rec.status, rec.error_code)
         assert int(rec.amount) == to_micro(quote["amount"]) > 0, ev
-        assert rec.price_version == quote["version_id"]
+        assert rec.price_version == quote["version_id"], (ev, rec.model_name, rec.llmid, rec.pricing_id)
         async with core.db.read() as tx:
             charged = [int(r.amount) for r in await tx.select(
                 "select amount from ledger_entry where entry_type = 'usage' and request_id = ${r}$",

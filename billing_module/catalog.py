@@ -69,7 +69,7 @@ def _discount(text, customer_id):
     return d
 
 
-def price_for_model(program, model, usage: Usage, day, discount):
+def price_for_model(program: Program, model: Row, usage: Usage, day: datetime.date, discount: Decimal) -> PriceResult:
     """Price ``usage`` as the catalogue's ``model``: the rules' model filters see its name, never
     a name the event carried (the stored event of an unknown id carries the id itself)."""
     if usage.model_name != model.name:

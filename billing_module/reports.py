@@ -12,16 +12,22 @@ rows the list shows. Amounts are integer micro-units in SQL and decimal strings 
 The products' reports (``ProductManager.usage_list``, ``overage``, ``stats``) are the product
 source seen through the products' reply shapes.
 """
+from __future__ import annotations
+
 import codecs
 import csv
 import io
 import logging
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from decimal import ROUND_HALF_UP, Decimal
 from typing import Any
 
+from aiohttp import web
+
 from . import clock, validation
 from .db import dialect as dialects
+from .db.database import Database
 from .money import from_micro
 
 log = logging.getLogger("billing_module.reports")
@@ -55,8 +61,9 @@ class UsageFilter:
     end: str | None = None
 
 
-def product_filter(customer_id=None, product_id=None, subscription_id=None, billing_mode=None,
-                   supplier_org_id=None, user_id=None, start=None, end=None, overage_only=False) -> UsageFilter:
+def product_filter(customer_id: object = None, product_id: object = None, subscription_id: object = None,
+                   billing_mode: object = None, supplier_org_id: object = None, user_id: object = None,
+                   start: object = None, end: object = None, overage_only: bool = False) -> UsageFilter:
     """The product source's filter from unchecked values (the in-process products API): ids,
     the billing mode and the time range are checked by the module's validation rules."""
     t0, t1 = validation.bounds(start, end, "start", "end")
@@ -227,7 +234,7 @@ def _row_view(src, row):
     return view
 
 
-def safe_cell(value):
+def safe_cell(value: object) -> str:
     """A CSV cell that a spreadsheet shows as text: a leading = + - @ tab or CR gets a quote."""
     if value is None:
         return ""
@@ -236,11 +243,11 @@ def safe_cell(value):
 
 
 class Reports:
-    def __init__(self, db):
+    def __init__(self, db: Database) -> None:
         self.db = db
 
     # --- the list ----------------------------------------------------------------------------
-    async def usage(self, f, page=1, rows=20):
+    async def usage(self, f: UsageFilter, page: int = 1, rows: int = 20) -> dict[str, Any]:
         """``{"total", "rows", "totals"}``: one page (newest first) and the totals of every row
         the filter matches."""
         src = _SOURCES[f.source]
@@ -249,7 +256,7 @@ class Reports:
         result.update(page=page, page_size=rows, source=f.source)
         return result
 
-    async def usage_log(self, f, page=1, rows=20):
+    async def usage_log(self, f: UsageFilter, page: int = 1, rows: int = 20) -> dict[str, Any]:
         """The product source's page as whole ``product_usage_log`` rows (the products' usage
         view shapes them), with the totals of every matching row."""
         assert f.source == "product", "usage_log reads product_usage_log"
@@ -266,7 +273,8 @@ class Reports:
         return result
 
     # --- statistics --------------------------------------------------------------------------
-    async def stats(self, f, group_by="day", page=1, rows=100, order="amount"):
+    async def stats(self, f: UsageFilter, group_by: str = "day", page: int = 1, rows: int = 100,
+                    order: str = "amount") -> dict[str, Any]:
         """One row per day / model / product / customer / supplier (or one for ``total``) with
         records, amount, cost, margin and margin rate; ``amount_pct`` is the row's amount as a
         whole percent of the largest group's, for bar charts; ``totals`` sums every group. Days
@@ -316,10 +324,10 @@ class Reports:
         return out
 
     # --- CSV export --------------------------------------------------------------------------
-    def export_name(self, f):
+    def export_name(self, f: UsageFilter) -> str:
         return f"usage-{f.source}-{clock.utcnow().strftime('%Y%m%d-%H%M%S')}.csv"
 
-    async def export_chunks(self, f, chunk_rows=EXPORT_CHUNK_ROWS):
+    async def export_chunks(self, f: UsageFilter, chunk_rows: int = EXPORT_CHUNK_ROWS) -> AsyncGenerator[str, None]:
         """CSV text in chunks: a header, every matching row (oldest first) and a TOTAL row.
 
         Rows are read by keyset (use_time, id) a chunk at a time, all in one read transaction,
@@ -363,9 +371,8 @@ class Reports:
         total_row[1] = f"{totals['records']} records"
         yield _csv_line([total_row])
 
-    async def export_response(self, request, f):
+    async def export_response(self, request: web.Request, f: UsageFilter) -> web.StreamResponse:
         """Stream the CSV to the client as an aiohttp StreamResponse."""
-        from aiohttp import web
         resp = web.StreamResponse(headers={
             "Content-Type": "text/csv; charset=utf-8",
             "Content-Disposition": f'attachment; filename="{self.export_name(f)}"',

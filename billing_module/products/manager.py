@@ -2,6 +2,8 @@
 ``ServerEnv().billing_product_manager``) holds for products. It builds the concept services with
 their collaborators and hands each call to the service that owns it; it holds no logic of its own
 beyond shaping the product report into the products' reply."""
+from typing import Any
+
 from ..config import Config
 from ..db.database import Database
 from ..ledger import Ledger
@@ -51,12 +53,13 @@ class ProductManager:
         self.product_use = self.consumption.product_use
 
     # --- the product report (reports.py, source "product") in the products' reply shapes ----------------
-    async def usage_list(self, page=1, rows=20, **filters) -> dict:
+    async def usage_list(self, page: int = 1, rows: int = 20, **filters: Any) -> dict:
         """One page of usage log rows (newest first); filters as ``reports.product_filter``."""
         result = await self.reports.usage_log(product_filter(**filters), page, rows)
         return {"total": result["total"], "rows": [usage_view(r) for r in result["rows"]]}
 
-    async def overage(self, customer_id=None, product_id=None, start=None, end=None, page=1, rows=20) -> dict:
+    async def overage(self, customer_id: object = None, product_id: object = None, start: object = None,
+                      end: object = None, page: int = 1, rows: int = 20) -> dict:
         """Usage charged beyond a quota or without one, with its total and the product's price."""
         f = product_filter(customer_id=customer_id, product_id=product_id, start=start, end=end, overage_only=True)
         result = await self.reports.usage_log(f, page, rows)
@@ -66,12 +69,13 @@ class ProductManager:
             out["price"] = {k: v for k, v in (await self.product(f.product_id)).items() if k in _PRICE_FIELDS}
         return out
 
-    async def stats(self, group_by="product", start=None, end=None, customer_id=None, product_id=None,
-                    supplier_org_id=None) -> dict:
+    async def stats(self, group_by: object = "product", start: object = None, end: object = None,
+                    customer_id: object = None, product_id: object = None, supplier_org_id: object = None) -> dict:
         """Usage, supplier cost, revenue (what the usage charged) and margin, by product, supplier,
         customer or day, sorted by key. Package fees are ledger 'subscription' entries and are not
         part of usage revenue. Quantities are per unit, since units differ between products."""
         group_by = choice(group_by, "group_by", STATS_GROUPS, "product")
+        assert group_by is not None, "choice returns its default for a missing value"
         f = product_filter(customer_id=customer_id, product_id=product_id, supplier_org_id=supplier_org_id,
                            start=start, end=end)
         result = await self.reports.stats(f, group_by, rows=MAX_STATS_ROWS, order="key")

@@ -14,10 +14,14 @@ A page never splits the rows of one version (the protocol's cursor is the versio
 it may hold up to ``_STAMP_GROUP - 1`` rows more than ``limit``. Deletions reach edges only
 through a full resync: the cache tables keep no tombstones, so ``deleted`` is always empty here.
 """
+from __future__ import annotations
+
 import json
+from typing import Any
 
 from ..catalog import ENTITIES
 from ..db import dialect as dialects
+from ..db.database import Database
 from .base import SyncStateStore
 
 _STAMP_GROUP = 500
@@ -40,7 +44,7 @@ def _item(entity, row):
     return item
 
 
-async def stamp_unversioned(db, entity):
+async def stamp_unversioned(db: Database, entity: str) -> int:
     """Give rows without an integer version the next versions; returns how many were stamped."""
     table = ENTITIES[entity][0]
     async with db.read() as tx:
@@ -67,7 +71,7 @@ async def stamp_unversioned(db, entity):
     return await db.run(work)
 
 
-async def export_page(db, entity, since, limit):
+async def export_page(db: Database, entity: str, since: int, limit: int) -> dict[str, Any]:
     """The protocol reply for ``GET <entity>?since=&limit=``."""
     table = ENTITIES[entity][0]
     await stamp_unversioned(db, entity)

@@ -20,6 +20,8 @@ def build_parser():
     p.add_argument("--demo", action="store_true", help="seed demo customers, prices and a product")
     p.add_argument("--host", help="bind address (server.host)")
     p.add_argument("--port", type=int, help="port (server.port)")
+    p.add_argument("--bricks-dir", help="bricks front end (a build or its source folder) served at /bricks/ "
+                   "(server.bricks_dir)")
     p.add_argument("--workers", type=int, default=1, help="server processes sharing the port and the database")
     p.add_argument("--quiet", action="store_true", help=argparse.SUPPRESS)
 

@@ -19,6 +19,8 @@ def load_from_args(args: argparse.Namespace) -> tuple[Config, str]:
         overrides.setdefault("server", {})["data_dir"] = args.data_dir
     if getattr(args, "host", None):
         overrides.setdefault("server", {})["host"] = args.host
+    if getattr(args, "bricks_dir", None):
+        overrides.setdefault("server", {})["bricks_dir"] = os.path.abspath(args.bricks_dir)
     if getattr(args, "port", None) is not None:
         overrides.setdefault("server", {})["port"] = args.port
     cfg = load_config(getattr(args, "config", None) or os.environ.get("BILLING_CONFIG") or None, overrides=overrides)

@@ -99,6 +99,30 @@ def _time(v):
         raise ValueError("must be a UTC date or time such as 2000-01-01") from None
 
 
+def _size_table(v):
+    """``{path: bytes}``: from YAML a mapping, from the environment ``/path=bytes,/other=bytes``."""
+    if isinstance(v, str):
+        pairs = [item.split("=", 1) for item in v.split(",") if item.strip()]
+        if any(len(pair) != 2 for pair in pairs):
+            raise ValueError("must be path=bytes pairs separated by commas")
+        v = {path.strip(): size for path, size in pairs}
+    if not isinstance(v, dict):
+        raise ValueError("must map URL paths to byte counts")
+    table = {}
+    for path, size in v.items():
+        if not str(path).startswith("/"):
+            raise ValueError(f"path {path!r} must start with /")
+        table[str(path)] = _positive_int(size)
+    return table
+
+
+def _role_list(v):
+    roles = [r.strip() for r in (v.split(",") if isinstance(v, str) else list(v or [])) if str(r).strip()]
+    if not roles:
+        raise ValueError("must name at least one role (orgtype.role)")
+    return tuple(roles)
+
+
 def _sync_path(v):
     v = str(v).strip()
     if not v.startswith("/") or "{entity}" not in v:
@@ -127,10 +151,26 @@ SCHEMA = {
         "log_level": ("info", _choice("debug", "info", "warning", "error")),
         "admin_user": ("admin", _str),
         "admin_password": ("", _str),         # empty: generated at first start, stored in data_dir
+        # request bodies above this are refused 413 before authentication and before buffering
+        "max_body_bytes": (1024 * 1024, _positive_int),
+        "max_body_bytes_by_path": ({}, _size_table),  # per-path exceptions, e.g. a batch endpoint
+        # trust X-Forwarded-Host / X-Forwarded-Proto (same-origin checks, Secure cookie) only
+        # when a reverse proxy in front of the server sets them
+        "behind_proxy": (False, _bool),
+        "session_lifetime_seconds": (8 * 3600, _positive_int),   # admin login session
+        "login_max_failures": (5, _positive_int),      # per user name and per address, then 429
+        "login_window_seconds": (900, _positive_int),  # failures older than this are forgotten
+        "login_backoff_seconds": (30, _positive_int),  # first lock; doubles per further failure
+        "login_backoff_max_seconds": (3600, _positive_int),
+        "retry_after_seconds": (5, _positive_int),     # Retry-After of a 503 database_unavailable
+        "bricks_dir": ("", _str),             # bricks build or source folder served at /bricks/
     },
     "auth": {
         "require_api_key": (True, _bool),     # standalone API needs a key; a host may use its own auth
-        "trust_host_session": (True, _bool),  # a logged-in host session acts as an admin caller
+        # a logged-in host session acts as an admin caller when the user holds one of
+        # host_admin_roles (rbac) and the host's session secret is not ahserver's default
+        "trust_host_session": (True, _bool),
+        "host_admin_roles": (("owner.superuser", "owner.admin"), _role_list),
         "signature_window_seconds": (300, _positive_int),
         "secret_key": ("", _str),             # encrypts signing secrets; empty: generated in data_dir
         "nonce_purge_seconds": (300, _positive_int),   # how often seen nonces older than 2 windows go

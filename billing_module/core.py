@@ -21,7 +21,9 @@ from .failures import FailureRetries, Failures
 from .ledger import Ledger
 from .products import ProductManager
 from .services import Job, Services, background_jobs, build_services
+from .session_store import SessionStore
 from .sync import SyncManager
+from .throttle import LoginThrottle
 from .version import __version__
 
 log = logging.getLogger("billing_module")
@@ -47,6 +49,9 @@ class BillingCore:
         # the standalone host's console credentials (server.py sets them; None in a host)
         self.admin_password: str | None = None
         self.demo_admin_key: str | None = None
+        self.login_throttle = LoginThrottle(self.config.server)
+        self.host_sessions_trusted = False   # set by the start-up check (sessions.check_host_sessions)
+        self.standalone_admin: str | None = None   # the standalone host's admin user name
 
     # --- database -------------------------------------------------------------------------
     def _resolve_db_desc(self) -> dict:
@@ -118,6 +123,10 @@ class BillingCore:
     @property
     def sync(self) -> SyncManager:
         return self.services.sync
+
+    @property
+    def sessions(self) -> SessionStore:
+        return self.services.sessions
 
     async def create_schema(self) -> list[str]:
         """Missing tables and indexes, then the code lists of init/data.json (an upsert)."""

@@ -8,6 +8,7 @@ def secret_file(data_dir: str, name: str, nbytes: int = 24) -> str:
     """A secret generated once and kept in data_dir (mode 600)."""
     path = os.path.join(data_dir, name)
     if os.path.exists(path):
+        os.chmod(path, 0o600)     # one an older version left readable to others
         with open(path, encoding="utf-8") as f:
             return f.read().strip()
     value = secrets.token_urlsafe(nbytes)

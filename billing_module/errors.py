@@ -91,3 +91,11 @@ class InvalidEvent(BillingError):
 
 class ConfigError(Exception):
     """A wrong configuration value: raised at start, never at request time."""
+
+
+class TooManyAttempts(BillingError):
+    status, code = 429, "too_many_attempts"
+
+    def __init__(self, message, retry_after_seconds):
+        super().__init__(message, retry_after_seconds=retry_after_seconds)
+        self.headers = {"Retry-After": str(retry_after_seconds)}

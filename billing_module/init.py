@@ -37,7 +37,7 @@ def load_billing_module(config=None, db_desc=None, data_dir=None, register_backg
         return await handle(core, request, params_kw, name)
 
     env.billing_api = billing_api
-    from .api import install_request_guard
+    from .guard import install_request_guard
     install_request_guard()
     register_functions(core, env)
     if register_background:

@@ -15,9 +15,8 @@ source seen through the products' reply shapes.
 from __future__ import annotations
 
 import codecs
-import csv
-import io
 import logging
+import re
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from decimal import ROUND_HALF_UP, Decimal
@@ -39,8 +38,6 @@ GROUPS = {"accounting": ("day", "model", "customer", "total"),
 BILLING_MODES = ("1", "2", "3")    # product_usage_log.billing_mode: included, overage, pay-as-you-go
 MAX_STATS_ROWS = 1000
 EXPORT_CHUNK_ROWS = 1000
-# a spreadsheet runs a cell starting with one of these as a formula (CSV injection)
-_FORMULA_LEAD = ("=", "+", "-", "@", "\t", "\r")
 
 
 @dataclass
@@ -235,11 +232,15 @@ def _row_view(src, row):
 
 
 def safe_cell(value: object) -> str:
-    """A CSV cell that a spreadsheet shows as text: a leading = + - @ tab or CR gets a quote."""
+    """A CSV cell that a spreadsheet shows as text: a = + - @ tab or CR that leads the cell, or
+    follows a , or ; inside it (where a spreadsheet splitting on that character starts a new
+    cell, quotes or not), gets a ' in front."""
     if value is None:
         return ""
-    text = str(value)
-    return "'" + text if text.startswith(_FORMULA_LEAD) else text
+    return _FORMULA_START.sub(r"\1'\2", str(value))
+
+
+_FORMULA_START = re.compile(r"(^|[,;])([=+\-@\t\r])")
 
 
 class Reports:
@@ -415,12 +416,28 @@ _NUMERIC_KEYS = {"amount", "cost", "input_tokens", "output_tokens", "cached_toke
 
 def _csv_values(src, row):
     view = _row_view(src, row)
-    return ["" if view.get(key) is None else str(view[key]) if key in _NUMERIC_KEYS else safe_cell(view.get(key))
+    return [_number_cell(view.get(key)) if key in _NUMERIC_KEYS else safe_cell(view.get(key))
             for _, key in src.csv_columns]
 
 
+def _number_cell(value):
+    """An amount stays a number (a refund's ``-1.5`` is not a formula); anything else in a
+    numeric column is treated as text."""
+    if value is None:
+        return ""
+    text = str(value)
+    return text if _NUMBER.match(text) else safe_cell(text)
+
+
+_NUMBER = re.compile(r"^-?\d+(\.\d+)?$")
+# Spreadsheets split on ',' or, in many locales, on ';': a cell holding either (or a quote or a
+# line break) is quoted, so "x;=1+1" stays one text cell instead of becoming a formula.
+_NEEDS_QUOTES = re.compile(r'[,;"\r\n]')
+
+
+def _csv_cell(text):
+    return '"' + text.replace('"', '""') + '"' if _NEEDS_QUOTES.search(text) else text
+
+
 def _csv_line(rows):
-    buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\r\n")
-    w.writerows(rows)
-    return buf.getvalue()
+    return "".join(",".join(_csv_cell(str(cell)) for cell in row) + "\r\n" for row in rows)

@@ -84,10 +84,13 @@ def write_host_workdir(cfg, data_dir, db_desc):
         os.unlink(link)
     if not os.path.lexists(link):
         os.symlink(WWWROOT, link)
+    password_key = secret_file(data_dir, ".password_key")
+    db_kwargs = _host_db_kwargs(db_desc["kwargs"], password_key)
+    install_bricks(cfg, www)
     host_config = {
-        "password_key": secret_file(data_dir, ".password_key"),
+        "password_key": password_key,
         "logger": {"name": "billing", "levelname": "clientinfo", "logfile": os.path.join(data_dir, "ahserver.log")},
-        "databases": {HOST_DBNAME: {"driver": db_desc["driver"], "kwargs": db_desc["kwargs"], "dbname": HOST_DBNAME}},
+        "databases": {HOST_DBNAME: {"driver": db_desc["driver"], "kwargs": db_kwargs, "dbname": HOST_DBNAME}},
         "filesroot": os.path.join(data_dir, "files"),
         "website": {
             "paths": [[www, ""]],
@@ -95,13 +98,43 @@ def write_host_workdir(cfg, data_dir, db_desc):
             "port": cfg.server.port,
             "indexes": ["index.html", "index.ui"],
             "processors": [[".tmpl", "tmpl"], [".dspy", "dspy"], [".ui", "bui"]],
-            "session_max_time": 3600,
-            "session_reissue_time": 600,
         },
     }
-    with open(os.path.join(data_dir, "conf", "config.json"), "w", encoding="utf-8") as f:
-        json.dump(host_config, f, indent=1)
+    _write_private(os.path.join(data_dir, "conf", "config.json"), json.dumps(host_config, indent=1))
     return host_config
+
+
+def _host_db_kwargs(kwargs, password_key):
+    """The database kwargs for ahserver's config.json: sqlor decrypts ``password`` with
+    ``password_key`` (AES), so the file never holds the password in clear."""
+    from appPublic.aes import aes_encode_b64
+    kwargs = dict(kwargs)
+    plain = kwargs.pop("plain_password", None)
+    if plain:
+        kwargs["password"] = aes_encode_b64(password_key, plain)
+    return kwargs
+
+
+def _write_private(path, text):
+    """Write a file that holds secrets: mode 600 from its creation (an existing file is
+    narrowed to 600 before it is rewritten)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(fd, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(text)
+def install_bricks(cfg, www):
+    """``/bricks/`` from ``server.bricks_dir`` (see billing_module.bricks)."""
+    from . import bricks
+    bricks.install(www, cfg.server.bricks_dir or None)
+
+
+def serve_static_files(app, data_dir):
+    """Bricks, the favicon, 404s for missing files and the way to the login page, ahead of the
+    login check."""
+    from . import bricks
+    from .guard import API_PREFIX
+    app.middlewares.insert(0, bricks.static_middleware(os.path.join(data_dir, "wwwroot"), API_PREFIX,
+                                                       f"/{MODULE_NAME}/login.ui"))
 
 
 def make_auth_class():
@@ -113,6 +146,15 @@ def make_auth_class():
     open_prefixes = (f"/{MODULE_NAME}/api/", f"/{MODULE_NAME}/sync/", f"/{MODULE_NAME}/login")
 
     class StandaloneAuth(AuthAPI):
+        async def setupAuth(self, app):
+            # never ahserver's own setup: its session secret is derived from the port
+            from ahserver.serverenv import ServerEnv
+
+            from .sessions import session_secret, setup_standalone_sessions
+            core = ServerEnv().billing_core
+            setup_standalone_sessions(app, core, session_secret(core.data_dir))
+            app.middlewares.append(self.checkAuth)
+
         async def checkUserPermission(self, request, user, path):
             return path.startswith(open_prefixes) or bool(user)
 
@@ -149,12 +191,14 @@ async def build_app(cfg, data_dir, db_desc=None, demo=False, background=True):
     ServerEnv().get_module_dbname = lambda module: HOST_DBNAME
     core = load_billing_module(config=cfg, db_desc=db_desc, data_dir=data_dir, register_background=False)
     core.admin_password = cfg.server.admin_password or secret_file(data_dir, ".admin_password", 12)
+    core.standalone_admin = cfg.server.admin_user
     from .auth import load_secret_key
     load_secret_key(cfg, data_dir)
 
     server = ConfiguredServer(auth_klass=make_auth_class(), workdir=data_dir)
     server.configPath(server.config)
     app = await server.build_app()
+    serve_static_files(app, data_dir)
     created = await core.create_schema()
     if created:
         log.info("schema: created %s", ", ".join(created))

@@ -21,6 +21,7 @@ from .db.database import Database
 from .failures import FailureRetries, Failures
 from .ledger import Ledger
 from .products import ProductManager
+from .session_store import SessionStore
 from .sync import SyncManager
 
 Job = tuple[str, Callable[[], Awaitable[Any]], float]
@@ -39,6 +40,7 @@ class Services:
     accounting: Accounting
     retries: FailureRetries
     sync: SyncManager
+    sessions: SessionStore
 
 
 def build_services(config: Config, db: Database, data_dir: str) -> Services:
@@ -53,7 +55,8 @@ def build_services(config: Config, db: Database, data_dir: str) -> Services:
     return Services(
         caches=caches, catalog=catalog, apikeys=apikeys, auth=Auth(db, config, apikeys, secret_box),
         ledger=ledger, products=products, failures=failures, accounting=accounting,
-        retries=FailureRetries(failures, accounting), sync=SyncManager(db, config, catalog))
+        retries=FailureRetries(failures, accounting), sync=SyncManager(db, config, catalog),
+        sessions=SessionStore(db))
 
 
 def background_jobs(services: Services, config: Config) -> list[Job]:
@@ -72,5 +75,6 @@ def background_jobs(services: Services, config: Config) -> list[Job]:
         ("failed-accounting-retries", services.retries.retry_due, max(acc.interval_seconds, 5.0)),
         ("hold-expiry", services.ledger.expire_holds, holds.sweep_interval_seconds),
         ("subscription-renewals", services.products.renew_due, 60.0),
+        ("session-purge", services.sessions.purge, 300.0),
     ]
     return jobs + services.sync.background_jobs() + services.auth.background_jobs()

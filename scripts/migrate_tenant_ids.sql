@@ -1,7 +1,8 @@
 -- Issue 12 (tenant isolation) for an existing MySQL / MariaDB database of billing_module.
 -- `billing-module initdb` creates only missing tables and indexes, so a database created before
 -- this release needs these statements once (new databases get them from the models).
--- Run it while the module is stopped:  mysql billing < scripts/migrate_tenant_ids.sql
+-- Run `billing-module initdb` first (it creates tables an older release lacks, e.g. web_session),
+-- then this, while the module is stopped:  mysql billing < scripts/migrate_tenant_ids.sql
 --
 -- 1. Holds record the scope that created them (a customer key cannot close the platform's
 --    holds). Existing holds keep NULL, which counts as the platform's.
@@ -90,6 +91,7 @@ ALTER TABLE uapi_cache MODIFY `id` VARCHAR(32) COLLATE utf8mb4_bin NOT NULL  com
 ALTER TABLE uapi_cache MODIFY `upappid` VARCHAR(32) COLLATE utf8mb4_bin   comment '上游应用ID';
 ALTER TABLE users_cache MODIFY `id` VARCHAR(32) COLLATE utf8mb4_bin NOT NULL  comment '实体ID (central platform key)';
 ALTER TABLE users_cache MODIFY `org_id` VARCHAR(32) COLLATE utf8mb4_bin   comment '所属机构ID (users) / 上级机构 (orgs)';
+ALTER TABLE web_session MODIFY `id` VARCHAR(64) COLLATE utf8mb4_bin NOT NULL  comment '会话键的 SHA-256 (the cookie holds the key, the table only its digest)';
 ALTER TABLE accounting_records_history MODIFY `id` VARCHAR(32) COLLATE utf8mb4_bin NOT NULL  comment '主键';
 ALTER TABLE accounting_records_history MODIFY `customer_id` VARCHAR(32) COLLATE utf8mb4_bin NOT NULL  comment '客户ID';
 ALTER TABLE accounting_records_history MODIFY `llmid` VARCHAR(32) COLLATE utf8mb4_bin   comment '模型ID';

@@ -34,6 +34,8 @@ PAGES="
 /billing_module/product_subscriptions.ui
 /billing_module/product_consumption.ui
 /billing_module/sync_status.ui
+/billing_module/products.ui
+/billing_module/tables.ui
 "
 # page actions: runs the POST APIs below for a page (admin roles only)
 ACTION_PAGES="

@@ -750,3 +750,77 @@ async def test_an_id_with_a_trailing_newline_is_refused(world, name, params):
     http, ids = world
     await refused(http, f"POST {name} {params}", "POST", name, "json", {k: ("json", v) for k, v in params.items()},
                   ids)
+
+
+# --- every path under the module, not only the API: no 5xx (issue 12 item 12) --------------------------
+MODULE_PAGES = sorted(str(p.relative_to(WWWROOT)) for p in Path(WWWROOT).rglob("*")
+                      if p.is_file() and p.parts[len(Path(WWWROOT).parts)] != "api")
+MISSING_PAGES = ["nope.ui", "nope.dspy", "sync/nope.dspy", "login_x.dspy", "loginx", "appcodes/nope.dspy",
+                 "missing.css", "bricks/x.js", "appcodes/", "sync/", "api/", "appcodes/%2e%2e/nope.ui"]
+_CRUD_FIELDS = ("id", "name", "hierarchy_flg", "parentid", "k", "v", "page", "rows", "sort", "_webbricks_")
+
+
+@st.composite
+def module_requests(draw):
+    """A request to a page, a generated CRUD endpoint, the sync export or a missing file, with
+    any method, hostile parameter values, as query, form or JSON, from this site or another."""
+    path = draw(st.sampled_from(MODULE_PAGES + MISSING_PAGES))
+    method = draw(st.sampled_from(("GET", "POST", "POST", "PUT", "DELETE")))
+    fields = draw(st.dictionaries(st.sampled_from(_CRUD_FIELDS),
+                                  st.one_of(st.text(max_size=40), st.sampled_from(["victim", "NaN", "null", "", "x" * 40,
+                                                                                   "1; drop table appcodes", "-1",
+                                                                                   "99999999999999999999", "[1]"])),
+                                  max_size=5))
+    transport = draw(st.sampled_from(("query", "form", "json", "garbage")))
+    origin = draw(st.sampled_from(("own", "evil", "none")))
+    return path, method, fields, transport, origin
+
+
+async def _module_request(http, path, method, fields, transport, origin):
+    url = f"/billing_module/{path}"
+    headers = {"own": {"Origin": str(http.client.make_url("/")).rstrip("/")},
+               "evil": {"Origin": "https://evil.example"}, "none": {}}[origin]
+    body = None
+    if transport == "query" and fields:
+        url += "?" + urllib.parse.urlencode(fields)
+    elif transport == "form":
+        body = urllib.parse.urlencode(fields).encode()
+        headers["Content-Type"] = "application/x-www-form-urlencoded"
+    elif transport == "json":
+        body = json.dumps(fields).encode()
+        headers["Content-Type"] = "application/json"
+    elif transport == "garbage":
+        body, headers["Content-Type"] = b"\xff\xfe{[", "application/json"
+    r = await http.client.request(method, url, data=body, headers=headers)
+    return r.status, await r.text(errors="replace")
+
+
+@FUZZ
+@given(req=module_requests())
+async def test_fuzz_pages_crud_and_missing_paths_never_5xx(world, req):
+    """Logged in as the admin (the CRUD endpoints and pages need the session): whatever the path,
+    method, parameters or origin, the answer is never a 5xx."""
+    http, _ = world
+    r = await http.client.post("/billing_module/login.dspy", data={"username": "admin", "password": http.core.admin_password},
+                               headers={"Origin": str(http.client.make_url("/")).rstrip("/")})
+    assert r.status == 200
+    note(short(req))
+    status, text = await _module_request(http, *req)
+    assert status < 500, f"{short(req)} -> {status}: {text[:300]}"
+
+
+async def test_every_page_and_crud_endpoint_answers_without_5xx(world):
+    """Each file under the module once per method, no parameters, logged in and not."""
+    http, _ = world
+    problems = []
+    for logged_in in (False, True):
+        if logged_in:
+            await http.client.post("/billing_module/login.dspy",
+                                   data={"username": "admin", "password": http.core.admin_password},
+                                   headers={"Origin": str(http.client.make_url("/")).rstrip("/")})
+        for path in MODULE_PAGES + MISSING_PAGES:
+            for method in ("GET", "POST", "DELETE"):
+                status, text = await _module_request(http, path, method, {}, "form", "own")
+                if status >= 500:
+                    problems.append(f"{method} {path} (logged in: {logged_in}) -> {status}: {text[:200]}")
+    assert problems == [], "\n".join(problems)

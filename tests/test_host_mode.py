@@ -3,6 +3,8 @@ before ahserver builds DBPools; the database comes from the host's get_module_db
 import json
 import os
 
+import aiohttp
+
 from aiohttp import CookieJar
 from aiohttp.test_utils import TestClient, TestServer
 
@@ -12,7 +14,7 @@ from billing_module.server import reset_host_singletons
 WWWROOT = str(resource_dir("wwwroot"))
 
 
-async def test_load_from_host_init_uses_the_hosts_database(tmp_path, db_desc):
+async def test_load_from_host_init_uses_the_hosts_database(tmp_path, db_desc, caplog):
     from ahserver.configuredServer import ConfiguredServer, cleanupctx_coros
     from ahserver.serverenv import ServerEnv
     from sqlor.dbpools import DBPools
@@ -50,9 +52,13 @@ async def test_load_from_host_init_uses_the_hosts_database(tmp_path, db_desc):
         await create_schema(core.db)
         await env.billing_recharge("org-1", 5_000_000, "host-r1")
         assert (await env.billing_balance("org-1"))["balance"] == "5.000000"
-        # a logged-in host session is an admin caller (rbac has checked the path already)
+        # the host keeps ahserver's default (port-derived) session secret: detected at start-up,
+        # and its sessions are never trusted, whatever the user's roles
+        env.get_user_roles = _rbac_roles({"op-1": ["owner.superuser"]})
         test_server = TestServer(app, host="127.0.0.1")
         await test_server.start_server()
+        assert core.host_sessions_trusted is False
+        assert any(r.levelname == "ERROR" and "default (port-derived) secret" in r.getMessage() for r in caplog.records)
         # the session cookie is Secure: let the jar send it over plain http to this test server
         jar = CookieJar(unsafe=True, treat_as_secure_origin=str(test_server.make_url("/")))
         client = TestClient(test_server, cookie_jar=jar)
@@ -62,11 +68,74 @@ async def test_load_from_host_init_uses_the_hosts_database(tmp_path, db_desc):
             assert r.status == 401
             assert (await client.get("/host_login.dspy")).status == 200
             r = await client.get("/billing_module/api/balance.dspy", params={"customer_id": "org-1"})
-            assert r.status == 200 and (await r.json(content_type=None))["balance"] == "5.000000"
+            assert r.status == 401 and "cannot be trusted" in (await r.json(content_type=None))["message"]
         finally:
             await client.close()
             await core.close()
     finally:
+        del cleanupctx_coros[before:]
+        reset_host_singletons()
+
+
+def _rbac_roles(table):
+    """Stands in for rbac's ``get_user_roles`` (async, roles as 'orgtype.name')."""
+    async def get_user_roles(userid):
+        return ["any", "logined"] + table.get(userid, [])
+    return get_user_roles
+
+
+async def test_a_hardened_host_trusts_sessions_of_billing_admins_only(tmp_path, db_desc):
+    """The host-side fix (harden_host_sessions in the host's init): a random secret kept 0600;
+    then a session is an admin caller only for a user whose rbac roles include a billing admin
+    role."""
+    from ahserver.auth_api import AuthAPI
+    from ahserver.configuredServer import ConfiguredServer, cleanupctx_coros
+    from ahserver.serverenv import ServerEnv
+
+    from billing_module import load_billing_module
+    from billing_module.db.schema import create_schema
+    from billing_module.sessions import harden_host_sessions
+
+    workdir = tmp_path / "sage"
+    (workdir / "conf").mkdir(parents=True)
+    (workdir / "wwwroot").mkdir()
+    os.symlink(WWWROOT, workdir / "wwwroot" / "billing_module")
+    (workdir / "wwwroot" / "host_login.dspy").write_text(
+        "await remember_user(params_kw.user, username=params_kw.user, userorgid='0')\nreturn {'ok': True}\n")
+    (workdir / "conf" / "config.json").write_text(json.dumps({
+        "password_key": "k" * 16, "databases": {"sage": dict(db_desc, dbname="sage")},
+        "website": {"paths": [[str(workdir / "wwwroot"), ""]], "port": 0,
+                    "processors": [[".dspy", "dspy"], [".ui", "bui"]]}}))
+    reset_host_singletons()
+    before = len(cleanupctx_coros)
+    original_setup = AuthAPI.setupAuth
+    try:
+        ServerEnv().get_module_dbname = lambda module: "sage"
+        harden_host_sessions(str(workdir / "conf" / "session.key"))
+        assert oct(os.stat(workdir / "conf" / "session.key").st_mode & 0o777) == "0o600"
+        core = load_billing_module()
+        server = ConfiguredServer(workdir=str(workdir))
+        server.configPath(server.config)
+        app = await server.build_app()
+        ServerEnv().get_user_roles = _rbac_roles({"boss": ["owner.superuser"], "cust": ["customer.admin"]})
+        await create_schema(core.db)
+        await ServerEnv().billing_recharge("org-1", 5_000_000, "host-r1")
+        test_server = TestServer(app, host="127.0.0.1")
+        await test_server.start_server()
+        assert core.host_sessions_trusted is True
+        try:
+            for user, status in (("boss", 200), ("cust", 403)):
+                async with aiohttp.ClientSession(cookie_jar=CookieJar(unsafe=True)) as client:
+                    r = await client.get(test_server.make_url("/host_login.dspy"), params={"user": user})
+                    assert r.status == 200
+                    r = await client.get(test_server.make_url("/billing_module/api/balance.dspy"),
+                                         params={"customer_id": "org-1"})
+                    assert r.status == status, (user, await r.text())
+        finally:
+            await test_server.close()
+            await core.close()
+    finally:
+        AuthAPI.setupAuth = original_setup
         del cleanupctx_coros[before:]
         reset_host_singletons()
 

@@ -145,10 +145,11 @@ LAYERS = {
     "money": DOMAIN, "pricing": DOMAIN, "validation": DOMAIN, "config": DOMAIN,
     "accounting": SERVICES, "failures": SERVICES, "ledger": SERVICES, "catalog": SERVICES,
     "reports": SERVICES, "products": SERVICES, "sync": SERVICES, "auth": SERVICES, "apikeys": SERVICES,
-    "cache": SERVICES, "http": SERVICES, "codes": SERVICES,
+    "cache": SERVICES, "http": SERVICES, "codes": SERVICES, "session_store": SERVICES, "throttle": SERVICES,
     "core": ROOT, "services": ROOT,
     "": EDGES, "init": EDGES, "inprocess": EDGES, "server": EDGES, "cli": EDGES, "cli_options": EDGES,
     "sync.cli": EDGES, "api": EDGES, "demo": EDGES, "tools": EDGES,
+    "sessions": EDGES, "guard": EDGES, "bricks": EDGES,
 }
 LAYER_NAMES = ("foundation", "db", "domain", "services", "composition root", "edges")
 

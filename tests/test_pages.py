@@ -234,35 +234,43 @@ async def test_page_actions_are_registered_post_endpoints():
     assert not missing, f"action.ui lists actions that are not registered POST endpoints (wire their handler modules): {missing}"
 
 
+def _outcome(text):
+    """(done?, title, message) of action.ui's outcome card."""
+    body = json.loads(text)
+    assert body["id"] == "action_outcome", body
+    title, message = (w["options"]["text"] for w in body["subwidgets"])
+    return body["options"]["bgcolor"] == "#e6f4ea", title, message
+
+
 async def test_actions_run_the_api_and_answer_widgets(host):
     await _seed(host)
     await _login(host)
     status, text = await _render(host, MODULE + "action.ui", "POST",
                                  {"action": "recharge", "customer_id": "cust-1", "amount": "2.5", "request_id": "ui-r1"})
-    body = json.loads(text)
-    assert status == 200 and body["widgettype"] == "Message", body
-    assert "balance_after: 7.494000" in body["options"]["message"]
+    ok, title, message = _outcome(text)
+    assert status == 200 and ok and title == "Recharge: done"
+    assert "balance_after: 7.494000" in message
     # the same form sent twice charges once
     _, text = await _render(host, MODULE + "action.ui", "POST",
                             {"action": "recharge", "customer_id": "cust-1", "amount": "2.5", "request_id": "ui-r1"})
-    assert "duplicate: true" in json.loads(text)["options"]["message"]
+    assert "duplicate: true" in _outcome(text)[2]
     assert (await host.core.ledger.balance("cust-1"))["balance"] == "7.494000"
     # bad input: an Error widget with the API's code and message; nothing written
     _, text = await _render(host, MODULE + "action.ui", "POST",
                             {"action": "adjust", "customer_id": "cust-1", "amount": "1e3", "request_id": "ui-a1", "reason": "x"})
-    body = json.loads(text)
-    assert body["widgettype"] == "Error" and "invalid_param" in body["options"]["message"]
+    ok, title, message = _outcome(text)
+    assert not ok and "refused" in title and "invalid_param" in message
     # mark a failure handled from the page, with a note
     failed = (await host.core.failures.search())["rows"][0]
     _, text = await _render(host, MODULE + "action.ui", "POST",
                             {"action": "failed_accounting_handle", "id": failed["id"], "note": "model retired"})
-    body = json.loads(text)
-    assert body["widgettype"] == "Message" and "handled: 1" in body["options"]["message"], body
+    ok, _, message = _outcome(text)
+    assert ok and "handled: 1" in message
     # only listed actions, only POST
     _, text = await _render(host, MODULE + "action.ui", "POST", {"action": "admin_login"})
-    assert json.loads(text)["widgettype"] == "Error"
+    assert not _outcome(text)[0]
     _, text = await _render(host, MODULE + "action.ui", "GET", {"action": "recharge"})
-    assert json.loads(text)["widgettype"] == "Error"
+    assert _outcome(text)[:2] == (False, "Action refused")
 
 
 async def test_pages_need_the_login_and_the_login_page_is_open(host):
@@ -284,11 +292,15 @@ async def test_user_text_cannot_break_a_page(host):
     body = json.loads(text)
     assert status == 200 and body["subwidgets"][1]["options"]["text"] == nasty + ": " + nasty
     status, text = await _render(host, MODULE + "balances.ui", "GET", {"part": "forms", "customer_id": nasty})
-    body = json.loads(text)
-    assert body["subwidgets"][0]["options"]["fields"][0]["value"] == nasty
+    def recharge_params(text):
+        """The recharge button's bind parameters: the customer and request id travel there, as
+        bricks 2023 drops preset form values."""
+        button = json.loads(text)["subwidgets"][0]["subwidgets"][-1]
+        return button["binds"][0]["options"]["params"]
+    assert recharge_params(text)["customer_id"] == nasty
     # each drawing of the money forms carries a fresh request id
     _, again = await _render(host, MODULE + "balances.ui", "GET", {"part": "forms", "customer_id": "c"})
-    ids = {json.loads(t)["subwidgets"][0]["options"]["fields"][3]["value"] for t in (text, again)}
+    ids = {recharge_params(t)["request_id"] for t in (text, again)}
     assert len(ids) == 2
 
 

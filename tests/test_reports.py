@@ -103,6 +103,7 @@ def test_safe_cell_neutralises_formula_leads():
     for text in ("=1+2", "+cmd", "-2", "@SUM(A1)", "\tx", "\rx"):
         assert safe_cell(text) == "'" + text
     assert safe_cell("chat-a") == "chat-a" and safe_cell(None) == "" and safe_cell(5) == "5"
+    assert safe_cell("x;=1+1") == "x;'=1+1" and safe_cell("a,@b") == "a,'@b"
 
 
 def _parse(body):
@@ -176,7 +177,7 @@ async def test_endpoints_answer_lists_stats_and_clear_400s(http):
     status, body = await http.get("api/usage_stats.dspy", key, source="product", group_by="product")
     assert status == 200 and body["rows"][0]["key"] == "prod-1"
     for params in ({"source": "nope"}, {"start_date": "yesterday"}, {"status": "maybe"},
-                   {"start_date": "2026-11-22", "end_date": "2026-11-21"}, {"source": "product", "model": "x"},
+                   {"start_date": "2026-11-22", "end_date": "2026-11-21"},
                    {"source": "product", "billing_mode": "9"}, {"customer_id": "x' or 1=1"}):
         status, body = await http.get("api/usage_list.dspy", key, **params)
         assert (status, body["code"]) == (400, "invalid_param"), (params, body)
@@ -191,3 +192,25 @@ async def test_endpoints_answer_lists_stats_and_clear_400s(http):
     assert status == 403
     r = await http.client.post("/billing_module/api/usage_export.dspy", headers={"Authorization": f"Bearer {key}"})
     assert r.status == 405
+
+
+async def test_csv_cells_with_a_separator_are_quoted_for_comma_and_semicolon_spreadsheets(http):
+    """Issue 12 item 14: a spreadsheet that splits on ';' saw ``x;=1+1`` as a text cell and a
+    formula; every cell holding , ; a quote or a line break is quoted, and no cell either way
+    starts a formula."""
+    await _seed(http.core)
+    await http.core.catalog.put("users", [{"id": "cust-3", "kind": "org", "name": "x;=1+1"},
+                                          {"id": "cust-4", "kind": "org", "name": 'q"u,o\nte'}])
+    for rid, customer in (("semi-1", "cust-3"), ("semi-2", "cust-4")):
+        await http.core.ledger.recharge(customer, 10_000_000, f"r-{rid}")
+        await http.core.accounting.post_usage(usage(rid, customer=customer, use_time=DAY2))
+    r = await http.client.get("/billing_module/api/usage_export.dspy", params={"status": "all"},
+                              headers={"Authorization": f"Bearer {http.admin_key}"})
+    assert r.status == 200
+    body = (await r.text())[1:]
+    assert '"x;\'=1+1"' in body and '"q""u,o\nte"' in body
+    for delimiter in (",", ";"):
+        cells = [c for row in csv.reader(io.StringIO(body), delimiter=delimiter) for c in row]
+        assert not any(c[:1] in ("=", "+", "@") for c in cells), delimiter
+    header, rows, _ = _parse("\ufeff" + body)
+    assert "x;'=1+1" in [x[header.index("customer_name")] for x in rows]

@@ -5,15 +5,13 @@ reply: ``{"success": true, ...}`` with 200, or ``{"success": false, "code", "mes
 the error's 4xx status. An unexpected exception is logged and answered 500 with code
 ``internal_error``: nothing escapes to ahserver's generic 500 page.
 """
-import asyncio
 import logging
-import os
 
 from aiohttp import web
 
 from .. import auth
-from ..errors import BillingError, Forbidden, Unauthorized
-from ..resources import resource_path
+from ..db.dialect import is_unavailable
+from ..errors import BillingError, Unauthorized
 from . import handlers, product_handlers, report_handlers, sync_handlers  # noqa: F401  (each registers its endpoints)
 from .params import Params
 from .registry import HANDLERS, Caller, endpoint, reply
@@ -34,14 +32,10 @@ async def authenticate(core, request):
         row = await core.apikeys.verify(token.strip(), client_ip=client_ip)
         return Caller(row.scope, customer_id=row.customer_id, key_id=row.key_prefix)
     if core.config.auth.trust_host_session:
-        from ahserver.auth_api import get_session_userinfo
-        try:
-            info = await get_session_userinfo(request)
-        except Exception:   # no session middleware (a bare test app)
-            info = None
-        if info and info.get("userid"):
-            _check_same_origin(request)
-            return Caller("admin", user=info.userid)
+        from ..sessions import session_caller
+        caller = await session_caller(core, request)
+        if caller is not None:
+            return caller
     if not core.config.auth.require_api_key:
         return Caller("admin", user="anonymous")
     raise Unauthorized("missing API key: send 'Authorization: Bearer <key>'")
@@ -51,26 +45,6 @@ async def signed_caller(core, request):
     """dapi_auth: the ``Caller`` of a signed request (its key verified by ``core.auth``)."""
     row = (await core.auth.verify(request)).row
     return Caller(row.scope, customer_id=row.customer_id, key_id=row.key_prefix)
-
-
-def _check_same_origin(request):
-    """A session cookie rides along on requests other sites make (ahserver sets SameSite=None), so
-    a write authorised by the session alone must come from this site's own pages: a browser says
-    where a request comes from in Origin (or Referer), and a cross-site write is refused. A caller
-    with an API key or a signature is not affected; a client that sends neither header is not a
-    browser page."""
-    if request.method in ("GET", "HEAD"):
-        return
-    source = request.headers.get("Origin") or request.headers.get("Referer")
-    if not source or source == "null":
-        if source == "null":
-            raise Forbidden("a write from an opaque origin needs an API key")
-        return
-    from urllib.parse import urlsplit
-    given = urlsplit(source)
-    host = request.headers.get("X-Forwarded-Host") or request.host
-    if given.netloc.lower() != host.lower():
-        raise Forbidden(f"cross-site write refused: the request comes from {given.scheme}://{given.netloc}")
 
 
 async def handle(core, request, params_kw, name):
@@ -95,61 +69,13 @@ async def handle(core, request, params_kw, name):
             result = caller.unscope(result)
         return reply({"success": True, **result}, status)
     except BillingError as e:
-        return reply(e.to_reply(), e.status)
-    except Exception:
+        return reply(e.to_reply(), e.status, getattr(e, "headers", None))
+    except Exception as e:
+        if is_unavailable(e):
+            log.error("API %s: database unavailable: %s: %s", name, type(e).__name__, e)
+            return reply({"success": False, "code": "database_unavailable",
+                          "message": "the database is not reachable; try again later"}, 503,
+                         {"Retry-After": str(core.config.server.retry_after_seconds)})
         log.exception("API %s failed", name)
         return reply({"success": False, "code": "internal_error",
                       "message": "internal error; the server log has the details"}, 500)
-
-
-API_PREFIX = "/billing_module/api/"
-
-
-@web.middleware
-async def request_guard(request, handler):
-    """What ahserver does with a request before the endpoint runs can fail: its body parser
-    answers a bare 500 for a JSON array or number, invalid UTF-8 form data, an unknown charset
-    or content encoding, multipart without a boundary, and a missing file is a 500 too. Our
-    ``handle`` lets no exception escape, so one that does comes from there: answer it like the
-    API answers everything else. Also a method other than GET/POST gets the API's 405. Only for
-    this module's API paths."""
-    if not request.path.startswith(API_PREFIX):
-        return await handler(request)
-    if request.method not in ("GET", "POST", "HEAD"):
-        return reply({"success": False, "code": "method_not_allowed",
-                      "message": f"{request.method} is not supported; use GET or POST"}, 405)
-    try:
-        return await handler(request)
-    except web.HTTPException:
-        raise
-    except Exception as e:
-        name = request.path[len(API_PREFIX):]
-        if not (name.endswith(".dspy") and os.path.isfile(os.path.join(_WWWROOT_API, name))):
-            return reply({"success": False, "code": "not_found", "message": f"no API at {request.path}"}, 404)
-        log.info("refused an unparsable request to %s: %s: %s", request.path, type(e).__name__, e)
-        return reply({"success": False, "code": "invalid_param",
-                      "message": f"the request could not be parsed ({type(e).__name__}); send a JSON object "
-                                 "or UTF-8 form data"}, 400)
-
-
-_WWWROOT_API = str(resource_path("wwwroot", "api"))
-
-
-def install_request_guard():
-    """Add ``request_guard`` when ahserver builds the app ('ahapp_built' hook), keeping any hook
-    the host registered (RegisterFunction holds one function per name)."""
-    from appPublic.registerfunction import RegisterFunction
-    rf = RegisterFunction()
-    previous = rf.get("ahapp_built")
-    if getattr(previous, "billing_guard", False):
-        return
-
-    async def ahapp_built(app, *args, **kwargs):
-        if previous is not None:
-            result = previous(app, *args, **kwargs)
-            if asyncio.iscoroutine(result):
-                await result
-        if request_guard not in app.middlewares:
-            app.middlewares.append(request_guard)
-    ahapp_built.__dict__["billing_guard"] = True
-    rf.register("ahapp_built", ahapp_built)

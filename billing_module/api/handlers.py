@@ -178,26 +178,32 @@ async def failed_accounting_handle(core, caller, p, request):
 # --- the standalone host's admin login (a host with rbac has its own) ---------------------------------
 @endpoint("admin_login", methods=WRITE, open=True)
 async def admin_login(core, caller, p, request):
+    """The standalone host's admin login: throttled per user name and per address; the guard
+    has refused a cross-site POST already."""
     import hmac
 
-    from ahserver.auth_api import user_login
-
     from ..errors import NotFound, Unauthorized
+    from ..sessions import start_session
     password = getattr(core, "admin_password", None)
     if not password:
         raise NotFound("this server uses the host's login")
     user = p.str("username", required=True, max_len=64)
     given = p.str("password", required=True, max_len=256)
+    keys = core.login_throttle.keys(user, request.get("client_ip") or request.remote or "")
+    core.login_throttle.check(keys)
     ok_user = hmac.compare_digest(user.encode(), core.config.server.admin_user.encode())
     ok_password = hmac.compare_digest(given.encode(), password.encode())
     if not (ok_user and ok_password):
+        core.login_throttle.failed(keys)
         raise Unauthorized("wrong user name or password")
-    await user_login(request, user, username=user, userorgid="")
+    core.login_throttle.succeeded(keys)
+    await start_session(request, user)
     return {"user": user}
 
 
-@endpoint("admin_logout", methods=WRITE + READ, open=True)
+@endpoint("admin_logout", methods=WRITE, open=True)
 async def admin_logout(core, caller, p, request):
-    from ahserver.auth_api import user_logout
-    await user_logout(request)
+    """Ends the session on the server: the old cookie no longer names a session."""
+    from ..sessions import end_session
+    await end_session(request)
     return {}

@@ -4,6 +4,12 @@ themselves live in ``billing_module.validation``, shared with the core."""
 from .. import validation
 from ..errors import InvalidParam
 
+# What a browser page sends for a field left empty: "" (an empty input), "undefined" (a select
+# never touched: JavaScript's undefined made a string in a query), "null" (JSON null made a
+# string). All mean "not given", for every parameter: an optional filter is then no filter, a
+# required one is "required" rather than a customer named "undefined".
+ABSENT = ("", "undefined", "null")
+
 
 class Params:
     def __init__(self, raw):
@@ -13,10 +19,16 @@ class Params:
         v = self.raw.get(name)
         if isinstance(v, list):
             raise InvalidParam(f"{name}: given more than once")
+        if isinstance(v, str) and v in ABSENT:
+            return None
         return v
 
+    def value(self, name):
+        """The value as sent (None when absent), for a reader further in that checks it itself."""
+        return self._get(name)
+
     def present(self, name):
-        return validation.given(self.raw.get(name))
+        return self._get(name) is not None
 
     def str(self, name, required=False, max_len=255, default=None, choices=None):
         return validation.text(self._get(name), name, required=required, max_len=max_len, default=default,

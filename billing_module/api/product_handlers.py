@@ -2,7 +2,7 @@
 quota and usage for a customer's own organisation. The ProductManager validates every value
 (amounts as decimal strings, quantities as numbers or strings); a handler reads the parameters,
 checks who may act on which customer and calls one manager method."""
-from ..errors import Forbidden, InvalidParam
+from ..errors import Forbidden
 from ..products import COST_FIELDS
 from .registry import endpoint
 from .report_handlers import usage_filter
@@ -11,10 +11,7 @@ READ, WRITE = ("GET",), ("POST",)
 
 
 def _raw(p, name):
-    v = p.raw.get(name)
-    if isinstance(v, list):
-        raise InvalidParam(f"{name}: given more than once")
-    return v
+    return p.value(name)
 
 
 def _customer(p, caller, required=True):

@@ -103,6 +103,6 @@ def endpoint(name: str, methods: tuple[str, ...] = ("GET", "POST"), open: bool =
     return register
 
 
-def reply(data: Any, status: int = 200) -> web.Response:
+def reply(data: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
     return web.Response(text=json.dumps(data, ensure_ascii=False, default=str), status=status,
-                        content_type="application/json", charset="utf-8")
+                        content_type="application/json", charset="utf-8", headers=headers)

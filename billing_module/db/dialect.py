@@ -9,6 +9,8 @@ SQLITE, MYSQL = "sqlite", "mysql"
 _DUP_ENTRY = 1062
 _RETRYABLE_MYSQL = {1213, 1205}          # deadlock, lock wait timeout
 _CONNECTION_LOST_MYSQL = {2003, 2006, 2013, 2055}
+_UNAVAILABLE_MYSQL = _CONNECTION_LOST_MYSQL | {1040, 2002}   # + too many connections, no socket
+_UNAVAILABLE_SQLITE = ("unable to open database file", "database is locked", "disk i/o error")
 
 
 def dialect_of(driver):
@@ -46,6 +48,24 @@ def is_connection_lost(exc):
 def is_database_error(exc):
     """An error of the database or of the way to it (as opposed to one of the data)."""
     return isinstance(exc, (sqlite3.Error, pymysql.err.Error, ConnectionError, TimeoutError, OSError))
+
+
+def is_unavailable(exc):
+    """The database could not be reached or used at all (the caller may try again later):
+    the error itself or any error it was raised from."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, (pymysql.err.OperationalError, pymysql.err.InterfaceError)):
+            if exc.args and exc.args[0] in _UNAVAILABLE_MYSQL:
+                return True
+        elif isinstance(exc, sqlite3.OperationalError):
+            if str(exc).lower().startswith(_UNAVAILABLE_SQLITE):
+                return True
+        elif isinstance(exc, (ConnectionError, TimeoutError)):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
 
 
 def for_update(dialect):

@@ -174,20 +174,24 @@ def install(www: str, bricks_dir: str | None) -> str:
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-def static_middleware(www: str, api_prefix: str, login_page: str):
+def static_middleware(www: str, guarded_prefix: str, login_page: str):
     """Serve bricks and the favicon without login; 404 for a missing file (not ahserver's 500); a
-    page a browser opens before logging in goes to ``login_page``."""
+    page a browser opens before logging in goes to ``login_page``. A missing file under
+    ``guarded_prefix`` (the module's own paths) is left to the request guard, which answers it in
+    the path's kind (JSON for the API and the sync export, a page otherwise)."""
     root = os.path.abspath(www)
 
     @web.middleware
     async def serve_static(request: web.Request, handler: Handler) -> web.StreamResponse:
-        if request.method not in ("GET", "HEAD") or request.path.startswith(api_prefix):
+        if request.method not in ("GET", "HEAD"):
             return await handler(request)
         if request.path == "/favicon.ico":
             return web.Response(text=FAVICON_SVG, content_type="image/svg+xml")
         path = os.path.normpath(os.path.join(root, request.path.lstrip("/")))
         inside = path == root or path.startswith(root + os.sep)
         if not inside or not os.path.exists(path):
+            if request.path.startswith(guarded_prefix):
+                return await handler(request)
             raise web.HTTPNotFound(text=f"{request.path}: not found")
         if request.path.startswith(BRICKS_URL) and not path.endswith(".tmpl"):
             if os.path.isfile(path):

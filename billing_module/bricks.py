@@ -25,6 +25,7 @@ from collections.abc import Awaitable, Callable
 from aiohttp import web
 
 from .errors import ConfigError
+from .guard import error_reply
 
 BRICKS_URL = "/bricks/"
 
@@ -174,11 +175,10 @@ def install(www: str, bricks_dir: str | None) -> str:
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-def static_middleware(www: str, guarded_prefix: str, login_page: str):
-    """Serve bricks and the favicon without login; 404 for a missing file (not ahserver's 500); a
-    page a browser opens before logging in goes to ``login_page``. A missing file under
-    ``guarded_prefix`` (the module's own paths) is left to the request guard, which answers it in
-    the path's kind (JSON for the API and the sync export, a page otherwise)."""
+def static_middleware(www: str, login_page: str):
+    """Serve bricks and the favicon without login; 404 for a missing file (not ahserver's 500), in
+    the path's kind (JSON for a ``.dspy``, a page otherwise); a page a browser opens before logging
+    in goes to ``login_page``."""
     root = os.path.abspath(www)
 
     @web.middleware
@@ -190,9 +190,7 @@ def static_middleware(www: str, guarded_prefix: str, login_page: str):
         path = os.path.normpath(os.path.join(root, request.path.lstrip("/")))
         inside = path == root or path.startswith(root + os.sep)
         if not inside or not os.path.exists(path):
-            if request.path.startswith(guarded_prefix):
-                return await handler(request)
-            raise web.HTTPNotFound(text=f"{request.path}: not found")
+            return error_reply(request, 404, "not_found", f"{request.path}: not found")
         if request.path.startswith(BRICKS_URL) and not path.endswith(".tmpl"):
             if os.path.isfile(path):
                 return web.FileResponse(path)

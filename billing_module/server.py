@@ -132,8 +132,7 @@ def serve_static_files(app, data_dir):
     """Bricks, the favicon, 404s for missing files and the way to the login page, ahead of the
     login check."""
     from . import bricks
-    from .guard import PREFIX
-    app.middlewares.insert(0, bricks.static_middleware(os.path.join(data_dir, "wwwroot"), PREFIX,
+    app.middlewares.insert(0, bricks.static_middleware(os.path.join(data_dir, "wwwroot"),
                                                        f"/{MODULE_NAME}/login.ui"))
 
 

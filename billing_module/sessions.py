@@ -59,10 +59,15 @@ class DatabaseSessionStorage(aiohttp_session.AbstractStorage):
     """aiohttp_session storage with the session data on the server: the cookie is a random key
     (HttpOnly, SameSite=Lax, Secure under https), an empty (logged-out) session deletes its row."""
 
-    def __init__(self, store: SessionStore, server_config):
+    def __init__(self, core, server_config):
         super().__init__(cookie_name=SESSION_COOKIE, max_age=server_config.session_lifetime_seconds,
                          httponly=True, samesite="Lax")
-        self._store, self._server_config = store, server_config
+        self._core, self._server_config = core, server_config
+
+    @property
+    def _store(self) -> SessionStore:
+        # the core's, looked up per request: the core builds its services again after close()
+        return self._core.sessions
 
     async def load_session(self, request):
         key = self.load_cookie(request)
@@ -91,7 +96,7 @@ def setup_standalone_sessions(app: web.Application, core, secret: bytes) -> None
     """What ``AuthAPI.setupAuth`` does, minus its port-derived secret: database sessions and auth
     tickets signed with ``secret``, both living ``server.session_lifetime_seconds``."""
     lifetime = core.config.server.session_lifetime_seconds
-    storage = DatabaseSessionStorage(core.sessions, core.config.server)
+    storage = DatabaseSessionStorage(core, core.config.server)
     aiohttp_session.setup(app, storage)
     policy = aiohttp_auth.SessionTktAuthentication(secret, lifetime, reissue_time=max(1, lifetime // 4),
                                                    include_ip=True)

@@ -250,8 +250,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("action", choices=("run", "start", "stop"))
     parser.add_argument("--dir", help="the cluster's folder (start: created if missing; stop: required)")
-    parser.add_argument("command", nargs=argparse.REMAINDER, help="run: the command, after --")
-    args = parser.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    split = argv.index("--") if "--" in argv else len(argv)
+    args = parser.parse_args(argv[:split])
+    args.command = argv[split + 1:]
     if args.action == "stop":
         stop_saved(args.dir)
         return 0
@@ -264,9 +266,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.action == "start":
         print("BILLING_TEST_GALERA=" + ",".join(cluster.addresses))
         return 0
-    command = args.command[1:] if args.command[:1] == ["--"] else args.command
     try:
-        return subprocess.call(command, env=dict(os.environ, **test_env(cluster)))
+        return subprocess.call(args.command, env=dict(os.environ, **test_env(cluster)))
     finally:
         cluster.stop()
 

@@ -55,9 +55,9 @@ def endpoint(name, methods=("GET", "POST"), open=False, admin=False):
     return register
 
 
-def reply(data, status=200):
+def reply(data, status=200, headers=None):
     return web.Response(text=json.dumps(data, ensure_ascii=False, default=str), status=status,
-                        content_type="application/json", charset="utf-8")
+                        content_type="application/json", charset="utf-8", headers=headers)
 
 
 async def authenticate(core, request):
@@ -124,7 +124,7 @@ async def handle(core, request, params_kw, name):
         status = result.pop("_status", 200) if isinstance(result, dict) else 200
         return reply({"success": True, **result}, status)
     except BillingError as e:
-        return reply(e.to_reply(), e.status)
+        return reply(e.to_reply(), e.status, getattr(e, "headers", None))
     except Exception:
         log.exception("API %s failed", name)
         return reply({"success": False, "code": "internal_error",

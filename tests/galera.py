@@ -143,6 +143,37 @@ class Node:
         raise RuntimeError(f"node{self.index} not Synced after {timeout_seconds} s; see {self.dir}/error.log")
 
 
+class _Adopted:
+    """A node process another Python process started: just enough of Popen to kill it."""
+
+    def __init__(self, pid: int):
+        self.pid, self.returncode = pid, None
+
+    def poll(self):
+        try:
+            os.kill(self.pid, 0)
+            return None
+        except ProcessLookupError:
+            self.returncode = -9
+            return self.returncode
+
+    def kill(self) -> None:
+        try:
+            os.kill(self.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+    terminate = kill
+
+    def wait(self, timeout=None) -> int:
+        deadline = time.monotonic() + (timeout or 30)
+        while self.poll() is None:
+            if time.monotonic() > deadline:
+                raise subprocess.TimeoutExpired("mariadbd", timeout)
+            time.sleep(0.05)
+        return self.returncode
+
+
 class GaleraCluster:
     """``with GaleraCluster() as cluster:`` three Synced nodes; ``cluster.addresses`` are their
     ``host:port``; ``kill(i)`` / ``restart(i)`` for failover tests. Leaving the block stops them."""
@@ -163,6 +194,7 @@ class GaleraCluster:
             self._prepare()
             for i, node in enumerate(self.nodes):
                 node.start(bootstrap=(i == 0))
+                self.save()
                 node.wait_synced()
         except BaseException:
             self.stop()
@@ -171,6 +203,7 @@ class GaleraCluster:
     def _prepare(self) -> None:
         nobody = pwd.getpwnam(RUN_AS)
         provider = provider_path()
+        os.makedirs(self.root, exist_ok=True)
         os.chmod(self.root, 0o755)
         for node in self.nodes:
             os.makedirs(node.datadir, exist_ok=True)
@@ -181,7 +214,6 @@ class GaleraCluster:
         subprocess.run(["mariadb-install-db", f"--defaults-file={os.path.join(first.dir, 'my.cnf')}",
                         "--auth-root-authentication-method=normal", "--skip-test-db", "--wsrep-on=OFF"],
                        check=True, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
-        self.save()
 
     def kill(self, index: int) -> None:
         self.nodes[index].kill()
@@ -201,9 +233,24 @@ class GaleraCluster:
             shutil.rmtree(self.root, ignore_errors=True)
 
     def save(self) -> None:
-        state = {"pids": [n.process.pid for n in self.nodes if n.process], "addresses": self.addresses}
+        state = {"pids": [n.process.pid for n in self.nodes if n.process], "addresses": self.addresses,
+                 "ports": [[n.port, n.gcomm_port, n.ist_port, n.sst_port] for n in self.nodes]}
         with open(os.path.join(self.root, STATE_FILE), "w") as f:
             json.dump(state, f)
+
+    @classmethod
+    def attach(cls, root: str) -> "GaleraCluster":
+        """The cluster a ``run`` or ``start`` left in ``root``, to kill and restart its nodes
+        (the tests do; stopping it stays with whoever started it)."""
+        with open(os.path.join(root, STATE_FILE)) as f:
+            state = json.load(f)
+        cluster = cls.__new__(cls)
+        cluster.own_root, cluster.root = False, root
+        cluster.nodes = [Node(i + 1, root, ports) for i, ports in enumerate(state["ports"])]
+        cluster.cluster_address = "gcomm://" + ",".join(f"127.0.0.1:{n.gcomm_port}" for n in cluster.nodes)
+        for node, pid in zip(cluster.nodes, state["pids"]):
+            node.process = _Adopted(pid)
+        return cluster
 
     def __enter__(self) -> "GaleraCluster":
         self.start()
@@ -214,7 +261,7 @@ class GaleraCluster:
 
 
 def test_env(cluster: GaleraCluster) -> dict[str, str]:
-    return {"BILLING_TEST_GALERA": ",".join(cluster.addresses)}
+    return {"BILLING_TEST_GALERA": ",".join(cluster.addresses), "BILLING_TEST_GALERA_DIR": cluster.root}
 
 
 def stop_saved(root: str) -> None:
@@ -264,7 +311,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"galera: {NODE_COUNT} nodes Synced in {time.monotonic() - started:.1f} s at "
           f"{','.join(cluster.addresses)} ({cluster.root})", file=sys.stderr, flush=True)
     if args.action == "start":
-        print("BILLING_TEST_GALERA=" + ",".join(cluster.addresses))
+        print("\n".join(f"export {k}={v}" for k, v in test_env(cluster).items()))
         return 0
     try:
         return subprocess.call(args.command, env=dict(os.environ, **test_env(cluster)))

@@ -173,7 +173,9 @@ async def test_two_accountants_on_one_database_account_each_event_once(core, con
     finally:
         await other.close()
     assert sum(counts) == 300, counts
-    if core.db.dialect == "mysql":     # SKIP LOCKED: both take batches at the same time
+    # SKIP LOCKED: both take batches at the same time. Not on Galera: row locks stay on their node,
+    # both instances claim the head of the queue and certification lets one of them win each batch
+    if core.db.dialect == "mysql" and not core.db.galera:
         assert all(c > 0 for c in counts), counts
     async with core.db.read() as tx:
         assert await tx.scalar("select count(*) as n from ledger_entry where entry_type = 'usage'") == 300

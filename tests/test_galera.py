@@ -1,0 +1,253 @@
+"""Two module instances on two nodes of a MariaDB Galera cluster (issue 16).
+
+Runs when BILLING_TEST_GALERA names the nodes (``python tests/galera.py run -- python -m pytest
+tests/test_galera.py``); the node-kill test also needs BILLING_TEST_GALERA_DIR (set by ``run``)
+to kill and restart a node. The failover tests without a cluster run on every backend list."""
+import asyncio
+import os
+import socket
+import time
+
+import pymysql
+import pytest
+
+from billing_module.core import BillingCore
+from billing_module.db.database import Database, mysql_desc
+from billing_module.errors import BillingError, DatabaseUnavailable, InsufficientBalance
+from tests.conftest import GALERA_NODES, make_config
+from tests.galera import GaleraCluster
+from tests.helpers import seed_pricing, units, usage
+
+CLUSTER_DIR = os.environ.get("BILLING_TEST_GALERA_DIR", "")
+needs_cluster = pytest.mark.skipif(not GALERA_NODES, reason="BILLING_TEST_GALERA names no Galera cluster")
+REJOIN_SECONDS = 5.0
+
+
+def node_desc(db, first):
+    """The test database through all nodes, starting at node ``first``."""
+    hosts = db["hosts"][first:] + db["hosts"][:first]
+    return mysql_desc(db["host"], db["port"], db["user"], db["password"], db["name"], hosts)
+
+
+@pytest.fixture
+async def pair(tmp_path, galera_database):
+    """Two cores on one schema, the first on node 1, the second on node 2."""
+    if galera_database is None:
+        pytest.skip("BILLING_TEST_GALERA names no Galera cluster")
+    from tests.conftest import _empty_mysql_tables, _mysql_schema_ready
+    if galera_database["name"] in _mysql_schema_ready:
+        _empty_mysql_tables(galera_database)
+    config = make_config(tmp_path)
+    cores = [BillingCore(config=config, db_desc=node_desc(galera_database, i), data_dir=str(tmp_path),
+                         instance_id=f"instance-{i + 1}") for i in range(2)]
+    await cores[0].create_schema()
+    _mysql_schema_ready.add(galera_database["name"])
+    await seed_pricing(cores[0])
+    yield cores
+    try:
+        for c in cores:
+            assert (await c.ledger.reconcile())["mismatches"] == []
+    finally:
+        for c in cores:
+            await c.close()
+
+
+def closed_ports(count):
+    socks = [socket.socket() for _ in range(count)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+async def test_no_node_answering_is_database_unavailable_not_an_error(tmp_path):
+    """Every listed node refuses: the caller gets DatabaseUnavailable (503, Retry-After), not a
+    driver error that the API would answer 500."""
+    hosts = [f"127.0.0.1:{p}" for p in closed_ports(2)]
+    db = Database(mysql_desc("127.0.0.1", 1, "root", "", "billing", hosts))
+    try:
+        with pytest.raises(DatabaseUnavailable) as err:
+            await db.run(lambda tx: tx.scalar("select 1"), write=False)
+    finally:
+        await db.close()
+    assert err.value.status == 503 and err.value.code == "database_unavailable"
+    assert int(err.value.headers["Retry-After"]) > 0
+
+
+@needs_cluster
+async def test_the_pool_moves_to_the_next_node_that_answers(galera_database):
+    dead = f"127.0.0.1:{closed_ports(1)[0]}"
+    db = Database(dict(node_desc(galera_database, 0), hosts=[dead] + galera_database["hosts"]))
+    try:
+        assert await db.run(lambda tx: tx.scalar("select 7 as n"), write=False) == 7
+        assert db.node == galera_database["hosts"][0]
+    finally:
+        await db.close()
+
+
+@needs_cluster
+async def test_a_certification_conflict_is_retried_like_a_deadlock(pair):
+    """Both nodes add to one row at once: Galera aborts the loser at COMMIT (1213); run()
+    starts it again, and not one increment is lost."""
+    a, b = pair
+    await a.ledger.recharge("c1", units("1"), "r0")
+
+    async def bump(core, i):
+        return await core.ledger.recharge("c1", units("0.01"), f"r{i}")
+    await asyncio.gather(*[bump(pair[i % 2], i) for i in range(1, 41)])
+    assert (await b.ledger.balance("c1"))["balance"] == "1.400000"
+
+
+@needs_cluster
+async def test_overdraft_race_across_two_nodes(pair):
+    """50 workers x 4 events on two instances against a balance worth 10 events: exactly 10
+    are charged, the others are refused, the balance never goes below zero."""
+    a, b = pair
+    await a.ledger.recharge("cust-1", units("0.06"), "r1")    # 10 x 0.006
+
+    async def worker(w):
+        out = []
+        for k in range(4):
+            try:
+                out.append(await pair[w % 2].accounting.post_usage(usage(f"w{w}-{k}")))
+            except InsufficientBalance as e:
+                out.append(e)
+        return out
+    results = [r for rs in await asyncio.gather(*[worker(w) for w in range(50)]) for r in rs]
+    charged = [r for r in results if isinstance(r, dict)]
+    assert len(charged) == 10, len(charged)
+    assert all(isinstance(r, InsufficientBalance) for r in results if not isinstance(r, dict))
+    for c in pair:
+        bal = await c.ledger.balance("cust-1")
+        assert bal["balance"] == "0.000000", bal
+
+
+@needs_cluster
+async def test_one_request_id_sent_to_both_nodes_at_once_is_charged_once(pair):
+    a, b = pair
+    await a.ledger.recharge("cust-1", units("1"), "r1")
+    for n in range(5):
+        results = await asyncio.gather(*[pair[i % 2].accounting.post_usage(usage(f"dup{n}")) for i in range(8)])
+        assert sorted(r["duplicate"] for r in results).count(False) == 1, results
+    async with b.db.read(latest=True) as tx:
+        assert await tx.scalar("select count(*) as n from ledger_entry where entry_type = 'usage'") == 5
+    assert (await b.ledger.balance("cust-1"))["balance"] == "0.970000"
+
+
+@needs_cluster
+@pytest.mark.skipif(not CLUSTER_DIR, reason="BILLING_TEST_GALERA_DIR (set by tests/galera.py run) is needed")
+async def test_a_node_killed_under_load(tmp_path, galera_database):
+    """SIGKILL of the node one instance uses, under 16 concurrent clients: the instance answers
+    again within REJOIN_SECONDS through another node; every answer is a success, a caller's 4xx
+    or a 503; every acknowledged event is charged exactly once; the node rejoins; the books
+    reconcile from every node."""
+    cluster = GaleraCluster.attach(CLUSTER_DIR)
+    victim = len(cluster.nodes) - 1          # instance A starts on the last node, B on node 1
+    config = make_config(tmp_path)
+    a = BillingCore(config=config, db_desc=node_desc(galera_database, victim), data_dir=str(tmp_path),
+                    instance_id="instance-a")
+    b = BillingCore(config=config, db_desc=node_desc(galera_database, 0), data_dir=str(tmp_path),
+                    instance_id="instance-b")
+    await b.create_schema()
+    await _empty_tables(b)
+    await seed_pricing(b)
+    await b.ledger.recharge("cust-1", units("1000"), "r1")
+    acknowledged, answers, stop = set(), {"ok": 0, "503": 0}, asyncio.Event()
+
+    async def client(n):
+        i = 0
+        while not stop.is_set():
+            rid, i = f"k{n}-{i}", i + 1
+            while not stop.is_set():                      # a 503 is answered by sending again
+                try:
+                    await (a if n % 2 else b).accounting.post_usage(usage(rid))
+                except DatabaseUnavailable:
+                    answers["503"] += 1
+                    await asyncio.sleep(0.05)
+                    continue
+                except BillingError as e:
+                    assert e.status < 500, e
+                    raise
+                acknowledged.add(rid)
+                answers["ok"] += 1
+                break
+    try:
+        clients = [asyncio.create_task(client(n)) for n in range(16)]
+        await asyncio.sleep(2)
+        assert (await a.health())["db_node"] == cluster.nodes[victim].address
+        cluster.kill(victim)
+        killed_at = time.monotonic()
+        recovered_after = await _answers_again(a, deadline_seconds=REJOIN_SECONDS)
+        await asyncio.sleep(2)
+        stop.set()
+        await asyncio.gather(*clients)
+        health = await a.health()
+        assert health["db"] == "ok" and health["db_node"] != cluster.nodes[victim].address, health
+        print(f"\nnode kill: instance A answered again {recovered_after:.2f} s after the kill; "
+              f"{answers['ok']} events acknowledged, {answers['503']} answers 503")
+        cluster.restart(victim)
+        print(f"node kill: the killed node rejoined (Synced) {time.monotonic() - killed_at:.1f} s after the kill")
+        await _assert_each_acknowledged_event_charged_once(b, acknowledged)
+        for i in range(len(cluster.nodes)):
+            checker = BillingCore(config=config, db_desc=node_desc(galera_database, i)
+                                  | {"hosts": [cluster.nodes[i].address]}, data_dir=str(tmp_path))
+            try:
+                assert (await checker.ledger.reconcile())["mismatches"] == [], i
+            finally:
+                await checker.close()
+    finally:
+        stop.set()
+        await a.close()
+        await b.close()
+        if cluster.nodes[victim].process is None or cluster.nodes[victim].process.poll() is not None:
+            cluster.restart(victim)     # leave the cluster whole for the tests that follow
+
+
+async def _answers_again(core, deadline_seconds):
+    """Seconds until ``core`` runs a write again after its node died; fails past the deadline."""
+    started = time.monotonic()
+    while time.monotonic() - started < deadline_seconds:
+        try:
+            await core.accounting.post_usage(usage(f"probe-{time.monotonic_ns()}"))
+            return time.monotonic() - started
+        except DatabaseUnavailable:
+            await asyncio.sleep(0.1)
+    pytest.fail(f"the instance on the killed node did not answer within {deadline_seconds} s")
+
+
+async def _assert_each_acknowledged_event_charged_once(core, acknowledged):
+    async with core.db.read(latest=True) as tx:
+        rows = await tx.select("select r.request_id, r.status, count(e.id) as entries from accounting_records r "
+                               "left join ledger_entry e on e.request_id = r.request_id and e.entry_type = 'usage' "
+                               "group by r.request_id, r.status")
+    by_request = {r.request_id: r for r in rows}
+    missing = [rid for rid in acknowledged if rid not in by_request]
+    assert not missing, missing[:10]
+    assert all(by_request[rid].status == "accounted" and int(by_request[rid].entries) == 1
+               for rid in acknowledged)
+    assert all(int(r.entries) == (1 if r.status == "accounted" else 0) for r in rows)
+
+
+async def _empty_tables(core):
+    from billing_module.db.schema import load_models
+    async with core.db.transaction() as tx:
+        for table in load_models():
+            await tx.execute(f"delete from {table}")
+
+
+@needs_cluster
+async def test_every_table_has_a_primary_key_and_no_code_locks_tables(pair):
+    """Galera replicates only InnoDB tables with a primary key, and LOCK TABLES does not
+    replicate at all."""
+    async with pair[0].db.read() as tx:
+        without = await tx.select(
+            "select t.table_name from information_schema.tables t where t.table_schema = database() "
+            "and not exists (select 1 from information_schema.table_constraints c where c.table_schema = "
+            "t.table_schema and c.table_name = t.table_name and c.constraint_type = 'PRIMARY KEY')")
+    assert without == []
+    import pathlib
+    import billing_module
+    sources = pathlib.Path(billing_module.__file__).parent.rglob("*.py")
+    assert not [p for p in sources if "lock tables" in p.read_text().lower()]

@@ -8,7 +8,6 @@ import os
 import socket
 import time
 
-import pymysql
 import pytest
 
 from billing_module.core import BillingCore
@@ -251,3 +250,18 @@ async def test_every_table_has_a_primary_key_and_no_code_locks_tables(pair):
     import billing_module
     sources = pathlib.Path(billing_module.__file__).parent.rglob("*.py")
     assert not [p for p in sources if "lock tables" in p.read_text().lower()]
+
+
+def test_database_hosts_come_from_the_environment_and_reach_the_pool(tmp_path):
+    from billing_module.config import load_config
+    from billing_module.db.database import desc_from_config
+    from billing_module.errors import ConfigError
+    cfg = load_config(environ={"BILLING_DATABASE_DRIVER": "mysql",
+                               "BILLING_DATABASE_HOSTS": "10.0.0.1:3306, db2:3307,"})
+    assert cfg.database.hosts == ["10.0.0.1:3306", "db2:3307"]
+    db = Database(desc_from_config(cfg, str(tmp_path)))
+    assert db.nodes == [("10.0.0.1", 3306), ("db2", 3307)] and db.node == "10.0.0.1:3306"
+    assert Database(mysql_desc("h", 3306, "u", "", "n")).node == "h:3306"
+    for bad in ("db1", "db1:0", ":3306", "db1:port"):
+        with pytest.raises(ConfigError, match="database.hosts"):
+            load_config(environ={"BILLING_DATABASE_HOSTS": bad})

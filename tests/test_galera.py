@@ -66,6 +66,7 @@ async def test_no_node_answering_is_database_unavailable_not_an_error(tmp_path):
     driver error that the API would answer 500."""
     hosts = [f"127.0.0.1:{p}" for p in closed_ports(2)]
     db = Database(mysql_desc("127.0.0.1", 1, "root", "", "billing", hosts))
+    db.failover_seconds = 1
     try:
         with pytest.raises(DatabaseUnavailable) as err:
             await db.run(lambda tx: tx.scalar("select 1"), write=False)
@@ -73,6 +74,30 @@ async def test_no_node_answering_is_database_unavailable_not_an_error(tmp_path):
         await db.close()
     assert err.value.status == 503 and err.value.code == "database_unavailable"
     assert int(err.value.headers["Retry-After"]) > 0
+
+
+async def test_the_api_answers_503_with_retry_after_when_no_node_answers(tmp_path):
+    """Over real HTTP: the endpoint's database is gone; the answer is 503 database_unavailable
+    with Retry-After, not 500."""
+    from aiohttp import web
+    from aiohttp.test_utils import TestClient, TestServer
+    from billing_module.api import handle
+    hosts = [f"127.0.0.1:{p}" for p in closed_ports(2)]
+    config = make_config(tmp_path, auth={"require_api_key": False, "trust_host_session": False})
+    core = BillingCore(config=config, db_desc=mysql_desc("127.0.0.1", 1, "root", "", "billing", hosts),
+                       data_dir=str(tmp_path))
+    app = web.Application()
+    app.router.add_get("/api/{name}", lambda r: handle(core, r, dict(r.query), r.match_info["name"]))
+    client = TestClient(TestServer(app, host="127.0.0.1"))
+    await client.start_server()
+    try:
+        r = await client.get("/api/balance", params={"customer_id": "c1"})
+        body = await r.json()
+    finally:
+        await client.close()
+        await core.close()
+    assert (r.status, body["code"]) == (503, "database_unavailable"), body
+    assert int(r.headers["Retry-After"]) > 0
 
 
 @needs_cluster

@@ -42,6 +42,10 @@ _CONNECT_TIMEOUT_SECONDS = 3
 _FAILOVER_SECONDS = 8             # how long run() keeps trying other nodes before answering 503
 
 
+class NodeFailed(DatabaseUnavailable):
+    """The connection's node failed before COMMIT (the server rolled the transaction back)."""
+
+
 class CommitUnknown(DatabaseUnavailable):
     """The connection broke while COMMIT was under way: the transaction may have committed."""
 
@@ -221,6 +225,7 @@ class Database:
         self.dialect = dialects.dialect_of(self.driver)
         self.nodes = _nodes_of(desc) if self.dialect == dialects.MYSQL else []
         self._node = 0            # index in nodes of the node new connections go to
+        self.failover_seconds = _FAILOVER_SECONDS
         self.galera = False       # learnt from the first connection
         self.pool_size = pool_size if self.dialect != dialects.SQLITE else max(2, min(pool_size, 4))
         self._idle = []           # [(sor, last_used_monotonic)]
@@ -310,22 +315,13 @@ class Database:
                     raise pymysql.err.OperationalError(1047, "WSREP has not yet prepared node for application use")
         await sor.conn.commit()
 
-    def _failed_node(self, exc):
-        """The index of the node whose failure ``exc`` is, -1 when no node answered, None when
-        ``exc`` is not a node failure (a statement's error, a conflict, SQLite)."""
-        if not self.nodes:
-            return None
-        if isinstance(exc, DatabaseUnavailable) or dialects.is_node_unavailable(exc):
-            node = getattr(exc, "billing_node", None)
-            return -1 if node is None else node
-        return None
-
     async def _node_failed(self, index):
         """The node behind a broken connection: new connections go to the next node, and the
         idle connections to the failed one are closed (they are broken too)."""
-        if index is None or not self.nodes or index != self._node:
+        if index is None or index != self._node:
             return
         self._node = (index + 1) % len(self.nodes)
+        log.warning("database node %s:%s failed; new connections go to %s", *self.nodes[index], self.node)
         keep = []
         for sor, last in self._idle:
             if getattr(sor, "billing_node", None) == index:
@@ -373,9 +369,14 @@ class Database:
                 yield sor
                 healthy = True
             except BaseException as e:
-                if self.nodes and (isinstance(e, CommitUnknown) or dialects.is_node_unavailable(e)):
-                    e.billing_node = getattr(sor, "billing_node", None)   # for run(): which node failed
-                raise
+                if not self.nodes or not (isinstance(e, CommitUnknown) or dialects.is_node_unavailable(e)):
+                    raise
+                # the node failed, not the statement: move the pool on, and let every caller see
+                # one error (503 at the API), which run() answers by running the work again
+                await self._node_failed(getattr(sor, "billing_node", None))
+                if isinstance(e, DatabaseUnavailable):
+                    raise
+                raise NodeFailed() from e
             finally:
                 if healthy and not self.closed:
                     try:
@@ -446,26 +447,20 @@ class Database:
             try:
                 async with self.transaction(write=write, latest=latest or attempt > 0) as tx:
                     return await work(tx)
+            except DatabaseUnavailable as e:
+                give_up_at = give_up_at or time.monotonic() + self.failover_seconds
+                if (isinstance(e, CommitUnknown) and not idempotent) or time.monotonic() > give_up_at:
+                    raise
+                log.warning("database: %s (%s); running the transaction again", e.message, e.__cause__)
+                # a node that broke: the next one is tried at once; none answering: wait a little
+                await asyncio.sleep(0.05 if isinstance(e, (NodeFailed, CommitUnknown)) else 0.5)
             except Exception as e:
-                node_failed = self._failed_node(e)
-                if node_failed is None:
-                    attempt += 1
-                    if not dialects.is_retryable(e):
-                        raise
-                    if attempt > max(retries, _CONFLICT_RETRIES_GALERA if self.galera else 0):
-                        raise DatabaseUnavailable("the transaction kept colliding with others; try again") from e
-                    await asyncio.sleep(random.uniform(0.001, 0.004) * min(attempt, 10))
-                    continue
-                await self._node_failed(node_failed)
-                if isinstance(e, CommitUnknown) and not idempotent:
+                attempt += 1
+                if not dialects.is_retryable(e):
                     raise
-                give_up_at = give_up_at or time.monotonic() + _FAILOVER_SECONDS
-                if isinstance(e, DatabaseUnavailable) and time.monotonic() > give_up_at:
-                    raise
-                if time.monotonic() > give_up_at:
-                    raise DatabaseUnavailable() from e
-                log.warning("database node failed (%s: %s); running the transaction again", type(e).__name__, e)
-                await asyncio.sleep(0.05 if not isinstance(e, DatabaseUnavailable) else 0.5)
+                if attempt > max(retries, _CONFLICT_RETRIES_GALERA if self.galera else 0):
+                    raise DatabaseUnavailable("the transaction kept colliding with others; try again") from e
+                await asyncio.sleep(random.uniform(0.001, 0.004) * min(attempt, 10))
 
     async def run_or_existing(self, work, find, collided="request collided with another request; send it again",
                               refused_check=False):

@@ -72,7 +72,8 @@ class Node:
         path = os.path.join(self.dir, "my.cnf")
         options = (f"base_host=127.0.0.1;base_port={self.gcomm_port};"
                    f"ist.recv_addr=127.0.0.1:{self.ist_port};gcache.size=32M;"
-                   "evs.suspect_timeout=PT3S;evs.inactive_timeout=PT6S;evs.keepalive_period=PT1S")
+                   "evs.suspect_timeout=PT2S;evs.inactive_timeout=PT4S;evs.inactive_check_period=PT0.5S;"
+                   "evs.keepalive_period=PT0.5S")
         settings = {
             "user": RUN_AS, "datadir": self.datadir, "socket": os.path.join(self.dir, "mysqld.sock"),
             "pid-file": os.path.join(self.dir, "mysqld.pid"), "log-error": os.path.join(self.dir, "error.log"),
@@ -150,12 +151,17 @@ class _Adopted:
         self.pid, self.returncode = pid, None
 
     def poll(self):
+        """None while it runs; a killed child of another process stays a zombie until that
+        process reaps it, and counts as ended."""
         try:
-            os.kill(self.pid, 0)
-            return None
-        except ProcessLookupError:
+            with open(f"/proc/{self.pid}/stat") as f:
+                state = f.read().rpartition(")")[2].split()[0]
+        except FileNotFoundError:
+            state = "gone"
+        if state in ("Z", "X", "gone"):
             self.returncode = -9
             return self.returncode
+        return None
 
     def kill(self) -> None:
         try:
@@ -227,13 +233,28 @@ class GaleraCluster:
         self.save()
 
     def stop(self) -> None:
+        self._adopt_restarted()
         for node in reversed(self.nodes):
             node.stop()
         if self.own_root:
             shutil.rmtree(self.root, ignore_errors=True)
 
+    def _adopt_restarted(self) -> None:
+        """A node a test restarted (after ``attach``) runs under a process id this object did
+        not start: take it from the state file so that ``stop`` stops it too."""
+        try:
+            with open(os.path.join(self.root, STATE_FILE)) as f:
+                saved = json.load(f)["pids"]
+        except (OSError, ValueError, KeyError):
+            return
+        for node, pid in zip(self.nodes, saved):
+            if pid is not None and (node.process is None or node.process.pid != pid):
+                if node.process is not None and node.process.poll() is None:
+                    node.stop()
+                node.process = _Adopted(pid)
+
     def save(self) -> None:
-        state = {"pids": [n.process.pid for n in self.nodes if n.process], "addresses": self.addresses,
+        state = {"pids": [n.process.pid if n.process else None for n in self.nodes], "addresses": self.addresses,
                  "ports": [[n.port, n.gcomm_port, n.ist_port, n.sst_port] for n in self.nodes]}
         with open(os.path.join(self.root, STATE_FILE), "w") as f:
             json.dump(state, f)
@@ -249,7 +270,7 @@ class GaleraCluster:
         cluster.nodes = [Node(i + 1, root, ports) for i, ports in enumerate(state["ports"])]
         cluster.cluster_address = "gcomm://" + ",".join(f"127.0.0.1:{n.gcomm_port}" for n in cluster.nodes)
         for node, pid in zip(cluster.nodes, state["pids"]):
-            node.process = _Adopted(pid)
+            node.process = _Adopted(pid) if pid is not None else None
         return cluster
 
     def __enter__(self) -> "GaleraCluster":
@@ -267,7 +288,7 @@ def test_env(cluster: GaleraCluster) -> dict[str, str]:
 def stop_saved(root: str) -> None:
     """Stop the nodes a ``start`` left running in ``root`` (by their recorded process ids)."""
     with open(os.path.join(root, STATE_FILE)) as f:
-        pids = json.load(f)["pids"]
+        pids = [pid for pid in json.load(f)["pids"] if pid is not None]
     for pid in pids:
         try:
             os.kill(pid, signal.SIGTERM)

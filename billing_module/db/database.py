@@ -401,8 +401,10 @@ class Database:
             async with self._connection() as sor:
                 tx = Tx(sor, self.dialect)
                 causal = latest and self.galera
-                if causal:
-                    await sor.cur.execute(dialects.sync_wait(True))
+                if getattr(sor, "billing_sync_wait", False) != causal:
+                    # set here, not reset after COMMIT: nothing may fail after a COMMIT succeeded
+                    await sor.cur.execute(dialects.sync_wait(causal))
+                    sor.billing_sync_wait = causal
                 begin = dialects.begin_statement(self.dialect, write)
                 if begin:
                     await sor.cur.execute(begin)
@@ -424,8 +426,6 @@ class Database:
                         if dialects.is_node_unavailable(e) and self.dialect == dialects.MYSQL:
                             raise CommitUnknown() from e
                         raise
-                if causal:
-                    await sor.cur.execute(dialects.sync_wait(False))
         finally:
             if lock is not None:
                 lock.release()

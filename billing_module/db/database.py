@@ -245,7 +245,7 @@ class Database:
             self._all = set()
 
     @property
-    def node(self):
+    def node(self) -> str | None:
         """``host:port`` of the node new connections go to (None on SQLite): health shows it."""
         if not self.nodes:
             return None
@@ -388,7 +388,7 @@ class Database:
                     await self._discard(sor)
 
     @asynccontextmanager
-    async def transaction(self, write=True, latest=False):
+    async def transaction(self, write: bool = True, latest: bool = False):
         """One transaction. Exceptions roll back and propagate; nothing is swallowed.
         ``latest``: on Galera, its reads see every transaction committed anywhere in the cluster
         before they run (``wsrep_sync_wait``); elsewhere one server is always up to date.
@@ -430,10 +430,11 @@ class Database:
             if lock is not None:
                 lock.release()
 
-    def read(self, latest=False):
+    def read(self, latest: bool = False):
         return self.transaction(write=False, latest=latest)
 
-    async def run(self, work, write=True, retries=None, idempotent=False, latest=False):
+    async def run(self, work, write: bool = True, retries: int | None = None, idempotent: bool = False,
+                  latest: bool = False):
         """``await work(tx)`` in a transaction, run again from the start when the database
         aborted it for a deadlock, a lock timeout or a Galera certification conflict (nothing
         of a failed attempt remains), and on the next node when the connection broke before
@@ -523,7 +524,8 @@ def sqlite_desc(path, busy_timeout_ms=10000):
     return {"driver": SQLITE_DRIVER, "kwargs": {"dbname": path, "busy_timeout_ms": busy_timeout_ms}}
 
 
-def mysql_desc(host, port, user, password, name, hosts=None):
+def mysql_desc(host: str, port: int, user: str, password: str, name: str,
+               hosts: list[str] | None = None) -> dict:
     """``hosts``: ``["h1:p1", "h2:p2", ...]`` the nodes to use in order (a Galera cluster);
     host/port when empty."""
     kwargs = {"host": host, "port": int(port), "user": user, "db": name}
@@ -535,7 +537,7 @@ def mysql_desc(host, port, user, password, name, hosts=None):
     return desc
 
 
-def _nodes_of(desc):
+def _nodes_of(desc: dict) -> list[tuple[str, int]]:
     """[(host, port)] of a MySQL description: its ``hosts``, else its one host and port."""
     hosts = desc.get("hosts") or []
     if not hosts:

@@ -105,14 +105,14 @@ def not_integer_text(dialect, column):
 _NODE_UNAVAILABLE_MYSQL = {2002, 2003, 2006, 2013, 2055, 1040, 1047, 1053, 1927}
 
 
-def is_node_unavailable(exc):
+def is_node_unavailable(exc: BaseException) -> bool:
     """The node this connection talks to failed (not the statement): try another node."""
     if isinstance(exc, (pymysql.err.OperationalError, pymysql.err.InterfaceError)):
         return not exc.args or exc.args[0] in _NODE_UNAVAILABLE_MYSQL or exc.args[0] == 0
     return isinstance(exc, (ConnectionError, BrokenPipeError, TimeoutError))
 
 
-def sync_wait(on):
+def sync_wait(on: bool) -> str:
     """Galera: make this session's reads wait until the node has applied every transaction the
     cluster committed before them (a causal read), or stop waiting."""
     return f"set session wsrep_sync_wait = {1 if on else 0}"

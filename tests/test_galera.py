@@ -325,3 +325,72 @@ def test_database_hosts_come_from_the_environment_and_reach_the_pool(tmp_path):
     for bad in ("db1", "db1:0", ":3306", "db1:port"):
         with pytest.raises(ConfigError, match="database.hosts"):
             load_config(environ={"BILLING_DATABASE_HOSTS": bad})
+
+
+def _serve_env(db, hosts):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BILLING_")}
+    env.update(BILLING_DATABASE_DRIVER="mysql", BILLING_DATABASE_HOSTS=",".join(hosts), BILLING_DATABASE_USER="root",
+               BILLING_DATABASE_NAME=db["name"], BILLING_ACCOUNTING_INTERVAL_SECONDS="0.05",
+               BILLING_SERVER_LOG_FILE="server.log")
+    return env
+
+
+@needs_cluster
+@pytest.mark.skipif(not CLUSTER_DIR, reason="BILLING_TEST_GALERA_DIR (set by tests/galera.py run) is needed")
+async def test_two_servers_a_node_killed_under_load(tmp_path, galera_database):
+    """Two ``billing-module serve`` processes on two nodes under 16 HTTP clients; the node of
+    server A is SIGKILLed: A answers a charge again within REJOIN_SECONDS, no reply is a 5xx other
+    than 503, every acknowledged event is charged exactly once, and the books reconcile from
+    every node once the node has rejoined."""
+    import random
+    import aiohttp
+    from billing_module.config import load_config
+    from billing_module.tools import crashtest
+    cluster = GaleraCluster.attach(CLUSTER_DIR)
+    victim, hosts = len(cluster.nodes) - 1, galera_database["hosts"]
+    envs = [_serve_env(galera_database, hosts[victim:] + hosts[:victim]), _serve_env(galera_database, hosts)]
+    dirs = [str(tmp_path / "a"), str(tmp_path / "b")]
+    cfg = load_config(environ=envs[1], overrides={"server": {"data_dir": dirs[1]}})
+    for d in dirs:
+        os.makedirs(d)
+    keys = [await crashtest._prepare(cfg, dirs[1], f"galera-{n}-{os.getpid()}") for n in "ab"]
+    loads = [crashtest.Clients(key, random.Random(n), f"galera-{'ab'[n]}-{os.getpid()}", submit_share=0.2)
+             for n, key in enumerate(keys)]
+    servers = [crashtest.Server(d, env) for d, env in zip(dirs, envs)]
+    sessions = [aiohttp.ClientSession(headers={"Authorization": f"Bearer {k}"}) for k in keys]
+    try:
+        for server, session in zip(servers, sessions):
+            await server.start(session)
+        stop = asyncio.Event()
+        workers = [asyncio.create_task(loads[n % 2].run(sessions[n % 2], servers[n % 2].url, stop)) for n in range(16)]
+        await asyncio.sleep(2)
+        acked_before = len(loads[0].acked)
+        cluster.kill(victim)
+        killed_at = time.monotonic()
+        while len(loads[0].acked) == acked_before:        # server A's next acknowledged charge
+            assert time.monotonic() - killed_at < REJOIN_SECONDS, f"server A silent for {REJOIN_SECONDS} s"
+            await asyncio.sleep(0.05)
+        recovered_after = time.monotonic() - killed_at
+        await asyncio.sleep(2)
+        stop.set()
+        await asyncio.gather(*workers)
+        for load, server, session in zip(loads, servers, sessions):
+            while load.retry:                               # resend what was not acknowledged
+                await load.run(session, server.url, asyncio.Event(), allow_new=False)
+            await crashtest._wait_drained(cfg, dirs[1], load.customer)
+        print(f"\ntwo servers, node kill: server A charged again {recovered_after:.2f} s after the kill; "
+              f"statuses A {loads[0].statuses}, B {loads[1].statuses}")
+    finally:
+        for server, session in zip(servers, sessions):
+            if server.proc is not None and server.proc.poll() is None:
+                server.stop()
+            await session.close()
+        if cluster.nodes[victim].process is None or cluster.nodes[victim].process.poll() is not None:
+            cluster.restart(victim)
+    for load in loads:
+        assert not [s for s in load.statuses if s >= 500 and s != 503], load.statuses
+        for node in cluster.nodes:                          # the books, read through every node
+            node_cfg = load_config(environ=dict(envs[1], BILLING_DATABASE_HOSTS=node.address),
+                                   overrides={"server": {"data_dir": dirs[1]}})
+            report = await crashtest.verify(node_cfg, dirs[1], load)
+            assert report["problems"] == [] and report["acknowledged"] > 0, (node.address, report)

@@ -109,7 +109,7 @@ def is_node_unavailable(exc: BaseException) -> bool:
     """The node this connection talks to failed (not the statement): try another node."""
     if isinstance(exc, (pymysql.err.OperationalError, pymysql.err.InterfaceError)):
         return not exc.args or exc.args[0] in _NODE_UNAVAILABLE_MYSQL or exc.args[0] == 0
-    return isinstance(exc, (ConnectionError, BrokenPipeError, TimeoutError))
+    return isinstance(exc, ConnectionError)   # a timeout may be anyone's: not taken as the node's
 
 
 def sync_wait(on: bool) -> str:

@@ -22,7 +22,7 @@ from .catalog import price_for_model
 from .db import dialect as dialects
 from .db.database import Row
 from .db.group import Fallback, GroupCommit
-from .errors import (BillingError, Conflict, CurrencyMismatch, InvalidEvent, InvalidParam, UnknownCustomer,
+from .errors import (BillingError, Conflict, CurrencyMismatch, DatabaseUnavailable, InvalidEvent, InvalidParam, UnknownCustomer,
                      UnpricedFactor)
 from .ids import new_id, payload_hash
 from .money import from_micro
@@ -312,7 +312,7 @@ class Accounting:
                     price, model = await self._quote_memo(ev, memo)
                     refusal = self._refusal(price, currencies.get(ev.customer_id))
                 except Exception as e:
-                    if dialects.is_database_error(e):
+                    if dialects.is_database_error(e) or isinstance(e, DatabaseUnavailable):
                         raise          # no event's fault: the batch stops and its rows stay pending
                     failed.append((rec, _event_error(e, rec), None))
                     continue

@@ -45,3 +45,12 @@ def usage(request_id, customer="cust-1", model="chat-a", **kw):
 
 
 CHAT_A_PRICE = "0.006000"   # 1,000 x 2.0/1e6 + 500 x 8.0/1e6
+
+
+def other_node(desc):
+    """The same database through the next node of the cluster (unchanged without a cluster): a
+    second module instance built with it works on another Galera node."""
+    hosts = desc.get("hosts")
+    if not hosts or len(hosts) < 2:
+        return desc
+    return dict(desc, hosts=hosts[1:] + hosts[:1])

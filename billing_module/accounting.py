@@ -30,6 +30,7 @@ from .errors import (
     BillingError,
     Conflict,
     CurrencyMismatch,
+    DatabaseUnavailable,
     InvalidEvent,
     InvalidParam,
     UnknownCustomer,
@@ -350,7 +351,7 @@ class Accounting:
                     price, model = await self._quote_memo(ev, memo)
                     refusal = self._refusal(price, currencies.get(ev.customer_id))
                 except Exception as e:
-                    if dialects.is_database_error(e):
+                    if dialects.is_database_error(e) or isinstance(e, DatabaseUnavailable):
                         raise          # no event's fault: the batch stops and its rows stay pending
                     failed.append((rec, _event_error(e, rec), None))
                     continue

@@ -136,14 +136,14 @@ class BillingCore:
 
     async def health(self) -> dict[str, Any]:
         try:
-            async with self.db.read() as tx:
-                await tx.scalar("select 1 as ok")
+            # through run(): a broken connection moves to the next node, as a request would
+            await self.db.run(lambda tx: tx.scalar("select 1 as ok"), write=False)
             db_state = "ok"
         except Exception as e:  # health reports; it does not raise
             log.warning("health: database check failed: %s", e)
             db_state = "error"
         return {"status": "ok" if db_state == "ok" else "degraded", "db": db_state,
-                "version": self.version, "dialect": self.db.dialect}
+                "version": self.version, "dialect": self.db.dialect, "db_node": self.db.node}
 
     # --- background tasks ---------------------------------------------------------------------
     def background_jobs(self) -> list[Job]:

@@ -66,3 +66,12 @@ def accounting_with_quota(core, hook):
     whose quota hook is ``hook(tx, event, price, record_id)``, for every customer."""
     return Accounting(core.db, core.config, catalog=core.catalog, ledger=core.ledger, failures=core.failures,
                       quota=_EveryCustomer(hook))
+
+
+def other_node(desc):
+    """The same database through the next node of the cluster (unchanged without a cluster): a
+    second module instance built with it works on another Galera node."""
+    hosts = desc.get("hosts")
+    if not hosts or len(hosts) < 2:
+        return desc
+    return dict(desc, hosts=hosts[1:] + hosts[:1])

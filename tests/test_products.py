@@ -9,7 +9,7 @@ import pytest
 from billing_module.core import BillingCore
 from billing_module.errors import Conflict, InsufficientBalance, InvalidParam, NotFound
 from billing_module.products import NotSubscribed, QuotaExceeded
-from tests.helpers import seed_pricing, units, usage
+from tests.helpers import other_node, seed_pricing, units, usage
 
 
 def wire(core):
@@ -120,7 +120,7 @@ async def test_renewal_at_the_period_end_charges_once_and_resets_the_quota(core,
     await use(pm, "t1", 6, product=pid)
     assert await pm.renew_due() == {"renewed": 0, "expired": 0}
     fixed_clock.now = datetime.datetime(2026, 12, 22, 12, 0, 0)
-    other = BillingCore(config=config, db_desc=db_desc, data_dir=str(tmp_path), instance_id="instance-2")
+    other = BillingCore(config=config, db_desc=other_node(db_desc), data_dir=str(tmp_path), instance_id="instance-2")
     try:
         results = await asyncio.gather(pm.renew_due(), wire(other).renew_due())
     finally:

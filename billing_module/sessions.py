@@ -69,6 +69,10 @@ class DatabaseSessionStorage(aiohttp_session.AbstractStorage):
         # the core's, looked up per request: the core builds its services again after close()
         return self._core.sessions
 
+    async def forget(self, key: str) -> None:
+        """Delete the stored session ``key`` (a login replaces the session the browser brought)."""
+        await self._store.delete(key)
+
     async def load_session(self, request):
         key = self.load_cookie(request)
         row = await self._store.load(key) if key else None
@@ -114,8 +118,9 @@ async def start_session(request: web.Request, userid: str) -> None:
     from ahserver.auth_api import user_login
     old = await aiohttp_session.get_session(request)
     old.invalidate()
-    if old.identity and isinstance(request.get(aiohttp_session.STORAGE_KEY), DatabaseSessionStorage):
-        await request[aiohttp_session.STORAGE_KEY]._store.delete(old.identity)
+    storage = request.get(aiohttp_session.STORAGE_KEY)
+    if old.identity and isinstance(storage, DatabaseSessionStorage):
+        await storage.forget(old.identity)
     await aiohttp_session.new_session(request)
     await user_login(request, userid, username=userid, userorgid="")
 

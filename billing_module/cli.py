@@ -169,12 +169,11 @@ async def _run(args, cfg, data_dir):
 
 
 async def _reconcile(core):
-    from .statements import Statements
     report = await core.ledger.reconcile()
     for m in report["mismatches"]:
         print("MISMATCH " + "  ".join(f"{k}={v}" for k, v in m.items()))
     print(f"checked {report['customers']} customers: {len(report['mismatches'])} mismatches")
-    statement_mismatches = await Statements(core.db, core.config).reconcile()
+    statement_mismatches = await core.statements.reconcile()
     for m in statement_mismatches:
         print("STATEMENT MISMATCH " + "  ".join(f"{k}={v}" for k, v in m.items()))
     print(f"closed statements against the ledger: {len(statement_mismatches)} mismatches")
@@ -182,8 +181,7 @@ async def _reconcile(core):
 
 
 async def _close_statements(core, month):
-    from .statements import Statements
-    closed = await Statements(core.db, core.config, core.instance_id).close_month(month, closed_by="cli")
+    closed = await core.statements.close_month(month, closed_by="cli")
     print(f"closed {closed} statements for {month}")
     return 0
 
@@ -234,8 +232,8 @@ def _new_password(args) -> tuple[str, bool]:
 
 
 async def _user(core, cfg, args):
-    from .page_users import ADMIN_ROLE, PageUsers
-    users = PageUsers(core.db)
+    from .page_users import ADMIN_ROLE
+    users = core.page_users
     if args.action == "list":
         for r in await users.list():
             state = "enabled" if r.enabled == "1" else "disabled"

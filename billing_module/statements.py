@@ -22,7 +22,9 @@ import zoneinfo
 from dataclasses import asdict, dataclass
 
 from . import clock, validation
+from .config import Config
 from .db import dialect as dialects
+from .db.database import Database
 from .errors import Conflict, NotFound
 from .ids import new_id
 from .money import from_micro
@@ -125,8 +127,8 @@ class _Row(dict):
 class Statements:
     """Computes, closes, reads and proves monthly statements (the SQL of ``statement``)."""
 
-    def __init__(self, db, config, instance_id: str = ""):
-        self.db, self.config, self.instance_id = db, config.statements, instance_id
+    def __init__(self, db: Database, config: Config) -> None:
+        self.db, self.config = db, config.statements
 
     def bounds(self, month: str) -> tuple[str, str]:
         return month_bounds(month, self.config.timezone)
@@ -225,7 +227,7 @@ class Statements:
                "number_seq": seq, "customer_id": customer_id, "month": month, "time_zone": self.config.timezone,
                "period_start": start, "period_end": end, "status": "closed", "currency": currency,
                **asdict(totals), "closing": totals.closing, "details": json.dumps(details),
-               "closed_at": clock.now_text(), "closed_by": (closed_by or self.instance_id)[:128]}
+               "closed_at": clock.now_text(), "closed_by": (closed_by or "system")[:128]}
         await tx.insert("statement", row)
 
     async def close_month(self, month: str, closed_by: str = "") -> int:
@@ -245,7 +247,7 @@ class Statements:
     async def close_due(self) -> int:
         """The job: close the previous month once ``close_grace_seconds`` have passed after its end."""
         now = clock.utcnow() - datetime.timedelta(seconds=self.config.close_grace_seconds)
-        return await self.close_month(previous_month(month_of(now, self.config.timezone)))
+        return await self.close_month(previous_month(month_of(now, self.config.timezone)), closed_by="job")
 
     # --- proof -----------------------------------------------------------------------------------
     async def reconcile(self) -> list[dict]:

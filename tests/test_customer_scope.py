@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from billing_module.api import HANDLERS, load_handlers
+from billing_module.api import HANDLERS
 from billing_module.page_users import PageUsers
 from tests.helpers import seed_pricing, usage
 
@@ -52,7 +52,7 @@ async def _login(http, name):
 async def _sweep(http, headers, other_ids):
     """(endpoint, method, status, body) of every endpoint called with the other organisation's
     ids, then with none."""
-    load_handlers()
+
     origin = {"Origin": str(http.client.make_url("/")).rstrip("/")}
     aimed = {"customer_id": OTHER, "id": other_ids["hold_id"], "record_id": f"u-{SECRET_MARK}", **other_ids}
     replies = []

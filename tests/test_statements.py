@@ -50,7 +50,7 @@ async def _october_and_november(core, fixed_clock):
 
 async def test_statements_across_a_month_end_with_a_late_event_refund_and_adjustment(core, fixed_clock):
     await _october_and_november(core, fixed_clock)
-    book = Statements(core.db, core.config, "test")
+    book = Statements(core.db, core.config)
     with pytest.raises(Conflict):
         await book.close("c1", "2026-11")                            # November has not ended
     at(fixed_clock, "2026-11-01 00:03:00")
@@ -99,7 +99,7 @@ async def test_a_time_zone_moves_the_cut_off(core, fixed_clock, tmp_path, db_des
     at(fixed_clock, "2026-10-31 17:00:00")
     await core.accounting.post_usage(usage("u1", customer="c1", use_time="2026-10-31 16:30:00"))
     at(fixed_clock, "2026-12-01 00:00:00")
-    shanghai, utc = Statements(core.db, cfg, "t"), Statements(core.db, core.config, "t")
+    shanghai, utc = Statements(core.db, cfg), Statements(core.db, core.config)
     assert (await shanghai.statement("c1", "2026-10"))["charges"] == "0.000000"
     assert (await shanghai.statement("c1", "2026-11"))["charges"] == "0.006000"
     assert (await utc.statement("c1", "2026-10"))["charges"] == "0.006000"
@@ -117,7 +117,7 @@ async def test_several_closers_at_once_close_each_statement_once_with_distinct_n
     at(fixed_clock, "2026-11-02 00:00:00")
     others = [BillingCore(config=config, db_desc=db_desc, data_dir=str(tmp_path)) for _ in range(2)]
     try:
-        books = [Statements(c.db, c.config, f"i{n}") for n, c in enumerate([core] + others)]
+        books = [Statements(c.db, c.config) for c in [core] + others]
         await asyncio.gather(*(b.close_month("2026-10") for b in books))
     finally:
         for o in others:
@@ -133,7 +133,7 @@ async def test_reconcile_catches_an_entry_written_into_a_closed_period(core, fix
     at(fixed_clock, "2026-10-05 00:00:00")
     await core.ledger.recharge("c1", 1_000_000, "r1")
     at(fixed_clock, "2026-11-02 00:00:00")
-    book = Statements(core.db, core.config, "t")
+    book = Statements(core.db, core.config)
     await book.close_month("2026-10")
     assert await book.reconcile() == []
     async with core.db.transaction() as tx:
@@ -150,7 +150,7 @@ async def test_statement_apis_scope_and_exports(http, fixed_clock):
     await core.ledger.recharge("c2", 1_000_000, "r2")
     await core.accounting.post_usage(usage("u1", customer="c1", model="chat-a", use_time="2026-10-05 00:00:00"))
     at(fixed_clock, "2026-11-02 00:00:00")
-    await Statements(core.db, core.config, "t").close_month("2026-10")
+    await Statements(core.db, core.config).close_month("2026-10")
     key, _ = await core.apikeys.create("customer", customer_id="c1")
     status, st = await http.get("api/statements.dspy", key, month="2026-10")
     assert status == 200 and st["customer_id"] == "c1" and st["status"] == "closed"

@@ -2,7 +2,7 @@
 the reply's data; ``billing_module.api.handle`` checks the method and the caller and shapes
 the reply."""
 from ..errors import InvalidParam
-from . import endpoint
+from .registry import endpoint
 
 READ, WRITE = ("GET",), ("POST",)
 
@@ -163,7 +163,7 @@ async def failed_accounting_list(core, caller, p, request):
 
 @endpoint("failed_accounting_retry", methods=WRITE, admin=True)
 async def failed_accounting_retry(core, caller, p, request):
-    return await core.failures.retry(p.ident("id", required=True), operator=caller.operator)
+    return await core.retries.retry(p.ident("id", required=True), operator=caller.operator)
 
 
 @endpoint("failed_accounting_handle", methods=WRITE, admin=True)
@@ -184,7 +184,6 @@ async def admin_login(core, caller, p, request):
     import hmac
 
     from ..errors import NotFound, Unauthorized
-    from ..page_users import PageUsers
     from ..sessions import start_session
     password = getattr(core, "admin_password", None)
     if not password:
@@ -196,7 +195,7 @@ async def admin_login(core, caller, p, request):
     if hmac.compare_digest(user.encode(), core.config.server.admin_user.encode()):
         ok, orgid, home = hmac.compare_digest(given.encode(), password.encode()), "", "index.ui"
     else:
-        page_user = await PageUsers(core.db).verify(user, given)
+        page_user = await core.page_users.verify(user, given)
         ok, orgid = page_user is not None, (page_user.customer_id if page_user else "") or ""
         home = "my/index.ui" if orgid else "index.ui"
     if not ok:

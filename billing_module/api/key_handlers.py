@@ -3,7 +3,7 @@ customer_key_revoke.dspy``): listed, created (the key shown once) and revoked by
 organisation's ``customer.admin`` (a session) or by the platform; a customer API key cannot
 mint keys. ``Caller.scope`` has put the caller's own customer in the parameters."""
 from ..errors import Forbidden
-from . import endpoint
+from .registry import endpoint
 
 KEY_ADMIN_ROLE = "customer.admin"
 

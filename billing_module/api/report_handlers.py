@@ -4,7 +4,7 @@ own customer in the filter) its organisation's LLM / API usage without cost and 
 product source (suppliers, their costs) is the platform's. Importing this module registers them."""
 from ..errors import Forbidden, InvalidParam
 from ..reports import ACCOUNTING_STATUSES, BILLING_MODES, GROUPS, MAX_STATS_ROWS, SOURCES, Reports, UsageFilter
-from . import endpoint
+from .registry import endpoint
 
 READ = ("GET",)
 

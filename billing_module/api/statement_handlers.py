@@ -4,14 +4,14 @@ from aiohttp import web
 
 from ..statement_export import FORMATS, file_name, to_csv, to_html, to_pdf
 from ..statements import Statements
-from . import endpoint
+from .registry import endpoint
 
 READ = ("GET",)
 _CONTENT_TYPES = {"csv": "text/csv; charset=utf-8", "html": "text/html; charset=utf-8", "pdf": "application/pdf"}
 
 
 def book(core) -> Statements:
-    return Statements(core.db, core.config, core.instance_id)
+    return core.statements
 
 
 @endpoint("statements", methods=READ)

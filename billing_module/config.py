@@ -6,8 +6,8 @@ top-level keys), e.g. ``BILLING_DATABASE_DRIVER=mysql`` or ``BILLING_ACCOUNTING_
 A wrong value is a ``ConfigError`` naming the key, raised when the config is loaded.
 """
 import copy
-import re
 import os
+import re
 
 import yaml
 
@@ -144,7 +144,7 @@ def _time_zone(v):
     try:
         zoneinfo.ZoneInfo(v)
     except (zoneinfo.ZoneInfoNotFoundError, ValueError) as e:
-        raise ValueError(f"not a known IANA time zone ({e})")
+        raise ValueError(f"not a known IANA time zone ({e})") from None
     return v
 
 

@@ -10,6 +10,7 @@ from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
 
 from . import clock, validation
+from .db.database import Database
 from .errors import Conflict, InvalidParam, NotFound
 from .ids import new_id
 
@@ -27,8 +28,8 @@ def generate_password() -> str:
     return secrets.token_urlsafe(GENERATED_PASSWORD_BYTES)
 
 
-def _password(value: str) -> str:
-    value = validation.text(value, "password", required=True, max_len=PASSWORD_MAX_LEN)
+def _password(given: str) -> str:
+    value = str(validation.text(given, "password", required=True, max_len=PASSWORD_MAX_LEN))
     if len(value) < 8:
         raise InvalidParam("password: at least 8 characters")
     return value
@@ -37,12 +38,12 @@ def _password(value: str) -> str:
 class PageUsers:
     """The SQL of ``page_user``."""
 
-    def __init__(self, db):
+    def __init__(self, db: Database) -> None:
         self.db = db
 
     async def add(self, name: str, role: str, customer_id: str | None, password: str) -> dict:
-        name = validation.ident(name, "name", required=True, max_len=NAME_MAX_LEN)
-        role = validation.text(role, "role", required=True, choices=ROLES)
+        name = str(validation.ident(name, "name", required=True, max_len=NAME_MAX_LEN))
+        role = str(validation.text(role, "role", required=True, choices=ROLES))
         customer_id = validation.ident(customer_id, "customer_id")
         if (role == ADMIN_ROLE) == bool(customer_id):
             raise InvalidParam("an admin belongs to no customer; a customer user needs --customer")

@@ -323,7 +323,8 @@ class Reports:
             if quantities is not None:
                 view["quantities"] = quantities.get(view["key"], [])
             out.append(self._shown(view))
-        return {"total": result["total"], "rows": out, "totals": self._shown(_sums_view(src, totals)), "group_by": group_by,
+        return {"total": result["total"], "rows": out, "totals": self._shown(_sums_view(src, totals)),
+                "group_by": group_by,
                 "source": f.source}
 
     async def _quantities(self, tx, src, f, group_by, rows):

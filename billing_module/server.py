@@ -13,8 +13,8 @@ from aiohttp import web
 
 from .core import MODULE_NAME
 from .datadir import secret_file
-from .errors import Forbidden, Unauthorized
 from .db.database import desc_from_config
+from .errors import Forbidden, Unauthorized
 from .resources import resource_dir
 
 log = logging.getLogger("billing_module")

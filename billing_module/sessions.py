@@ -28,7 +28,7 @@ from aiohttp_session.cookie_storage import EncryptedCookieStorage
 from cryptography.fernet import Fernet, InvalidToken
 
 from . import datadir
-from .errors import Forbidden, Unauthorized
+from .errors import Unauthorized
 from .session_store import SessionStore
 
 log = logging.getLogger("billing_module.sessions")

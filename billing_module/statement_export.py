@@ -7,7 +7,6 @@ that says so, and the browser's "print to PDF" of the HTML page does the same jo
 import html
 
 from .errors import InvalidParam
-
 from .reports import _csv_line, _number_cell, safe_cell
 
 FORMATS = ("csv", "html", "pdf")
@@ -62,7 +61,7 @@ def to_html(st: dict) -> str:
 
 def to_pdf(st: dict) -> bytes:
     try:
-        import weasyprint
+        import weasyprint  # type: ignore[import-untyped]
     except (ImportError, OSError) as e:    # OSError: the package is there, the Pango libraries are not
         raise InvalidParam(f"format: pdf needs WeasyPrint and the Pango libraries on the server ({e}); "
                            "use html and print it", code="pdf_unavailable") from None

@@ -196,7 +196,7 @@ class Statements:
     # --- closing ---------------------------------------------------------------------------------
     async def close(self, customer_id: str, month: str, closed_by: str = "") -> dict:
         """Close one customer's month (idempotent: a closed one is returned as it is)."""
-        month = validation.month(month, "month", required=True)
+        month = str(validation.month(month, "month", required=True))   # required: never None
         start, end = self.bounds(month)
         if end > clock.now_text():
             raise Conflict(f"{month} has not ended yet (it ends {end} UTC)", code="month_not_ended")
@@ -233,7 +233,7 @@ class Statements:
     async def close_month(self, month: str, closed_by: str = "") -> int:
         """Close the month for every customer whose account existed before its end or whose
         ledger has an entry before it; returns how many statements this call closed."""
-        month = validation.month(month, "month", required=True)
+        month = str(validation.month(month, "month", required=True))   # required: never None
         _, end = self.bounds(month)
         async with self.db.read() as tx:
             customers = await tx.select(

@@ -12,8 +12,7 @@ from aiohttp import web
 from .. import auth
 from ..db.dialect import is_unavailable
 from ..errors import BillingError, Unauthorized
-from . import (  # noqa: F401  (each registers its endpoints)
-    handlers, key_handlers, product_handlers, report_handlers, statement_handlers, sync_handlers)
+from . import handlers, key_handlers, product_handlers, report_handlers, statement_handlers, sync_handlers  # noqa: F401  (each registers its endpoints)
 from .params import Params
 from .registry import HANDLERS, Caller, endpoint, reply
 

@@ -90,6 +90,7 @@ WRITE_APIS="
 /billing_module/api/product_supplier_disable.dspy
 /billing_module/api/product_subscribe.dspy
 /billing_module/api/product_subscription_cancel.dspy
+/billing_module/api/product_subscription_resume.dspy
 /billing_module/api/product_use.dspy
 /billing_module/api/sync_run.dspy
 "

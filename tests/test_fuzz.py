@@ -202,6 +202,7 @@ SPEC = {
     "product_subscription_cancel": [Base({"subscription_id": "@subscription"},
                                          [F("subscription_id", "ident", True), F("at_period_end", "flag"),
                                           F("reason", "text", max_len=255)])],
+    "product_subscription_resume": [Base({"subscription_id": "@subscription"}, [F("subscription_id", "ident", True)])],
     "product_subscriptions": [Base({}, [F("customer_id", "ident"), F("product_id", "ident"),
                                         F("status", "choice", choices=("active", "cancelled", "expired")), *PAGING])],
     "product_quota": [Base({"customer_id": "cust-1", "product_id": "@product"},
@@ -658,7 +659,7 @@ async def test_wrong_methods_and_callers_are_refused(world):
         await attempt("basic auth", method, name, params, key="", headers={"Authorization": "Basic YWRtaW46YWRtaW4="})
         await attempt("empty bearer", method, name, params, key="", headers={"Authorization": "Bearer "})
         if is_admin_only(name) or bases[0].params.get("customer_id") == "cust-1" or name in (
-                "settle", "release", "product_subscription_cancel"):
+                "settle", "release", "product_subscription_cancel", "product_subscription_resume"):
             # cust-2's key: admin endpoints, and cust-1's customer, hold and subscription
             await attempt("another customer's key", method, name, params, key=customer_key)
     assert failures == [], "\n".join(failures)

@@ -119,6 +119,14 @@ async def product_subscription_cancel(core, caller, p, request):
                                       reason=p.str("reason", max_len=255))
 
 
+@endpoint("product_subscription_resume", methods=WRITE)
+async def product_subscription_resume(core, caller, p, request):
+    """Undo a cancel at the period end before the period ends."""
+    sub_id = p.ident("subscription_id", required=True)
+    caller.check_customer((await core.products.subscription(sub_id))["customer_id"])
+    return await core.products.resume(sub_id)
+
+
 @endpoint("product_subscriptions", methods=READ)
 async def product_subscriptions(core, caller, p, request):
     page, rows = p.page()

@@ -46,6 +46,7 @@ class ProductManager:
         self.subscribe = self.subscriptions_service.subscribe
         self.subscription = self.subscriptions_service.subscription
         self.cancel = self.subscriptions_service.cancel
+        self.resume = self.subscriptions_service.resume
         self.subscriptions = self.subscriptions_service.subscriptions
         self.renew_due = self.subscriptions_service.renew_due
         self.check_quota = self.subscriptions_service.check_quota

@@ -4,7 +4,7 @@ import datetime
 
 import pytest
 
-from billing_module.errors import Conflict
+from billing_module.errors import Conflict, InvalidParam
 from tests.helpers import units
 from tests.test_products import balance, books_clean, count, make_product, use, wire
 
@@ -64,3 +64,39 @@ async def test_resume_over_http_is_limited_to_the_callers_subscriptions(http):
     st, body = await http.post("api/product_subscription_resume.dspy", cust,
                                json={"subscription_id": sub["subscription_id"]})
     assert (st, body["auto_renew"], body["duplicate"]) == (200, "1", False), body
+
+
+# --- item 6: product_save changes only the fields sent; clearing is explicit --------------------------------
+async def test_saving_only_the_status_keeps_every_other_field(core, pm):
+    p = await make_product(pm, included="10", list_price="3", overage="0.5", description="ten calls")
+    pid = p["product_id"]
+    await core.ledger.recharge("c1", units("10"), "r1")
+    await pm.subscribe("c1", pid, "s1")
+    saved = await pm.save_product(product_id=pid, status="disabled")
+    assert {k: saved[k] for k in ("status", "overage_price", "list_price", "included_quantity", "description",
+                                  "code", "quantity_unit")} == {
+        "status": "disabled", "overage_price": "0.500000", "list_price": "3.000000", "included_quantity": "10",
+        "description": "ten calls", "code": "pack", "quantity_unit": "call"}
+    await use(pm, "t1", 10, product=pid)
+    past = await use(pm, "t2", 1, product=pid)      # a subscriber past quota still pays the overage price
+    assert (past["billing_mode"], past["sell_price"]) == ("2", "0.500000")
+    cleared = await pm.save_product(product_id=pid, clear="overage_price, description")
+    assert (cleared["overage_price"], cleared["description"], cleared["list_price"]) == (None, None, "3.000000")
+    with pytest.raises(InvalidParam):
+        await pm.save_product(product_id=pid, clear="list_price")     # not a nullable field
+    assert (await pm.product(pid))["list_price"] == "3.000000"
+
+
+async def test_product_save_over_http_sends_one_field(http):
+    core = http.core
+    pm = wire(core)
+    p = await make_product(pm, included="10", list_price="3", overage="0.5")
+    st, body = await http.post("api/product_save.dspy", http.admin_key,
+                               json={"product_id": p["product_id"], "status": "disabled"})
+    assert (st, body["status"], body["overage_price"], body["included_quantity"]) == \
+        (200, "disabled", "0.500000", "10"), body
+    st, body = await http.post("api/product_save.dspy", http.admin_key,
+                               json={"product_id": p["product_id"], "clear": "overage_price"})
+    assert (st, body["overage_price"]) == (200, None), body
+    st, body = await http.post("api/product_save.dspy", http.admin_key, json={"product_name": "No code"})
+    assert (st, body["code"]) == (400, "invalid_param")

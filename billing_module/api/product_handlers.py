@@ -39,14 +39,14 @@ def _listing(caller, result):
 # --- catalogue (admin) ------------------------------------------------------------------------------
 @endpoint("product_save", methods=WRITE, admin=True)
 async def product_save(core, caller, p, request):
-    """Create a product, or replace every field of the one named by product_id."""
+    """Create a product, or change the fields sent of the one named by product_id (``clear`` names
+    the nullable fields to empty: overage_price, description)."""
+    fields = {k: _raw(p, k) for k in ("code", "product_name", "quantity_unit", "list_price", "included_quantity",
+                                      "period_months", "overage_price", "price_per")}
     return await core.products.save_product(
-        code=_raw(p, "code"), product_name=_raw(p, "product_name"), quantity_unit=_raw(p, "quantity_unit"),
         product_id=p.ident("product_id"), product_type=p.str("product_type", max_len=32),
-        status=p.str("status", max_len=16), currency=p.str("currency", max_len=8), org_id=p.ident("org_id") or "0",
-        list_price=_raw(p, "list_price") or 0, included_quantity=_raw(p, "included_quantity") or 0,
-        period_months=_raw(p, "period_months"), overage_price=_raw(p, "overage_price"),
-        price_per=_raw(p, "price_per"), description=p.str("description", max_len=500))
+        status=p.str("status", max_len=16), currency=p.str("currency", max_len=8), org_id=p.ident("org_id"),
+        description=p.str("description", max_len=500), clear=p.str("clear", max_len=200) or (), **fields)
 
 
 @endpoint("product_bind", methods=WRITE, admin=True)

@@ -5,7 +5,7 @@ from appPublic.dictObject import DictObject
 
 from .. import clock, validation
 from ..db import dialect as dialects
-from ..errors import Conflict, NotFound
+from ..errors import Conflict, InvalidParam, NotFound
 from ..ids import new_id
 from .values import (MAX_PERIOD_MONTHS, PRODUCT_STATUSES, PRODUCT_TYPES, RESOURCE_TYPES, choice, count, ident,
                      quantity, text)
@@ -22,46 +22,81 @@ async def run_unique(db, work, duplicate: Conflict) -> Row:
         raise
 
 
+# each product field and its rule (bad input raises InvalidParam before anything is written)
+_FIELD_RULES = {
+    "org_id": lambda v: ident(v, "org_id"),
+    "code": lambda v: ident(v, "code", max_len=64),
+    "product_name": lambda v: text(v, "product_name", 128, required=True),
+    "product_type": lambda v: choice(v, "product_type", PRODUCT_TYPES),
+    "status": lambda v: choice(v, "status", PRODUCT_STATUSES),
+    "currency": lambda v: ident(v, "currency", max_len=8),
+    "list_price": lambda v: validation.amount(v, "list_price", non_negative=True),
+    "included_quantity": lambda v: quantity(v, "included_quantity"),
+    "quantity_unit": lambda v: ident(v, "quantity_unit"),
+    "period_months": lambda v: count(v, "period_months", 1, MAX_PERIOD_MONTHS),
+    "overage_price": lambda v: validation.amount(v, "overage_price", non_negative=True),
+    "price_per": lambda v: count(v, "price_per", 1, 10**12),
+    "description": lambda v: text(v, "description", 500),
+}
+CLEARABLE = ("overage_price", "description")
+
+
+def _clear_list(clear) -> list[str]:
+    """The fields to empty: a list or a comma-separated string of ``CLEARABLE`` names."""
+    names = clear.split(",") if isinstance(clear, str) else clear
+    if not isinstance(names, (list, tuple)) or not all(isinstance(n, str) for n in names):
+        raise InvalidParam("clear: expected field names separated by commas")
+    names = [n.strip() for n in names if n.strip()]
+    for n in names:
+        if n not in CLEARABLE:
+            raise InvalidParam(f"clear: only {', '.join(CLEARABLE)} can be cleared, not {n[:40]}")
+    return names
+
+
 class Catalogue:
     def __init__(self, db, currency: str):
         self.db = db
         self.currency = currency      # of a product saved without one
 
-    async def save_product(self, code, product_name, quantity_unit, product_id=None, product_type="llm_model",
-                           status="active", currency=None, org_id="0", list_price=0, included_quantity=0,
-                           period_months=1, overage_price=None, price_per=1, description=None) -> dict:
-        """Create the product, or replace every field of an existing one (``product_id`` given).
-        ``overage_price`` None: no use beyond the quota and no pay-as-you-go (refused)."""
-        rec = {
-            "org_id": ident(org_id, "org_id"), "code": ident(code, "code", max_len=64),
-            "product_name": text(product_name, "product_name", 128, required=True),
-            "product_type": choice(product_type, "product_type", PRODUCT_TYPES, "llm_model"),
-            "status": choice(status, "status", PRODUCT_STATUSES, "active"),
-            "currency": ident(currency or self.currency, "currency", max_len=8),
-            "list_price": validation.amount(list_price, "list_price", non_negative=True),
-            "included_quantity": quantity(included_quantity, "included_quantity"),
-            "quantity_unit": ident(quantity_unit, "quantity_unit"),
-            "period_months": count(period_months, "period_months", 1, MAX_PERIOD_MONTHS, 1),
-            "overage_price": validation.amount(overage_price, "overage_price", required=False, non_negative=True),
-            "price_per": count(price_per, "price_per", 1, 10**12, 1),
-            "description": text(description, "description", 500),
-        }
+    async def save_product(self, code=None, product_name=None, quantity_unit=None, product_id=None,
+                           clear=(), **fields) -> dict:
+        """Create a product (no ``product_id``, or one not known yet), or change an existing one:
+        only the fields given change (None or "" leaves a field as it is), and a nullable field
+        (``overage_price``, ``description``) is emptied only when named in ``clear``.
+        ``overage_price`` empty: no use beyond the quota and no pay-as-you-go (refused)."""
+        given = dict(fields, code=code, product_name=product_name, quantity_unit=quantity_unit)
+        unknown = sorted(set(fields) - set(_FIELD_RULES))
+        if unknown:
+            raise InvalidParam(f"{unknown[0]}: not a product field")
+        changes = {k: _FIELD_RULES[k](v) for k, v in given.items() if validation.given(v)}
+        for name in _clear_list(clear):
+            changes[name] = None
         product_id = ident(product_id, "product_id", required=False)
 
         async def work(tx):
             now = clock.now_text()
-            rec["updated_at"] = now
-            if product_id is not None:
-                sets = ", ".join(f"{k} = ${{{k}}}$" for k in rec)
-                n = await tx.execute(f"update product set {sets}, version = version + 1 where id = ${{id}}$",
-                                     dict(rec, id=product_id))
-                if n == 1:
-                    return await self.product_row(tx, product_id)
-            row = dict(rec, id=product_id or new_id(), version=0, created_at=now)
+            if product_id is not None and await self.product_row(tx, product_id) is not None:
+                if changes:
+                    sets = ", ".join(f"{k} = ${{{k}}}$" for k in changes)
+                    await tx.execute(f"update product set {sets}, version = version + 1, updated_at = ${{now}}$ "
+                                     "where id = ${id}$", dict(changes, id=product_id, now=now))
+                return await self.product_row(tx, product_id)
+            row = dict(self._new_product(changes), id=product_id or new_id(), version=0, created_at=now,
+                       updated_at=now)
             await tx.insert("product", row)
             return DictObject(**row)
         return product_view(await run_unique(
-            self.db, work, Conflict(f"product code {rec['code']} already exists in org {rec['org_id']}")))
+            self.db, work, Conflict(f"product code {changes.get('code')} already exists in this org")))
+
+    def _new_product(self, changes: dict) -> dict:
+        """A new product's row: the fields given, the defaults for the rest; code, name and unit required."""
+        for name in ("code", "product_name", "quantity_unit"):
+            if changes.get(name) is None:
+                raise InvalidParam(f"{name}: required")
+        defaults = {"org_id": "0", "product_type": "llm_model", "status": "active", "currency": self.currency,
+                    "list_price": 0, "included_quantity": 0, "period_months": 1, "overage_price": None,
+                    "price_per": 1, "description": None}
+        return dict(defaults, **changes)
 
     async def product_row(self, tx, product_id: str) -> Row | None:
         return await tx.one("select * from product where id = ${p}$", {"p": product_id})

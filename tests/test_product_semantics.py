@@ -5,7 +5,7 @@ import datetime
 import pytest
 
 from billing_module.errors import Conflict, InvalidParam
-from tests.helpers import units
+from tests.helpers import seed_pricing, units, usage
 from tests.test_products import balance, books_clean, count, make_product, use, wire
 
 
@@ -100,3 +100,59 @@ async def test_product_save_over_http_sends_one_field(http):
     assert (st, body["overage_price"]) == (200, None), body
     st, body = await http.post("api/product_save.dspy", http.admin_key, json={"product_name": "No code"})
     assert (st, body["code"]) == (400, "invalid_param")
+
+
+# --- item 1: no gap at the period end: a use (or a quota check) at period_end renews first --------------------
+async def test_a_use_at_the_period_end_renews_in_the_same_transaction(core, pm, fixed_clock):
+    p = await make_product(pm)                      # 10 calls for 3.00 a month, 0.50 per call beyond
+    pid = p["product_id"]
+    await core.ledger.recharge("c1", units("10"), "r1")
+    sub = await pm.subscribe("c1", pid, "s1")
+    await use(pm, "t1", 10, product=pid)
+    fixed_clock.now = datetime.datetime(2026, 12, 22, 12, 0, 0)       # exactly period_end; no sweep ran
+    quota = await pm.check_quota("c1", pid)
+    assert (quota["subscribed"], quota["remaining"], quota["period_start"]) == (True, "10", "2026-12-22 12:00:00")
+    fixed_clock.advance(1)
+    used = await use(pm, "t2", 4, product=pid)
+    assert (used["billing_mode"], used["included_amount"], used["sell_price"]) == ("1", "4", "0.000000")
+    assert await pm.renew_due() == {"renewed": 0, "expired": 0}      # the sweep finds nothing left to do
+    assert await balance(core, "c1") == "4.000000"                     # 10 - 3 - 3, no pay-as-you-go
+    after = await pm.subscription(sub["subscription_id"])
+    assert (after["renewals"], after["used"], after["period_end"]) == (1, "4", "2027-01-22 12:00:00")
+    await books_clean(core)
+
+
+async def test_an_accounted_event_after_the_period_end_renews_and_spends_the_new_quota(core, pm, fixed_clock):
+    fixed_clock.now = datetime.datetime(2026, 11, 22, 9, 0, 0)
+    await seed_pricing(core)
+    p = await make_product(pm, "chat", unit="token", included="3000", list_price="1", overage=None)
+    await pm.bind(p["product_id"], "llm", "llm-a", "chat-a")
+    await core.ledger.recharge("cust-1", units("5"), "r1")
+    await pm.subscribe("cust-1", p["product_id"], "s1")
+    assert (await core.accounting.post_usage(usage("e1", output_tokens=2000)))["amount"] == "0.000000"
+    fixed_clock.now = datetime.datetime(2026, 12, 22, 9, 0, 5)
+    r = await core.accounting.post_usage(usage("e2", use_time="2026-12-22 09:00:01"))
+    assert (r["amount"], r["included_quantity"]) == ("0.000000", "1500")
+    assert await balance(core, "cust-1") == "3.000000"                # two package fees, no usage charge
+    await books_clean(core)
+
+
+# --- item 2: a late renewal charges the current period only; the passed ones are skipped and shown ----------
+async def test_a_renewal_after_an_outage_charges_one_period_and_shows_the_skipped_ones(core, pm, fixed_clock):
+    p = await make_product(pm)
+    pid = p["product_id"]
+    await core.ledger.recharge("c1", units("20"), "r1")
+    sub = await pm.subscribe("c1", pid, "s1")
+    fixed_clock.now = datetime.datetime(2027, 3, 1, 0, 0, 0)           # three period ends without a sweep
+    assert await pm.renew_due() == {"renewed": 1, "expired": 0}
+    assert await pm.renew_due() == {"renewed": 0, "expired": 0}
+    after = await pm.subscription(sub["subscription_id"])
+    assert (after["period_start"], after["period_end"], after["renewals"], after["skipped_periods"]) == \
+        ("2027-02-22 12:00:00", "2027-03-22 12:00:00", 3, 2)
+    assert await balance(core, "c1") == "14.000000"                     # 20 - 3 - 3: one renewal fee
+    assert await count(core, "select count(*) from ledger_entry where entry_type = 'subscription'") == 2
+    async with core.db.read() as tx:
+        reason = await tx.scalar("select reason from ledger_entry where entry_type = 'subscription' "
+                                 "and request_id like 'renew:%'", {})
+    assert "2 passed period(s) skipped" in reason
+    await books_clean(core)

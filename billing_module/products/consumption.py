@@ -17,7 +17,7 @@ from ..errors import Conflict, InvalidParam
 from ..ids import new_id, payload_hash
 from . import quota
 from .catalogue import Catalogue
-from .subscriptions import check_currency
+from .subscriptions import Subscriptions, check_currency
 from .suppliers import Suppliers, supplier_cost
 from .values import (HOOK_SOURCE_TABLE, MODE_INCLUDED, MODE_OVERAGE, MODE_PAYG, QSCALE, NotSubscribed, QuotaExceeded,
                      div_half_up, ident, ledger_key, q_from_db, qdb, qtext, quantity)
@@ -89,11 +89,12 @@ async def usage_by_key(tx, key: str) -> Row | None:
 
 
 class Consumption:
-    def __init__(self, db, ledger, catalogue: Catalogue, suppliers: Suppliers):
+    def __init__(self, db, ledger, catalogue: Catalogue, suppliers: Suppliers, subscriptions: Subscriptions):
         self.db = db
         self.ledger = ledger
         self.catalogue = catalogue
         self.suppliers = suppliers
+        self.subscriptions = subscriptions
 
     async def product_use(self, customer_id, user_id, product_id, amount, unit=None, source_ref_table=None,
                           source_ref_id=None, product_resource_id=None) -> dict:
@@ -126,6 +127,9 @@ class Consumption:
         product = await self.catalogue.require_product(tx, use["product_id"])
         binding = await self._check_use(tx, use, product)
         now = clock.now_text()
+        due = await quota.due(tx, use["customer_id"], now, product_id=product.id)
+        if due is not None:
+            await self.subscriptions.renew_in(tx, due, now)
         cov = await quota.covering(tx, use["customer_id"], now, product_id=product.id)
         locked = await quota.lock(tx, cov.id, now) if cov else None
         take, over = quota.split(locked, use["q"])

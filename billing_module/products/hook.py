@@ -9,6 +9,7 @@ from ..ids import new_id
 from . import quota
 from .catalogue import Catalogue
 from .consumption import Supply, UsageRow, usage_by_key
+from .subscriptions import Subscriptions
 from .suppliers import Suppliers, supplier_cost
 from .values import (CALL_UNIT, HOOK_SOURCE_TABLE, MODE_INCLUDED, MODE_OVERAGE, TOKEN_UNIT, div_half_up, int_from_db,
                      q_from_db)
@@ -26,10 +27,12 @@ class QuotaResult:
 
 
 class QuotaHook:
-    def __init__(self, ledger, catalogue: Catalogue, suppliers: Suppliers, accounting_config):
+    def __init__(self, ledger, catalogue: Catalogue, suppliers: Suppliers, subscriptions: Subscriptions,
+                 accounting_config):
         self.ledger = ledger
         self.catalogue = catalogue
         self.suppliers = suppliers
+        self.subscriptions = subscriptions
         self.accounting_config = accounting_config   # allow_arrears: what the accountant's charges may leave
 
     async def subscribed_customers(self, tx, customer_ids) -> set[str]:
@@ -50,8 +53,12 @@ class QuotaHook:
         if reserved is not None:
             return await self._replay(tx, reserved, price)
         at = ev.use_time or clock.now_text()
-        cov = await quota.covering(tx, ev.customer_id, at, product_id=ev.product_id, llmid=ev.llmid,
-                                   model_name=None if ev.llmid else ev.payload.get("model_name"))
+        match = {"product_id": ev.product_id, "llmid": ev.llmid,
+                 "model_name": None if ev.llmid else ev.payload.get("model_name")}
+        due = await quota.due(tx, ev.customer_id, at, **match)
+        if due is not None:     # an event at or after the period end renews the subscription first
+            await self.subscriptions.renew_in(tx, due, at)
+        cov = await quota.covering(tx, ev.customer_id, at, **match)
         if cov is None:
             return None
         q = event_quantity(ev.usage, cov.quantity_unit)

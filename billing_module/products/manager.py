@@ -27,8 +27,9 @@ class ProductManager:
         self.catalogue = Catalogue(db, config.currency)
         self.suppliers_service = Suppliers(db, self.catalogue)
         self.subscriptions_service = Subscriptions(db, ledger, self.catalogue)
-        self.consumption = Consumption(db, ledger, self.catalogue, self.suppliers_service)
-        self.hook = QuotaHook(ledger, self.catalogue, self.suppliers_service, config.accounting)
+        self.consumption = Consumption(db, ledger, self.catalogue, self.suppliers_service, self.subscriptions_service)
+        self.hook = QuotaHook(ledger, self.catalogue, self.suppliers_service, self.subscriptions_service,
+                              config.accounting)
         self.reports = Reports(db)
         # catalogue and bindings
         self.save_product = self.catalogue.save_product

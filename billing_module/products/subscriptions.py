@@ -17,7 +17,7 @@ from ..validation import flag
 from . import quota
 from .catalogue import Catalogue
 from .values import (MAX_PERIOD_MONTHS, SUBSCRIPTION_STATUSES, UNPAID, choice, count, ident, period,
-                     quantity, text)
+                     period_index, quantity, text)
 from .views import Row, subscription_view
 
 log = logging.getLogger("billing_module.products")
@@ -78,7 +78,7 @@ class Subscriptions:
                 "used_quantity": 0, "quantity_unit": product.quantity_unit, "package_price": price,
                 "currency": product.currency, "period_months": months, "started_at": start, "period_start": start,
                 "period_end": end, "renewals": 0, "auto_renew": auto, "status_reason": None, "cancelled_at": None,
-                "ledger_entry_id": None, "version": 0, "created_at": now, "updated_at": now,
+                "ledger_entry_id": None, "skipped_periods": 0, "version": 0, "created_at": now, "updated_at": now,
             }
             if price > 0:
                 await check_currency(tx, customer_id, product.currency)
@@ -191,6 +191,11 @@ class Subscriptions:
             log.info("subscriptions: %d renewed, %d expired", done["renewed"], done["expired"])
         return done
 
+    async def renew_in(self, tx, due: Row, at: str) -> str | None:
+        """Renew (or expire) the due subscription ``due`` inside the caller's transaction, the same
+        claim and renewal the sweep makes: a use at or after the period end renews it first."""
+        return await self._renew_one(tx, due.id, int(due.version), at)
+
     async def _renew_one(self, tx, sub_id, version, now):
         n = await tx.execute("update product_subscription set version = version + 1, updated_at = ${now}$ "
                              "where id = ${s}$ and version = ${v}$ and status = 'active' and period_end <= ${now}$",
@@ -203,7 +208,9 @@ class Subscriptions:
             return await self._expire(tx, sub, now, sub.status_reason or "not renewed")
         if product is None or product.status != "active":
             return await self._expire(tx, sub, now, "product no longer available")
-        k = int(sub.renewals) + 1
+        # a late renewal starts the period that contains now: the periods that passed are skipped, not billed
+        k = max(int(sub.renewals) + 1, period_index(sub.started_at, int(sub.period_months), now))
+        skipped = k - int(sub.renewals) - 1
         start, end = period(sub.started_at, int(sub.period_months), k)
         price, entry_id = int(sub.package_price), None
         if price > 0:
@@ -212,15 +219,18 @@ class Subscriptions:
                     tx, sub.customer_id, -price, "subscription", f"renew:{sub.id}:{k}",
                     payload_hash({"op": "renew", "subscription": sub.id, "k": k, "amount": price}),
                     must_cover=True, refuse_suspended=True, ref_type="product_subscription", ref_id=sub.id,
-                    reason=f"renew {product.code} {start[:10]}..{end[:10]}")
+                    reason=f"renew {product.code} {start[:10]}..{end[:10]}"
+                    + (f" ({skipped} passed period(s) skipped)" if skipped else ""))
             except UNPAID as e:
                 # post() refused before writing anything; the claim and the expiry commit together
                 return await self._expire(tx, sub, now, f"renewal not paid: {e.code}")
             entry_id = entry.id
         await tx.execute("update product_subscription set period_start = ${ps}$, period_end = ${pe}$, "
-                         "used_quantity = 0, renewals = ${k}$, ledger_entry_id = coalesce(${e}$, ledger_entry_id), "
-                         "updated_at = ${now}$ where id = ${s}$",
-                         {"ps": start, "pe": end, "k": k, "e": entry_id, "now": now, "s": sub.id})
+                         "used_quantity = 0, renewals = ${k}$, skipped_periods = skipped_periods + ${sk}$, "
+                         "ledger_entry_id = coalesce(${e}$, ledger_entry_id), updated_at = ${now}$ where id = ${s}$",
+                         {"ps": start, "pe": end, "k": k, "sk": skipped, "e": entry_id, "now": now, "s": sub.id})
+        if skipped:
+            log.info("subscription %s renewed late: %d passed period(s) skipped", sub.id, skipped)
         return "renewed"
 
     async def _expire(self, tx, sub, now, reason):
@@ -234,6 +244,13 @@ class Subscriptions:
         """Included, used and remaining quantity in the current period, and what happens past it."""
         customer_id, product_id = ident(customer_id, "customer_id"), ident(product_id, "product_id")
         now = clock.now_text()
+
+        async def renew_first(tx):
+            # a subscription whose period ended renews now, as a use would renew it: no gap
+            due = await quota.due(tx, customer_id, now, product_id=product_id)
+            if due is not None:
+                await self.renew_in(tx, due, now)
+        await self.db.run(renew_first)
         async with self.db.read() as tx:
             product = await self.catalogue.require_product(tx, product_id)
             cov = await quota.covering(tx, customer_id, now, product_id=product_id)

@@ -150,6 +150,17 @@ def period(started_at: str, months: int, k: int) -> tuple[str, str]:
     return clock.fmt(add_months(start, k * months)), clock.fmt(add_months(start, (k + 1) * months))
 
 
+def period_index(started_at: str, months: int, at: str) -> int:
+    """The number of the period (0 = the first) that contains ``at``, on the anchor of ``period``."""
+    start, now = clock.parse(started_at), clock.parse(at)
+    k = max(0, ((now.year - start.year) * 12 + now.month - start.month) // months)
+    while k > 0 and clock.parse(period(started_at, months, k)[0]) > now:
+        k -= 1
+    while clock.parse(period(started_at, months, k)[1]) <= now:
+        k += 1
+    return k
+
+
 def ledger_key(key: str) -> str:
     """A ledger request_id (at most 64 characters) derived from a usage idempotency key."""
     return key if len(key) <= 64 else "h:" + payload_hash(key)[:62]

@@ -32,7 +32,7 @@ log = logging.getLogger("billing_module.accounting")
 
 # refusals that leave the event stored as failed (retried later) rather than rejected
 ACCOUNTING_FAILURES = ("no_pricing", "unknown_customer", "insufficient_balance", "account_suspended",
-                       "currency_mismatch", "unpriced_factor")
+                       "currency_mismatch", "unpriced_factor", "no_supplier")
 
 
 def _ident(raw, name, required=False, max_len=32):
@@ -187,7 +187,10 @@ class Accounting:
                 continue
             row = self._accounted_row(ev, now, price, model)
             if ev.customer_id in covered:
-                self._apply_quota(row, await self.quota_hook(tx, ev, price, row["id"]))
+                try:
+                    self._apply_quota(row, await self.quota_hook(tx, ev, price, row["id"]))
+                except BillingError:
+                    raise Fallback() from None     # the product refused it (no_supplier): that event's alone
             by_customer.setdefault(ev.customer_id, []).append((i, row, ev))
         for customer_id, group in by_customer.items():
             charged = [{"amount": -row["amount"], "request_id": ev.request_id, "payload_hash": ev.hash,
@@ -321,7 +324,11 @@ class Accounting:
                     continue
                 row = _accounted_update(rec, price, model, now)
                 if ev.customer_id in covered:
-                    self._apply_quota(row, await self.quota_hook(tx, ev, price, rec.id))
+                    try:
+                        self._apply_quota(row, await self.quota_hook(tx, ev, price, rec.id))
+                    except BillingError as e:      # the product refused it (no_supplier) before writing
+                        failed.append((rec, e, price))
+                        continue
                 by_customer.setdefault(ev.customer_id, []).append((row, rec, price))
             rows = []
             for customer_id, items in by_customer.items():

@@ -126,7 +126,8 @@ async def test_an_accounted_event_after_the_period_end_renews_and_spends_the_new
     fixed_clock.now = datetime.datetime(2026, 11, 22, 9, 0, 0)
     await seed_pricing(core)
     p = await make_product(pm, "chat", unit="token", included="3000", list_price="1", overage=None)
-    await pm.bind(p["product_id"], "llm", "llm-a", "chat-a")
+    binding = await pm.bind(p["product_id"], "llm", "llm-a", "chat-a")
+    await pm.add_supplier(binding["product_resource_id"], "sup-1", "0.000001")
     await core.ledger.recharge("cust-1", units("5"), "r1")
     await pm.subscribe("cust-1", p["product_id"], "s1")
     assert (await core.accounting.post_usage(usage("e1", output_tokens=2000)))["amount"] == "0.000000"
@@ -156,3 +157,59 @@ async def test_a_renewal_after_an_outage_charges_one_period_and_shows_the_skippe
                                  "and request_id like 'renew:%'", {})
     assert "2 passed period(s) skipped" in reason
     await books_clean(core)
+
+
+# --- item 3: no supplier, no sale ---------------------------------------------------------------------------
+async def test_a_product_whose_suppliers_are_all_disabled_sells_nothing(core, pm):
+    p = await make_product(pm, included="0", list_price="0", overage="0.5")
+    pid = p["product_id"]
+    binding = await pm.bind(pid, "service", "svc-1")
+    supplier = await pm.add_supplier(binding["product_resource_id"], "sup-1", "0.1")
+    await core.ledger.recharge("c1", units("10"), "r1")
+    assert (await use(pm, "t1", 1, product=pid))["supplier_org_id"] == "sup-1"
+    await pm.disable_supplier(supplier["supplier_id"])
+    entries = await count(core, "select count(*) from ledger_entry")
+    with pytest.raises(Conflict) as e:
+        await use(pm, "t2", 1, product=pid)
+    assert (e.value.code, e.value.status) == ("no_supplier", 409)
+    assert await count(core, "select count(*) from ledger_entry") == entries
+    assert await count(core, "select count(*) from product_usage_log") == 1
+    stats = await pm.stats("supplier")
+    assert [r["key"] for r in stats["rows"]] == ["sup-1"]          # no sale under supplier ""
+    assert await balance(core, "c1") == "9.500000"
+
+
+async def test_an_accounted_event_through_a_product_without_supplier_is_stored_as_failed(core, pm, fixed_clock):
+    fixed_clock.now = datetime.datetime(2026, 11, 22, 9, 0, 0)
+    await seed_pricing(core)
+    p = await make_product(pm, "chat", unit="token", included="3000", list_price="0", overage=None)
+    binding = await pm.bind(p["product_id"], "llm", "llm-a", "chat-a")
+    supplier = await pm.add_supplier(binding["product_resource_id"], "sup-1", "0.000001")
+    await core.ledger.recharge("cust-1", units("5"), "r1")
+    await pm.subscribe("cust-1", p["product_id"], "s1")
+    await pm.disable_supplier(supplier["supplier_id"])
+    with pytest.raises(Conflict) as e:
+        await core.accounting.post_usage(usage("e1"))
+    assert e.value.code == "no_supplier"
+    await core.accounting.submit_usage(usage("e2"))
+    assert await core.accounting.account_pending() == 0
+    async with core.db.read() as tx:
+        failed = await tx.select("select request_id, failure_code from llmusage_accounting_failed order by request_id", {})
+    assert [(f.request_id, f.failure_code) for f in failed] == [("e1", "no_supplier"), ("e2", "no_supplier")]
+    assert await balance(core, "cust-1") == "5.000000"
+    assert (await pm.check_quota("cust-1", p["product_id"]))["used"] == "0"
+
+
+# --- item 4: unbind is refused while subscribers use the resource (force to override) --------------------------
+async def test_unbind_is_refused_while_a_subscription_is_active(core, pm):
+    p = await make_product(pm, list_price="0")
+    binding = await pm.bind(p["product_id"], "llm", "llm-a", "chat-a")
+    sub = await pm.subscribe("c1", p["product_id"], "s1")
+    with pytest.raises(Conflict) as e:
+        await pm.unbind(binding["product_resource_id"])
+    assert e.value.code == "binding_in_use"
+    assert (await pm.bindings(p["product_id"]))["total"] == 1
+    assert (await pm.unbind(binding["product_resource_id"], force=True))["enabled"] == "0"
+    await pm.bind(p["product_id"], "llm", "llm-a")
+    await pm.cancel(sub["subscription_id"])
+    assert (await pm.unbind(binding["product_resource_id"]))["enabled"] == "0"

@@ -344,7 +344,8 @@ async def test_post_usage_spends_the_quota_first_and_charges_only_the_overage(co
     fixed_clock.now = datetime.datetime(2026, 11, 22, 9, 0, 0)     # the events are used at 10:00
     await seed_pricing(core)
     p = await make_product(pm, "chat", unit="token", included="3098", list_price="1", overage=None)
-    await pm.bind(p["product_id"], "llm", "llm-a", "chat-a")
+    binding = await pm.bind(p["product_id"], "llm", "llm-a", "chat-a")
+    await pm.add_supplier(binding["product_resource_id"], "sup-1", "0.000001")   # no supplier, no sale
     await core.ledger.recharge("cust-1", units("2"), "r1")
     sub = await pm.subscribe("cust-1", p["product_id"], "s1")
     # 1,000 + 500 tokens priced 0.006 (event by model name): all 1,500 included

@@ -58,7 +58,8 @@ async def product_bind(core, caller, p, request):
 @endpoint("product_unbind", methods=WRITE, admin=True)
 async def product_unbind(core, caller, p, request):
     return await core.products.unbind(p.ident("product_resource_id"), p.ident("product_id"),
-                                      p.str("resource_type", max_len=32), p.ident("resource_ref_id"))
+                                      p.str("resource_type", max_len=32), p.ident("resource_ref_id"),
+                                      force=p.flag("force") == "1")
 
 
 @endpoint("product_bindings", methods=READ)

@@ -139,6 +139,11 @@ class Catalogue:
         # a concurrent insert of the same key won; this run updates it
         return binding_view(await self.db.run(work))
 
+    async def has_bindings(self, tx, product_id: str) -> bool:
+        """Whether the product sells bound resources (a binding, enabled or not, was ever made)."""
+        return await tx.one("select id from product_resource where product_id = ${p}$ limit 1",
+                            {"p": product_id}) is not None
+
     async def _binding_by_key(self, tx, product_id, resource_type, ref):
         return await tx.one("select * from product_resource where product_id = ${p}$ and resource_type = ${t}$ "
                             "and resource_ref_id = ${r}$", {"p": product_id, "t": resource_type, "r": ref})
@@ -147,8 +152,11 @@ class Catalogue:
         return await tx.one("select * from product_resource where id = ${b}$", {"b": binding_id})
 
     async def unbind(self, product_resource_id=None, product_id=None, resource_type=None,
-                     resource_ref_id=None) -> dict:
-        """Disable a binding (kept, so usage rows keep their reference); its suppliers stop routing."""
+                     resource_ref_id=None, force=False) -> dict:
+        """Disable a binding (kept, so usage rows keep their reference); its suppliers stop routing.
+        Refused (409 ``binding_in_use``) while the product has active subscriptions, whose quota
+        covers the resource until their period ends, unless ``force``: then their uses of the
+        resource are no longer covered (docs/products.md)."""
         binding_id = ident(product_resource_id, "product_resource_id", required=False)
         if binding_id is None:
             key = (ident(product_id, "product_id"), choice(resource_type, "resource_type", RESOURCE_TYPES),
@@ -158,6 +166,11 @@ class Catalogue:
             b = await (self.binding(tx, binding_id) if binding_id else self._binding_by_key(tx, *key))
             if b is None:
                 raise NotFound("no such product resource binding")
+            if not force and b.enabled == "1" and await tx.one(
+                    "select id from product_subscription where product_id = ${p}$ and status = 'active' limit 1",
+                    {"p": b.product_id}):
+                raise Conflict(f"product {b.product_id} has active subscriptions that use this resource; "
+                               "unbind when they end, or send force=1", code="binding_in_use")
             await tx.execute("update product_resource set enabled = '0', updated_at = ${now}$ where id = ${b}$",
                              {"b": b.id, "now": clock.now_text()})
             return await self.binding(tx, b.id)

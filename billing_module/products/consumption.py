@@ -126,6 +126,7 @@ class Consumption:
     async def _use(self, tx, use: dict) -> dict:
         product = await self.catalogue.require_product(tx, use["product_id"])
         binding = await self._check_use(tx, use, product)
+        supplier = await self.suppliers.serving(tx, product.id, use["binding_id"])
         now = clock.now_text()
         due = await quota.due(tx, use["customer_id"], now, product_id=product.id)
         if due is not None:
@@ -152,7 +153,6 @@ class Consumption:
                 refuse_suspended=True, ref_type="product_usage_log", ref_id=row.id,
                 reason=f"{product.code} {qtext(over)} {product.quantity_unit}" + (" past quota" if locked else ""))
             row = replace(row, ledger_entry_id=entry.id)
-        supplier = await self.suppliers.route_in(tx, product.id, use["binding_id"])
         supply = Supply.routed(supplier)
         if supply is None and binding is not None:
             supply = Supply(binding.id, binding.resource_type, binding.resource_ref_id)

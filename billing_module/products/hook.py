@@ -64,6 +64,7 @@ class QuotaHook:
         q = event_quantity(ev.usage, cov.quantity_unit)
         if q <= 0:
             return None
+        supplier = await self.suppliers.serving(tx, cov.product_id, cov.product_resource_id)
         locked = await quota.lock(tx, cov.id, at)
         if locked is None:
             return None
@@ -75,7 +76,6 @@ class QuotaHook:
         if take:
             await quota.take(tx, cov.id, take)
         product = await self.catalogue.require_product(tx, cov.product_id)
-        supplier = await self.suppliers.route_in(tx, cov.product_id, cov.product_resource_id)
         supply = Supply.routed(supplier)
         if supply is None and cov.product_resource_id:
             supply = Supply(cov.product_resource_id, "llm", cov.resource_ref_id)

@@ -12,7 +12,7 @@ from decimal import Decimal
 from typing import Literal, overload
 
 from .. import clock, validation
-from ..errors import AccountSuspended, BillingError, InsufficientBalance, InvalidParam, UnknownCustomer
+from ..errors import AccountSuspended, BillingError, Conflict, InsufficientBalance, InvalidParam, UnknownCustomer
 from ..ids import payload_hash
 from ..money import parse_count, parse_quantity
 
@@ -35,6 +35,11 @@ UNPAID = (InsufficientBalance, AccountSuspended, UnknownCustomer)
 
 class QuotaExceeded(BillingError):
     status, code = 402, "quota_exceeded"
+
+
+class NoSupplier(Conflict):
+    """A product that sells bound resources, none of whose enabled suppliers can serve the use."""
+    status, code = 409, "no_supplier"
 
 
 class NotSubscribed(BillingError):

@@ -213,3 +213,30 @@ async def test_unbind_is_refused_while_a_subscription_is_active(core, pm):
     await pm.bind(p["product_id"], "llm", "llm-a")
     await pm.cancel(sub["subscription_id"])
     assert (await pm.unbind(binding["product_resource_id"]))["enabled"] == "0"
+
+
+# --- item 7: one overage price: the quota reply, the charge and the ledger show the same number --------------------
+async def test_accounted_usage_past_quota_is_charged_at_the_plans_overage_price(core, pm, fixed_clock):
+    fixed_clock.now = datetime.datetime(2026, 11, 22, 9, 0, 0)
+    await seed_pricing(core)
+    # 1,000 tokens included, 3.00 per 1M tokens beyond (the model's own price would be 0.006 per 1,500 tokens)
+    p = await make_product(pm, "chat", unit="token", included="1000", list_price="0", overage="3.00",
+                           price_per=1_000_000)
+    binding = await pm.bind(p["product_id"], "llm", "llm-a", "chat-a")
+    await pm.add_supplier(binding["product_resource_id"], "sup-1", "0.000001")
+    await core.ledger.recharge("cust-1", units("1"), "r1")
+    await pm.subscribe("cust-1", p["product_id"], "s1")
+    quota = await pm.check_quota("cust-1", p["product_id"])
+    assert (quota["overage_price"], quota["price_per"], quota["model_usage_past_quota"]) == \
+        ("3.000000", "1000000", "overage_price")
+    r = await core.accounting.post_usage(usage("e1"))      # 1,500 tokens: 500 past quota x 3.00 / 1M = 0.0015
+    assert (r["amount"], r["included_quantity"]) == ("0.001500", "1000")
+    async with core.db.read() as tx:
+        entry = await tx.scalar("select amount from ledger_entry where entry_type = 'usage'", {})
+        sell = await tx.scalar("select sell_price from product_usage_log", {})
+    assert (int(entry), int(sell)) == (-1500, 1500)
+    assert await balance(core, "cust-1") == "0.998500"
+    # a plan without an overage price says that model usage past its quota is at the model's price
+    p2 = await make_product(pm, "chat2", unit="call", included="0", list_price="0", overage=None)
+    assert (await pm.check_quota("cust-1", p2["product_id"]))["model_usage_past_quota"] == "model_price"
+    await books_clean(core)

@@ -19,8 +19,8 @@ from . import quota
 from .catalogue import Catalogue
 from .subscriptions import Subscriptions, check_currency
 from .suppliers import Suppliers, supplier_cost
-from .values import (HOOK_SOURCE_TABLE, MODE_INCLUDED, MODE_OVERAGE, MODE_PAYG, QSCALE, NotSubscribed, QuotaExceeded,
-                     div_half_up, ident, ledger_key, q_from_db, qdb, qtext, quantity)
+from .values import (HOOK_SOURCE_TABLE, MODE_INCLUDED, MODE_OVERAGE, MODE_PAYG, NotSubscribed, QuotaExceeded, ident,
+                     ledger_key, plan_overage, q_from_db, qdb, qtext, quantity)
 from .views import Row, usage_view
 
 
@@ -181,7 +181,7 @@ class Consumption:
                 raise NotSubscribed(f"customer {customer_id} has no active subscription to {product.id}")
             raise QuotaExceeded(f"the quota of subscription {locked.id} has {qtext(take)} "
                                 f"{product.quantity_unit} left and the product allows no overage")
-        return div_half_up(over * int(product.overage_price), int(product.price_per) * QSCALE)
+        return plan_overage(product, over)
 
 
 def _replay_use(existing: Row, customer_id: str, product_id: str, q: int, key: str) -> dict:

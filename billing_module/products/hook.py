@@ -12,7 +12,7 @@ from .consumption import Supply, UsageRow, usage_by_key
 from .subscriptions import Subscriptions
 from .suppliers import Suppliers, supplier_cost
 from .values import (CALL_UNIT, HOOK_SOURCE_TABLE, MODE_INCLUDED, MODE_OVERAGE, TOKEN_UNIT, div_half_up, int_from_db,
-                     q_from_db)
+                     plan_overage, q_from_db)
 from .views import Row
 
 
@@ -69,13 +69,13 @@ class QuotaHook:
         if locked is None:
             return None
         take, over = quota.split(locked, q)
-        charge = div_half_up(int(price.amount) * over, q)
+        product = await self.catalogue.require_product(tx, cov.product_id)
+        charge = overage_charge(product, price, q, over)
         allow_arrears = self.accounting_config.allow_arrears
         if not await self.ledger.can_cover(tx, ev.customer_id, charge, allow_arrears=allow_arrears):
             return None
         if take:
             await quota.take(tx, cov.id, take)
-        product = await self.catalogue.require_product(tx, cov.product_id)
         supply = Supply.routed(supplier)
         if supply is None and cov.product_resource_id:
             supply = Supply(cov.product_resource_id, "llm", cov.resource_ref_id)
@@ -92,7 +92,7 @@ class QuotaHook:
         """The reservation an earlier attempt of this record made: the same split, the overage
         priced at this attempt's price."""
         q, over = q_from_db(row.used_amount), q_from_db(row.overage_amount)
-        charge = div_half_up(int(price.amount) * over, q)
+        charge = overage_charge(await self.catalogue.require_product(tx, row.product_id), price, q, over)
         if charge != int_from_db(row.sell_price):
             await tx.execute("update product_usage_log set sell_price = ${sp}$ where id = ${u}$",
                              {"sp": charge, "u": row.id})
@@ -111,6 +111,17 @@ class QuotaHook:
             await quota.give_back(tx, row.subscription_id, included)
         await tx.execute("delete from product_usage_log where id = ${u}$", {"u": row.id})
         return True
+
+
+def overage_charge(product: Row, price, q: int, over: int) -> int:
+    """What ``over`` of an event's ``q`` units past the quota costs: the plan's overage price when
+    it has one (the price ``product_quota`` shows), else the model's price for that share of the
+    event (``product_quota`` says ``model_price``); half-up, like every charge."""
+    if not over:
+        return 0
+    if product.overage_price is not None:
+        return plan_overage(product, over)
+    return div_half_up(int(price.amount) * over, q)
 
 
 def event_quantity(usage, unit: str) -> int:

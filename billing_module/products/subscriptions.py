@@ -258,7 +258,9 @@ class Subscriptions:
         over = None if product.overage_price is None else from_micro(int(product.overage_price))
         result = {"customer_id": customer_id, "product_id": product_id, "unit": product.quantity_unit,
                   "subscribed": sub is not None, "overage_price": over, "price_per": str(int(product.price_per)),
-                  "currency": product.currency}
+                  "currency": product.currency,
+                  # what accounted model usage past the quota is charged: one price with product_use
+                  "model_usage_past_quota": "overage_price" if over is not None else "model_price"}
         if sub is None:
             result.update(included="0", used="0", remaining="0", subscription_id=None,
                           past_quota="pay_as_you_go" if over is not None and product.status == "active" else "refused")

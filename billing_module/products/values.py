@@ -140,6 +140,12 @@ def div_half_up(num: int, den: int) -> int:
     return (2 * num + den) // (2 * den)
 
 
+def plan_overage(product, over: int) -> int:
+    """Micro-units that ``over`` (1e-4 units) past the quota cost at the product's overage price
+    (which must be set), half-up: the one overage rule of product_use and accounted events."""
+    return div_half_up(over * int(product.overage_price), int(product.price_per) * QSCALE)
+
+
 # --- periods and keys ------------------------------------------------------------------------------
 def add_months(dt: datetime.datetime, months: int) -> datetime.datetime:
     """``dt`` plus whole months; the day is clamped to the month's last day (Jan 31 -> Feb 28)."""

@@ -4,7 +4,7 @@ import datetime
 
 import pytest
 
-from billing_module.errors import Conflict, InvalidParam
+from billing_module.errors import Conflict, InvalidParam, NotFound
 from tests.helpers import seed_pricing, units, usage
 from tests.test_products import balance, books_clean, count, make_product, use, wire
 
@@ -202,6 +202,7 @@ async def test_an_accounted_event_through_a_product_without_supplier_is_stored_a
 
 # --- item 4: unbind is refused while subscribers use the resource (force to override) --------------------------
 async def test_unbind_is_refused_while_a_subscription_is_active(core, pm):
+    await seed_pricing(core)
     p = await make_product(pm, list_price="0")
     binding = await pm.bind(p["product_id"], "llm", "llm-a", "chat-a")
     sub = await pm.subscribe("c1", p["product_id"], "s1")
@@ -240,3 +241,73 @@ async def test_accounted_usage_past_quota_is_charged_at_the_plans_overage_price(
     p2 = await make_product(pm, "chat2", unit="call", included="0", list_price="0", overage=None)
     assert (await pm.check_quota("cust-1", p2["product_id"]))["model_usage_past_quota"] == "model_price"
     await books_clean(core)
+
+
+# --- item 12: reads of the catalogue; bind checks the resource; a customer's user_id is its own --------------------
+async def test_products_list_and_read_with_the_plan_a_customer_chooses_by(http):
+    core = http.core
+    pm = wire(core)
+    await seed_pricing(core)
+    cust, _ = await core.apikeys.create("customer", customer_id="c1", name="c1 key")
+    chat = await make_product(pm, "chat", unit="token", included="1000000", list_price="99", overage="3.00",
+                              price_per=1_000_000)
+    off = await make_product(pm, "old", status="disabled")
+    await pm.bind(chat["product_id"], "llm", "llm-a")
+    st, body = await http.get("api/products.dspy", cust)
+    assert (st, body["total"], [r["code"] for r in body["rows"]]) == (200, 1, ["chat"]), body
+    plan = body["rows"][0]
+    assert {k: plan[k] for k in ("list_price", "period_months", "included_quantity", "quantity_unit",
+                                 "overage_price", "price_per", "currency")} == {
+        "list_price": "99.000000", "period_months": 1, "included_quantity": "1000000", "quantity_unit": "token",
+        "overage_price": "3.000000", "price_per": "1000000", "currency": "CNY"}
+    st, body = await http.get("api/products.dspy", http.admin_key, status="disabled")
+    assert [r["code"] for r in body["rows"]] == ["old"]
+    st, body = await http.get("api/products.dspy", http.admin_key, resource_type="llm", resource_ref_id="llm-a")
+    assert [r["code"] for r in body["rows"]] == ["chat"]
+    st, body = await http.get("api/products.dspy", http.admin_key, rows=1, page=2)
+    assert (st, body["total"], len(body["rows"])) == (200, 2, 1)
+    st, body = await http.get("api/product.dspy", cust, product_id=chat["product_id"])
+    assert (st, body["overage_price"]) == (200, "3.000000")
+    st, body = await http.get("api/product.dspy", cust, product_id=off["product_id"])
+    assert (st, body["code"]) == (404, "not_found")
+    st, body = await http.get("api/product.dspy", http.admin_key, product_id=off["product_id"])
+    assert (st, body["status"]) == (200, "disabled")
+
+
+async def test_subscriptions_of_a_disabled_product_are_listed_with_its_status(core, pm):
+    p = await make_product(pm, list_price="0")
+    await pm.subscribe("c1", p["product_id"], "s1")
+    await pm.save_product(product_id=p["product_id"], status="disabled")
+    rows = (await pm.subscriptions("c1"))["rows"]
+    assert [(r["product_id"], r["product_status"], r["status"]) for r in rows] == \
+        [(p["product_id"], "disabled", "active")]
+
+
+async def test_bind_refuses_an_unknown_model(core, pm):
+    await seed_pricing(core)
+    p = await make_product(pm)
+    with pytest.raises(NotFound):
+        await pm.bind(p["product_id"], "llm", "llm-nope")
+    assert (await pm.bindings(p["product_id"], include_disabled=True))["total"] == 0
+    assert (await pm.bind(p["product_id"], "llm", "llm-a"))["enabled"] == "1"
+
+
+async def test_a_customer_key_uses_a_product_only_under_its_own_users(http):
+    core = http.core
+    pm = wire(core)
+    await core.catalog.put("users", [{"id": "u-acme", "kind": "user", "name": "Ann", "org_id": "c1"},
+                                     {"id": "u-other", "kind": "user", "name": "Bob", "org_id": "c2"}])
+    cust, _ = await core.apikeys.create("customer", customer_id="c1", name="c1 key")
+    await core.ledger.recharge("c1", units("10"), "r1")
+    p = await make_product(pm, included="0", list_price="0", overage="0.5")
+    body = {"product_id": p["product_id"], "amount": "1", "source_ref_table": "task"}
+    st, reply = await http.post("api/product_use.dspy", cust, json=dict(body, user_id="u-other", source_ref_id="t1"))
+    assert (st, reply["code"]) == (403, "forbidden"), reply
+    st, reply = await http.post("api/product_use.dspy", cust, json=dict(body, user_id="u-acme", source_ref_id="t2"))
+    assert st == 200, reply
+    st, reply = await http.post("api/product_use.dspy", cust, json=dict(body, user_id="u-unknown", source_ref_id="t3"))
+    assert st == 200, reply
+    st, reply = await http.post("api/product_use.dspy", http.admin_key,
+                                json=dict(body, customer_id="c1", user_id="u-other", source_ref_id="t4"))
+    assert st == 200, reply
+    assert await count(core, "select count(*) from product_usage_log") == 3

@@ -217,6 +217,7 @@ async def test_a_disabled_product_takes_no_new_subscriptions_and_does_not_renew(
 
 # --- suppliers -----------------------------------------------------------------------------------------
 async def test_routing_by_priority_cost_weight_and_fallback(core, pm):
+    await seed_pricing(core)        # bind checks that the model exists
     p = await make_product(pm, unit="token", included="0", list_price="0", overage="0.000002")
     pid = p["product_id"]
     b = await pm.bind(pid, "llm", "llm-a", "chat-a")

@@ -2,7 +2,7 @@
 quota and usage for a customer's own organisation. The ProductManager validates every value
 (amounts as decimal strings, quantities as numbers or strings); a handler reads the parameters,
 checks who may act on which customer and calls one manager method."""
-from ..errors import Forbidden
+from ..errors import Forbidden, NotFound
 from ..products import COST_FIELDS
 from . import endpoint
 from .report_handlers import usage_filter
@@ -22,6 +22,16 @@ def _customer(p, caller, required=True):
     if customer_id is not None:
         caller.check_customer(customer_id)
     return customer_id
+
+
+async def _user_of(core, caller, customer_id, user_id):
+    """A customer-scoped caller writes only under users of its own organisation (when the users
+    cache knows the user; an unknown user id is the caller's own label)."""
+    if user_id is not None and not caller.is_admin:
+        org = await core.catalog.user_org(user_id)
+        if org is not None and org != customer_id:
+            raise Forbidden(f"user {user_id} is not a user of {customer_id}")
+    return user_id
 
 
 def _usage_for(caller, view):
@@ -47,6 +57,25 @@ async def product_save(core, caller, p, request):
         product_id=p.ident("product_id"), product_type=p.str("product_type", max_len=32),
         status=p.str("status", max_len=16), currency=p.str("currency", max_len=8), org_id=p.ident("org_id"),
         description=p.str("description", max_len=500), clear=p.str("clear", max_len=200) or (), **fields)
+
+
+@endpoint("products", methods=READ)
+async def products(core, caller, p, request):
+    """The catalogue with each plan (price, period, included quantity and unit, overage price);
+    a customer key sees the products it can subscribe to (active) only."""
+    page, rows = p.page()
+    status = p.str("status", max_len=16) if caller.is_admin else "active"
+    return await core.products.products(status, p.str("resource_type", max_len=32),
+                                        p.ident("resource_ref_id") or p.ident("resource"), page, rows)
+
+
+@endpoint("product", methods=READ)
+async def product(core, caller, p, request):
+    """One product and its plan; a customer key reads active products only (others: 404)."""
+    result = await core.products.product(p.ident("product_id", required=True))
+    if not caller.is_admin and result["status"] != "active":
+        raise NotFound(f"no product {result['product_id']}")
+    return result
 
 
 @endpoint("product_bind", methods=WRITE, admin=True)
@@ -109,7 +138,7 @@ async def product_subscribe(core, caller, p, request):
         raise Forbidden("a custom plan (included_quantity, package_price, period_months) needs an admin key")
     return await core.products.subscribe(
         customer_id, p.ident("product_id", required=True), p.ident("request_id", required=True, max_len=60),
-        user_id=p.ident("user_id"), auto_renew=p.flag("auto_renew", default="1"), operator=caller.operator, **plan)
+        user_id=await _user_of(core, caller, customer_id, p.ident("user_id")), auto_renew=p.flag("auto_renew", default="1"), operator=caller.operator, **plan)
 
 
 @endpoint("product_subscription_cancel", methods=WRITE)
@@ -145,7 +174,7 @@ async def product_quota(core, caller, p, request):
 async def product_use(core, caller, p, request):
     customer_id = _customer(p, caller)
     result = await core.products.product_use(
-        customer_id, p.ident("user_id", required=True), p.ident("product_id", required=True), _raw(p, "amount"),
+        customer_id, await _user_of(core, caller, customer_id, p.ident("user_id", required=True)), p.ident("product_id", required=True), _raw(p, "amount"),
         unit=p.ident("unit"), source_ref_table=p.ident("source_ref_table", required=True, max_len=64),
         source_ref_id=p.ident("source_ref_id", required=True), product_resource_id=p.ident("product_resource_id"))
     return _usage_for(caller, result)

@@ -53,6 +53,17 @@ def _clear_list(clear) -> list[str]:
     return names
 
 
+# the cache table that knows each resource type's ids ('service' resources are the platform's own: no list)
+_RESOURCE_TABLES = {"llm": "llmage_cache", "uapi": "uapi_cache"}
+
+
+async def _require_resource(tx, resource_type: str, ref: str) -> None:
+    """A binding names a resource the caches know: 404 for an unknown model or API."""
+    table = _RESOURCE_TABLES.get(resource_type)
+    if table and await tx.one(f"select id from {table} where id = ${{r}}$", {"r": ref}) is None:
+        raise NotFound(f"no {resource_type} resource {ref} (sync the {table.split('_')[0]} cache first)")
+
+
 class Catalogue:
     def __init__(self, db, currency: str):
         self.db = db
@@ -111,6 +122,22 @@ class Catalogue:
         async with self.db.read() as tx:
             return product_view(await self.require_product(tx, ident(product_id, "product_id")))
 
+    async def products(self, status=None, resource_type=None, resource_ref_id=None, page=1, rows=20) -> dict:
+        """One page of the catalogue (by code), with each product's plan; ``resource_type`` /
+        ``resource_ref_id``: only products with an enabled binding of that resource."""
+        ns = {"st": choice(status, "status", PRODUCT_STATUSES, required=False),
+              "t": choice(resource_type, "resource_type", RESOURCE_TYPES, required=False),
+              "r": ident(resource_ref_id, "resource_ref_id", required=False)}
+        page, rows = validation.page(page, rows)
+        sql = ("select * from product p where (${st}$ is null or p.status = ${st}$) "
+               "and ((${t}$ is null and ${r}$ is null) or exists (select 1 from product_resource r "
+               "where r.product_id = p.id and r.enabled = '1' and (${t}$ is null or r.resource_type = ${t}$) "
+               "and (${r}$ is null or r.resource_ref_id = ${r}$)))")
+        async with self.db.read() as tx:
+            result = await tx.page(sql, ns, "p.code, p.org_id, p.id", page, rows)
+        result["rows"] = [product_view(p) for p in result["rows"]]
+        return result
+
     # --- resource bindings ----------------------------------------------------------------------------
     async def bind(self, product_id, resource_type, resource_ref_id, resource_name=None) -> dict:
         """Bind a resource to a product (or re-enable an earlier binding). Idempotent."""
@@ -121,6 +148,7 @@ class Catalogue:
 
         async def work(tx):
             await self.require_product(tx, product_id)
+            await _require_resource(tx, resource_type, ref)
             now = clock.now_text()
             ns = {"p": product_id, "t": resource_type, "r": ref, "name": name, "now": now}
             n = await tx.execute("update product_resource set enabled = '1', resource_name = "

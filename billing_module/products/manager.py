@@ -34,6 +34,7 @@ class ProductManager:
         # catalogue and bindings
         self.save_product = self.catalogue.save_product
         self.product = self.catalogue.product
+        self.products = self.catalogue.products
         self.bind = self.catalogue.bind
         self.unbind = self.catalogue.unbind
         self.bindings = self.catalogue.bindings

@@ -163,11 +163,14 @@ class Subscriptions:
               "p": ident(product_id, "product_id", required=False),
               "st": choice(status, "status", SUBSCRIPTION_STATUSES, required=False)}
         page, rows = validation.page(page, rows)
-        sql = ("select * from product_subscription where (${c}$ is null or customer_id = ${c}$) "
-               "and (${p}$ is null or product_id = ${p}$) and (${st}$ is null or status = ${st}$)")
+        # with the product's name and status: a disabled product's subscriptions are listed too
+        sql = ("select s.*, p.product_name, p.status as product_status from product_subscription s "
+               "left join product p on p.id = s.product_id where (${c}$ is null or s.customer_id = ${c}$) "
+               "and (${p}$ is null or s.product_id = ${p}$) and (${st}$ is null or s.status = ${st}$)")
         async with self.db.read() as tx:
-            result = await tx.page(sql, ns, "created_at desc, id desc", page, rows)
-        result["rows"] = [subscription_view(s) for s in result["rows"]]
+            result = await tx.page(sql, ns, "s.created_at desc, s.id desc", page, rows)
+        result["rows"] = [dict(subscription_view(s), product_name=s.product_name, product_status=s.product_status)
+                          for s in result["rows"]]
         return result
 
     async def renew_due(self, limit=100):

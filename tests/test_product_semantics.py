@@ -311,3 +311,30 @@ async def test_a_customer_key_uses_a_product_only_under_its_own_users(http):
                                 json=dict(body, customer_id="c1", user_id="u-other", source_ref_id="t4"))
     assert st == 200, reply
     assert await count(core, "select count(*) from product_usage_log") == 3
+
+
+# --- item 5: margins include subscription fees, per product and per month, and add up with the ledger -----------
+async def test_margins_include_the_subscription_fees_and_add_up_with_the_ledger(core, pm, fixed_clock):
+    p = await make_product(pm, "plan", included="10", list_price="99", overage="0.1")
+    pid = p["product_id"]
+    b = await pm.bind(pid, "service", "svc-1")
+    await pm.add_supplier(b["product_resource_id"], "sup-1", "0.15")
+    await core.ledger.recharge("c1", units("300"), "r1")
+    await pm.subscribe("c1", pid, "s1")                               # 99.00 in November
+    await use(pm, "t1", 13, product=pid)                               # 3 past quota x 0.10; cost 13 x 0.15 = 1.95
+    fixed_clock.now = datetime.datetime(2026, 12, 22, 12, 0, 0)
+    await use(pm, "t2", 1, product=pid)                                # renews (99.00 in December); cost 0.15
+    by_product = await pm.stats("product")
+    row = by_product["rows"][0]
+    assert {k: row[k] for k in ("subscription_fees", "usage_revenue", "revenue", "cost", "margin", "margin_rate")} == {
+        "subscription_fees": "198.000000", "usage_revenue": "0.300000", "revenue": "198.300000",
+        "cost": "2.100000", "margin": "196.200000", "margin_rate": "0.9894"}
+    by_month = await pm.stats("month")
+    assert [(r["key"], r["subscription_fees"], r["usage_revenue"], r["cost"]) for r in by_month["rows"]] == [
+        ("2026-11", "99.000000", "0.300000", "1.950000"), ("2026-12", "99.000000", "0.000000", "0.150000")]
+    async with core.db.read() as tx:
+        charged = await tx.scalar("select sum(-amount) from ledger_entry where entry_type in "
+                                  "('subscription', 'overage')", {})
+    assert units(by_month["totals"]["revenue"]) == int(charged) == units("198.3")
+    assert (await pm.stats("month", start="2026-12-01", end="2027-01-01"))["totals"]["subscription_fees"] == \
+        "99.000000"

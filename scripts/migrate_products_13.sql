@@ -5,7 +5,13 @@
 --     mysql billing < scripts/migrate_products_13.sql
 -- On SQLite (no IF NOT EXISTS for columns) run each ALTER once, e.g.
 --     ALTER TABLE product_subscription ADD COLUMN skipped_periods INTEGER NOT NULL DEFAULT 0;
+--     ALTER TABLE product ADD COLUMN fractional TEXT NOT NULL DEFAULT '1';
 
 -- periods that ended before a late renewal ran: skipped, never charged (docs/products.md)
 ALTER TABLE product_subscription ADD COLUMN IF NOT EXISTS `skipped_periods` INT NOT NULL DEFAULT 0
     comment '跳过的周期数 (periods that ended before a late renewal ran: never charged)';
+
+-- whether a product accepts fractional quantities; existing products keep accepting them ('1'),
+-- new ones in token / call / image / request units default to whole units ('0')
+ALTER TABLE product ADD COLUMN IF NOT EXISTS `fractional` CHAR(1) NOT NULL DEFAULT '1'
+    comment '允许小数数量: 1 yes (second, char), 0 whole units only (token, call, image)';

@@ -338,3 +338,22 @@ async def test_margins_include_the_subscription_fees_and_add_up_with_the_ledger(
     assert units(by_month["totals"]["revenue"]) == int(charged) == units("198.3")
     assert (await pm.stats("month", start="2026-12-01", end="2027-01-01"))["totals"]["subscription_fees"] == \
         "99.000000"
+
+
+# --- item 8: whole units where the product says so; a charge that rounds to zero is still recorded -----------------
+async def test_a_per_image_product_refuses_fractions_and_a_per_second_one_accepts_them(core, pm):
+    await core.ledger.recharge("c1", units("10"), "r1")
+    images = await pm.save_product(code="img", product_name="Images", quantity_unit="image", overage_price="0.2")
+    seconds = await pm.save_product(code="sec", product_name="Seconds", quantity_unit="second", overage_price="0.01")
+    assert (images["fractional"], seconds["fractional"]) == ("0", "1")
+    with pytest.raises(InvalidParam):
+        await use(pm, "i1", "2.5", product=images["product_id"])
+    assert await count(core, "select count(*) from product_usage_log") == 0
+    assert (await use(pm, "i2", 3, product=images["product_id"]))["sell_price"] == "0.600000"
+    assert (await use(pm, "s1", "2.5", product=seconds["product_id"]))["sell_price"] == "0.025000"
+    # a tiny overage rounds half-up to 0 and is still recorded with its quantity (no ledger entry for 0)
+    tiny = await pm.save_product(code="tiny", product_name="Tiny", quantity_unit="char", overage_price="0.000001",
+                                 price_per=10)
+    t = await use(pm, "c1", "0.1", product=tiny["product_id"])
+    assert (t["amount"], t["overage_amount"], t["sell_price"], t["ledger_entry_id"]) == ("0.1", "0.1", "0.000000", None)
+    await books_clean(core)

@@ -52,7 +52,7 @@ async def product_save(core, caller, p, request):
     """Create a product, or change the fields sent of the one named by product_id (``clear`` names
     the nullable fields to empty: overage_price, description)."""
     fields = {k: _raw(p, k) for k in ("code", "product_name", "quantity_unit", "list_price", "included_quantity",
-                                      "period_months", "overage_price", "price_per")}
+                                      "period_months", "overage_price", "price_per", "fractional")}
     return await core.products.save_product(
         product_id=p.ident("product_id"), product_type=p.str("product_type", max_len=32),
         status=p.str("status", max_len=16), currency=p.str("currency", max_len=8), org_id=p.ident("org_id"),

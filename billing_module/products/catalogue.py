@@ -7,8 +7,9 @@ from .. import clock, validation
 from ..db import dialect as dialects
 from ..errors import Conflict, InvalidParam, NotFound
 from ..ids import new_id
-from .values import (MAX_PERIOD_MONTHS, PRODUCT_STATUSES, PRODUCT_TYPES, RESOURCE_TYPES, choice, count, ident,
-                     quantity, text)
+from ..validation import flag
+from .values import (MAX_PERIOD_MONTHS, PRODUCT_STATUSES, PRODUCT_TYPES, RESOURCE_TYPES, WHOLE_UNITS, choice, count,
+                     ident, quantity, text)
 from .views import Row, binding_view, product_view
 
 
@@ -37,6 +38,7 @@ _FIELD_RULES = {
     "overage_price": lambda v: validation.amount(v, "overage_price", non_negative=True),
     "price_per": lambda v: count(v, "price_per", 1, 10**12),
     "description": lambda v: text(v, "description", 500),
+    "fractional": lambda v: flag(v, "fractional", None),
 }
 CLEARABLE = ("overage_price", "description")
 
@@ -106,7 +108,8 @@ class Catalogue:
                 raise InvalidParam(f"{name}: required")
         defaults = {"org_id": "0", "product_type": "llm_model", "status": "active", "currency": self.currency,
                     "list_price": 0, "included_quantity": 0, "period_months": 1, "overage_price": None,
-                    "price_per": 1, "description": None}
+                    "price_per": 1, "description": None,
+                    "fractional": "0" if changes["quantity_unit"] in WHOLE_UNITS else "1"}
         return dict(defaults, **changes)
 
     async def product_row(self, tx, product_id: str) -> Row | None:

@@ -19,7 +19,7 @@ from . import quota
 from .catalogue import Catalogue
 from .subscriptions import Subscriptions, check_currency
 from .suppliers import Suppliers, supplier_cost
-from .values import (HOOK_SOURCE_TABLE, MODE_INCLUDED, MODE_OVERAGE, MODE_PAYG, NotSubscribed, QuotaExceeded, ident,
+from .values import (HOOK_SOURCE_TABLE, MODE_INCLUDED, MODE_OVERAGE, MODE_PAYG, QSCALE, NotSubscribed, QuotaExceeded, ident,
                      ledger_key, plan_overage, q_from_db, qdb, qtext, quantity)
 from .views import Row, usage_view
 
@@ -163,6 +163,8 @@ class Consumption:
         """The unit and the binding a use names must be the product's; returns the binding."""
         if use["unit"] is not None and use["unit"] != product.quantity_unit:
             raise InvalidParam(f"unit: product {product.id} is used in {product.quantity_unit}, not {use['unit']}")
+        if product.fractional != "1" and use["q"] % QSCALE:
+            raise InvalidParam(f"amount: product {product.id} is sold in whole {product.quantity_unit} units")
         if use["binding_id"] is None:
             return None
         b = await self.catalogue.binding(tx, use["binding_id"])

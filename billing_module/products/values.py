@@ -25,6 +25,8 @@ PRODUCT_TYPES = ("llm_model", "api", "bundle")
 PRODUCT_STATUSES = ("active", "disabled")
 SUBSCRIPTION_STATUSES = ("active", "cancelled", "expired")
 TOKEN_UNIT, CALL_UNIT = "token", "call"
+# units sold whole unless a product says otherwise (fractional = '1'); others allow fractions
+WHOLE_UNITS = ("token", "call", "image", "request")
 # accounting's own usage rows are keyed by their record; product_use may not forge such keys
 HOOK_SOURCE_TABLE = "accounting_records"
 MAX_PERIOD_MONTHS = 120

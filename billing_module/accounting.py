@@ -120,6 +120,7 @@ class Accounting:
         self.quota_hook = None
         self.quota_release = None
         self.quota_customers = None   # (tx, customer_ids) -> the ones with subscriptions (batches)
+        self.quota_link = None        # (tx, record_ids): their usage rows get the records' ledger entries
         self.times = clock.TimeRange.from_config(self.config.accounting)
         # concurrent post_usage calls share a transaction and its commit
         self.group = GroupCommit(self.db, single=self._charge_new, batch=self._charge_batch)
@@ -213,6 +214,7 @@ class Accounting:
                 records.append(row)
                 outcomes[i] = (record_view(Row(row)), None)
         await tx.insert_many("accounting_records", records)
+        await self._link_usage(tx, records)
         return outcomes
 
     async def _complete_existing(self, ev, price, model):
@@ -353,6 +355,7 @@ class Accounting:
                         row["ledger_entry_id"] = entry_of.get(row["id"])
                         rows.append(row)
             await tx.update_many("accounting_records", rows)
+            await self._link_usage(tx, rows)
             return len(rows), failed
 
         done, failed = await self.db.run(work)
@@ -542,7 +545,8 @@ class Accounting:
     def _apply_quota(row, quota):
         """A subscription absorbed part of the usage: only ``quota.charge_amount`` is charged."""
         if quota is not None:
-            row.update(amount=quota.charge_amount, subscription_id=quota.subscription_id,
+            # the record and its usage row state the same sell and cost
+            row.update(amount=quota.charge_amount, cost=quota.cost, subscription_id=quota.subscription_id,
                        included_quantity=str(quota.included))
 
     async def _charge(self, tx, ev, price, model, existing):
@@ -573,7 +577,14 @@ class Accounting:
             sets = ", ".join(f"{k} = ${{{k}}}$" for k in row if k not in keep)
             await tx.execute(f"update accounting_records set {sets} where id = ${{id}}$", row)
             await self.core.failures.resolve_in(tx, existing.id, now)
+        await self._link_usage(tx, [row])
         return record_view(DictObject(**row))
+
+    async def _link_usage(self, tx, rows):
+        """The usage rows the quota hook wrote for charged records carry their ledger entry."""
+        charged = [r["id"] for r in rows if r.get("subscription_id") and r.get("ledger_entry_id")]
+        if charged and self.quota_link:
+            await self.quota_link(tx, charged)
 
 
 _HAS_RECORD = object()   # a grouped request whose request_id already has a record

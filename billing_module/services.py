@@ -22,6 +22,7 @@ def build_services(core, db):
     core.accounting.quota_hook = core.products.quota_hook
     core.accounting.quota_release = core.products.release_quota
     core.accounting.quota_customers = core.products.subscribed_customers
+    core.accounting.quota_link = core.products.link_ledger
 
 
 def background_jobs(core):

@@ -357,3 +357,28 @@ async def test_a_per_image_product_refuses_fractions_and_a_per_second_one_accept
     t = await use(pm, "c1", "0.1", product=tiny["product_id"])
     assert (t["amount"], t["overage_amount"], t["sell_price"], t["ledger_entry_id"]) == ("0.1", "0.1", "0.000000", None)
     await books_clean(core)
+
+
+# --- item 9: a charged usage row carries its ledger entry; record and usage row state the same sell and cost ------
+async def test_accounted_usage_rows_carry_the_ledger_entry_and_the_records_sell_and_cost(core, pm, fixed_clock):
+    fixed_clock.now = datetime.datetime(2026, 11, 22, 9, 0, 0)
+    await seed_pricing(core)
+    p = await make_product(pm, "chat", unit="token", included="1000", list_price="0", overage="3.00",
+                           price_per=1_000_000)
+    binding = await pm.bind(p["product_id"], "llm", "llm-a", "chat-a")
+    await pm.add_supplier(binding["product_resource_id"], "sup-1", "0.000002")    # 1,500 tokens cost 0.003
+    await core.ledger.recharge("cust-1", units("1"), "r1")
+    await pm.subscribe("cust-1", p["product_id"], "s1")
+    await core.accounting.post_usage(usage("e1"))                      # 500 past quota: 0.0015
+    await core.accounting.submit_usage(usage("e2"))                    # batch: 1,500 past quota: 0.0045
+    assert await core.accounting.account_pending() == 1
+    async with core.db.read() as tx:
+        pairs = await tx.select(
+            "select a.request_id, a.amount, a.cost, a.ledger_entry_id as a_entry, u.sell_price, u.total_cost, "
+            "u.ledger_entry_id as u_entry from accounting_records a join product_usage_log u "
+            "on u.source_ref_id = a.id order by a.request_id", {})
+    assert [(r.request_id, int(r.amount), int(r.cost)) for r in pairs] == [("e1", 1500, 3000), ("e2", 4500, 3000)]
+    for r in pairs:
+        assert r.a_entry is not None and r.u_entry == r.a_entry
+        assert (int(r.sell_price), int(r.total_cost)) == (int(r.amount), int(r.cost))
+    await books_clean(core)

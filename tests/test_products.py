@@ -17,6 +17,7 @@ def wire(core):
     pm = ProductManager(core)
     core.products = pm
     core.accounting.quota_hook = pm.quota_hook
+    core.accounting.quota_link = pm.link_ledger
     return pm
 
 

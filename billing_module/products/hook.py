@@ -20,6 +20,7 @@ from .views import Row
 class QuotaResult:
     """What the accounting quota hook returns: charge only ``charge_amount`` (the overage part)."""
     charge_amount: int
+    cost: int                 # micro-units: the usage row's cost, which the record states too
     subscription_id: str
     included: Decimal
     overage: Decimal
@@ -86,7 +87,7 @@ class QuotaHook:
             billing_mode=MODE_OVERAGE if over else MODE_INCLUDED, source_ref_table=HOOK_SOURCE_TABLE,
             source_ref_id=record_id, idempotency_key=key, use_time=at, currency=price.currency or product.currency)
         await row.insert(tx)
-        return QuotaResult(charge, cov.id, Decimal(take).scaleb(-4), Decimal(over).scaleb(-4), row.id)
+        return QuotaResult(charge, row.total_cost, cov.id, Decimal(take).scaleb(-4), Decimal(over).scaleb(-4), row.id)
 
     async def _replay(self, tx, row: Row, price) -> QuotaResult:
         """The reservation an earlier attempt of this record made: the same split, the overage
@@ -96,8 +97,16 @@ class QuotaHook:
         if charge != int_from_db(row.sell_price):
             await tx.execute("update product_usage_log set sell_price = ${sp}$ where id = ${u}$",
                              {"sp": charge, "u": row.id})
-        return QuotaResult(charge, row.subscription_id, Decimal(q - over).scaleb(-4), Decimal(over).scaleb(-4),
-                           row.id)
+        return QuotaResult(charge, int_from_db(row.total_cost), row.subscription_id, Decimal(q - over).scaleb(-4),
+                           Decimal(over).scaleb(-4), row.id)
+
+    async def link_ledger(self, tx, record_ids: list[str]) -> None:
+        """After accounting posted the records' charges: their usage rows carry the ledger entry."""
+        ns: dict[str, object] = {}
+        await tx.execute("update product_usage_log set ledger_entry_id = (select a.ledger_entry_id from "
+                         "accounting_records a where a.id = product_usage_log.source_ref_id) "
+                         f"where source_ref_table = '{HOOK_SOURCE_TABLE}' and source_ref_id in "
+                         f"{tx.in_list(record_ids, ns)}", ns)
 
     async def release_quota(self, tx, record_id: str) -> bool:
         """Undo, inside the accountant's transaction, the reservation the hook made for an

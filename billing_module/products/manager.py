@@ -60,6 +60,7 @@ class ProductManager:
         self.quota_hook = self.hook.quota_hook
         self.release_quota = self.hook.release_quota
         self.subscribed_customers = self.hook.subscribed_customers
+        self.link_ledger = self.hook.link_ledger
 
     # --- the product report (reports.py, source "product") in the products' reply shapes ----------------
     async def usage_list(self, page=1, rows=20, **filters) -> dict:

@@ -14,6 +14,16 @@ def pm(core):
     return wire(core)
 
 
+async def chat_plan(core, pm, included, list_price="0", overage=None, unit_cost="0.000001", **kw):
+    """A token plan on the model llm-a (chat-a) with one supplier, at 2026-11-22 09:00 (the test
+    events are used at 10:00)."""
+    await seed_pricing(core)
+    p = await make_product(pm, "chat", unit="token", included=included, list_price=list_price, overage=overage, **kw)
+    binding = await pm.bind(p["product_id"], "llm", "llm-a", "chat-a")
+    supplier = await pm.add_supplier(binding["product_resource_id"], "sup-1", unit_cost)
+    return p, supplier
+
+
 # --- item 10: cancel is idempotent; a cancel at the period end can be undone -----------------------------
 async def test_a_repeated_cancel_is_a_duplicate_and_keeps_the_first_reason(core, pm, fixed_clock):
     p = await make_product(pm, list_price="1")
@@ -124,10 +134,7 @@ async def test_a_use_at_the_period_end_renews_in_the_same_transaction(core, pm, 
 
 async def test_an_accounted_event_after_the_period_end_renews_and_spends_the_new_quota(core, pm, fixed_clock):
     fixed_clock.now = datetime.datetime(2026, 11, 22, 9, 0, 0)
-    await seed_pricing(core)
-    p = await make_product(pm, "chat", unit="token", included="3000", list_price="1", overage=None)
-    binding = await pm.bind(p["product_id"], "llm", "llm-a", "chat-a")
-    await pm.add_supplier(binding["product_resource_id"], "sup-1", "0.000001")
+    p, _ = await chat_plan(core, pm, "3000", list_price="1")
     await core.ledger.recharge("cust-1", units("5"), "r1")
     await pm.subscribe("cust-1", p["product_id"], "s1")
     assert (await core.accounting.post_usage(usage("e1", output_tokens=2000)))["amount"] == "0.000000"
@@ -181,10 +188,7 @@ async def test_a_product_whose_suppliers_are_all_disabled_sells_nothing(core, pm
 
 async def test_an_accounted_event_through_a_product_without_supplier_is_stored_as_failed(core, pm, fixed_clock):
     fixed_clock.now = datetime.datetime(2026, 11, 22, 9, 0, 0)
-    await seed_pricing(core)
-    p = await make_product(pm, "chat", unit="token", included="3000", list_price="0", overage=None)
-    binding = await pm.bind(p["product_id"], "llm", "llm-a", "chat-a")
-    supplier = await pm.add_supplier(binding["product_resource_id"], "sup-1", "0.000001")
+    p, supplier = await chat_plan(core, pm, "3000")
     await core.ledger.recharge("cust-1", units("5"), "r1")
     await pm.subscribe("cust-1", p["product_id"], "s1")
     await pm.disable_supplier(supplier["supplier_id"])
@@ -219,12 +223,8 @@ async def test_unbind_is_refused_while_a_subscription_is_active(core, pm):
 # --- item 7: one overage price: the quota reply, the charge and the ledger show the same number --------------------
 async def test_accounted_usage_past_quota_is_charged_at_the_plans_overage_price(core, pm, fixed_clock):
     fixed_clock.now = datetime.datetime(2026, 11, 22, 9, 0, 0)
-    await seed_pricing(core)
     # 1,000 tokens included, 3.00 per 1M tokens beyond (the model's own price would be 0.006 per 1,500 tokens)
-    p = await make_product(pm, "chat", unit="token", included="1000", list_price="0", overage="3.00",
-                           price_per=1_000_000)
-    binding = await pm.bind(p["product_id"], "llm", "llm-a", "chat-a")
-    await pm.add_supplier(binding["product_resource_id"], "sup-1", "0.000001")
+    p, _ = await chat_plan(core, pm, "1000", overage="3.00", price_per=1_000_000)
     await core.ledger.recharge("cust-1", units("1"), "r1")
     await pm.subscribe("cust-1", p["product_id"], "s1")
     quota = await pm.check_quota("cust-1", p["product_id"])
@@ -362,11 +362,8 @@ async def test_a_per_image_product_refuses_fractions_and_a_per_second_one_accept
 # --- item 9: a charged usage row carries its ledger entry; record and usage row state the same sell and cost ------
 async def test_accounted_usage_rows_carry_the_ledger_entry_and_the_records_sell_and_cost(core, pm, fixed_clock):
     fixed_clock.now = datetime.datetime(2026, 11, 22, 9, 0, 0)
-    await seed_pricing(core)
-    p = await make_product(pm, "chat", unit="token", included="1000", list_price="0", overage="3.00",
-                           price_per=1_000_000)
-    binding = await pm.bind(p["product_id"], "llm", "llm-a", "chat-a")
-    await pm.add_supplier(binding["product_resource_id"], "sup-1", "0.000002")    # 1,500 tokens cost 0.003
+    # 1,500 tokens cost 0.003 at the supplier
+    p, _ = await chat_plan(core, pm, "1000", overage="3.00", price_per=1_000_000, unit_cost="0.000002")
     await core.ledger.recharge("cust-1", units("1"), "r1")
     await pm.subscribe("cust-1", p["product_id"], "s1")
     await core.accounting.post_usage(usage("e1"))                      # 500 past quota: 0.0015

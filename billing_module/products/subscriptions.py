@@ -113,48 +113,46 @@ class Subscriptions:
         """Cancel now (the quota is no longer usable; no refund), or at the period end (no renewal;
         ``resume`` undoes it before the period ends). Idempotent: a second cancel changes nothing,
         keeps the first reason and answers ``duplicate: true``."""
-        subscription_id = ident(subscription_id, "subscription_id")
         reason = text(reason, "reason", 255) or "cancelled"
-
-        async def work(tx):
-            ns = {"s": subscription_id, "now": clock.now_text(), "why": reason}
-            if at_period_end:
-                # cancelled_at marks the cancel, so a repeat is recognised as one (and resume can undo it)
-                n = await tx.execute("update product_subscription set auto_renew = '0', status_reason = ${why}$, "
-                                     "cancelled_at = ${now}$, version = version + 1, updated_at = ${now}$ "
-                                     "where id = ${s}$ and status = 'active' and cancelled_at is null", ns)
-            else:
-                n = await tx.execute("update product_subscription set status = 'cancelled', active_key = null, "
-                                     "status_reason = case when cancelled_at is null then ${why}$ "
-                                     "else status_reason end, cancelled_at = coalesce(cancelled_at, ${now}$), "
-                                     "version = version + 1, updated_at = ${now}$ "
-                                     "where id = ${s}$ and status = 'active'", ns)
-            sub = await self.subscription_row(tx, subscription_id)
-            if sub is None:
-                raise NotFound(f"no subscription {subscription_id}")
-            already = sub.status == "cancelled" or (at_period_end and sub.status == "active")
-            if n == 0 and not already:
-                raise Conflict(f"subscription {subscription_id} is {sub.status}", code="subscription_closed")
-            return subscription_view(sub, duplicate=n == 0)
-        return await self.db.run(work)
+        if at_period_end:
+            # cancelled_at marks the cancel, so a repeat is recognised as one (and resume can undo it)
+            sql = ("update product_subscription set auto_renew = '0', status_reason = ${why}$, "
+                   "cancelled_at = ${now}$, version = version + 1, updated_at = ${now}$ "
+                   "where id = ${s}$ and status = 'active' and cancelled_at is null")
+        else:
+            sql = ("update product_subscription set status = 'cancelled', active_key = null, "
+                   "status_reason = case when cancelled_at is null then ${why}$ else status_reason end, "
+                   "cancelled_at = coalesce(cancelled_at, ${now}$), version = version + 1, updated_at = ${now}$ "
+                   "where id = ${s}$ and status = 'active'")
+        return await self._transition(
+            subscription_id, sql, {"why": reason},
+            repeat=lambda sub: sub.status == "cancelled" or (at_period_end and sub.status == "active"),
+            refusal=lambda sub: f"subscription {sub.id} is {sub.status}")
 
     async def resume(self, subscription_id):
         """Undo a cancel at the period end while the period lasts: the subscription renews again.
         Resuming one that is not cancelled changes nothing (``duplicate: true``)."""
+        return await self._transition(
+            subscription_id,
+            "update product_subscription set auto_renew = '1', status_reason = null, cancelled_at = null, "
+            "version = version + 1, updated_at = ${now}$ where id = ${s}$ and status = 'active' "
+            "and cancelled_at is not null and period_end > ${now}$", {},
+            repeat=lambda sub: sub.status == "active" and sub.cancelled_at is None,
+            refusal=lambda sub: f"subscription {sub.id} is {sub.status}, its period ends {sub.period_end}: "
+                                "it cannot be resumed")
+
+    async def _transition(self, subscription_id, update_sql: str, values: dict, repeat, refusal) -> dict:
+        """Run one state change of a subscription: ``update_sql`` matched no row and ``repeat(sub)``
+        holds -> the change was made before (``duplicate: true``); otherwise a 409."""
         subscription_id = ident(subscription_id, "subscription_id")
 
         async def work(tx):
-            ns = {"s": subscription_id, "now": clock.now_text()}
-            n = await tx.execute("update product_subscription set auto_renew = '1', status_reason = null, "
-                                 "cancelled_at = null, version = version + 1, updated_at = ${now}$ "
-                                 "where id = ${s}$ and status = 'active' and cancelled_at is not null "
-                                 "and period_end > ${now}$", ns)
+            n = await tx.execute(update_sql, dict(values, s=subscription_id, now=clock.now_text()))
             sub = await self.subscription_row(tx, subscription_id)
             if sub is None:
                 raise NotFound(f"no subscription {subscription_id}")
-            if n == 0 and not (sub.status == "active" and sub.cancelled_at is None):
-                raise Conflict(f"subscription {subscription_id} is {sub.status}, its period ended "
-                               f"{sub.period_end}: it cannot be resumed", code="subscription_closed")
+            if n == 0 and not repeat(sub):
+                raise Conflict(refusal(sub), code="subscription_closed")
             return subscription_view(sub, duplicate=n == 0)
         return await self.db.run(work)
 

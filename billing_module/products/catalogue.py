@@ -1,19 +1,32 @@
 """The product catalogue and resource bindings: what is sold (a product with its plan: package
 price, included quantity, period, overage price) and which resources it sells (an LLM model, an
 upstream API, a service). Bindings are disabled, never deleted, so usage rows keep their reference."""
+from collections.abc import Awaitable, Callable
+
 from appPublic.dictObject import DictObject
 
 from .. import clock, validation
 from ..db import dialect as dialects
+from ..db.database import Database, Tx
 from ..errors import Conflict, InvalidParam, NotFound
 from ..ids import new_id
 from ..validation import flag
-from .values import (MAX_PERIOD_MONTHS, PRODUCT_STATUSES, PRODUCT_TYPES, RESOURCE_TYPES, WHOLE_UNITS, choice, count,
-                     ident, quantity, text)
+from .values import (
+    MAX_PERIOD_MONTHS,
+    PRODUCT_STATUSES,
+    PRODUCT_TYPES,
+    RESOURCE_TYPES,
+    WHOLE_UNITS,
+    choice,
+    count,
+    ident,
+    quantity,
+    text,
+)
 from .views import Row, binding_view, product_view
 
 
-async def run_unique(db, work, duplicate: Conflict) -> Row:
+async def run_unique(db: Database, work: Callable[[Tx], Awaitable[Row]], duplicate: Conflict) -> Row:
     """``db.run(work)``; a unique index refusing the row becomes ``duplicate`` (a 409)."""
     try:
         return await db.run(work)
@@ -43,7 +56,7 @@ _FIELD_RULES = {
 CLEARABLE = ("overage_price", "description")
 
 
-def _clear_list(clear) -> list[str]:
+def _clear_list(clear: object) -> list[str]:
     """The fields to empty: a list or a comma-separated string of ``CLEARABLE`` names."""
     names = clear.split(",") if isinstance(clear, str) else clear
     if not isinstance(names, (list, tuple)) or not all(isinstance(n, str) for n in names):
@@ -59,7 +72,7 @@ def _clear_list(clear) -> list[str]:
 _RESOURCE_TABLES = {"llm": "llmage_cache", "uapi": "uapi_cache"}
 
 
-async def _require_resource(tx, resource_type: str, ref: str) -> None:
+async def _require_resource(tx: Tx, resource_type: str, ref: str) -> None:
     """A binding names a resource the caches know: 404 for an unknown model or API."""
     table = _RESOURCE_TABLES.get(resource_type)
     if table and await tx.one(f"select id from {table} where id = ${{r}}$", {"r": ref}) is None:
@@ -71,8 +84,8 @@ class Catalogue:
         self.db = db
         self.currency = currency      # of a product saved without one
 
-    async def save_product(self, code=None, product_name=None, quantity_unit=None, product_id=None,
-                           clear=(), **fields) -> dict:
+    async def save_product(self, code: object = None, product_name: object = None, quantity_unit: object = None,
+                           product_id: object = None, clear: object = (), **fields: object) -> dict:
         """Create a product (no ``product_id``, or one not known yet), or change an existing one:
         only the fields given change (None or "" leaves a field as it is), and a nullable field
         (``overage_price``, ``description``) is emptied only when named in ``clear``.
@@ -112,20 +125,21 @@ class Catalogue:
                     "fractional": "0" if changes["quantity_unit"] in WHOLE_UNITS else "1"}
         return dict(defaults, **changes)
 
-    async def product_row(self, tx, product_id: str) -> Row | None:
+    async def product_row(self, tx: Tx, product_id: str) -> Row | None:
         return await tx.one("select * from product where id = ${p}$", {"p": product_id})
 
-    async def require_product(self, tx, product_id: str) -> Row:
+    async def require_product(self, tx: Tx, product_id: str) -> Row:
         p = await self.product_row(tx, product_id)
         if p is None:
             raise NotFound(f"no product {product_id}")
         return p
 
-    async def product(self, product_id) -> dict:
+    async def product(self, product_id: object) -> dict:
         async with self.db.read() as tx:
             return product_view(await self.require_product(tx, ident(product_id, "product_id")))
 
-    async def products(self, status=None, resource_type=None, resource_ref_id=None, page=1, rows=20) -> dict:
+    async def products(self, status: object = None, resource_type: object = None, resource_ref_id: object = None,
+                       page: object = 1, rows: object = 20) -> dict:
         """One page of the catalogue (by code), with each product's plan; ``resource_type`` /
         ``resource_ref_id``: only products with an enabled binding of that resource."""
         ns = {"st": choice(status, "status", PRODUCT_STATUSES, required=False),
@@ -142,7 +156,8 @@ class Catalogue:
         return result
 
     # --- resource bindings ----------------------------------------------------------------------------
-    async def bind(self, product_id, resource_type, resource_ref_id, resource_name=None) -> dict:
+    async def bind(self, product_id: object, resource_type: object, resource_ref_id: object,
+                   resource_name: object = None) -> dict:
         """Bind a resource to a product (or re-enable an earlier binding). Idempotent."""
         product_id = ident(product_id, "product_id")
         resource_type = choice(resource_type, "resource_type", RESOURCE_TYPES)
@@ -170,7 +185,7 @@ class Catalogue:
         # a concurrent insert of the same key won; this run updates it
         return binding_view(await self.db.run(work))
 
-    async def has_bindings(self, tx, product_id: str) -> bool:
+    async def has_bindings(self, tx: Tx, product_id: str) -> bool:
         """Whether the product sells bound resources (a binding, enabled or not, was ever made)."""
         return await tx.one("select id from product_resource where product_id = ${p}$ limit 1",
                             {"p": product_id}) is not None
@@ -179,11 +194,11 @@ class Catalogue:
         return await tx.one("select * from product_resource where product_id = ${p}$ and resource_type = ${t}$ "
                             "and resource_ref_id = ${r}$", {"p": product_id, "t": resource_type, "r": ref})
 
-    async def binding(self, tx, binding_id: str) -> Row | None:
+    async def binding(self, tx: Tx, binding_id: str) -> Row | None:
         return await tx.one("select * from product_resource where id = ${b}$", {"b": binding_id})
 
-    async def unbind(self, product_resource_id=None, product_id=None, resource_type=None,
-                     resource_ref_id=None, force=False) -> dict:
+    async def unbind(self, product_resource_id: object = None, product_id: object = None,
+                     resource_type: object = None, resource_ref_id: object = None, force: bool = False) -> dict:
         """Disable a binding (kept, so usage rows keep their reference); its suppliers stop routing.
         Refused (409 ``binding_in_use``) while the product has active subscriptions, whose quota
         covers the resource until their period ends, unless ``force``: then their uses of the
@@ -207,8 +222,8 @@ class Catalogue:
             return await self.binding(tx, b.id)
         return binding_view(await self.db.run(work))
 
-    async def bindings(self, product_id=None, resource_type=None, resource_ref_id=None,
-                       include_disabled=False) -> dict:
+    async def bindings(self, product_id: object = None, resource_type: object = None, resource_ref_id: object = None,
+                       include_disabled: object = False) -> dict:
         ns = {"p": ident(product_id, "product_id", required=False),
               "t": choice(resource_type, "resource_type", RESOURCE_TYPES, required=False),
               "r": ident(resource_ref_id, "resource_ref_id", required=False),

@@ -3,16 +3,28 @@ spends the quota first; accounting then charges only the overage part. The hook 
 batch accountant's transaction and writes one usage log row per accounting record."""
 from dataclasses import dataclass
 from decimal import Decimal
+from typing import Any
 
 from .. import clock
+from ..db.database import Tx
 from ..ids import new_id
+from ..pricing import PriceResult, Usage
 from . import quota
 from .catalogue import Catalogue
 from .consumption import Supply, UsageRow, usage_by_key
 from .subscriptions import Subscriptions
 from .suppliers import Suppliers, supplier_cost
-from .values import (CALL_UNIT, HOOK_SOURCE_TABLE, MODE_INCLUDED, MODE_OVERAGE, TOKEN_UNIT, div_half_up, int_from_db,
-                     plan_overage, q_from_db)
+from .values import (
+    CALL_UNIT,
+    HOOK_SOURCE_TABLE,
+    MODE_INCLUDED,
+    MODE_OVERAGE,
+    TOKEN_UNIT,
+    div_half_up,
+    int_from_db,
+    plan_overage,
+    q_from_db,
+)
 from .views import Row
 
 
@@ -36,10 +48,10 @@ class QuotaHook:
         self.subscriptions = subscriptions
         self.accounting_config = accounting_config   # allow_arrears: what the accountant's charges may leave
 
-    async def subscribed_customers(self, tx, customer_ids) -> set[str]:
+    async def subscribed_customers(self, tx: Tx, customer_ids: set[str]) -> set[str]:
         return await quota.subscribed_customers(tx, customer_ids)
 
-    async def quota_hook(self, tx, ev, price, record_id: str) -> QuotaResult | None:
+    async def quota_hook(self, tx: Tx, ev: Any, price: PriceResult, record_id: str) -> QuotaResult | None:
         """An LLM event covered by an active subscription of its customer (through an 'llm' binding
         of its model, or its product_id) consumes quota first; the returned charge is the overage
         part's share of ``price.amount``, rounded half-up. None when the event is not covered;
@@ -100,7 +112,7 @@ class QuotaHook:
         return QuotaResult(charge, int_from_db(row.total_cost), row.subscription_id, Decimal(q - over).scaleb(-4),
                            Decimal(over).scaleb(-4), row.id)
 
-    async def link_ledger(self, tx, record_ids: list[str]) -> None:
+    async def link_ledger(self, tx: Tx, record_ids: list[str]) -> None:
         """After accounting posted the records' charges: their usage rows carry the ledger entry."""
         ns: dict[str, object] = {}
         await tx.execute("update product_usage_log set ledger_entry_id = (select a.ledger_entry_id from "
@@ -108,7 +120,7 @@ class QuotaHook:
                          f"where source_ref_table = '{HOOK_SOURCE_TABLE}' and source_ref_id in "
                          f"{tx.in_list(record_ids, ns)}", ns)
 
-    async def release_quota(self, tx, record_id: str) -> bool:
+    async def release_quota(self, tx: Tx, record_id: str) -> bool:
         """Undo, inside the accountant's transaction, the reservation the hook made for an
         accounting record whose charge was then refused: the quota goes back and the usage row
         goes. Returns whether there was one."""
@@ -122,7 +134,7 @@ class QuotaHook:
         return True
 
 
-def overage_charge(product: Row, price, q: int, over: int) -> int:
+def overage_charge(product: Row, price: PriceResult, q: int, over: int) -> int:
     """What ``over`` of an event's ``q`` units past the quota costs: the plan's overage price when
     it has one (the price ``product_quota`` shows), else the model's price for that share of the
     event (``product_quota`` says ``model_price``); half-up, like every charge."""
@@ -133,7 +145,7 @@ def overage_charge(product: Row, price, q: int, over: int) -> int:
     return div_half_up(int(price.amount) * over, q)
 
 
-def event_quantity(usage, unit: str) -> int:
+def event_quantity(usage: Usage, unit: str) -> int:
     """How much of a plan's unit one LLM event uses, in 1e-4 units: 'token' counts input + output
     tokens (cached tokens are part of input), 'call' counts 1 per event, any other unit counts the
     event's quantity when the event is in that unit; otherwise 0 (the plan does not cover it)."""

@@ -69,7 +69,8 @@ async def test_resume_over_http_is_limited_to_the_callers_subscriptions(http):
     st, body = await http.post("api/product_subscription_cancel.dspy", cust,
                                json={"subscription_id": sub["subscription_id"], "at_period_end": "1"})
     assert (st, body["auto_renew"]) == (200, "0"), body
-    st, _ = await http.post("api/product_subscription_resume.dspy", other, json={"subscription_id": sub["subscription_id"]})
+    st, _ = await http.post("api/product_subscription_resume.dspy", other,
+                            json={"subscription_id": sub["subscription_id"]})
     assert st == 403
     st, body = await http.post("api/product_subscription_resume.dspy", cust,
                                json={"subscription_id": sub["subscription_id"]})
@@ -198,7 +199,8 @@ async def test_an_accounted_event_through_a_product_without_supplier_is_stored_a
     await core.accounting.submit_usage(usage("e2"))
     assert await core.accounting.account_pending() == 0
     async with core.db.read() as tx:
-        failed = await tx.select("select request_id, failure_code from llmusage_accounting_failed order by request_id", {})
+        failed = await tx.select("select request_id, failure_code from llmusage_accounting_failed "
+                                 "order by request_id", {})
     assert [(f.request_id, f.failure_code) for f in failed] == [("e1", "no_supplier"), ("e2", "no_supplier")]
     assert await balance(core, "cust-1") == "5.000000"
     assert (await pm.check_quota("cust-1", p["product_id"]))["used"] == "0"

@@ -138,7 +138,8 @@ async def product_subscribe(core, caller, p, request):
         raise Forbidden("a custom plan (included_quantity, package_price, period_months) needs an admin key")
     return await core.products.subscribe(
         customer_id, p.ident("product_id", required=True), p.ident("request_id", required=True, max_len=60),
-        user_id=await _user_of(core, caller, customer_id, p.ident("user_id")), auto_renew=p.flag("auto_renew", default="1"), operator=caller.operator, **plan)
+        user_id=await _user_of(core, caller, customer_id, p.ident("user_id")),
+        auto_renew=p.flag("auto_renew", default="1"), operator=caller.operator, **plan)
 
 
 @endpoint("product_subscription_cancel", methods=WRITE)
@@ -174,7 +175,8 @@ async def product_quota(core, caller, p, request):
 async def product_use(core, caller, p, request):
     customer_id = _customer(p, caller)
     result = await core.products.product_use(
-        customer_id, await _user_of(core, caller, customer_id, p.ident("user_id", required=True)), p.ident("product_id", required=True), _raw(p, "amount"),
+        customer_id, await _user_of(core, caller, customer_id, p.ident("user_id", required=True)),
+        p.ident("product_id", required=True), _raw(p, "amount"),
         unit=p.ident("unit"), source_ref_table=p.ident("source_ref_table", required=True, max_len=64),
         source_ref_id=p.ident("source_ref_id", required=True), product_resource_id=p.ident("product_resource_id"))
     return _usage_for(caller, result)

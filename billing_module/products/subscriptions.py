@@ -19,8 +19,18 @@ from ..money import from_micro
 from ..validation import flag
 from . import quota
 from .catalogue import Catalogue
-from .values import (MAX_PERIOD_MONTHS, SUBSCRIPTION_STATUSES, UNPAID, choice, count, ident, period,
-                     period_index, quantity, text)
+from .values import (
+    MAX_PERIOD_MONTHS,
+    SUBSCRIPTION_STATUSES,
+    UNPAID,
+    choice,
+    count,
+    ident,
+    period,
+    period_index,
+    quantity,
+    text,
+)
 from .views import Row, subscription_view
 
 log = logging.getLogger("billing_module.products")

@@ -45,7 +45,8 @@ def subscription_view(s: Row, duplicate: bool = False) -> dict:
         "included": qtext(included), "used": qtext(used), "remaining": qtext(max(0, included - used)),
         "unit": s.quantity_unit, "package_price": from_micro(int(s.package_price)), "currency": s.currency,
         "period_months": int(s.period_months), "started_at": s.started_at, "period_start": s.period_start,
-        "period_end": s.period_end, "renewals": int(s.renewals), "skipped_periods": int(s.skipped_periods or 0), "auto_renew": s.auto_renew,
+        "period_end": s.period_end, "renewals": int(s.renewals), "skipped_periods": int(s.skipped_periods or 0),
+        "auto_renew": s.auto_renew,
         "cancelled_at": s.cancelled_at, "ledger_entry_id": s.ledger_entry_id, "created_at": s.created_at,
         "duplicate": duplicate,
     }

@@ -1,5 +1,6 @@
 """Issue 13: product semantics a reseller can trust, one test (or more) per numbered item, on both
 databases, with the clock moved across period ends (``fixed_clock``), never sleeping."""
+import asyncio
 import datetime
 
 import pytest
@@ -130,6 +131,20 @@ async def test_a_use_at_the_period_end_renews_in_the_same_transaction(core, pm, 
     assert await balance(core, "c1") == "4.000000"                     # 10 - 3 - 3, no pay-as-you-go
     after = await pm.subscription(sub["subscription_id"])
     assert (after["renewals"], after["used"], after["period_end"]) == (1, "4", "2027-01-22 12:00:00")
+    await books_clean(core)
+
+
+async def test_concurrent_uses_at_the_period_end_renew_once_and_both_use_the_new_quota(core, pm, fixed_clock):
+    p = await make_product(pm)
+    pid = p["product_id"]
+    await core.ledger.recharge("c1", units("10"), "r1")
+    await pm.subscribe("c1", pid, "s1")
+    await use(pm, "t0", 10, product=pid)
+    fixed_clock.now = datetime.datetime(2026, 12, 22, 12, 0, 0)
+    results = await asyncio.gather(*[use(pm, f"t{i}", 1, product=pid) for i in range(1, 5)])
+    assert sorted(r["billing_mode"] for r in results) == ["1"] * 4
+    assert await count(core, "select count(*) from ledger_entry where entry_type = 'subscription'") == 2
+    assert await balance(core, "c1") == "4.000000"
     await books_clean(core)
 
 

@@ -149,7 +149,7 @@ class Consumption:
         due = await quota.due(tx, use["customer_id"], now, product_id=product.id)
         if due is not None:
             await self.subscriptions.renew_in(tx, due, now)
-        cov = await quota.covering(tx, use["customer_id"], now, product_id=product.id)
+        cov = await quota.covering(tx, use["customer_id"], now, product_id=product.id, current=due is not None)
         locked = await quota.lock(tx, cov.id, now) if cov else None
         take, over = quota.split(locked, use["q"])
         if locked is None and product.status != "active":

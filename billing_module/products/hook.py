@@ -71,7 +71,7 @@ class QuotaHook:
         due = await quota.due(tx, ev.customer_id, at, **match)
         if due is not None:     # an event at or after the period end renews the subscription first
             await self.subscriptions.renew_in(tx, due, at)
-        cov = await quota.covering(tx, ev.customer_id, at, **match)
+        cov = await quota.covering(tx, ev.customer_id, at, current=due is not None, **match)
         if cov is None:
             return None
         q = event_quantity(ev.usage, cov.quantity_unit)

@@ -25,9 +25,11 @@ _DUE_SQL = _MATCH_SQL.replace("{when}", "s.period_end <= ${at}$ and s.auto_renew
 
 
 async def covering(tx: Tx, customer_id: str, at: str, product_id: str | None = None, llmid: str | None = None,
-                   model_name: str | None = None) -> Row | None:
-    return await tx.one(_COVERING_SQL, {"c": customer_id, "at": at, "pid": product_id, "llm": llmid,
-                                        "mname": model_name})
+                   model_name: str | None = None, current: bool = False) -> Row | None:
+    """``current``: read the latest committed rows (a locking read), for a use that found its
+    subscription due: a concurrent use may have just renewed it, which a MySQL snapshot would miss."""
+    return await tx.one(_COVERING_SQL + (tx.for_update() if current else ""),
+                        {"c": customer_id, "at": at, "pid": product_id, "llm": llmid, "mname": model_name})
 
 
 async def due(tx: Tx, customer_id: str, at: str, product_id: str | None = None, llmid: str | None = None,

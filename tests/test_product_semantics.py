@@ -5,7 +5,9 @@ import datetime
 
 import pytest
 
-from billing_module.errors import Conflict, InvalidParam, NotFound
+from billing_module.config import load_config
+from billing_module.core import BillingCore
+from billing_module.errors import ConfigError, Conflict, InvalidParam, NotFound
 from tests.helpers import seed_pricing, units, usage
 from tests.test_products import balance, books_clean, count, make_product, use, wire
 
@@ -396,3 +398,38 @@ async def test_accounted_usage_rows_carry_the_ledger_entry_and_the_records_sell_
         assert r.a_entry is not None and r.u_entry == r.a_entry
         assert (int(r.sell_price), int(r.total_cost)) == (int(r.amount), int(r.cost))
     await books_clean(core)
+
+
+# --- item 11 (periods): a configured time zone; periods start at local midnight and are labelled there ---------------
+async def test_a_period_starts_at_midnight_of_the_subscription_day_in_the_configured_zone(core, db_desc, tmp_path,
+                                                                                          fixed_clock):
+    config = load_config(environ={}, overrides={"server": {"data_dir": str(tmp_path), "log_file": ""},
+                                                "accounting": {"background": False}, "timezone": "Asia/Shanghai"})
+    shanghai = BillingCore(config=config, db_desc=db_desc, data_dir=str(tmp_path), instance_id="instance-tz")
+    try:
+        pm = shanghai.products
+        fixed_clock.now = datetime.datetime(2026, 11, 30, 17, 30, 0)      # 01:30 on Dec 1 in UTC+8
+        await shanghai.ledger.recharge("c1", units("10"), "r1")
+        p = await pm.save_product(code="month", product_name="Month", quantity_unit="call", included_quantity="10",
+                                  list_price="3")
+        assert p["period_anchor"] == "day"
+        sub = await pm.subscribe("c1", p["product_id"], "s1")
+        assert (sub["period_start"], sub["period_end"]) == ("2026-11-30 16:00:00", "2026-12-31 16:00:00")
+        async with shanghai.db.read() as tx:
+            reason = await tx.scalar("select reason from ledger_entry where entry_type = 'subscription'", {})
+        assert reason == "subscribe month 2026-12-01..2027-01-01"
+        fixed_clock.now = datetime.datetime(2026, 12, 31, 16, 0, 0)        # midnight of Jan 1 in UTC+8
+        assert (await pm.renew_due())["renewed"] == 1
+        after = await pm.subscription(sub["subscription_id"])
+        assert (after["period_start"], after["period_end"]) == ("2026-12-31 16:00:00", "2027-01-31 16:00:00")
+        second = await pm.save_product(code="sec", product_name="Sec", quantity_unit="call", period_anchor="second")
+        fixed_clock.now = datetime.datetime(2027, 1, 5, 3, 4, 5)
+        s2 = await pm.subscribe("c1", second["product_id"], "s2")
+        assert s2["period_start"] == "2027-01-05 03:04:05"
+    finally:
+        await shanghai.close()
+
+
+def test_a_timezone_that_is_not_an_iana_name_is_refused(tmp_path):
+    with pytest.raises(ConfigError):
+        load_config(environ={}, overrides={"timezone": "Mars/Olympus"})

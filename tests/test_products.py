@@ -24,11 +24,12 @@ def pm(core):
 
 
 async def make_product(pm, code="pack", unit="call", included="10", list_price="3", overage="0.5", fractional="1",
-                       **kw):
-    """A product that accepts fractional quantities unless the test says otherwise."""
+                       period_anchor="second", **kw):
+    """A product that accepts fractional quantities and starts its periods at the second of
+    subscribing unless the test says otherwise."""
     return await pm.save_product(code=code, product_name=f"{code} product", quantity_unit=unit,
                                  included_quantity=included, list_price=list_price, overage_price=overage,
-                                 fractional=fractional, **kw)
+                                 fractional=fractional, period_anchor=period_anchor, **kw)
 
 
 async def balance(core, customer):

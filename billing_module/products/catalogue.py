@@ -13,6 +13,7 @@ from ..ids import new_id
 from ..validation import flag
 from .values import (
     MAX_PERIOD_MONTHS,
+    PERIOD_ANCHORS,
     PRODUCT_STATUSES,
     PRODUCT_TYPES,
     RESOURCE_TYPES,
@@ -52,6 +53,7 @@ _FIELD_RULES = {
     "price_per": lambda v: count(v, "price_per", 1, 10**12),
     "description": lambda v: text(v, "description", 500),
     "fractional": lambda v: flag(v, "fractional", None),
+    "period_anchor": lambda v: choice(v, "period_anchor", PERIOD_ANCHORS),
 }
 CLEARABLE = ("overage_price", "description")
 
@@ -122,7 +124,7 @@ class Catalogue:
         defaults = {"org_id": "0", "product_type": "llm_model", "status": "active", "currency": self.currency,
                     "list_price": 0, "included_quantity": 0, "period_months": 1, "overage_price": None,
                     "price_per": 1, "description": None,
-                    "fractional": "0" if changes["quantity_unit"] in WHOLE_UNITS else "1"}
+                    "fractional": "0" if changes["quantity_unit"] in WHOLE_UNITS else "1", "period_anchor": "day"}
         return dict(defaults, **changes)
 
     async def product_row(self, tx: Tx, product_id: str) -> Row | None:

@@ -28,7 +28,7 @@ class ProductManager:
         self.db = db
         self.catalogue = Catalogue(db, config.currency)
         self.suppliers_service = Suppliers(db, self.catalogue)
-        self.subscriptions_service = Subscriptions(db, ledger, self.catalogue)
+        self.subscriptions_service = Subscriptions(db, ledger, self.catalogue, config.timezone)
         self.consumption = Consumption(db, ledger, self.catalogue, self.suppliers_service, self.subscriptions_service)
         self.hook = QuotaHook(ledger, self.catalogue, self.suppliers_service, self.subscriptions_service,
                               config.accounting)

@@ -26,6 +26,8 @@ from .values import (
     choice,
     count,
     ident,
+    local_date,
+    local_start,
     period,
     period_index,
     quantity,
@@ -45,10 +47,11 @@ async def check_currency(tx: Tx, customer_id: str, currency: str) -> None:
 
 
 class Subscriptions:
-    def __init__(self, db, ledger, catalogue: Catalogue):
+    def __init__(self, db, ledger, catalogue: Catalogue, timezone: str = "UTC"):
         self.db = db
         self.ledger = ledger
         self.catalogue = catalogue
+        self.timezone = timezone      # periods start at local midnight and are labelled in this zone
 
     async def subscribe(self, customer_id: object, product_id: object, request_id: object, user_id: object = None,
                         included_quantity: object = None, package_price: object = None, period_months: object = None,
@@ -84,7 +87,7 @@ class Subscriptions:
             now = clock.now_text()
             months = plan["months"] or int(product.period_months)
             price = int(product.list_price) if plan["price"] is None else plan["price"]
-            start, end = period(now, months, 0)
+            start, end = period(local_start(now, self.timezone, product.period_anchor), months, 0, self.timezone)
             sub = {
                 "id": new_id(), "customer_id": customer_id, "user_id": user_id, "product_id": product_id,
                 "request_id": request_id, "payload_hash": phash, "active_key": active_key, "status": "active",
@@ -99,7 +102,7 @@ class Subscriptions:
                 entry = await self.ledger.post(
                     tx, customer_id, -price, "subscription", f"sub:{request_id}", phash, must_cover=True,
                     refuse_suspended=True, ref_type="product_subscription", ref_id=sub["id"],
-                    reason=f"subscribe {product.code} {start[:10]}..{end[:10]}", operator=operator)
+                    reason=f"subscribe {product.code} {self._label(start, end)}", operator=operator)
                 sub["ledger_entry_id"] = entry.id
             await tx.insert("product_subscription", sub)
             return subscription_view(DictObject(**sub))
@@ -228,9 +231,9 @@ class Subscriptions:
         if product is None or product.status != "active":
             return await self._expire(tx, sub, now, "product no longer available")
         # a late renewal starts the period that contains now: the periods that passed are skipped, not billed
-        k = max(int(sub.renewals) + 1, period_index(sub.started_at, int(sub.period_months), now))
+        k = max(int(sub.renewals) + 1, period_index(sub.started_at, int(sub.period_months), now, self.timezone))
         skipped = k - int(sub.renewals) - 1
-        start, end = period(sub.started_at, int(sub.period_months), k)
+        start, end = period(sub.started_at, int(sub.period_months), k, self.timezone)
         price, entry_id = int(sub.package_price), None
         if price > 0:
             try:
@@ -238,7 +241,7 @@ class Subscriptions:
                     tx, sub.customer_id, -price, "subscription", f"renew:{sub.id}:{k}",
                     payload_hash({"op": "renew", "subscription": sub.id, "k": k, "amount": price}),
                     must_cover=True, refuse_suspended=True, ref_type="product_subscription", ref_id=sub.id,
-                    reason=f"renew {product.code} {start[:10]}..{end[:10]}"
+                    reason=f"renew {product.code} {self._label(start, end)}"
                     + (f" ({skipped} passed period(s) skipped)" if skipped else ""))
             except UNPAID as e:
                 # post() refused before writing anything; the claim and the expiry commit together
@@ -251,6 +254,10 @@ class Subscriptions:
         if skipped:
             log.info("subscription %s renewed late: %d passed period(s) skipped", sub.id, skipped)
         return "renewed"
+
+    def _label(self, start: str, end: str) -> str:
+        """A period as its dates in the configured time zone ('2026-12-01..2027-01-01')."""
+        return f"{local_date(start, self.timezone)}..{local_date(end, self.timezone)}"
 
     async def _expire(self, tx, sub, now, reason):
         await tx.execute("update product_subscription set status = 'expired', active_key = null, "

@@ -8,6 +8,7 @@ products' own: quantities, unit costs, their choices and their column formats.
 """
 import calendar
 import datetime
+import zoneinfo
 from decimal import Decimal
 from typing import Literal, overload
 
@@ -23,6 +24,7 @@ BILLING_MODES = {MODE_INCLUDED: "included", MODE_OVERAGE: "overage", MODE_PAYG: 
 RESOURCE_TYPES = ("llm", "uapi", "service")
 PRODUCT_TYPES = ("llm_model", "api", "bundle")
 PRODUCT_STATUSES = ("active", "disabled")
+PERIOD_ANCHORS = ("day", "second")   # a period starts at midnight of the subscription day, or at its second
 SUBSCRIPTION_STATUSES = ("active", "cancelled", "expired")
 TOKEN_UNIT, CALL_UNIT = "token", "call"
 # units sold whole unless a product says otherwise (fractional = '1'); others allow fractions
@@ -156,20 +158,42 @@ def add_months(dt: datetime.datetime, months: int) -> datetime.datetime:
     return dt.replace(year=year, month=month, day=min(dt.day, calendar.monthrange(year, month)[1]))
 
 
-def period(started_at: str, months: int, k: int) -> tuple[str, str]:
-    """Start and end of period ``k`` (0 = the first); every period is anchored on the first start,
-    so month-end clamping never drifts (Jan 31 -> Feb 28 -> Mar 31)."""
-    start = clock.parse(started_at)
-    return clock.fmt(add_months(start, k * months)), clock.fmt(add_months(start, (k + 1) * months))
+def period(started_at: str, months: int, k: int, tz: str = "UTC") -> tuple[str, str]:
+    """Start and end of period ``k`` (0 = the first), UTC texts; every period is anchored on the
+    first start, so month-end clamping never drifts (Jan 31 -> Feb 28 -> Mar 31). Months are
+    added to the wall time in ``tz``, so a period that starts at local midnight ends at one."""
+    zone = zoneinfo.ZoneInfo(tz)
+    local = clock.parse(started_at).replace(tzinfo=datetime.timezone.utc).astimezone(zone).replace(tzinfo=None)
+
+    def utc(months_on: int) -> str:
+        wall = add_months(local, months_on).replace(tzinfo=zone)
+        return clock.fmt(wall.astimezone(datetime.timezone.utc))
+    return utc(k * months), utc((k + 1) * months)
 
 
-def period_index(started_at: str, months: int, at: str) -> int:
+def local_start(at: str, tz: str, anchor: str) -> str:
+    """When a period that begins at ``at`` (UTC text) starts: at that second (``anchor`` 'second'),
+    or at midnight of that day in ``tz`` ('day'); a UTC text."""
+    if anchor != "day":
+        return at
+    zone = zoneinfo.ZoneInfo(tz)
+    local = clock.parse(at).replace(tzinfo=datetime.timezone.utc).astimezone(zone)
+    return clock.fmt(local.replace(hour=0, minute=0, second=0).astimezone(datetime.timezone.utc))
+
+
+def local_date(at: str, tz: str) -> str:
+    """The date of a UTC text in ``tz`` ('YYYY-MM-DD'): how a period is labelled."""
+    zone = zoneinfo.ZoneInfo(tz)
+    return clock.parse(at).replace(tzinfo=datetime.timezone.utc).astimezone(zone).date().isoformat()
+
+
+def period_index(started_at: str, months: int, at: str, tz: str = "UTC") -> int:
     """The number of the period (0 = the first) that contains ``at``, on the anchor of ``period``."""
     start, now = clock.parse(started_at), clock.parse(at)
     k = max(0, ((now.year - start.year) * 12 + now.month - start.month) // months)
-    while k > 0 and clock.parse(period(started_at, months, k)[0]) > now:
+    while k > 0 and clock.parse(period(started_at, months, k, tz)[0]) > now:
         k -= 1
-    while clock.parse(period(started_at, months, k)[1]) <= now:
+    while clock.parse(period(started_at, months, k, tz)[1]) <= now:
         k += 1
     return k
 

@@ -16,7 +16,8 @@ def product_view(p: Row) -> dict:
         "list_price": from_micro(int(p.list_price)), "included_quantity": qtext(p.included_quantity),
         "quantity_unit": p.quantity_unit, "period_months": int(p.period_months),
         "overage_price": None if p.overage_price is None else from_micro(int(p.overage_price)),
-        "price_per": str(int(p.price_per)), "fractional": p.fractional, "description": p.description,
+        "price_per": str(int(p.price_per)), "fractional": p.fractional, "period_anchor": p.period_anchor,
+        "description": p.description,
         "created_at": p.created_at, "updated_at": p.updated_at,
     }
 

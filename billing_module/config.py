@@ -7,6 +7,7 @@ A wrong value is a ``ConfigError`` naming the key, raised when the config is loa
 """
 import copy
 import os
+import zoneinfo
 
 import yaml
 
@@ -99,6 +100,16 @@ def _hosts(v):
     return hosts
 
 
+def _timezone(v):
+    """An IANA time zone name (``Asia/Shanghai``); periods and their labels follow it."""
+    name = str(v).strip()
+    try:
+        zoneinfo.ZoneInfo(name)
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+        raise ValueError("must be an IANA time zone name such as UTC or Asia/Shanghai") from None
+    return name
+
+
 def _currency(v):
     v = str(v).strip().upper()
     if not (3 <= len(v) <= 8 and v.isalpha()):
@@ -146,6 +157,7 @@ def _sync_path(v):
 
 SCHEMA = {
     "currency": ("CNY", _currency),
+    "timezone": ("UTC", _timezone),      # subscription periods start at midnight of this zone
     "database": {
         "driver": ("sqlite", _choice("sqlite", "mysql")),
         "path": ("", _str),              # sqlite file; default <data_dir>/billing.db

@@ -45,7 +45,7 @@ log = logging.getLogger("billing_module.accounting")
 
 # refusals that leave the event stored as failed (retried later) rather than rejected
 ACCOUNTING_FAILURES = ("no_pricing", "unknown_customer", "insufficient_balance", "account_suspended",
-                       "currency_mismatch", "unpriced_factor")
+                       "currency_mismatch", "unpriced_factor", "no_supplier")
 
 
 def _ident(raw, name, required=False, max_len=32):
@@ -144,6 +144,8 @@ class QuotaSource(Protocol):
 
     async def subscribed_customers(self, tx: Tx, customer_ids: set[str]) -> set[str]: ...
 
+    async def link_ledger(self, tx: Tx, record_ids: list[str]) -> None: ...
+
 
 class Accounting:
     def __init__(self, db: Database, config: Config, *, catalog: Catalog, ledger: Ledger, failures: FailureStore,
@@ -224,7 +226,10 @@ class Accounting:
                 continue
             row = self._accounted_row(ev, now, price, model)
             if ev.customer_id in covered:
-                self._apply_quota(row, await self._take_quota(tx, ev, price, row["id"]))
+                try:
+                    self._apply_quota(row, await self._take_quota(tx, ev, price, row["id"]))
+                except BillingError:
+                    raise Fallback() from None     # the product refused it (no_supplier): that event's alone
             by_customer.setdefault(ev.customer_id, []).append((i, row, ev))
         for customer_id, group in by_customer.items():
             charged = [{"amount": -row["amount"], "request_id": ev.request_id, "payload_hash": ev.hash,
@@ -247,6 +252,7 @@ class Accounting:
                 records.append(row)
                 outcomes[i] = (record_view(Row(row)), None)
         await tx.insert_many("accounting_records", records)
+        await self._link_usage(tx, records)
         return outcomes
 
     async def _complete_existing(self, ev, price, model):
@@ -360,7 +366,11 @@ class Accounting:
                     continue
                 row = _accounted_update(rec, price, model, now)
                 if ev.customer_id in covered:
-                    self._apply_quota(row, await self._take_quota(tx, ev, price, rec.id))
+                    try:
+                        self._apply_quota(row, await self._take_quota(tx, ev, price, rec.id))
+                    except BillingError as e:      # the product refused it (no_supplier) before writing
+                        failed.append((rec, e, price))
+                        continue
                 by_customer.setdefault(ev.customer_id, []).append((row, rec, price))
             rows = []
             for customer_id, items in by_customer.items():
@@ -385,6 +395,7 @@ class Accounting:
                         row["ledger_entry_id"] = entry_of.get(row["id"])
                         rows.append(row)
             await tx.update_many("accounting_records", rows)
+            await self._link_usage(tx, rows)
             return len(rows), failed
 
         done, failed = await self.db.run(work)
@@ -560,7 +571,8 @@ class Accounting:
     def _apply_quota(row, quota):
         """A subscription absorbed part of the usage: only ``quota.charge_amount`` is charged."""
         if quota is not None:
-            row.update(amount=quota.charge_amount, subscription_id=quota.subscription_id,
+            # the record and its usage row state the same sell and cost
+            row.update(amount=quota.charge_amount, cost=quota.cost, subscription_id=quota.subscription_id,
                        included_quantity=str(quota.included))
 
     async def _charge(self, tx, ev, price, model, existing):
@@ -591,7 +603,14 @@ class Accounting:
             sets = ", ".join(f"{k} = ${{{k}}}$" for k in row if k not in keep)
             await tx.execute(f"update accounting_records set {sets} where id = ${{id}}$", row)
             await self.failures.resolve_in(tx, existing.id, now)
+        await self._link_usage(tx, [row])
         return record_view(DictObject(**row))
+
+    async def _link_usage(self, tx: Tx, rows: list[dict[str, Any]]) -> None:
+        """The usage rows the quota hook wrote for charged records carry their ledger entry."""
+        charged = [r["id"] for r in rows if r.get("subscription_id") and r.get("ledger_entry_id")]
+        if charged and self.quota is not None:
+            await self.quota.link_ledger(tx, charged)
 
 
 def record_row(ev: Event, now: str, status: str, currency: str, price: PriceResult | None = None,

@@ -66,7 +66,7 @@ def build_parser():
     st = p.add_subparsers(dest="action", required=True)
     c = st.add_parser("close", help="close a month's statements for every customer (idempotent)")
     add_common_options(c)
-    c.add_argument("--month", required=True, help="YYYY-MM, in statements.timezone")
+    c.add_argument("--month", required=True, help="YYYY-MM, in the configured timezone")
     return parser
 
 

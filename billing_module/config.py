@@ -8,6 +8,7 @@ A wrong value is a ``ConfigError`` naming the key, raised when the config is loa
 import copy
 import os
 import re
+import zoneinfo
 
 import yaml
 
@@ -100,6 +101,16 @@ def _hosts(v):
     return hosts
 
 
+def _timezone(v):
+    """An IANA time zone name (``Asia/Shanghai``); periods and their labels follow it."""
+    name = str(v).strip()
+    try:
+        zoneinfo.ZoneInfo(name)
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+        raise ValueError("must be an IANA time zone name such as UTC or Asia/Shanghai") from None
+    return name
+
+
 def _currency(v):
     v = str(v).strip().upper()
     if not (3 <= len(v) <= 8 and v.isalpha()):
@@ -138,16 +149,6 @@ def _role_list(v):
     return tuple(roles)
 
 
-def _time_zone(v):
-    import zoneinfo
-    v = str(v).strip()
-    try:
-        zoneinfo.ZoneInfo(v)
-    except (zoneinfo.ZoneInfoNotFoundError, ValueError) as e:
-        raise ValueError(f"not a known IANA time zone ({e})") from None
-    return v
-
-
 def _statement_prefix(v):
     v = str(v).strip()
     if not re.fullmatch(r"[A-Za-z0-9]{1,8}", v):
@@ -164,6 +165,7 @@ def _sync_path(v):
 
 SCHEMA = {
     "currency": ("CNY", _currency),
+    "timezone": ("UTC", _timezone),      # subscription periods start at midnight of this zone
     "database": {
         "driver": ("sqlite", _choice("sqlite", "mysql")),
         "path": ("", _str),              # sqlite file; default <data_dir>/billing.db
@@ -267,9 +269,8 @@ SCHEMA = {
         "export_max_limit": (5000, _positive_int),        # largest page the export side serves
     },
     "statements": {
-        # months begin at midnight in this IANA time zone (statements.py); the number is
-        # "<number_prefix>-<year>-<sequence>", unique per deployment and year
-        "timezone": ("UTC", _time_zone),
+        # months begin at midnight in the deployment's ``timezone`` (statements.py); the number
+        # is "<number_prefix>-<year>-<sequence>", unique per deployment and year
         "number_prefix": ("ST", _statement_prefix),
         # a month is closed this long after its end (a transaction that stamped its entry just
         # before the cut-off has committed by then), by a job that looks every interval

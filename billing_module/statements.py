@@ -1,7 +1,7 @@
 """Monthly statements: what a customer's books did in one calendar month.
 
 A statement covers the ledger entries *written* in the month (``ledger_entry.created_at`` in
-``[period_start, period_end)``, the month's midnights in ``statements.timezone`` as UTC), so it is
+``[period_start, period_end)``, the month's midnights in the deployment's ``timezone`` as UTC), so it is
 a cut of the ledger and adds up exactly: ``opening`` is the ledger's sum before the period,
 ``closing = opening + recharges - charges + refunds + adjustments`` is its sum before the cut-off.
 An event used in a closed month but accounted after the cut-off is charged in the month it was
@@ -128,10 +128,10 @@ class Statements:
     """Computes, closes, reads and proves monthly statements (the SQL of ``statement``)."""
 
     def __init__(self, db: Database, config: Config) -> None:
-        self.db, self.config = db, config.statements
+        self.db, self.config, self.time_zone = db, config.statements, config.timezone
 
     def bounds(self, month: str) -> tuple[str, str]:
-        return month_bounds(month, self.config.timezone)
+        return month_bounds(month, self.time_zone)
 
     async def _compute(self, tx, customer_id: str, start: str, end: str) -> tuple[Totals, dict]:
         ns = {"c": customer_id, "s": start, "e": end, "t": start}
@@ -165,7 +165,7 @@ class Statements:
                 raise NotFound(f"customer {customer_id} has no account")
             totals, details = await self._compute(tx, customer_id, start, end)
         row = _Row(customer_id=customer_id, month=month, status="open", currency=currency,
-                   time_zone=self.config.timezone, period_start=start, period_end=end)
+                   time_zone=self.time_zone, period_start=start, period_end=end)
         return statement_view(row, totals, details)
 
     async def _stored(self, where: str, ns: dict):
@@ -224,7 +224,7 @@ class Statements:
         seq = int(await tx.scalar("select coalesce(max(number_seq), 0) as n from statement "
                                   "where number_year = ${y}$", {"y": year}) or 0) + 1
         row = {"id": new_id(), "number": f"{self.config.number_prefix}-{year}-{seq:06d}", "number_year": year,
-               "number_seq": seq, "customer_id": customer_id, "month": month, "time_zone": self.config.timezone,
+               "number_seq": seq, "customer_id": customer_id, "month": month, "time_zone": self.time_zone,
                "period_start": start, "period_end": end, "status": "closed", "currency": currency,
                **asdict(totals), "closing": totals.closing, "details": json.dumps(details),
                "closed_at": clock.now_text(), "closed_by": (closed_by or "system")[:128]}
@@ -247,7 +247,7 @@ class Statements:
     async def close_due(self) -> int:
         """The job: close the previous month once ``close_grace_seconds`` have passed after its end."""
         now = clock.utcnow() - datetime.timedelta(seconds=self.config.close_grace_seconds)
-        return await self.close_month(previous_month(month_of(now, self.config.timezone)), closed_by="job")
+        return await self.close_month(previous_month(month_of(now, self.time_zone)), closed_by="job")
 
     # --- proof -----------------------------------------------------------------------------------
     async def reconcile(self) -> list[dict]:

@@ -65,6 +65,8 @@ READ_APIS="
 /billing_module/api/usage_list.dspy
 /billing_module/api/usage_export.dspy
 /billing_module/api/usage_stats.dspy
+/billing_module/api/products.dspy
+/billing_module/api/product.dspy
 /billing_module/api/product_bindings.dspy
 /billing_module/api/product_suppliers.dspy
 /billing_module/api/product_subscriptions.dspy
@@ -82,6 +84,8 @@ READ_APIS="
 CUSTOMER_APIS="
 /billing_module/api/pricing.dspy
 /billing_module/api/quote.dspy
+/billing_module/api/products.dspy
+/billing_module/api/product.dspy
 /billing_module/api/product_bindings.dspy
 /billing_module/api/balance.dspy
 /billing_module/api/transactions.dspy
@@ -114,6 +118,7 @@ WRITE_APIS="
 /billing_module/api/product_supplier_disable.dspy
 /billing_module/api/product_subscribe.dspy
 /billing_module/api/product_subscription_cancel.dspy
+/billing_module/api/product_subscription_resume.dspy
 /billing_module/api/product_use.dspy
 /billing_module/api/sync_run.dspy
 /billing_module/api/customer_key_create.dspy

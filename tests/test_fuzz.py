@@ -179,6 +179,10 @@ SPEC = {
                            F("included_quantity", "quantity", truthy=True),
                            F("period_months", "count", minimum=1, maximum=120), F("overage_price", "money", sign="nonneg"),
                            F("price_per", "count", minimum=1, maximum=10**12), F("description", "text", max_len=500)])],
+    "products": [Base({}, [F("status", "choice", choices=("active", "disabled")),
+                           F("resource_type", "choice", choices=("llm", "uapi", "service")),
+                           F("resource_ref_id", "ident"), *PAGING])],
+    "product": [Base({"product_id": "@product"}, [F("product_id", "ident", True)])],
     "product_bind": [Base({"product_id": "@product", "resource_type": "llm", "resource_ref_id": "llm-flat"},
                           [F("product_id", "ident", True), F("resource_type", "choice", True,
                                                               choices=("llm", "uapi", "service")),
@@ -212,6 +216,7 @@ SPEC = {
     "product_subscription_cancel": [Base({"subscription_id": "@subscription"},
                                          [F("subscription_id", "ident", True), F("at_period_end", "flag"),
                                           F("reason", "text", max_len=255)])],
+    "product_subscription_resume": [Base({"subscription_id": "@subscription"}, [F("subscription_id", "ident", True)])],
     "product_subscriptions": [Base({}, [F("customer_id", "ident"), F("product_id", "ident"),
                                         F("status", "choice", choices=("active", "cancelled", "expired")), *PAGING])],
     "product_quota": [Base({"customer_id": "cust-1", "product_id": "@product"},
@@ -669,7 +674,7 @@ async def test_wrong_methods_and_callers_are_refused(world):
         await attempt("basic auth", method, name, params, key="", headers={"Authorization": "Basic YWRtaW46YWRtaW4="})
         await attempt("empty bearer", method, name, params, key="", headers={"Authorization": "Bearer "})
         if is_admin_only(name) or bases[0].params.get("customer_id") == "cust-1" or name in (
-                "settle", "release", "product_subscription_cancel"):
+                "settle", "release", "product_subscription_cancel", "product_subscription_resume"):
             # cust-2's key: admin endpoints, and cust-1's customer, hold and subscription
             await attempt("another customer's key", method, name, params, key=customer_key)
     assert failures == [], "\n".join(failures)

@@ -9,11 +9,11 @@ import sys
 
 import pytest
 
+from billing_module.config import load_config
 from billing_module.core import BillingCore
 from billing_module.errors import Conflict
 from billing_module.money import from_micro
 from billing_module.statements import Statements, month_bounds
-from tests.conftest import make_config
 from tests.helpers import seed_pricing, usage
 
 PRICE = 6000          # micro-units of one chat-a usage (helpers.CHAT_A_PRICE)
@@ -92,7 +92,8 @@ async def test_statements_across_a_month_end_with_a_late_event_refund_and_adjust
 async def test_a_time_zone_moves_the_cut_off(core, fixed_clock, tmp_path, db_desc):
     """In Asia/Shanghai November begins at 2026-10-31 16:00 UTC: a charge at 17:00 UTC is November's."""
     assert month_bounds("2026-11", "Asia/Shanghai") == ("2026-10-31 16:00:00", "2026-11-30 16:00:00")
-    cfg = make_config(tmp_path, statements={"timezone": "Asia/Shanghai"})
+    cfg = load_config(environ={}, overrides={"server": {"data_dir": str(tmp_path), "log_file": ""},
+                                             "timezone": "Asia/Shanghai"})
     at(fixed_clock, "2026-10-31 15:00:00")
     await seed_pricing(core)
     await core.ledger.recharge("c1", 1_000_000, "r1")

@@ -58,6 +58,7 @@ def register_functions(core, env):
     env.billing_health = core.health
     env.billing_post_usage = svc("accounting", "post_usage")
     env.billing_submit_usage = svc("accounting", "submit_usage")
+    env.billing_post_usage_batch = svc("accounting", "post_usage_batch")
     env.billing_quote = svc("accounting", "quote")
     env.billing_balance = svc("ledger", "balance")
     env.billing_recharge = svc("ledger", "recharge")

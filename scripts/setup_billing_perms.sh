@@ -73,6 +73,7 @@ READONLY_APIS="
 WRITE_APIS="
 /billing_module/api/accounting.dspy
 /billing_module/api/accounting_submit.dspy
+/billing_module/api/accounting_batch.dspy
 /billing_module/api/authorize.dspy
 /billing_module/api/settle.dspy
 /billing_module/api/release.dspy

@@ -1,8 +1,10 @@
 """The endpoint handlers. Each validates its parameters, calls one core function and returns
 the reply's data; ``billing_module.api.handle`` checks the method and the caller and shapes
 the reply."""
-from ..errors import InvalidParam
+from ..accounting import BATCH_MODES, batch_refusal
+from ..errors import BillingError, InvalidParam
 from . import endpoint
+from .params import Params
 
 READ, WRITE = ("GET",), ("POST",)
 
@@ -129,6 +131,36 @@ async def accounting_submit(core, caller, p, request):
     result = await core.accounting.submit_usage(_event(p, caller))
     result["_status"] = 202 if not result.get("duplicate") else 200
     return result
+
+
+@endpoint("accounting_batch", methods=WRITE)
+async def accounting_batch(core, caller, p, request):
+    """Many usage events (``events``, a JSON list) in one request; ``mode`` ``now`` or ``queue``.
+    Each event is read as the single endpoint reads it, with the caller's scope applied to it
+    (a customer key's customer forced, its request_id namespaced); one refused event is a
+    refused result, never a failed request."""
+    events = p.raw.get("events")      # a JSON list, which every Params reader refuses as "given twice"
+    mode = p.str("mode", choices=BATCH_MODES, default="now")
+    limit = core.config.accounting.batch_max_events
+    if not isinstance(events, list) or not 0 < len(events) <= limit:
+        raise InvalidParam(f"events: a JSON list of 1 to {limit} usage events")
+    results, accepted = [None] * len(events), []
+    for i, raw in enumerate(events):
+        try:
+            if not isinstance(raw, dict):
+                raise InvalidParam("event: must be an object")
+            accepted.append((i, _event(Params(caller.scope(raw)), caller)))
+        except BillingError as e:
+            results[i] = batch_refusal(e)
+    if accepted:
+        done = await core.accounting.post_usage_batch([raw for _, raw in accepted], mode)
+        for (i, _), result in zip(accepted, done):
+            results[i] = result
+    counts = {k: 0 for k in ("accounted", "duplicate", "queued", "refused")}
+    for i, result in enumerate(results):
+        result["index"] = i
+        counts[result["outcome"]] += 1
+    return {"mode": mode, "total": len(results), "counts": counts, "results": results}
 
 
 @endpoint("quote", methods=READ + WRITE)

@@ -168,3 +168,4 @@ async def test_in_process_batch(http):
     results = await ServerEnv().billing_post_usage_batch([usage("i1"), usage("i2", customer="ghost")])
     assert [r["outcome"] for r in results] == ["accounted", "refused"]
     assert results[0]["amount"] == CHAT_A_PRICE and results[1]["code"] == "unknown_customer"
+

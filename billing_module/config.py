@@ -248,7 +248,8 @@ class Config(dict):
 
 
 def _defaults(schema):
-    return Config({k: _defaults(v) if isinstance(v, dict) else v[0] for k, v in schema.items()})
+    # a copy of a mutable default: a config changed at run time never changes the next one's
+    return Config({k: _defaults(v) if isinstance(v, dict) else copy.copy(v[0]) for k, v in schema.items()})
 
 
 def _apply(target, schema, values, where):

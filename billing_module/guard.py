@@ -28,8 +28,8 @@ from aiohttp import web
 from aiohttp.streams import StreamReader
 
 from .core import MODULE_NAME
-from .resources import resource_dir
 from .db import dialect as dialects
+from .resources import resource_dir
 
 log = logging.getLogger("billing_module.guard")
 
@@ -67,8 +67,7 @@ def error_reply(request, status, code, message, headers=None):
 
 # --- what a path is ----------------------------------------------------------------------------------
 def _api_methods(name):
-    from .api import HANDLERS, load_handlers
-    load_handlers()
+    from .api import HANDLERS
     spec = HANDLERS.get(name)
     return spec[1] if spec else None
 
@@ -253,5 +252,5 @@ def install_request_guard():
             app.on_startup.append(check_host_sessions)
             from .api.native import add_native_routes
             add_native_routes(app)
-    ahapp_built.billing_guard = True
+    ahapp_built.__dict__["billing_guard"] = True
     rf.register("ahapp_built", ahapp_built)

@@ -276,8 +276,8 @@ def _serve_workers(cfg, data_dir, demo, workers, argv):
             await core.close()
     asyncio.run(prepare())
     child_argv = [a for a in argv if a != "--demo"]
-    children = [subprocess.Popen([sys.executable, "-m", "billing_module.cli"] + child_argv + ["--workers", "1", "--quiet"])
-                for _ in range(workers)]
+    command = [sys.executable, "-m", "billing_module.cli", *child_argv, "--workers", "1", "--quiet"]
+    children = [subprocess.Popen(command) for _ in range(workers)]
 
     def forward(signum, frame):
         for c in children:

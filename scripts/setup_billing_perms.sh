@@ -138,7 +138,7 @@ for path in /billing_module/login.ui /billing_module/login.dspy /billing_module/
     set_perm any "$path"
 done
 # the sync export: machine callers, every request signed with an app or admin key and verified
-# by the endpoint itself (sync/export.py)
+# by the endpoint itself (api/sync_export.py)
 for path in /billing_module/sync/users.dspy /billing_module/sync/pricing.dspy /billing_module/sync/llmage.dspy /billing_module/sync/uapi.dspy; do
     set_perm any "$path"
 done

@@ -1,10 +1,12 @@
 """The endpoint handlers. Each validates its parameters, calls one core function and returns
 the reply's data; ``billing_module.api.handle`` checks the method and the caller and shapes
 the reply."""
+from typing import Any
+
 from ..accounting import BATCH_MODES, batch_refusal
 from ..errors import BillingError, InvalidParam
-from . import endpoint
 from .params import Params
+from .registry import endpoint
 
 READ, WRITE = ("GET",), ("POST",)
 
@@ -144,7 +146,8 @@ async def accounting_batch(core, caller, p, request):
     limit = core.config.accounting.batch_max_events
     if not isinstance(events, list) or not 0 < len(events) <= limit:
         raise InvalidParam(f"events: a JSON list of 1 to {limit} usage events")
-    results, accepted = [None] * len(events), []
+    results: list[dict[str, Any]] = [{}] * len(events)     # each slot filled below
+    accepted = []
     for i, raw in enumerate(events):
         try:
             if not isinstance(raw, dict):
@@ -154,7 +157,7 @@ async def accounting_batch(core, caller, p, request):
             results[i] = batch_refusal(e)
     if accepted:
         done = await core.accounting.post_usage_batch([raw for _, raw in accepted], mode)
-        for (i, _), result in zip(accepted, done):
+        for (i, _), result in zip(accepted, done, strict=True):
             results[i] = result
     counts = {k: 0 for k in ("accounted", "duplicate", "queued", "refused")}
     for i, result in enumerate(results):
@@ -195,7 +198,7 @@ async def failed_accounting_list(core, caller, p, request):
 
 @endpoint("failed_accounting_retry", methods=WRITE, admin=True)
 async def failed_accounting_retry(core, caller, p, request):
-    return await core.failures.retry(p.ident("id", required=True), operator=caller.operator)
+    return await core.retries.retry(p.ident("id", required=True), operator=caller.operator)
 
 
 @endpoint("failed_accounting_handle", methods=WRITE, admin=True)

@@ -72,7 +72,7 @@ class Bench:
         await core.catalog.put("llmage", [MODEL])
         return core
 
-    _mysql_dbs = []
+    _mysql_dbs: list[tuple[dict, str]] = []
 
     def cleanup(self):
         import shutil
@@ -204,10 +204,12 @@ class Bench:
                         ("health", "GET", f"{base}/health.dspy", lambda i: None),
                         ("http", "POST", f"{base}/accounting.dspy", lambda i: event(f"http-{i}")),
                         ("http_native", "POST", fast, lambda i: event(f"native-{i}"))):
-                    latencies, errors = [], 0
+                    latencies: list[float] = []
+                    errors = 0
                     queue = iter(range(n))
 
-                    async def client():
+                    # awaited within this iteration; the defaults only make that visible
+                    async def client(queue=queue, method=method, url=url, make=make, latencies=latencies):
                         nonlocal errors
                         for i in queue:
                             t0 = time.perf_counter()
@@ -327,7 +329,8 @@ def _mysql_params(url):
 
 
 SCALES = {
-    # name: (floor/post_usage events, accountant events, auth pairs, pricing calls, http requests, growth sizes, samples)
+    # name: (floor/post_usage events, accountant events, auth pairs, pricing calls, http requests,
+    #        growth sizes, samples)
     "quick": (500, 5000, 300, 20000, 1000, (0, 10_000), 100),
     "full": (3000, 50000, 2000, 200000, 5000, (0, 100_000, 1_000_000), 300),
 }
@@ -360,7 +363,8 @@ def check(all_results):
                 continue
             ok = r[name] >= target if kind == "min" else r[name] <= target
             op = ">=" if kind == "min" else "<="
-            print(f"  check {dialect:6} {name:28} {_fmt(r[name]):>10} {op} {_fmt(target):<8} {'ok' if ok else 'MISSED'}")
+            verdict = "ok" if ok else "MISSED"
+            print(f"  check {dialect:6} {name:28} {_fmt(r[name]):>10} {op} {_fmt(target):<8} {verdict}")
             if not ok:
                 missed.append((dialect, name))
     return missed

@@ -315,9 +315,7 @@ class Accounting:
         is no event's fault and fails the call (every event is safe to send again)."""
         if mode not in BATCH_MODES:
             raise InvalidParam(f"mode: one of {', '.join(BATCH_MODES)}")
-        limit = self.config.accounting.batch_max_events
-        if not isinstance(events, list) or not 0 < len(events) <= limit:
-            raise InvalidParam(f"events: a list of 1 to {limit} usage events")
+        check_batch(events, self.config.accounting.batch_max_events)
         results: list[dict[str, Any] | None] = [None] * len(events)
         firsts: list[tuple[int, Event]] = []
         repeats: list[tuple[int, Event]] = []
@@ -738,6 +736,12 @@ def record_row(ev: Event, now: str, status: str, currency: str, price: PriceResu
 _HAS_RECORD = object()   # a grouped request whose request_id already has a record
 
 BATCH_MODES = ("now", "queue")
+
+
+def check_batch(events: Any, limit: int) -> None:
+    """The one rule for a batch's size: a list of 1 to ``limit`` events."""
+    if not isinstance(events, list) or not 0 < len(events) <= limit:
+        raise InvalidParam(f"events: a JSON list of 1 to {limit} usage events")
 
 
 def batch_refusal(error: BillingError) -> dict:

@@ -251,6 +251,6 @@ def install_request_guard():
             app.middlewares.append(module_guard)
             app.on_startup.append(check_host_sessions)
             from .api.native import add_native_routes
-            add_native_routes(app)
+            add_native_routes(app, FAST_PREFIX)
     ahapp_built.__dict__["billing_guard"] = True
     rf.register("ahapp_built", ahapp_built)

@@ -3,7 +3,7 @@ the reply's data; ``billing_module.api.handle`` checks the method and the caller
 the reply."""
 from typing import Any
 
-from ..accounting import BATCH_MODES, batch_refusal
+from ..accounting import BATCH_MODES, batch_refusal, check_batch
 from ..errors import BillingError, InvalidParam
 from .params import Params
 from .registry import endpoint
@@ -143,10 +143,8 @@ async def accounting_batch(core, caller, p, request):
     refused result, never a failed request."""
     events = p.raw.get("events")      # a JSON list, which every Params reader refuses as "given twice"
     mode = p.str("mode", choices=BATCH_MODES, default="now")
-    limit = core.config.accounting.batch_max_events
-    if not isinstance(events, list) or not 0 < len(events) <= limit:
-        raise InvalidParam(f"events: a JSON list of 1 to {limit} usage events")
-    results: list[dict[str, Any]] = [{}] * len(events)     # each slot filled below
+    check_batch(events, core.config.accounting.batch_max_events)
+    results: list[dict[str, Any] | None] = [None] * len(events)
     accepted = []
     for i, raw in enumerate(events):
         try:
@@ -160,10 +158,12 @@ async def accounting_batch(core, caller, p, request):
         for (i, _), result in zip(accepted, done, strict=True):
             results[i] = result
     counts = {k: 0 for k in ("accounted", "duplicate", "queued", "refused")}
+    replies = []
     for i, result in enumerate(results):
-        result["index"] = i
+        assert result is not None, "every event has its result"
         counts[result["outcome"]] += 1
-    return {"mode": mode, "total": len(results), "counts": counts, "results": results}
+        replies.append(dict(result, index=i))
+    return {"mode": mode, "total": len(replies), "counts": counts, "results": replies}
 
 
 @endpoint("quote", methods=READ + WRITE)

@@ -15,8 +15,6 @@ import json
 from aiohttp import web
 from appPublic.dictObject import multiDict2Dict
 
-from ..guard import FAST_PREFIX
-
 FAST_ENDPOINTS = ("accounting", "accounting_batch", "authorize", "settle", "release", "balance", "quote")
 
 
@@ -41,12 +39,13 @@ async def native_endpoint(request: web.Request) -> web.StreamResponse:
     from ahserver.serverenv import ServerEnv
 
     from . import handle
-    name = request.path[len(FAST_PREFIX):]
+    name = request.path.rsplit("/", 1)[-1]
     return await handle(ServerEnv().billing_core, request, await read_params(request), name)
 
 
-def add_native_routes(app: web.Application) -> None:
-    """Register the fast routes (from the 'ahapp_built' hook). Exact paths: aiohttp resolves
-    them before the prefix resource that serves the ``.dspy`` files."""
+def add_native_routes(app: web.Application, prefix: str) -> None:
+    """Register the fast routes at ``prefix + name`` (from the 'ahapp_built' hook, with the
+    guard's ``FAST_PREFIX``). Exact paths: aiohttp resolves them before the prefix resource that
+    serves the ``.dspy`` files."""
     for name in FAST_ENDPOINTS:
-        app.router.add_route("*", FAST_PREFIX + name, native_endpoint)
+        app.router.add_route("*", prefix + name, native_endpoint)

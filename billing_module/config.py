@@ -188,7 +188,9 @@ SCHEMA = {
         "admin_password": ("", _str),         # empty: generated at first start, stored in data_dir
         # request bodies above this are refused 413 before authentication and before buffering
         "max_body_bytes": (1024 * 1024, _positive_int),
-        "max_body_bytes_by_path": ({}, _size_table),  # per-path exceptions, e.g. a batch endpoint
+        # per-path exceptions: the batch endpoint (1,000 events of up to ~2 KB each) by default
+        "max_body_bytes_by_path": ({"/billing_module/api/accounting_batch.dspy": 4 * 1024 * 1024,
+                                    "/billing_module/fast/accounting_batch": 4 * 1024 * 1024}, _size_table),
         # trust X-Forwarded-Host / X-Forwarded-Proto (same-origin checks, Secure cookie) only
         # when a reverse proxy in front of the server sets them
         "behind_proxy": (False, _bool),
@@ -214,6 +216,7 @@ SCHEMA = {
     },
     "accounting": {
         "batch_size": (500, _positive_int),
+        "batch_max_events": (1000, _positive_int),   # events per accounting_batch request
         "interval_seconds": (1.0, _positive_float),
         "claim_seconds": (60, _positive_int),
         "allow_arrears": (False, _bool),
@@ -291,7 +294,8 @@ class Config(dict):
 
 
 def _defaults(schema):
-    return Config({k: _defaults(v) if isinstance(v, dict) else v[0] for k, v in schema.items()})
+    # a copy of a mutable default: a config changed at run time never changes the next one's
+    return Config({k: _defaults(v) if isinstance(v, dict) else copy.copy(v[0]) for k, v in schema.items()})
 
 
 def _apply(target, schema, values, where):

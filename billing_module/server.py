@@ -144,7 +144,7 @@ def make_auth_class():
     from ahserver.auth_api import AuthAPI, get_session_userinfo
 
     # the API and the sync export check API keys / signatures themselves
-    open_prefixes = (f"/{MODULE_NAME}/api/", f"/{MODULE_NAME}/sync/", f"/{MODULE_NAME}/login")
+    open_prefixes = (f"/{MODULE_NAME}/api/", f"/{MODULE_NAME}/fast/", f"/{MODULE_NAME}/sync/", f"/{MODULE_NAME}/login")
     customer_prefixes = (f"/{MODULE_NAME}/my/", f"/{MODULE_NAME}/logout")
 
     class StandaloneAuth(AuthAPI):

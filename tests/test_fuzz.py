@@ -62,7 +62,8 @@ FUZZ = settings.get_profile("billing-fuzz")
 # --- what each endpoint reads ---------------------------------------------------------------------
 class F:
     """A field an endpoint reads. kind: ident, money, int, count, quantity, ucost, text, choice,
-    date, flag, model, unit, attributes, forbidden (any value present is refused)."""
+    date, flag, model, unit, attributes, events (a batch's list), forbidden (any value present is
+    refused)."""
 
     def __init__(self, name, kind, required=False, **opt):
         self.name, self.kind, self.required, self.opt = name, kind, required, opt
@@ -138,6 +139,8 @@ SPEC = {
                      F("amount", "money", True, sign="nonneg")])],
     "release": [Base({"request_id": "fz-hold-1"}, [F("request_id", "ident", True, max_len=64), F("hold_id", "ident")])],
     "accounting": [Base(EVENT, event_fields(), cross=EVENT_CROSS)],
+    "accounting_batch": [Base({"events": [dict(EVENT, request_id="fz-b-1")], "mode": "now"},
+                              [F("events", "events", True), F("mode", "choice", choices=("now", "queue"))])],
     "accounting_submit": [Base(EVENT, event_fields(), cross=EVENT_CROSS)],
     "quote": [Base(EVENT, event_fields(request_required=False), cross=EVENT_CROSS)],
     "users": [Base({}, [F("kind", "choice", choices=("user", "org")), F("org_id", "ident"),
@@ -416,6 +419,9 @@ def bad_values(f):
                                                               st.lists(st.integers(), max_size=3))))
     if k == "forbidden":
         return st.one_of(_s(st.text(ID_CHARS, min_size=1, max_size=10)), _s(st.sampled_from(INJECTIONS)))
+    if k == "events":     # anything but a JSON list of events (a bad event in a list is that event's refusal)
+        return st.one_of(_s(_TEXT), _j(st.one_of(st.integers(), st.floats(), st.booleans(), st.just([]),
+                                                 st.dictionaries(st.text(max_size=4), st.integers(), max_size=2))))
     raise AssertionError(f"no malformed values for kind {k}")
 
 

@@ -74,9 +74,9 @@ def _clear_list(clear: object) -> list[str]:
 _RESOURCE_TABLES = {"llm": "llmage_cache", "uapi": "uapi_cache"}
 
 
-async def _require_resource(tx: Tx, resource_type: str, ref: str) -> None:
+async def _require_resource(tx: Tx, resource_type: str | None, ref: str) -> None:
     """A binding names a resource the caches know: 404 for an unknown model or API."""
-    table = _RESOURCE_TABLES.get(resource_type)
+    table = _RESOURCE_TABLES.get(resource_type or "")
     if table and await tx.one(f"select id from {table} where id = ${{r}}$", {"r": ref}) is None:
         raise NotFound(f"no {resource_type} resource {ref} (sync the {table.split('_')[0]} cache first)")
 

@@ -144,7 +144,7 @@ class Subscriptions:
                    "where id = ${s}$ and status = 'active'")
         return await self._transition(
             subscription_id, sql, {"why": reason},
-            repeat=lambda sub: sub.status == "cancelled" or (at_period_end and sub.status == "active"),
+            repeat=lambda sub: bool(sub.status == "cancelled" or (at_period_end and sub.status == "active")),
             refusal=lambda sub: f"subscription {sub.id} is {sub.status}")
 
     async def resume(self, subscription_id: object) -> dict[str, Any]:

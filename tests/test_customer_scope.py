@@ -28,7 +28,8 @@ async def _seed(core):
         await core.accounting.post_usage(usage(f"u-{tag}", customer=org))
         hold = await core.ledger.hold(org, 1_000_000, f"h-{tag}")
         ids[org] = {"hold_id": hold["hold_id"], "request_id": f"h-{tag}"}
-    product = await core.products.save_product(code=f"p-{SECRET_MARK}", product_name="pack", quantity_unit="call",
+    # the catalogue is the platform's, shown to every customer: its names carry no mark
+    product = await core.products.save_product(code="pack-1", product_name="pack", quantity_unit="call",
                                                included_quantity="10", list_price="3", overage_price="0.5")
     sub = await core.products.subscribe(OTHER, product["product_id"], f"s-{SECRET_MARK}")
     ids[OTHER]["subscription_id"] = sub["subscription_id"]

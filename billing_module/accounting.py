@@ -26,13 +26,17 @@ from .errors import (BillingError, Conflict, CurrencyMismatch, InvalidEvent, Inv
                      UnpricedFactor)
 from .ids import new_id, payload_hash
 from .money import from_micro
-from .pricing import Usage
+from .pricing import COUNT_FIELDS, Usage
 
 log = logging.getLogger("billing_module.accounting")
 
 # refusals that leave the event stored as failed (retried later) rather than rejected
 ACCOUNTING_FAILURES = ("no_pricing", "unknown_customer", "insufficient_balance", "account_suspended",
                        "currency_mismatch", "unpriced_factor")
+
+
+# count factors stored in the payload only when non-zero (newer than the payload's first fields)
+EXTRA_COUNTS = tuple(name for name in COUNT_FIELDS if name not in ("input_tokens", "output_tokens", "cached_tokens"))
 
 
 def _ident(raw, name, required=False, max_len=32):
@@ -87,6 +91,8 @@ def parse_event(raw, times: clock.TimeRange = _DEFAULT_TIMES) -> "Event":
         "quantity": format(usage.quantity.normalize(), "f") if usage.quantity else "0", "unit": usage.unit,
         "use_time": use_time, "transno": transno, "attributes": usage.attributes or None,
     }
+    # the newer factors only when present: an event without them keeps the payload (and hash) it always had
+    payload.update({name: getattr(usage, name) for name in EXTRA_COUNTS if getattr(usage, name)})
     # the hash covers what is charged; use_time defaults to "now" and must not make a retry differ
     hashed = {k: v for k, v in payload.items() if k != "use_time" or raw.get("use_time") not in (None, "")}
     return Event(request_id, customer_id, usage, user_id, llmid, product_id, use_time, transno, payload,
@@ -437,7 +443,8 @@ class Accounting:
         usage = Usage(model_name or llmid or payload.get("product_id"), int(payload.get("input_tokens") or 0),
                       int(payload.get("output_tokens") or 0), int(payload.get("cached_tokens") or 0),
                       Decimal(str(quantity)) if quantity else Decimal(0), payload.get("unit"),
-                      dict(payload.get("attributes") or {}))
+                      dict(payload.get("attributes") or {}),
+                      **{name: int(payload.get(name) or 0) for name in EXTRA_COUNTS})
         return Event(payload["request_id"], payload["customer_id"], usage, payload.get("user_id"), llmid,
                      payload.get("product_id"), payload["use_time"], payload.get("transno"), payload, phash)
 

@@ -17,7 +17,7 @@ from decimal import Decimal
 
 from appPublic.dictObject import DictObject
 
-from . import clock, validation
+from . import clock, provider_usage, validation
 from .catalog import price_for_model
 from .db import dialect as dialects
 from .db.database import Row
@@ -81,6 +81,7 @@ def parse_event(raw, times: clock.TimeRange = _DEFAULT_TIMES) -> "Event":
         raise InvalidParam("model_name: a string of at most 128 characters")
     if not (model_name or llmid or product_id):
         raise InvalidParam("one of model_name, llmid or product_id is required")
+    raw = provider_usage.merged_event(raw)
     usage = Usage.from_event(dict(raw, model_name=model_name or llmid or product_id))
     use_time = raw.get("use_time")
     use_time = times.parse(use_time, "use_time") if use_time not in (None, "") else clock.now_text()
@@ -93,6 +94,8 @@ def parse_event(raw, times: clock.TimeRange = _DEFAULT_TIMES) -> "Event":
     }
     # the newer factors only when present: an event without them keeps the payload (and hash) it always had
     payload.update({name: getattr(usage, name) for name in EXTRA_COUNTS if getattr(usage, name)})
+    if raw.get("usage") is not None:   # the provider's object, kept as sent
+        payload.update(usage=raw["usage"], usage_format=raw["usage_format"])
     # the hash covers what is charged; use_time defaults to "now" and must not make a retry differ
     hashed = {k: v for k, v in payload.items() if k != "use_time" or raw.get("use_time") not in (None, "")}
     return Event(request_id, customer_id, usage, user_id, llmid, product_id, use_time, transno, payload,

@@ -12,12 +12,13 @@ twice, and a crashed instance's claims vanish with its rolled-back transaction.
 import datetime
 import json
 import logging
+import time
 from dataclasses import dataclass, field
 from decimal import Decimal
 
 from appPublic.dictObject import DictObject
 
-from . import clock, provider_usage, validation
+from . import clock, metrics, provider_usage, validation
 from .catalog import price_for_model
 from .db import dialect as dialects
 from .db.database import Row
@@ -134,6 +135,7 @@ class Accounting:
         self.group = GroupCommit(self.db, single=self._charge_new, batch=self._charge_batch)
 
     # --- public entry points ---------------------------------------------------------------------
+    @metrics.observed("post")
     async def post_usage(self, raw):
         ev = await self._prepare(raw)
         try:
@@ -357,7 +359,11 @@ class Accounting:
             await tx.update_many("accounting_records", rows)
             return len(rows), failed
 
+        started = time.perf_counter()
         done, failed = await self.db.run(work)
+        if done or failed:
+            metrics.ACCOUNTING_SECONDS.labels("accountant").observe(time.perf_counter() - started)
+        metrics.accounted("accountant", done)
         await self._record_failures(failed)
         return done
 
@@ -365,6 +371,7 @@ class Accounting:
         """Each in its own transaction, after the batch: a failure that cannot be recorded leaves
         its event pending (the next batch sees it again) and stops no other."""
         for rec, e, price in failed:
+            metrics.failed("accountant", getattr(e, "code", "error"))
             try:
                 await self.core.failures.record(parse_event_or_none(rec), e, price=price, record=rec)
             except Exception:

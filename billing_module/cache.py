@@ -6,6 +6,8 @@ invalidates its cache.
 """
 from cachetools import TTLCache
 
+from . import metrics
+
 _MISSING = object()
 
 
@@ -15,13 +17,16 @@ class NamedCache:
         self._data = TTLCache(maxsize=size, ttl=ttl)
         self.hits = 0
         self.misses = 0
+        self._hit_counter, self._miss_counter = metrics.cache_counters(name)
 
     def get(self, key):
         value = self._data.get(key, _MISSING)
         if value is _MISSING:
             self.misses += 1
+            self._miss_counter.inc()
             return _MISSING
         self.hits += 1
+        self._hit_counter.inc()
         return value
 
     def put(self, key, value):

@@ -123,7 +123,7 @@ for path in /billing_module/login.ui /billing_module/login.dspy /billing_module/
     set_perm any "$path"
 done
 # the Prometheus scrape: an admin key or metrics.scrape_token, checked by the endpoint itself
-for path in /billing_module/metrics /billing_module/metrics/ /billing_module/metrics/index.dspy /billing_module/api/metrics.dspy; do
+for path in /billing_module/metrics/index.dspy /billing_module/api/metrics.dspy; do
     set_perm any "$path"
 done
 # the sync export: machine callers, every request signed with an app or admin key and verified

@@ -49,6 +49,7 @@ PARTS = (
     ("reasoning_tokens", "output_tokens", True),
     ("audio_output_tokens", "output_tokens", False),
 )
+_PART_NAMES = frozenset(part for part, _, _ in PARTS)
 # Counts billed on their own line: characters, calls in the event, web-search calls.
 COUNTS = ("characters", "calls", "web_search_calls")
 # Every whole-number field of a usage event, in line order.
@@ -378,27 +379,18 @@ def price_usage(program, usage, day, discount=_ONE):
         if rule is None and falls_back:
             continue
         wholes[whole] -= qty
+        parts.append((factor, qty, rule))
+    # in line order: the wholes, the parts, the counts; a rule None is looked up (parts have theirs)
+    for factor, qty, rule in [(f, q, None) for f, q in wholes.items()] + parts + \
+            [(f, getattr(usage, f), None) for f in COUNTS]:
+        if not qty:
+            continue
+        if rule is None and factor not in _PART_NAMES:
+            rule = version.match(factor, model, attributes)
         if rule is None:
             unpriced.append(factor)
         else:
-            parts.append((rule, factor, qty))
-    for factor, qty in wholes.items():
-        if qty:
-            rule = version.match(factor, model, attributes)
-            if rule is None:
-                unpriced.append(factor)
-            else:
-                original += _add_line(lines, rule, factor, qty, str(qty), input_tokens, disc)
-    for rule, factor, qty in parts:
-        original += _add_line(lines, rule, factor, qty, str(qty), input_tokens, disc)
-    for factor in COUNTS:
-        qty = getattr(usage, factor)
-        if qty:
-            rule = version.match(factor, model, attributes)
-            if rule is None:
-                unpriced.append(factor)
-            else:
-                original += _add_line(lines, rule, factor, qty, str(qty), input_tokens, disc)
+            original += _add_line(lines, rule, factor, qty, str(qty), input_tokens, disc)
 
     if usage.quantity:
         rule = version.match(("quantity", usage.unit), model, attributes)

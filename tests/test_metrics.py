@@ -3,9 +3,6 @@ may read it; the same totals from every worker of ``serve --workers 2``."""
 import json
 import os
 import signal
-import subprocess
-import sys
-import time
 import urllib.request
 
 import pytest
@@ -14,7 +11,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from billing_module.errors import NoPricing
 from tests.conftest import make_config
 from tests.helpers import seed_pricing, units, usage
-from tests.test_standalone import _free_port, _get, _wait_until_serving
+from tests.test_standalone import _get, start_demo_workers
 
 TOKEN = "scrape-token-0123456789"
 
@@ -89,22 +86,8 @@ async def test_only_admin_keys_and_the_scrape_token_may_read_it(http):
 
 def test_workers_share_their_counters(tmp_path):
     """Two worker processes: whichever answers the scrape, it reports every worker's events."""
-    port = _free_port()
-    env = dict(os.environ)
-    env.pop("BILLING_CONFIG", None)
-    env.pop("PROMETHEUS_MULTIPROC_DIR", None)
-    proc = subprocess.Popen([sys.executable, "-m", "billing_module.cli", "serve", "--demo", "--workers", "2",
-                             "--port", str(port), "--data-dir", str(tmp_path)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    base = f"http://127.0.0.1:{port}/billing_module"
+    proc, base, key = start_demo_workers(tmp_path)
     try:
-        key = None
-        for ln in iter(proc.stdout.readline, ""):
-            if "demo API key" in ln:
-                key = ln.rsplit(" ", 1)[1].strip()
-                break
-        _wait_until_serving(base, proc)
-        time.sleep(1)    # let the second worker bind as well
         auth = {"Authorization": f"Bearer {key}", "Content-Type": "application/json"}
         for i in range(30):     # new connections: the kernel spreads them over both workers
             status, body = _get(f"{base}/api/accounting.dspy", auth, json.dumps(

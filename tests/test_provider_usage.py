@@ -7,9 +7,10 @@ import pytest
 
 from billing_module.accounting import parse_event
 from billing_module.errors import InvalidParam
-from billing_module.pricing import Program, Usage, price_usage
+from billing_module.pricing import Usage, price_usage
 from billing_module.provider_usage import MAPPINGS, merged_event, usage_factors
 from tests.helpers import seed_pricing, units, usage
+from tests.test_usage_factors import program
 
 # OpenAI prompt caching guide (platform.openai.com/docs/guides/prompt-caching), "usage" of a chat
 # completion with a cache hit: prompt_tokens include the cached tokens.
@@ -84,20 +85,19 @@ def test_every_mapped_factor_is_a_pricing_factor():
     assert {f for table in MAPPINGS.values() for f in table} <= set(COUNT_FIELDS)
 
 
-SONNET = Program.from_payload({"id": "claude", "currency": "USD", "versions": [{
-    "id": "v1", "enabled_date": "2026-01-01", "pricing_data": {"pricings": [
-        {"price_factors": "input_tokens", "unit_prices": "3", "unit": "M"},
-        {"price_factors": "output_tokens", "unit_prices": "15", "unit": "M"},
-        {"price_factors": "cached_tokens", "unit_prices": "0.3", "unit": "M"},
-        {"price_factors": "cache_write_tokens", "unit_prices": "3.75", "unit": "M"},
-        {"price_factors": "cache_write_1h_tokens", "unit_prices": "6", "unit": "M"},
-        {"price_factors": "web_search_calls", "unit_prices": "0.01"},
-    ]}}]})
+SONNET = program([
+    {"price_factors": "input_tokens", "unit_prices": "3", "unit": "M"},
+    {"price_factors": "output_tokens", "unit_prices": "15", "unit": "M"},
+    {"price_factors": "cached_tokens", "unit_prices": "0.3", "unit": "M"},
+    {"price_factors": "cache_write_tokens", "unit_prices": "3.75", "unit": "M"},
+    {"price_factors": "cache_write_1h_tokens", "unit_prices": "6", "unit": "M"},
+    {"price_factors": "web_search_calls", "unit_prices": "0.01"},
+])
 
 
 def test_anthropic_usage_priced_to_the_micro_unit():
     factors = usage_factors(ANTHROPIC_CACHED, "anthropic")
-    r = price_usage(SONNET, Usage.from_event({"model_name": "claude", **factors}), datetime.date(2026, 3, 1))
+    r = price_usage(SONNET, Usage.from_event({"model_name": "m", **factors}), datetime.date(2026, 3, 1))
     assert {ln.factor: ln.amount for ln in r.lines} == {
         "input_tokens": 150,            # 2406 - 1800 - 456 - 100 = 50 x 3 / 1e6 = 0.00015
         "output_tokens": 7_545,         # 503 x 15 / 1e6 = 0.007545
@@ -109,17 +109,16 @@ def test_anthropic_usage_priced_to_the_micro_unit():
     assert r.amount == 30_545
 
 
-GPT = Program.from_payload({"id": "gpt", "currency": "USD", "versions": [{
-    "id": "v1", "enabled_date": "2026-01-01", "pricing_data": {"pricings": [
-        {"price_factors": "input_tokens", "unit_prices": "2.5", "unit": "M"},
-        {"price_factors": "output_tokens", "unit_prices": "10", "unit": "M"},
-        {"price_factors": "cached_tokens", "unit_prices": "1.25", "unit": "M"},
-    ]}}]})
+GPT = program([
+    {"price_factors": "input_tokens", "unit_prices": "2.5", "unit": "M"},
+    {"price_factors": "output_tokens", "unit_prices": "10", "unit": "M"},
+    {"price_factors": "cached_tokens", "unit_prices": "1.25", "unit": "M"},
+])
 
 
 def test_openai_cached_usage_priced_to_the_micro_unit():
     factors = usage_factors(OPENAI_CHAT_CACHED, "openai")
-    r = price_usage(GPT, Usage.from_event({"model_name": "gpt", **factors}), datetime.date(2026, 3, 1))
+    r = price_usage(GPT, Usage.from_event({"model_name": "m", **factors}), datetime.date(2026, 3, 1))
     # input 2006 - 1920 = 86 x 2.5 / 1e6 = 0.000215; output 300 x 10 / 1e6 = 0.003; cached 1920 x 1.25 / 1e6 = 0.0024
     assert [(ln.factor, ln.amount) for ln in r.lines] == [("input_tokens", 215), ("output_tokens", 3_000),
                                                           ("cached_tokens", 2_400)]

@@ -57,6 +57,8 @@ MAPPINGS = {
     },
 }
 FORMATS = ("openai",) + tuple(MAPPINGS)
+# the object is stored with the event (a text column): a bound keeps the payload far below 64 KB
+MAX_USAGE_CHARS = 8192
 
 
 def merged_event(raw: Mapping) -> dict:
@@ -73,6 +75,8 @@ def merged_event(raw: Mapping) -> dict:
             usage = json.loads(usage)
         except ValueError:
             raise InvalidParam("usage: not valid JSON") from None
+    if isinstance(usage, Mapping) and len(json.dumps(usage, default=str)) > MAX_USAGE_CHARS:
+        raise InvalidParam(f"usage: longer than {MAX_USAGE_CHARS} characters as JSON (a provider's is well under 1,000)")
     factors = usage_factors(usage, usage_format)
     both = sorted(name for name in COUNT_FIELDS + tuple(ALIASES) if raw.get(name) is not None)
     if both:

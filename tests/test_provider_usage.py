@@ -130,6 +130,7 @@ def test_openai_cached_usage_priced_to_the_micro_unit():
     ({"usage_format": "openai"}, "usage_format: given without usage"),
     ({"usage": [1], "usage_format": "openai"}, "usage: must be an object"),
     ({"usage": "{not json", "usage_format": "openai"}, "usage: not valid JSON"),
+    ({"usage": {"prompt_tokens": 1, "note": "x" * 9000}, "usage_format": "openai"}, "usage: longer than 8192"),
     ({"usage": {"prompt_tokens": -1}, "usage_format": "openai"}, "usage.prompt_tokens"),
     ({"usage": {"prompt_tokens": 1.5}, "usage_format": "openai"}, "usage.prompt_tokens"),
     ({"usage": {"promptTokenCount": 3, "promptTokensDetails": {"x": 1}}, "usage_format": "gemini"},

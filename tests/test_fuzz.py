@@ -108,7 +108,7 @@ def _usage_report(paging=True):
 
 
 SPEC = {
-    "health": [], "pricing": [], "sync_status": [],          # nothing to malform: wrong methods only
+    "health": [], "pricing": [], "sync_status": [], "metrics": [],        # nothing to malform: wrong methods only
     "balance": [Base({"customer_id": "cust-1"}, [F("customer_id", "ident", True)])],
     "recharge": [Base({"customer_id": "cust-1", "amount": "5", "request_id": "fz-r-1", "note": "n"},
                       [F("customer_id", "ident", True), F("amount", "money", True, sign="positive"),

@@ -86,7 +86,8 @@ def event_fields(request_required=True):
     return [F("request_id", "ident", request_required, max_len=64), F("customer_id", "ident", True),
             F("user_id", "ident"), F("llmid", "ident"), F("product_id", "ident"), F("transno", "ident", max_len=64),
             F("model_name", "model", True), F("input_tokens", "count"), F("output_tokens", "count"),
-            F("cached_tokens", "count"), F("quantity", "quantity"), F("unit", "unit"), F("use_time", "date"),
+            F("cached_tokens", "count"), F("characters", "count"), F("calls", "count"),
+            F("web_search_calls", "count"), F("quantity", "quantity"), F("unit", "unit"), F("use_time", "date"),
             F("attributes", "attributes")]
 
 

@@ -9,25 +9,38 @@ Several instances may share one database: the accountant's transaction claims it
 locking read with SKIP LOCKED on MySQL, the write lock on SQLite), so an event is never accounted
 twice, and a crashed instance's claims vanish with its rolled-back transaction.
 """
+from __future__ import annotations
+
 import datetime
 import json
 import logging
 import time
 from dataclasses import dataclass, field
 from decimal import Decimal
+from typing import Any, Protocol, cast
 
 from appPublic.dictObject import DictObject
 
 from . import clock, metrics, provider_usage, validation
-from .catalog import price_for_model
+from .catalog import Catalog, price_for_model
+from .config import Config
 from .db import dialect as dialects
-from .db.database import Row
+from .db.database import Database, Row, Tx
 from .db.group import Fallback, GroupCommit
-from .errors import (BillingError, Conflict, CurrencyMismatch, InvalidEvent, InvalidParam, UnknownCustomer,
-                     UnpricedFactor)
+from .errors import (
+    BillingError,
+    Conflict,
+    CurrencyMismatch,
+    DatabaseUnavailable,
+    InvalidEvent,
+    InvalidParam,
+    UnknownCustomer,
+    UnpricedFactor,
+)
 from .ids import new_id, payload_hash
+from .ledger import Ledger
 from .money import from_micro
-from .pricing import COUNT_FIELDS, Usage
+from .pricing import COUNT_FIELDS, PriceResult, Usage
 
 log = logging.getLogger("billing_module.accounting")
 
@@ -49,23 +62,23 @@ class Event:
     request_id: str
     customer_id: str
     usage: Usage
-    user_id: str = None
-    llmid: str = None
-    product_id: str = None
-    use_time: str = None
-    transno: str = None
-    payload: dict = field(default_factory=dict)
+    user_id: str | None = None
+    llmid: str | None = None
+    product_id: str | None = None
+    use_time: str = ""          # normalised "YYYY-MM-DD HH:MM:SS"; parse_event sets it
+    transno: str | None = None
+    payload: dict[str, Any] = field(default_factory=dict)
     hash: str = ""
 
     @property
-    def day(self):
+    def day(self) -> datetime.date:
         return datetime.date.fromisoformat(self.use_time[:10])   # use_time is stored normalised
 
 
 _DEFAULT_TIMES = clock.TimeRange()
 
 
-def parse_event(raw, times: clock.TimeRange = _DEFAULT_TIMES) -> "Event":
+def parse_event(raw: dict[str, Any], times: clock.TimeRange = _DEFAULT_TIMES) -> Event:
     """Validate a usage event (dict). Bad input raises InvalidParam and nothing is written.
     ``use_time`` must lie in ``times`` (a stored time must sort and parse back, and the
     accountant dates the price by it)."""
@@ -103,7 +116,7 @@ def parse_event(raw, times: clock.TimeRange = _DEFAULT_TIMES) -> "Event":
                  payload_hash(hashed))
 
 
-def record_view(rec, duplicate=False):
+def record_view(rec: Row, duplicate: bool = False) -> dict[str, Any]:
     """The reply for an accounted (or failed / pending) record: built only from stored fields, so
     a replay returns exactly what the first call returned."""
     stored = json.loads(rec.price_lines) if rec.price_lines else []
@@ -114,32 +127,54 @@ def record_view(rec, duplicate=False):
         "original_amount": from_micro(int(rec.original_amount or 0)), "cost": from_micro(int(rec.cost or 0)),
         "discount": rec.discount, "currency": rec.currency, "pricing_id": rec.pricing_id,
         "price_version": rec.price_version, "lines": lines, "subscription_id": rec.subscription_id,
-        "included_quantity": None if rec.included_quantity is None else format(Decimal(str(rec.included_quantity)).normalize(), "f"),
+        "included_quantity": (None if rec.included_quantity is None
+                              else format(Decimal(str(rec.included_quantity)).normalize(), "f")),
         "ledger_entry_id": rec.ledger_entry_id, "use_time": rec.use_time, "duplicate": duplicate,
         "unpriced_factors": [ln["factor"] for ln in stored if ln.get("unpriced")],
     }
 
 
+class FailureStore(Protocol):
+    """What accounting needs of failed accounting (``failures.Failures``): store a failure in its
+    own transaction; resolve one inside the transaction that finally charged it."""
+
+    async def record(self, ev: Event | None, exc: BaseException, price: PriceResult | None = None,
+                     record: Row | None = None) -> str | None: ...
+
+    async def resolve_in(self, tx: Tx, record_id: str, now: str) -> None: ...
+
+
+class QuotaSource(Protocol):
+    """Subscriptions' quota (``products.hook.QuotaHook``): taken first, inside the charge's
+    transaction; given back when a batch refuses the charge."""
+
+    async def quota_hook(self, tx: Tx, ev: Event, price: PriceResult, record_id: str) -> Any: ...
+
+    async def release_quota(self, tx: Tx, record_id: str) -> bool: ...
+
+    async def subscribed_customers(self, tx: Tx, customer_ids: set[str]) -> set[str]: ...
+
+
 class Accounting:
-    def __init__(self, core):
-        self.core = core
-        self.db = core.db
-        self.config = core.config
-        # subscriptions (ProductManager) fill these: quota_hook(tx, event, price, record_id) ->
-        # QuotaResult | None takes quota first; quota_release(tx, record_id) gives it back
-        self.quota_hook = None
-        self.quota_release = None
-        self.quota_customers = None   # (tx, customer_ids) -> the ones with subscriptions (batches)
+    def __init__(self, db: Database, config: Config, *, catalog: Catalog, ledger: Ledger, failures: FailureStore,
+                 quota: QuotaSource | None = None) -> None:
+        self.db = db
+        self.config = config
+        self.catalog = catalog
+        self.ledger = ledger
+        self.failures = failures
+        # subscriptions take quota first (None: every event is charged in full)
+        self.quota = quota
         self.times = clock.TimeRange.from_config(self.config.accounting)
         # concurrent post_usage calls share a transaction and its commit
         self.group = GroupCommit(self.db, single=self._charge_new, batch=self._charge_batch)
 
     # --- public entry points ---------------------------------------------------------------------
     @metrics.observed("post")
-    async def post_usage(self, raw):
+    async def post_usage(self, raw: dict[str, Any]) -> dict[str, Any]:
         ev = await self._prepare(raw)
         try:
-            price, model = await self.core.catalog.quote(ev.usage, ev.llmid, ev.payload["model_name"],
+            price, model = await self.catalog.quote(ev.usage, ev.llmid, ev.payload["model_name"],
                                                          ev.customer_id, ev.day)
         except BillingError as e:
             # a replay of an event accounted before its price went away is still a replay
@@ -148,7 +183,7 @@ class Accounting:
                 return replay
             if e.code not in ACCOUNTING_FAILURES:
                 raise        # the caller's mistake (model_mismatch, ...): refused, nothing stored
-            await self.core.failures.record(ev, e)
+            await self.failures.record(ev, e)
             raise
 
         try:
@@ -164,7 +199,7 @@ class Accounting:
                 replay = await self._replay_if_done(ev)   # a replay is refused by a short balance too
                 if replay is not None:
                     return replay
-                await self.core.failures.record(ev, e, price=price)
+                await self.failures.record(ev, e, price=price)
             raise
         except Exception as e:
             if not dialects.is_unique_violation(e):
@@ -183,14 +218,16 @@ class Accounting:
         ids = [ev.request_id for ev, _, _ in items]
         if len(set(ids)) != len(ids):
             raise Fallback()
-        ns = {}
+        ns: dict[str, Any] = {}
         known = {r.request_id for r in await tx.select(
             f"select request_id from accounting_records where request_id in {tx.in_list(ids, ns)}", ns)}
         currencies = await self._currencies(tx, {ev.customer_id for ev, _, _ in items})
         if any(self._refusal(price, currencies.get(ev.customer_id)) for ev, price, _ in items):
             raise Fallback()      # charged one by one, where the refusal is that event's alone
         now = clock.now_text()
-        outcomes, by_customer, records = [None] * len(items), {}, []
+        outcomes: list[Any] = [None] * len(items)
+        by_customer: dict[str, list[Any]] = {}
+        records = []
         covered = await self._covered(tx, {ev.customer_id for ev, _, _ in items})
         for i, (ev, price, model) in enumerate(items):
             if ev.request_id in known:
@@ -198,14 +235,14 @@ class Accounting:
                 continue
             row = self._accounted_row(ev, now, price, model)
             if ev.customer_id in covered:
-                self._apply_quota(row, await self.quota_hook(tx, ev, price, row["id"]))
+                self._apply_quota(row, await self._take_quota(tx, ev, price, row["id"]))
             by_customer.setdefault(ev.customer_id, []).append((i, row, ev))
         for customer_id, group in by_customer.items():
             charged = [{"amount": -row["amount"], "request_id": ev.request_id, "payload_hash": ev.hash,
                         "ref_type": "accounting_records", "ref_id": row["id"]}
                        for _, row, ev in group if row["amount"] > 0]
             if charged:
-                entries, refused = await self.core.ledger.post_many(
+                entries, refused = await self.ledger.post_many(
                     tx, customer_id, charged, "usage", must_cover=not self.config.accounting.allow_arrears,
                     refuse_suspended=True, all_or_nothing=True)
                 if refused:
@@ -242,16 +279,16 @@ class Accounting:
             return await self.db.run(work)
         except BillingError as e:
             if e.code in ACCOUNTING_FAILURES:
-                await self.core.failures.record(ev, e, price=price)
+                await self.failures.record(ev, e, price=price)
             raise
 
-    async def submit_usage(self, raw):
+    async def submit_usage(self, raw: dict[str, Any]) -> dict[str, Any]:
         """Store the event as pending and return at once; the accountant charges it."""
         ev = await self._prepare(raw)
         if ev.llmid and ev.payload["model_name"]:
-            await self.core.catalog.model(ev.llmid, ev.payload["model_name"])   # model_mismatch now
+            await self.catalog.model(ev.llmid, ev.payload["model_name"])   # model_mismatch now
         now = clock.now_text()
-        row = self._record_row(ev, now, status="pending")
+        row = record_row(ev, now, "pending", self.config.currency)
         async def store(tx):
             await tx.insert("accounting_records", row)
             return None
@@ -263,11 +300,11 @@ class Accounting:
             raise Conflict(f"request_id {ev.request_id} was already used with a different payload")
         return dict(record_view(existing, duplicate=True))
 
-    async def quote(self, raw):
+    async def quote(self, raw: dict[str, Any]) -> dict[str, Any]:
         _, price, model = await self._estimate(raw)
         return dict(price.to_dict(), llmid=model.id, model_name=model.name, unpriced_factors=list(price.unpriced))
 
-    async def hold_amount(self, raw) -> int:
+    async def hold_amount(self, raw: dict[str, Any]) -> int:
         """What to hold for an estimated event: its price in micro-units, refused the way the
         charge would be (another currency than the balance's, an unpriced factor)."""
         ev, price, _ = await self._estimate(raw)
@@ -281,10 +318,10 @@ class Accounting:
     async def _estimate(self, raw):
         """(event, price, model) of an event that is priced, not charged (no request_id needed)."""
         ev = await self._prepare(dict(raw, request_id=raw.get("request_id") or "quote"))
-        price, model = await self.core.catalog.quote(ev.usage, ev.llmid, ev.payload["model_name"], ev.customer_id, ev.day)
+        price, model = await self.catalog.quote(ev.usage, ev.llmid, ev.payload["model_name"], ev.customer_id, ev.day)
         return ev, price, model
 
-    async def record(self, record_id=None, request_id=None):
+    async def record(self, record_id: str | None = None, request_id: str | None = None) -> Row | None:
         async with self.db.read() as tx:
             if record_id:
                 rec = await tx.one("select * from accounting_records where id = ${i}$", {"i": record_id})
@@ -293,7 +330,7 @@ class Accounting:
         return rec
 
     # --- the background accountant -----------------------------------------------------------------
-    async def account_pending(self, limit=None):
+    async def account_pending(self, limit: int | None = None) -> int:
         """Account up to ``limit`` pending events in one transaction; returns how many were
         accounted. Events that cannot be accounted are then recorded as failed.
 
@@ -311,7 +348,9 @@ class Accounting:
             claimed = await tx.select(
                 f"select {_CLAIM_COLUMNS} from accounting_records where status = 'pending' "
                 "order by created_at, id limit ${n}$" + tx.skip_locked(), {"n": limit})
-            failed, memo, by_customer = [], {}, {}
+            failed: list[Any] = []
+            memo: dict[Any, Any] = {}
+            by_customer: dict[str, list[Any]] = {}
             now = clock.now_text()
             covered = await self._covered(tx, {rec.customer_id for rec in claimed})
             currencies = await self._currencies(tx, {rec.customer_id for rec in claimed})
@@ -323,7 +362,7 @@ class Accounting:
                     price, model = await self._quote_memo(ev, memo)
                     refusal = self._refusal(price, currencies.get(ev.customer_id))
                 except Exception as e:
-                    if dialects.is_database_error(e):
+                    if dialects.is_database_error(e) or isinstance(e, DatabaseUnavailable):
                         raise          # no event's fault: the batch stops and its rows stay pending
                     failed.append((rec, _event_error(e, rec), None))
                     continue
@@ -332,17 +371,17 @@ class Accounting:
                     continue
                 row = _accounted_update(rec, price, model, now)
                 if ev.customer_id in covered:
-                    self._apply_quota(row, await self.quota_hook(tx, ev, price, rec.id))
+                    self._apply_quota(row, await self._take_quota(tx, ev, price, rec.id))
                 by_customer.setdefault(ev.customer_id, []).append((row, rec, price))
             rows = []
             for customer_id, items in by_customer.items():
                 charged = [{"amount": -row["amount"], "request_id": rec.request_id, "payload_hash": rec.payload_hash,
                             "ref_type": "accounting_records", "ref_id": rec.id}
                            for row, rec, _ in items if row["amount"] > 0]
-                entries, no = (await self.core.ledger.post_many(
+                entries, refusals = (await self.ledger.post_many(
                     tx, customer_id, charged, "usage", must_cover=not self.config.accounting.allow_arrears,
                     refuse_suspended=True)) if charged else ([], [])
-                no = {item["ref_id"]: e for item, e in no}
+                no = {item["ref_id"]: e for item, e in refusals}
                 if any(row["amount"] == 0 for row, _, _ in items) and not await tx.scalar(
                         "select count(*) as n from customer_balance where id = ${c}$", {"c": customer_id}):
                     no.update({row["id"]: UnknownCustomer(f"customer {customer_id} has no account")
@@ -351,8 +390,8 @@ class Accounting:
                 for row, rec, price in items:
                     if row["id"] in no:
                         failed.append((rec, no[row["id"]], price))
-                        if self.quota_release:   # the batch commits: give back what the hook took
-                            await self.quota_release(tx, rec.id)
+                        if self.quota is not None:   # the batch commits: give back what the hook took
+                            await self.quota.release_quota(tx, rec.id)
                     else:
                         row["ledger_entry_id"] = entry_of.get(row["id"])
                         rows.append(row)
@@ -373,17 +412,15 @@ class Accounting:
         for rec, e, price in failed:
             metrics.failed("accountant", getattr(e, "code", "error"))
             try:
-                await self.core.failures.record(parse_event_or_none(rec), e, price=price, record=rec)
+                await self.failures.record(parse_event_or_none(rec), e, price=price, record=rec)
             except Exception:
                 log.exception("could not record the failure of accounting record %s", rec.id)
 
     async def _covered(self, tx, customer_ids):
         """The customers of a batch whose events the quota hook must see."""
-        if not self.quota_hook:
+        if self.quota is None:
             return set()
-        if self.quota_customers is None:
-            return set(customer_ids)
-        return await self.quota_customers(tx, customer_ids)
+        return await self.quota.subscribed_customers(tx, customer_ids)
 
     async def _quote_memo(self, ev, memo):
         """catalog.quote with the model, program and discount looked up once per batch."""
@@ -391,18 +428,18 @@ class Accounting:
         key = ("model", ev.llmid, name)   # exactly what the lookup is asked: two product_ids never share
         found = memo.get(key)
         if found is None:
-            model = await self.core.catalog.model(ev.llmid, name)
-            program = await self.core.catalog.program(model.ppid) if model is not None and model.ppid else None
+            model = await self.catalog.model(ev.llmid, name)
+            program = await self.catalog.program(model.ppid) if model is not None and model.ppid else None
             found = memo[key] = (model, program)
         model, program = found
         if program is None:   # let quote raise the precise no_pricing error
-            return await self.core.catalog.quote(ev.usage, ev.llmid, ev.payload["model_name"], ev.customer_id, ev.day)
+            return await self.catalog.quote(ev.usage, ev.llmid, ev.payload["model_name"], ev.customer_id, ev.day)
         discount = memo.get(("discount", ev.customer_id))
         if discount is None:
-            discount = memo[("discount", ev.customer_id)] = await self.core.catalog.discount(ev.customer_id)
+            discount = memo[("discount", ev.customer_id)] = await self.catalog.discount(ev.customer_id)
         return price_for_model(program, model, ev.usage, ev.day, discount), model
 
-    async def account_record(self, record_id):
+    async def account_record(self, record_id: str) -> dict[str, Any]:
         """Account one stored (pending or failed) record now. Returns its view; raises the
         accounting error (after recording it) when it still cannot be accounted."""
         rec = await self.record(record_id=record_id)
@@ -413,10 +450,10 @@ class Accounting:
             return record_view(rec, duplicate=True)
         ev = await self.rebuild_stored(rec)
         try:
-            price, model = await self.core.catalog.quote(ev.usage, ev.llmid, ev.payload["model_name"],
+            price, model = await self.catalog.quote(ev.usage, ev.llmid, ev.payload["model_name"],
                                                          ev.customer_id, ev.day)
         except BillingError as e:
-            await self.core.failures.record(ev, e, record=rec)
+            await self.failures.record(ev, e, record=rec)
             raise
 
         async def work(tx):
@@ -428,7 +465,7 @@ class Accounting:
             return await self.db.run(work)
         except BillingError as e:
             if e.code in ACCOUNTING_FAILURES:
-                await self.core.failures.record(ev, e, price=price, record=rec)
+                await self.failures.record(ev, e, price=price, record=rec)
             raise
 
     # --- internals -----------------------------------------------------------------------------
@@ -444,13 +481,16 @@ class Accounting:
 
         An event named by ``llmid`` alone is priced under its model's name, looked up now (once
         per ``memo``, the accountant's batch): a model synced after the first attempt counts."""
-        model_name = payload.get("model_name")
+        model_name: Any = payload.get("model_name")      # the payload is JSON, validated by parse_event
         llmid = payload.get("llmid")
         if not model_name and llmid:
             model = await self._model_by_id(llmid, memo)
-            model_name = model.name if model is not None else None
+            if model is not None:
+                model_name = model.name
         quantity = payload.get("quantity")
-        usage = Usage(model_name or llmid or payload.get("product_id"), int(payload.get("input_tokens") or 0),
+        # parse_event let the event in with one of these names
+        usage = Usage(cast(str, model_name or llmid or payload.get("product_id")),
+                      int(payload.get("input_tokens") or 0),
                       int(payload.get("output_tokens") or 0), int(payload.get("cached_tokens") or 0),
                       Decimal(str(quantity)) if quantity else Decimal(0), payload.get("unit"),
                       dict(payload.get("attributes") or {}),
@@ -458,7 +498,7 @@ class Accounting:
         return Event(payload["request_id"], payload["customer_id"], usage, payload.get("user_id"), llmid,
                      payload.get("product_id"), payload["use_time"], payload.get("transno"), payload, phash)
 
-    async def rebuild_stored(self, rec, memo: dict | None = None) -> Event:
+    async def rebuild_stored(self, rec: Row, memo: dict | None = None) -> Event:
         """``rebuild_event`` over a stored record's payload, or InvalidEvent saying why it cannot be
         rebuilt: a row written around the API (an unparsable payload, a use_time that is not a time
         or outside the range the API accepts) must not stop the accountant for everyone else. A
@@ -467,21 +507,22 @@ class Accounting:
             payload = json.loads(rec.payload)
             self.times.parse(payload["use_time"], "use_time")
             ev = await self.rebuild_event(payload, rec.payload_hash, memo)
-            ev.day   # the price is dated by it
+            _ = ev.day   # the price is dated by it
             return ev
         except Exception as e:
             # a refusal of the event itself (pricing, model) and a database error pass through;
             # what the API would have refused at the door is an admin's case, never retried
             if (isinstance(e, BillingError) and not isinstance(e, InvalidParam)) or dialects.is_database_error(e):
                 raise
-            raise InvalidEvent(f"stored event {rec.request_id} cannot be rebuilt: {type(e).__name__}: {e}"[:500]) from None
+            raise InvalidEvent(
+                f"stored event {rec.request_id} cannot be rebuilt: {type(e).__name__}: {e}"[:500]) from None
 
     async def _model_by_id(self, llmid, memo):
         if memo is None:
-            return await self.core.catalog.model(llmid)
+            return await self.catalog.model(llmid)
         key = ("llmid", llmid)
         if key not in memo:          # an unknown model is memoised too (as None)
-            memo[key] = await self.core.catalog.model(llmid)
+            memo[key] = await self.catalog.model(llmid)
         return memo[key]
 
     async def _replay_if_done(self, ev):
@@ -500,38 +541,22 @@ class Accounting:
         the unique index turns a concurrent insert into a duplicate-key error (a replay)."""
         return await tx.lock_by_key("accounting_records", "request_id", request_id)
 
-    def _record_row(self, ev, now, status, price=None, model=None):
-        u = ev.usage
-        row = {
-            "id": new_id(), "customer_id": ev.customer_id, "llmid": (model.id if model else ev.llmid),
-            "model_name": (model.name if model else ev.payload["model_name"]) or u.model_name,
-            "pricing_id": price.program_id if price else None,
-            "input_tokens": u.input_tokens, "output_tokens": u.output_tokens,
-            "total_tokens": u.input_tokens + u.output_tokens, "cached_tokens": u.cached_tokens,
-            "quantity": str(u.quantity), "unit": u.unit, "amount": price.amount if price else 0,
-            "original_amount": price.original_amount if price else None, "cost": price.cost if price else None,
-            "discount": price.discount if price else None, "price_version": price.version_id if price else None,
-            "price_lines": _price_lines_json(price) if price else None,
-            "currency": price.currency if price else self.config.currency,
-            "request_id": ev.request_id, "transno": ev.transno, "status": status, "user_id": ev.user_id,
-            "product_id": ev.product_id, "use_time": ev.use_time,
-            "payload": json.dumps(ev.payload, ensure_ascii=False), "payload_hash": ev.hash,
-            "attempts": 0, "created_at": now, "updated_at": now,
-        }
-        return row
-
     def _accounted_row(self, ev, now, price, model, existing=None):
-        row = self._record_row(ev, now, "accounted", price, model)
+        row = record_row(ev, now, "accounted", self.config.currency, price, model)
         row["accounted_at"] = now
         if existing is not None:
             row.update(id=existing.id, created_at=existing.created_at, attempts=int(existing.attempts or 0) + 1,
                        next_attempt_at=None, error_code=None, error_msg=None)
         return row
 
+    async def _take_quota(self, tx: Tx, ev: Event, price: PriceResult, record_id: str) -> Any:
+        """What a subscription of the customer absorbs (None: the event is charged in full)."""
+        return None if self.quota is None else await self.quota.quota_hook(tx, ev, price, record_id)
+
     @staticmethod
     async def _currencies(tx, customer_ids):
         """customer id -> the currency of its balance, for those that have an account."""
-        ns = {}
+        ns: dict[str, Any] = {}
         rows = await tx.select("select id, currency from customer_balance where id in "
                                f"{tx.in_list(sorted(customer_ids), ns)}", ns)
         return {r.id: r.currency for r in rows}
@@ -564,10 +589,10 @@ class Accounting:
         now = clock.now_text()
         row = self._accounted_row(ev, now, price, model, existing)
         if ev.customer_id in await self._covered(tx, {ev.customer_id}):
-            self._apply_quota(row, await self.quota_hook(tx, ev, price, row["id"]))
+            self._apply_quota(row, await self._take_quota(tx, ev, price, row["id"]))
         amount = row["amount"]
         if amount > 0:
-            entry = await self.core.ledger.post(
+            entry = await self.ledger.post(
                 tx, ev.customer_id, -amount, "usage", ev.request_id, ev.hash,
                 must_cover=not self.config.accounting.allow_arrears, refuse_suspended=True,
                 ref_type="accounting_records", ref_id=row["id"], want_balance=False)
@@ -582,8 +607,32 @@ class Accounting:
             keep = ("id", "request_id", "payload", "payload_hash", "created_at")
             sets = ", ".join(f"{k} = ${{{k}}}$" for k in row if k not in keep)
             await tx.execute(f"update accounting_records set {sets} where id = ${{id}}$", row)
-            await self.core.failures.resolve_in(tx, existing.id, now)
+            await self.failures.resolve_in(tx, existing.id, now)
         return record_view(DictObject(**row))
+
+
+def record_row(ev: Event, now: str, status: str, currency: str, price: PriceResult | None = None,
+               model: Row | None = None) -> dict[str, Any]:
+    """The ``accounting_records`` row of event ``ev`` (a new id), priced when ``price`` is given;
+    ``currency`` is the module's, for a row not priced yet."""
+    u = ev.usage
+    row = {
+        "id": new_id(), "customer_id": ev.customer_id, "llmid": (model.id if model else ev.llmid),
+        "model_name": (model.name if model else ev.payload["model_name"]) or u.model_name,
+        "pricing_id": price.program_id if price else None,
+        "input_tokens": u.input_tokens, "output_tokens": u.output_tokens,
+        "total_tokens": u.input_tokens + u.output_tokens, "cached_tokens": u.cached_tokens,
+        "quantity": str(u.quantity), "unit": u.unit, "amount": price.amount if price else 0,
+        "original_amount": price.original_amount if price else None, "cost": price.cost if price else None,
+        "discount": price.discount if price else None, "price_version": price.version_id if price else None,
+        "price_lines": _price_lines_json(price) if price else None,
+        "currency": price.currency if price else currency,
+        "request_id": ev.request_id, "transno": ev.transno, "status": status, "user_id": ev.user_id,
+        "product_id": ev.product_id, "use_time": ev.use_time,
+        "payload": json.dumps(ev.payload, ensure_ascii=False), "payload_hash": ev.hash,
+        "attempts": 0, "created_at": now, "updated_at": now,
+    }
+    return row
 
 
 _HAS_RECORD = object()   # a grouped request whose request_id already has a record
@@ -614,13 +663,13 @@ def _accounted_update(rec, price, model, now):
     }
 
 
-def _price_lines_json(price):
+def _price_lines_json(price: PriceResult) -> str:
     """The stored price lines; a factor of the event that had no price is kept as
     ``{"factor": ..., "unpriced": true}`` so the record says what was not charged."""
     return json.dumps([ln.to_dict() for ln in price.lines] + [{"factor": f, "unpriced": True} for f in price.unpriced])
 
 
-def parse_event_or_none(rec):
+def parse_event_or_none(rec: Row) -> Event | None:
     try:
         return parse_event(json.loads(rec.payload))
     except (BillingError, ValueError, TypeError):

@@ -9,15 +9,19 @@ for HMAC request signatures (``auth.py``). HMAC needs the secret itself, so it i
 encrypted (``secret_enc``, Fernet under ``auth.secret_key``); the app key's digest fills
 ``key_hash``, so it can never be used as a Bearer key.
 """
+from __future__ import annotations
+
 import collections
 import hashlib
 import hmac
 import re
 import secrets
+from typing import Any, Protocol
 
 from cachetools import TTLCache
 
 from . import clock, validation
+from .db.database import Database, Row
 from .errors import InvalidParam, NotFound, Unauthorized
 from .ids import new_id
 
@@ -31,17 +35,24 @@ AppCredentials = collections.namedtuple("AppCredentials", "app_key secret")
 _VERIFIED_TTL_SECONDS = 5
 
 
+class SecretSealer(Protocol):
+    """Encrypts a signing secret for storage (``auth.SecretBox``)."""
+
+    def encrypt(self, text: str) -> str: ...
+
+
 def _digest(key):
     return hashlib.sha256(key.encode("utf-8")).hexdigest()
 
 
 class ApiKeys:
-    def __init__(self, db):
+    def __init__(self, db: Database, secret_box: SecretSealer) -> None:
         self.db = db
-        self._verified = TTLCache(maxsize=10000, ttl=_VERIFIED_TTL_SECONDS)
-        self.secret_box = None   # auth.SecretBox, set where the services are built
+        self._verified: TTLCache = TTLCache(maxsize=10000, ttl=_VERIFIED_TTL_SECONDS)
+        self.secret_box = secret_box
 
-    async def create(self, scope, customer_id=None, name="", expires_at=None, allowed_ips="", signed=False):
+    async def create(self, scope: str, customer_id: str | None = None, name: str = "", expires_at: str | None = None,
+                     allowed_ips: str = "", signed: bool = False) -> tuple[Any, dict[str, Any]]:
         """A new key: ``(key, row)``; with ``signed=True`` ``(AppCredentials(app_key, secret), row)``.
         The key (or secret) is returned only here."""
         if scope not in SCOPES:
@@ -55,8 +66,6 @@ class ApiKeys:
             raise InvalidParam("an app key signs its requests: create it with signed=True")
         prefix = secrets.token_hex(4)
         if signed:
-            if self.secret_box is None:
-                raise RuntimeError("ApiKeys.secret_box is not set (auth.Auth is not wired)")
             # lower-case hex: MySQL compares this column case-insensitively
             key = f"ak_{prefix}_{secrets.token_hex(12)}"
             secret = secrets.token_urlsafe(32)
@@ -76,13 +85,13 @@ class ApiKeys:
             return AppCredentials(key, secret), {k: v for k, v in row.items() if k != "secret_enc"}
         return key, row
 
-    async def list(self):
+    async def list(self) -> list[Row]:
         async with self.db.read() as tx:
             return await tx.select(
                 "select id, key_prefix, app_id, name, scope, customer_id, enabled, expires_at, created_at, "
                 "revoked_at, last_used_at from api_key order by created_at, id")
 
-    async def revoke(self, key_id_or_prefix):
+    async def revoke(self, key_id_or_prefix: str) -> int:
         async with self.db.transaction() as tx:
             n = await tx.execute(
                 "update api_key set enabled = '0', revoked_at = ${now}$ "
@@ -93,7 +102,7 @@ class ApiKeys:
         self._verified.clear()
         return n
 
-    async def verify(self, key, client_ip=None):
+    async def verify(self, key: str, client_ip: str | None = None) -> Row:
         """The key's row, or Unauthorized. Comparison is by digest in a unique index, and the
         digest itself is compared in constant time."""
         if key and key.startswith("ak_"):
@@ -110,7 +119,7 @@ class ApiKeys:
             self._verified[digest] = row
         return self.check_usable(row, client_ip)
 
-    async def signed_key(self, app_key):
+    async def signed_key(self, app_key: str) -> Row:
         """The row of a signing key (with ``secret_enc``), or Unauthorized. Not yet checked
         for revocation, expiry or IP: the caller verifies the signature first, then calls
         ``check_usable``, so an unsigned request learns nothing about the key's state."""
@@ -127,7 +136,7 @@ class ApiKeys:
             self._verified[cache_key] = row
         return row
 
-    def check_usable(self, row, client_ip=None):
+    def check_usable(self, row: Row, client_ip: str | None = None) -> Row:
         """Enabled, not expired, and (when the key lists IPs) called from one of them."""
         label = "app key" if row.get("app_id") else "API key"
         if row.enabled != "1":

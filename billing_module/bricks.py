@@ -20,7 +20,7 @@ import contextlib
 import os
 import re
 import shutil
-from typing import Awaitable, Callable, Optional
+from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
@@ -51,7 +51,9 @@ HEADER = """<!DOCTYPE html>
 // one request ride along on the next. Each request starts from its own parameters here.
 if (typeof HttpText !== "undefined" && typeof jc !== "undefined" && typeof hc !== "undefined") {
   for (const c of [jc, hc]) {
-    c.url_parse = function (url) { this.params = {"_webbricks_": 1}; return HttpText.prototype.url_parse.call(this, url); };
+    c.url_parse = function (url) {
+      this.params = {"_webbricks_": 1}; return HttpText.prototype.url_parse.call(this, url);
+    };
   }
 }
 </script>
@@ -124,7 +126,7 @@ def _concatenated(source: str) -> str:
     return "".join(parts)
 
 
-def _put(path: str, text: Optional[str] = None, link_to: Optional[str] = None) -> None:
+def _put(path: str, text: str | None = None, link_to: str | None = None) -> None:
     """Write a file or a symlink by renaming a fresh one over it: server processes starting at the
     same time on one data dir (``serve --workers``) each lay out the folder, and none may see it
     half written or missing."""
@@ -132,12 +134,13 @@ def _put(path: str, text: Optional[str] = None, link_to: Optional[str] = None) -
     if link_to is not None:
         os.symlink(link_to, tmp)
     else:
+        assert text is not None, "a file is written from its text, a link from its target"
         with open(tmp, "w", encoding="utf-8") as f:
             f.write(text)
     os.replace(tmp, path)
 
 
-def install(www: str, bricks_dir: Optional[str]) -> str:
+def install(www: str, bricks_dir: str | None) -> str:
     """Lay out ``<www>/bricks``: links and generated files only, replaced at each start."""
     target = os.path.join(www, "bricks")
     if os.path.islink(target) or os.path.isfile(target):
@@ -200,6 +203,6 @@ def static_middleware(www: str, login_page: str):
         except web.HTTPUnauthorized:
             # the browser opened the page itself (bricks' own requests carry _webbricks_, API
             # clients do not ask for HTML: both keep the 401): show the login page
-            raise web.HTTPFound(login_page)
+            raise web.HTTPFound(login_page) from None
 
     return serve_static

@@ -4,16 +4,21 @@ pricing needs: model -> pricing program, customer -> discount.
 Writes come from the sync (and from demo / admin seeding) through ``apply``; reads go through
 the LRU + TTL caches of ``cache.py``, so a price is computed from memory on a hit.
 """
+from __future__ import annotations
+
 import dataclasses
+import datetime
 import json
+from collections.abc import Collection, Iterable
 from decimal import Decimal, InvalidOperation
+from typing import Any
 
 from . import clock
-from .cache import MISSING
+from .cache import MISSING, CacheManager
 from .db import dialect as dialects
-from .db.database import where
+from .db.database import Database, Row, Tx, where
 from .errors import InvalidParam, ModelMismatch, NoPricing
-from .pricing import Program, Usage, price_usage
+from .pricing import PriceResult, Program, Usage, price_usage
 
 # entity -> (table, columns taken from an item besides id / payload / version / cached_at)
 ENTITIES = {
@@ -33,7 +38,7 @@ def _item_row(entity, item, version, now):
     key = item.get("id")
     if not isinstance(key, str) or not key or len(key) > 32:
         raise InvalidParam(f"{entity}: item id must be a string of 1-32 characters")
-    row = {"id": key}
+    row: dict[str, str | None] = {"id": key}
     for c in columns:
         v = item.get(c, item.get("kind") if c == "entity_kind" else None)
         if v is not None and not isinstance(v, str):
@@ -64,7 +69,7 @@ def _discount(text, customer_id):
     return d
 
 
-def price_for_model(program, model, usage: Usage, day, discount):
+def price_for_model(program: Program, model: Row, usage: Usage, day: datetime.date, discount: Decimal) -> PriceResult:
     """Price ``usage`` as the catalogue's ``model``: the rules' model filters see its name, never
     a name the event carried (the stored event of an unknown id carries the id itself)."""
     if usage.model_name != model.name:
@@ -73,12 +78,13 @@ def price_for_model(program, model, usage: Usage, day, discount):
 
 
 class Catalog:
-    def __init__(self, db, caches):
+    def __init__(self, db: Database, caches: CacheManager) -> None:
         self.db = db
         self.caches = caches
 
     # --- writes (sync, demo, admin) --------------------------------------------------------------
-    async def apply(self, tx, entity, items=(), deleted=(), version=None):
+    async def apply(self, tx: Tx, entity: str, items: Iterable[dict[str, Any]] = (), deleted: Collection[str] = (),
+                    version: str | None = None) -> tuple[int, int]:
         """Upsert ``items`` and delete ``deleted`` ids of one entity inside ``tx``."""
         if entity not in ENTITIES:
             raise InvalidParam(f"unknown entity {entity!r}")
@@ -91,14 +97,15 @@ class Catalog:
             await tx.execute(f"delete from {table} where id = ${{k}}$", {"k": str(key)})
         return len(rows), len(deleted)
 
-    async def put(self, entity, items=(), deleted=()):
+    async def put(self, entity: str, items: Iterable[dict[str, Any]] = (),
+                  deleted: Collection[str] = ()) -> tuple[int, int]:
         """``apply`` in its own transaction, then drop the cached copies."""
         async with self.db.transaction() as tx:
             result = await self.apply(tx, entity, items, deleted)
         self.invalidate(entity)
         return result
 
-    def invalidate(self, entity=None):
+    def invalidate(self, entity: str | None = None) -> None:
         self.caches.invalidate(entity)
 
     # --- reads ----------------------------------------------------------------------------------
@@ -106,7 +113,7 @@ class Catalog:
         async with self.db.read() as tx:
             return await tx.one(f"select * from {table} where {condition}", ns)
 
-    async def model(self, llmid=None, model_name=None):
+    async def model(self, llmid: str | None = None, model_name: str | None = None) -> Row | None:
         """The cached LLM model row by id, else by name; None if unknown. Given both, the id
         decides, and a name that is not that model's is refused (``model_mismatch``): an event
         must not be priced as a model of the caller's choosing while recorded as another."""
@@ -122,7 +129,7 @@ class Catalog:
                 model_name, lambda: self._row("llmage_cache", "name = ${k}$ order by id limit 1", {"k": model_name}))
         return None
 
-    async def program(self, ppid):
+    async def program(self, ppid: str) -> Program | None:
         """The compiled pricing program (parsed once per cache lifetime), or None."""
         async def load():
             row = await self._row("pricing_cache", "id = ${k}$", {"k": ppid})
@@ -136,17 +143,18 @@ class Catalog:
                 raise NoPricing(f"pricing program {ppid} in the cache cannot be read: {message}"[:500]) from None
         return await self.caches.cache("pricing").get_or_load(ppid, load)
 
-    async def discount(self, customer_id):
+    async def discount(self, customer_id: str) -> Decimal:
         async def load():
             row = await self._row("users_cache", "id = ${k}$ and entity_kind = 'org'", {"k": customer_id})
             return _discount(row.discount, customer_id) if row and row.discount else Decimal(1)
         return await self.caches.cache("users:discount").get_or_load(customer_id, load)
 
-    async def org(self, customer_id):
+    async def org(self, customer_id: str) -> Row | None:
         return await self.caches.cache("users:org").get_or_load(
             customer_id, lambda: self._row("users_cache", "id = ${k}$ and entity_kind = 'org'", {"k": customer_id}))
 
-    async def quote(self, usage: Usage, llmid=None, model_name=None, customer_id=None, day=None):
+    async def quote(self, usage: Usage, llmid: str | None = None, model_name: str | None = None,
+                    customer_id: str | None = None, day: datetime.date | None = None) -> tuple[PriceResult, Row]:
         """Price a usage without charging. Returns (PriceResult, model row). ``model_name`` is the
         name the caller sent (compared with ``llmid``'s model), not one derived from the id."""
         model = await self.model(llmid, model_name or (None if llmid else usage.model_name))
@@ -160,18 +168,19 @@ class Catalog:
         discount = await self.discount(customer_id) if customer_id else Decimal(1)
         return price_for_model(program, model, usage, day or clock.today(), discount), model
 
-    async def priced_models(self):
+    async def priced_models(self) -> list[dict[str, Any]]:
         """Every cached model with its pricing program's current price rules (for the pricing API)."""
         async with self.db.read() as tx:
             rows = await tx.select("select m.id, m.name, m.ppid, p.name as program_name, p.payload "
-                                   "from llmage_cache m left join pricing_cache p on p.id = m.ppid order by m.name, m.id")
+                                   "from llmage_cache m left join pricing_cache p on p.id = m.ppid "
+                                   "order by m.name, m.id")
         out = []
         today = clock.today()
         for r in rows:
             item = {"llmid": r.id, "model_name": r.name, "pricing_id": r.ppid, "program_name": r.program_name,
                     "prices": None}
-            if r.payload:
-                program = await self.program(r.ppid)
+            program = await self.program(r.ppid) if r.payload else None
+            if program is not None:
                 try:
                     version = program.version_on(today)
                     item["price_version"] = version.id
@@ -181,7 +190,8 @@ class Catalog:
             out.append(item)
         return out
 
-    async def users(self, page=1, rows=20, kind=None, org_id=None, name=None):
+    async def users(self, page: int = 1, rows: int = 20, kind: str | None = None, org_id: str | None = None,
+                    name: str | None = None) -> dict[str, Any]:
         cond, ns = where(("entity_kind = ${kind}$", "kind", kind), ("org_id = ${org}$", "org", org_id),
                          ("name like ${name}$", "name", f"%{name}%" if name else None))
         sql = ("select id, entity_kind as kind, name, org_id, org_type, status, discount, version, cached_at "
@@ -189,7 +199,7 @@ class Catalog:
         async with self.db.read() as tx:
             return await tx.page(sql, ns, "entity_kind, name, id", page, rows)
 
-    def stats(self):
+    def stats(self) -> dict[str, dict[str, float]]:
         return self.caches.stats()
 
 

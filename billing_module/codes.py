@@ -12,7 +12,6 @@ from .errors import ConfigError
 from .resources import resource_path
 
 
-
 def data_file():
     return str(resource_path("init", "data.json"))
 

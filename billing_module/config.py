@@ -85,6 +85,20 @@ def _port(v):
     return v
 
 
+def _hosts(v):
+    """Galera / replica nodes to fail over between: "h1:p1,h2:p2" or a YAML list; [] = host/port only."""
+    items = v if isinstance(v, (list, tuple)) else str(v or "").split(",")
+    hosts = []
+    for item in (str(i).strip() for i in items):
+        if not item:
+            continue
+        host, sep, port = item.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) <= 65535:
+            raise ValueError(f"{item!r} is not host:port")
+        hosts.append(f"{host}:{int(port)}")
+    return hosts
+
+
 def _currency(v):
     v = str(v).strip().upper()
     if not (3 <= len(v) <= 8 and v.isalpha()):
@@ -137,6 +151,7 @@ SCHEMA = {
         "path": ("", _str),              # sqlite file; default <data_dir>/billing.db
         "host": ("127.0.0.1", _str),
         "port": (3306, _port),
+        "hosts": ([], _hosts),           # "h1:p1,h2:p2,...": nodes tried in order; host/port when empty
         "user": ("root", _str),
         "password": ("", _str),
         "name": ("billing", _str),

@@ -1,12 +1,29 @@
 """The billing core: one object per process that owns the config, the database and the
 services built on them. ``load_billing_module()`` creates it and registers it in ServerEnv."""
+from __future__ import annotations
+
 import asyncio
 import logging
 import os
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
 
+from .accounting import Accounting
 from .apikeys import ApiKeys
-from .config import load_config
+from .auth import Auth
+from .cache import CacheManager
+from .catalog import Catalog
+from .codes import load_code_tables
+from .config import Config, load_config
 from .db.database import Database, desc_from_config
+from .db.schema import create_schema
+from .failures import FailureRetries, Failures
+from .ledger import Ledger
+from .products import ProductManager
+from .services import Job, Services, background_jobs, build_services
+from .session_store import SessionStore
+from .sync import SyncManager
+from .throttle import LoginThrottle
 from .version import __version__
 
 log = logging.getLogger("billing_module")
@@ -15,32 +32,29 @@ MODULE_NAME = "billing_module"
 
 
 class BillingCore:
-    def __init__(self, config=None, db_desc=None, data_dir=None, instance_id=None):
-        self.config = config or load_config(os.environ.get("BILLING_CONFIG") or None)
+    """Owns the config, the database and the services. Constructing it touches no database: in a
+    host the database is known only once the host's DBPools exists, so the database and the
+    services (``services.build_services``) are built on first use of ``db`` or of a service."""
+
+    def __init__(self, config: Config | None = None, db_desc: dict | None = None, data_dir: str | None = None,
+                 instance_id: str | None = None) -> None:
+        self.config: Config = config or load_config(os.environ.get("BILLING_CONFIG") or None)
         self.data_dir = os.path.abspath(data_dir or self.config.server.data_dir)
         self._db_desc = db_desc
-        self._db = None
+        self._db: Database | None = None
+        self._services: Services | None = None
         self.version = __version__
         self.instance_id = instance_id or f"{os.uname().nodename}:{os.getpid()}:{id(self) % 100000}"
-        self.apikeys = None
-        self._services_built = False
-        self._tasks = []
-        from .throttle import LoginThrottle
+        self._tasks: list[asyncio.Task] = []
+        # the standalone host's console credentials (server.py sets them; None in a host)
+        self.admin_password: str | None = None
+        self.demo_admin_key: str | None = None
         self.login_throttle = LoginThrottle(self.config.server)
         self.host_sessions_trusted = False   # set by the start-up check (sessions.check_host_sessions)
-        self.standalone_admin = None         # the standalone host's admin user name
-
-    _SERVICES = ("caches", "catalog", "ledger", "failures", "accounting", "products", "sync", "auth")
-
-    def __getattr__(self, name):
-        # services exist once the database is known; touching one resolves it
-        if name in BillingCore._SERVICES and not self.__dict__.get("_services_built"):
-            _ = self.db
-            return self.__dict__[name]
-        raise AttributeError(name)
+        self.standalone_admin: str | None = None   # the standalone host's admin user name
 
     # --- database -------------------------------------------------------------------------
-    def _resolve_db_desc(self):
+    def _resolve_db_desc(self) -> dict:
         """Standalone: from our config. In a host: the host's database for this module, read
         lazily, because the host's DBPools does not exist yet when load_billing_module() runs."""
         if self._db_desc is not None:
@@ -57,52 +71,90 @@ class BillingCore:
         return desc_from_config(self.config, self.data_dir)
 
     @property
-    def db(self):
+    def db(self) -> Database:
         if self._db is None:
             self._db = Database(self._resolve_db_desc(), pool_size=self.config.database.pool_size)
-            self._build_services()
         return self._db
 
-    def _build_services(self):
-        if self._services_built:
-            return
-        self._services_built = True
-        db = self._db
-        self.apikeys = ApiKeys(db)
-        from .services import build_services
-        build_services(self, db)
+    @property
+    def services(self) -> Services:
+        """Every service, built on first use (which resolves the database)."""
+        if self._services is None:
+            self._services = build_services(self.config, self.db, self.data_dir)
+        return self._services
 
-    async def create_schema(self):
+    # the services by name, for the edges (API handlers, CLI, ServerEnv functions)
+    @property
+    def caches(self) -> CacheManager:
+        return self.services.caches
+
+    @property
+    def catalog(self) -> Catalog:
+        return self.services.catalog
+
+    @property
+    def apikeys(self) -> ApiKeys:
+        return self.services.apikeys
+
+    @property
+    def auth(self) -> Auth:
+        return self.services.auth
+
+    @property
+    def ledger(self) -> Ledger:
+        return self.services.ledger
+
+    @property
+    def products(self) -> ProductManager:
+        return self.services.products
+
+    @property
+    def failures(self) -> Failures:
+        return self.services.failures
+
+    @property
+    def accounting(self) -> Accounting:
+        return self.services.accounting
+
+    @property
+    def retries(self) -> FailureRetries:
+        return self.services.retries
+
+    @property
+    def sync(self) -> SyncManager:
+        return self.services.sync
+
+    @property
+    def sessions(self) -> SessionStore:
+        return self.services.sessions
+
+    async def create_schema(self) -> list[str]:
         """Missing tables and indexes, then the code lists of init/data.json (an upsert)."""
-        from .codes import load_code_tables
-        from .db.schema import create_schema
         created = await create_schema(self.db)
         await load_code_tables(self.db)
         return created
 
-    async def health(self):
+    async def health(self) -> dict[str, Any]:
         try:
-            async with self.db.read() as tx:
-                await tx.scalar("select 1 as ok")
+            # through run(): a broken connection moves to the next node, as a request would
+            await self.db.run(lambda tx: tx.scalar("select 1 as ok"), write=False)
             db_state = "ok"
         except Exception as e:  # health reports; it does not raise
             log.warning("health: database check failed: %s", e)
             db_state = "error"
         return {"status": "ok" if db_state == "ok" else "degraded", "db": db_state,
-                "version": self.version, "dialect": self.db.dialect}
+                "version": self.version, "dialect": self.db.dialect, "db_node": self.db.node}
 
     # --- background tasks ---------------------------------------------------------------------
-    def background_jobs(self):
+    def background_jobs(self) -> list[Job]:
         """(name, coroutine function, interval seconds) of every periodic job."""
-        from .services import background_jobs
-        return background_jobs(self)
+        return background_jobs(self.services, self.config)
 
-    async def start_background(self):
-        _ = self.db
+    async def start_background(self) -> None:
         for name, job, interval in self.background_jobs():
             self._tasks.append(asyncio.create_task(_periodic(name, job, interval), name=f"billing:{name}"))
 
-    async def stop_background(self):
+    async def stop_background(self) -> None:
         tasks, self._tasks = self._tasks, []
         for t in tasks:
             t.cancel()
@@ -112,7 +164,7 @@ class BillingCore:
             except (asyncio.CancelledError, Exception):
                 pass
 
-    async def cleanup_ctx(self, app):
+    async def cleanup_ctx(self, app: Any) -> AsyncIterator[None]:
         """aiohttp cleanup context: background jobs run while the app runs; the pool closes after."""
         if self.config.accounting.background:
             await self.start_background()
@@ -120,14 +172,14 @@ class BillingCore:
         await self.stop_background()
         await self.close()
 
-    async def close(self):
+    async def close(self) -> None:
         if self._db is not None:
             await self._db.close()
             self._db = None
-            self._services_built = False
+            self._services = None
 
 
-async def _periodic(name, job, interval):
+async def _periodic(name: str, job: Callable[[], Awaitable[Any]], interval: float) -> None:
     while True:
         try:
             await job()

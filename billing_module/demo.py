@@ -25,12 +25,15 @@ DEMO_PROGRAM = {
 }
 DEMO_MODELS = [
     {"id": "demo-llm-chat", "name": "demo-chat", "ppid": "demo-pp-chat", "ownerid": "0", "providerid": "demo-provider"},
-    {"id": "demo-llm-image", "name": "demo-image", "ppid": "demo-pp-chat", "ownerid": "0", "providerid": "demo-provider"},
-    {"id": "demo-llm-video", "name": "demo-video", "ppid": "demo-pp-chat", "ownerid": "0", "providerid": "demo-provider"},
+    {"id": "demo-llm-image", "name": "demo-image", "ppid": "demo-pp-chat", "ownerid": "0",
+     "providerid": "demo-provider"},
+    {"id": "demo-llm-video", "name": "demo-video", "ppid": "demo-pp-chat", "ownerid": "0",
+     "providerid": "demo-provider"},
 ]
 DEMO_ORGS = [
     {"id": "demo-acme", "kind": "org", "name": "Acme Robotics", "org_type": "customer", "status": "active"},
-    {"id": "demo-globex", "kind": "org", "name": "Globex", "org_type": "customer", "status": "active", "discount": "0.9"},
+    {"id": "demo-globex", "kind": "org", "name": "Globex", "org_type": "customer", "status": "active",
+     "discount": "0.9"},
     {"id": "demo-initech", "kind": "org", "name": "Initech", "org_type": "customer", "status": "active"},
     {"id": "demo-user-1", "kind": "user", "name": "alice", "org_id": "demo-acme", "status": "active"},
 ]

@@ -99,3 +99,14 @@ class TooManyAttempts(BillingError):
     def __init__(self, message, retry_after_seconds):
         super().__init__(message, retry_after_seconds=retry_after_seconds)
         self.headers = {"Retry-After": str(retry_after_seconds)}
+
+
+class DatabaseUnavailable(BillingError):
+    """No database node could do the work now: none answered, the transaction kept colliding, or
+    the connection broke during a COMMIT whose outcome is therefore unknown. The request may be
+    sent again: the module's writes are idempotent by their request_id."""
+    status, code = 503, "database_unavailable"
+
+    def __init__(self, message="the database is not reachable; try again later", retry_after_seconds=5):
+        super().__init__(message)
+        self.headers = {"Retry-After": str(retry_after_seconds)}

@@ -28,8 +28,8 @@ from aiohttp import web
 from aiohttp.streams import StreamReader
 
 from .core import MODULE_NAME
-from .resources import resource_dir
 from .db import dialect as dialects
+from .resources import resource_dir
 
 log = logging.getLogger("billing_module.guard")
 
@@ -65,8 +65,7 @@ def error_reply(request, status, code, message, headers=None):
 
 # --- what a path is ----------------------------------------------------------------------------------
 def _api_methods(name):
-    from .api import HANDLERS, load_handlers
-    load_handlers()
+    from .api import HANDLERS
     spec = HANDLERS.get(name)
     return spec[1] if spec else None
 
@@ -244,5 +243,5 @@ def install_request_guard():
         if module_guard not in app.middlewares:
             app.middlewares.append(module_guard)
             app.on_startup.append(check_host_sessions)
-    ahapp_built.billing_guard = True
+    ahapp_built.__dict__["billing_guard"] = True
     rf.register("ahapp_built", ahapp_built)

@@ -108,6 +108,7 @@ class SignedClient:
         if body:
             headers["Content-Type"] = "application/json"
         where = f"{method} {url.with_query(None)}"
+        assert self._session is not None, "SignedClient is used inside 'async with'"
         try:
             async with self._session.request(method, url, data=body or None, headers=headers) as resp:
                 data = await self._read(resp, where)

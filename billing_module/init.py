@@ -7,6 +7,7 @@ database (the core connects on first use). Every name registered in ServerEnv st
 import logging
 
 from .core import BillingCore
+from .inprocess import register_functions
 
 log = logging.getLogger("billing_module")
 
@@ -38,7 +39,6 @@ def load_billing_module(config=None, db_desc=None, data_dir=None, register_backg
     env.billing_api = billing_api
     from .guard import install_request_guard
     install_request_guard()
-    from .services import register_functions
     register_functions(core, env)
     if register_background:
         try:

@@ -16,16 +16,30 @@ micro-units the SQL sum never leaves the signed 64-bit range, where SQLite would
 Availability rule: a debit that must be covered (a hold, a usage charge when arrears are not
 allowed) passes when ``balance - held - amount >= -credit_limit``.
 """
+from __future__ import annotations
+
 import logging
 from decimal import Decimal
+from typing import Any
 
 from appPublic.dictObject import DictObject
 
 from . import clock
+from .config import Config
 from .db import dialect as dialects
-from .db.database import where
-from .errors import (AccountSuspended, AmountOutOfRange, BillingError, Conflict, Forbidden, InsufficientBalance,
-                     InvalidParam, NotFound, RefundExceedsCharges, UnknownCustomer)
+from .db.database import Database, Row, Tx, where
+from .errors import (
+    AccountSuspended,
+    AmountOutOfRange,
+    BillingError,
+    Conflict,
+    Forbidden,
+    InsufficientBalance,
+    InvalidParam,
+    NotFound,
+    RefundExceedsCharges,
+    UnknownCustomer,
+)
 from .ids import new_id, payload_hash
 from .money import MAX_MICRO, MICRO, from_micro
 
@@ -36,11 +50,14 @@ STATUSES = ("active", "suspended", "arrears")
 _ENTRY_COLUMNS = ("id", "customer_id", "entry_type", "amount", "request_id", "payload_hash", "ref_type", "ref_id",
                   "reason", "operator", "created_at")
 _INSERT_ENTRY = (f"insert into ledger_entry ({', '.join(_ENTRY_COLUMNS)}, balance_after, currency) "
-                 f"select {', '.join('${%s}$' % c for c in _ENTRY_COLUMNS)}, balance, currency "
+                 f"select {', '.join('${' + c + '}$' for c in _ENTRY_COLUMNS)}, balance, currency "
                  "from customer_balance where id = ${customer_id}$")
 
 _BALANCE_COLUMNS = ("id, balance, held, credit_limit, currency, status, last_recharge, "
                     "last_consumption, version, updated_at")
+
+# the items of a batch refused by post_many, each with its error (None: refused with the batch)
+Refusals = list[tuple[dict[str, Any], "BillingError | None"]]
 
 
 def _balance_update(must_cover, refuse_suspended, guard=""):
@@ -80,7 +97,7 @@ _REFUND_WITHIN_RECORD = (
     "and ref_id = ${rid}$)")
 
 
-def balance_view(row):
+def balance_view(row: Row) -> dict[str, Any]:
     """The reply shape of a balance row (money as decimal strings)."""
     credit = int(row.credit_limit or 0)
     balance, held = int(row.balance), int(row.held)
@@ -92,7 +109,7 @@ def balance_view(row):
     }
 
 
-def entry_view(entry, duplicate=False):
+def entry_view(entry: Row, duplicate: bool = False) -> dict[str, Any]:
     return {
         "entry_id": entry.id, "customer_id": entry.customer_id, "entry_type": entry.entry_type,
         "amount": from_micro(int(entry.amount)), "balance_after": from_micro(int(entry.balance_after)),
@@ -101,7 +118,7 @@ def entry_view(entry, duplicate=False):
     }
 
 
-def hold_view(hold, duplicate=False):
+def hold_view(hold: Row, duplicate: bool = False) -> dict[str, Any]:
     return {
         "hold_id": hold.id, "customer_id": hold.customer_id, "request_id": hold.request_id,
         "amount": from_micro(int(hold.amount)), "status": hold.status,
@@ -123,13 +140,13 @@ def _check_amount(amount, what, allow_zero=False, signed=False):
 
 
 class Ledger:
-    def __init__(self, db, config):
+    def __init__(self, db: Database, config: Config) -> None:
         self.db = db
         self.config = config
         self.max_balance_micros = config.ledger.max_balance * MICRO
 
     # --- reads -----------------------------------------------------------------------------
-    async def balance(self, customer_id):
+    async def balance(self, customer_id: str) -> dict[str, Any]:
         async with self.db.read() as tx:
             row = await tx.one(f"select {_BALANCE_COLUMNS} from customer_balance where id = ${{c}}$",
                                {"c": customer_id})
@@ -137,7 +154,8 @@ class Ledger:
             raise UnknownCustomer(f"no balance for customer {customer_id}")
         return balance_view(row)
 
-    async def balances(self, page=1, rows=20, customer_id=None, status=None):
+    async def balances(self, page: int = 1, rows: int = 20, customer_id: str | None = None,
+                       status: str | None = None) -> dict[str, Any]:
         cond, ns = where(("b.id like ${cid}$", "cid", f"%{customer_id}%" if customer_id else None),
                          ("b.status = ${status}$", "status", status))
         sql = (f"select b.{_BALANCE_COLUMNS.replace(', ', ', b.')}, u.name as customer_name "
@@ -148,7 +166,8 @@ class Ledger:
         result["rows"] = [dict(balance_view(r), customer_name=r.customer_name) for r in result["rows"]]
         return result
 
-    async def entries(self, customer_id=None, page=1, rows=20, entry_type=None):
+    async def entries(self, customer_id: str | None = None, page: int = 1, rows: int = 20,
+                      entry_type: str | None = None) -> dict[str, Any]:
         cond, ns = where(("customer_id = ${c}$", "c", customer_id), ("entry_type = ${t}$", "t", entry_type))
         sql = f"select * from ledger_entry where {cond}"
         async with self.db.read() as tx:
@@ -158,10 +177,12 @@ class Ledger:
         return result
 
     # --- the one primitive every money movement uses ------------------------------------------
-    async def post(self, tx, customer_id, amount, entry_type, request_id, phash, *, must_cover=False,
-                   refuse_suspended=False, want_balance=True,
-                   held_delta=0, ref_type=None, ref_id=None, reason=None, operator=None, create=False,
-                   currency=None, guard=None):
+    async def post(self, tx: Tx, customer_id: str, amount: int, entry_type: str, request_id: str, phash: str, *,
+                   must_cover: bool = False, refuse_suspended: bool = False, want_balance: bool = True,
+                   held_delta: int = 0, ref_type: str | None = None, ref_id: str | None = None,
+                   reason: str | None = None, operator: str | None = None, create: bool = False,
+                   currency: str | None = None,
+                   guard: tuple[str, dict[str, Any], BillingError | None] | None = None) -> Row:
         """Apply ``amount`` (signed micro-units) to the balance and append its ledger entry, inside
         the caller's transaction. ``must_cover``: refuse with ``insufficient_balance`` when the
         debit would take ``balance - held`` below ``-credit_limit``. ``guard``: (SQL condition, its
@@ -192,8 +213,9 @@ class Ledger:
             entry.update(balance_after=int(row.balance), currency=row.currency)
         return entry
 
-    async def post_many(self, tx, customer_id, items, entry_type, *, must_cover=False, refuse_suspended=False,
-                        all_or_nothing=False):
+    async def post_many(self, tx: Tx, customer_id: str, items: list[dict[str, Any]], entry_type: str, *,
+                        must_cover: bool = False, refuse_suspended: bool = False,
+                        all_or_nothing: bool = False) -> tuple[list[dict[str, Any]], Refusals]:
         """Debit a batch of one customer's items inside the caller's transaction: one conditional
         update for their total when it is covered, else item by item in order until the balance
         runs out (``all_or_nothing``: refuse them all instead). ``items``: dicts with amount (signed
@@ -204,7 +226,8 @@ class Ledger:
         sql = _balance_update(must_cover, refuse_suspended)
         total = sum(i["amount"] for i in items)
         ns = {"c": customer_id, "hd": 0, "now": now, "et": entry_type, "amt": total, "maxb": self.max_balance_micros}
-        accepted, refused = list(items), []
+        accepted: list[dict[str, Any]] = list(items)
+        refused: Refusals = []
         # a total past the bounds is not bound as one parameter (it may not fit 64 bits): item by item
         if abs(total) > MAX_MICRO or await tx.execute(sql, ns) == 0:
             if all_or_nothing:
@@ -233,7 +256,7 @@ class Ledger:
         await tx.insert_many("ledger_entry", entries)
         return entries, refused
 
-    async def can_cover(self, tx, customer_id, amount, allow_arrears=False):
+    async def can_cover(self, tx: Tx, customer_id: str, amount: int, allow_arrears: bool = False) -> bool:
         """Whether a usage debit of ``amount`` would pass now: the account exists and, for a
         charge, is not suspended and (unless arrears are allowed) covers it. The row stays
         locked, so a post that follows in this transaction sees the same balance. For callers
@@ -271,7 +294,7 @@ class Ledger:
             f"customer {customer_id} has {from_micro(int(row.balance) - int(row.held) + int(row.credit_limit or 0))} "
             f"available including credit")
 
-    async def find_entry(self, tx, entry_type, request_id):
+    async def find_entry(self, tx: Tx, entry_type: str, request_id: str) -> Row | None:
         return await tx.one("select * from ledger_entry where entry_type = ${t}$ and request_id = ${r}$",
                             {"t": entry_type, "r": request_id})
 
@@ -287,7 +310,8 @@ class Ledger:
         return result if existing is None else _replay(existing, phash, request_id)
 
     # --- operations ----------------------------------------------------------------------------
-    async def recharge(self, customer_id, amount, request_id, operator=None, note=None, currency=None):
+    async def recharge(self, customer_id: str, amount: int, request_id: str, operator: str | None = None,
+                       note: str | None = None, currency: str | None = None) -> dict[str, Any]:
         _check_amount(amount, "amount")
         phash = payload_hash({"op": "recharge", "customer_id": customer_id, "amount": amount})
 
@@ -296,7 +320,8 @@ class Ledger:
                                    reason=note, operator=operator, currency=currency)
         return await self._idempotent("recharge", request_id, phash, work)
 
-    async def refund(self, customer_id, amount, request_id, reason, operator=None, ref_id=None):
+    async def refund(self, customer_id: str, amount: int, request_id: str, reason: str, operator: str | None = None,
+                     ref_id: str | None = None) -> dict[str, Any]:
         """Return money charged to the customer: at most its charges minus its earlier refunds, and
         with ``ref_id`` (an accounting record of this customer) at most that record's charge minus
         the refunds that named it. The limits are conditions of the balance update itself."""
@@ -326,7 +351,8 @@ class Ledger:
             raise NotFound(f"customer {customer_id} has no accounting record {record_id}", code="unknown_record")
         return record
 
-    async def adjust(self, customer_id, amount, request_id, reason, operator=None):
+    async def adjust(self, customer_id: str, amount: int, request_id: str, reason: str,
+                     operator: str | None = None) -> dict[str, Any]:
         """A signed correction of an existing account (an unknown customer is ``unknown_customer``:
         only a recharge opens an account)."""
         _check_amount(amount, "amount", signed=True)
@@ -339,7 +365,8 @@ class Ledger:
                                    operator=operator)
         return await self._idempotent("adjust", request_id, phash, work)
 
-    async def update_account(self, customer_id, credit_limit=None, status=None):
+    async def update_account(self, customer_id: str, credit_limit: int | None = None,
+                             status: str | None = None) -> dict[str, Any]:
         """Set the credit limit and/or the status (active / suspended); creates the account."""
         if credit_limit is not None:
             _check_amount(credit_limit, "credit_limit", allow_zero=True)
@@ -363,8 +390,8 @@ class Ledger:
         return balance_view(await self.db.run(work))
 
     # --- holds ---------------------------------------------------------------------------------
-    async def hold(self, customer_id, amount, request_id, ttl_seconds=None, note=None, scope="admin",
-                   created_by=None):
+    async def hold(self, customer_id: str, amount: int, request_id: str, ttl_seconds: int | None = None,
+                   note: str | None = None, scope: str = "admin", created_by: str | None = None) -> dict[str, Any]:
         """Reserve ``amount``. ``scope`` (admin: the platform, customer: a customer key) is recorded:
         the hold belongs to it (see ``settle``)."""
         _check_amount(amount, "amount")
@@ -407,7 +434,9 @@ class Ledger:
             return await tx.one(f"select * from billing_hold where id = ${{h}}${suffix}", {"h": hold_id})
         return await tx.one(f"select * from billing_hold where request_id = ${{r}}${suffix}", {"r": request_id})
 
-    async def settle(self, amount, hold_id=None, request_id=None, operator=None, scope="admin", customer_id=None):
+    async def settle(self, amount: int, hold_id: str | None = None, request_id: str | None = None,
+                     operator: str | None = None, scope: str = "admin",
+                     customer_id: str | None = None) -> dict[str, Any]:
         """Charge the actual usage of a hold and release the rest. Usage already delivered is
         charged even past the available balance (the account may go into arrears), and even
         when the hold has expired; a released hold cannot be settled. ``scope``/``customer_id``:
@@ -425,6 +454,7 @@ class Ledger:
                 if int(hold.settled_amount) != amount:
                     raise Conflict(f"hold {hold.id} was already settled for {from_micro(int(hold.settled_amount))}")
                 entry = await self.find_entry(tx, "settle", hold.request_id)
+                assert entry is not None, f"settled hold {hold.id} has no settle entry"
                 return dict(hold_view(hold, duplicate=True), entry=entry_view(entry, duplicate=True))
             if hold.status == "released":
                 raise Conflict(f"hold {hold.id} was released and cannot be settled", code="hold_closed")
@@ -443,7 +473,8 @@ class Ledger:
             return dict(hold_view(hold), entry=entry_view(entry))
         return await self.db.run(work)
 
-    async def release(self, hold_id=None, request_id=None, scope="admin", customer_id=None):
+    async def release(self, hold_id: str | None = None, request_id: str | None = None, scope: str = "admin",
+                      customer_id: str | None = None) -> dict[str, Any]:
         async def work(tx):
             hold = await self._find_hold(tx, hold_id, request_id, lock=True)
             if hold is None:
@@ -480,7 +511,7 @@ class Ledger:
                              {"amt": int(hold.amount), "now": now, "c": hold.customer_id})
         return n
 
-    async def expire_holds(self, limit=500):
+    async def expire_holds(self, limit: int = 500) -> int:
         """Release open holds past their expiry. Safe with several instances, and against a settle
         or release that closes a hold between the read and the update: each hold closes through a
         conditional update, so only one of them closes it."""
@@ -491,19 +522,19 @@ class Ledger:
             log.info("expired %d holds", expired)
         return expired
 
-    async def due_holds(self, limit=500):
+    async def due_holds(self, limit: int = 500) -> list[Row]:
         """Open holds past their expiry (read without locks: they may close before ``expire_hold``)."""
         async with self.db.read() as tx:
             return await tx.select("select id, customer_id, amount from billing_hold where status = 'open' "
                                    "and expires_at <= ${now}$ order by expires_at limit ${n}$",
                                    {"now": clock.now_text(), "n": limit})
 
-    async def expire_hold(self, hold):
+    async def expire_hold(self, hold: Row) -> int:
         """Expire one hold read by ``due_holds``; 0 when it has been closed meanwhile."""
         return await self.db.run(lambda tx: self._close_hold(tx, hold, "expired"))
 
     # --- proof -------------------------------------------------------------------------------------
-    async def reconcile(self):
+    async def reconcile(self) -> dict[str, Any]:
         """Every customer whose balance is not the sum of its ledger entries, whose held amount is
         not the sum of its open holds, or whose entries' running ``balance_after`` do not chain from
         0 to the balance; plus ledger entries of customers with no balance row. One dict per
@@ -547,7 +578,8 @@ class Ledger:
     async def _reconcile_each(self, tx):
         """The rows of ``reconcile`` with each customer's ledger summed on its own; a sum that
         overflows is reported as None instead of stopping the proof of every other customer."""
-        rows = await tx.select("select b.id as customer_id, b.balance, b.held, coalesce(sum(h.amount), 0) as open_holds "
+        rows = await tx.select("select b.id as customer_id, b.balance, b.held, "
+                               "coalesce(sum(h.amount), 0) as open_holds "
                                "from customer_balance b left join billing_hold h on h.customer_id = b.id "
                                "and h.status = 'open' group by b.id, b.balance, b.held")
         for r in rows:

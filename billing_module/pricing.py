@@ -22,6 +22,7 @@ import datetime as _dt
 import functools
 from dataclasses import dataclass, field
 from decimal import ROUND_HALF_UP, Decimal, Inexact
+from typing import Any
 
 import yaml
 
@@ -364,7 +365,7 @@ def price_usage(program, usage, day, discount=_ONE):
     model = usage.model_name
     attributes = usage.attributes
     input_tokens = usage.input_tokens
-    lines = []
+    lines: list[PriceLine] = []
     unpriced = []
     original = 0  # sum of undiscounted rounded lines
 
@@ -533,7 +534,7 @@ def _parse_filters(raw, where):
         raw = [raw]
     if not isinstance(raw, list):
         raise InvalidParam(f"{where}: filters must be a list of {{key: value}} mappings")
-    pairs = {}
+    pairs: dict[str, Any] = {}
     for item in raw:
         if not isinstance(item, dict) or not item:
             raise InvalidParam(f"{where}: each filter must be a {{key: value}} mapping, got {item!r}")
@@ -572,7 +573,8 @@ def _parse_rule(i, raw, units, where):
                 raise InvalidParam(f"{where}: {name} rules are per {implied}, got quantity_unit {quantity_unit!r}")
             quantity_unit = implied
         if not isinstance(quantity_unit, str) or not quantity_unit.strip():
-            raise InvalidParam(f"{where}: quantity_unit is required for quantity rules (e.g. second, image, char, call)")
+            raise InvalidParam(
+                f"{where}: quantity_unit is required for quantity rules (e.g. second, image, char, call)")
         quantity_unit = quantity_unit.strip()
 
     unit = raw.get("unit")
@@ -615,7 +617,7 @@ def _parse_rule(i, raw, units, where):
 
 
 def _build_index(rules):
-    groups = {}
+    groups: dict[Any, list[Rule]] = {}
     for rule in rules:
         key = ("quantity", rule.quantity_unit) if rule.factor == "quantity" else rule.factor
         groups.setdefault(key, []).append(rule)
@@ -650,7 +652,7 @@ def _parse_version(raw, where, i):
     if not isinstance(data, dict):
         raise InvalidParam(f"{where}: pricing_data must be a mapping with unit_values and pricings")
 
-    units = dict(DEFAULT_UNIT_VALUES)
+    units: dict[str, Any] = dict(DEFAULT_UNIT_VALUES)
     raw_units = data.get("unit_values")
     if raw_units is not None:
         if not isinstance(raw_units, dict):

@@ -12,14 +12,21 @@ rows the list shows. Amounts are integer micro-units in SQL and decimal strings 
 The products' reports (``ProductManager.usage_list``, ``overage``, ``stats``) are the product
 source seen through the products' reply shapes.
 """
+from __future__ import annotations
+
 import codecs
-import re
 import logging
+import re
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from decimal import ROUND_HALF_UP, Decimal
+from typing import Any
+
+from aiohttp import web
 
 from . import clock, validation
 from .db import dialect as dialects
+from .db.database import Database
 from .money import from_micro
 
 log = logging.getLogger("billing_module.reports")
@@ -38,21 +45,22 @@ class UsageFilter:
     """Validated filters (the API layer parses and checks them). ``start`` / ``end`` are
     'YYYY-MM-DD HH:MM:SS' texts: ``start`` inclusive, ``end`` exclusive."""
     source: str = "accounting"
-    customer_id: str = None
-    user_id: str = None
-    model: str = None            # accounting: model_name or llmid
-    product_id: str = None
-    status: str = "accounted"    # accounting: None means every status
-    supplier_org_id: str = None  # product
-    billing_mode: str = None     # product
-    subscription_id: str = None  # product
+    customer_id: str | None = None
+    user_id: str | None = None
+    model: str | None = None     # accounting: model_name or llmid
+    product_id: str | None = None
+    status: str | None = "accounted"  # accounting: None means every status
+    supplier_org_id: str | None = None  # product
+    billing_mode: str | None = None  # product
+    subscription_id: str | None = None  # product
     overage_only: bool = False   # product: only what was charged (billing modes 2 and 3)
-    start: str = None
-    end: str = None
+    start: str | None = None
+    end: str | None = None
 
 
-def product_filter(customer_id=None, product_id=None, subscription_id=None, billing_mode=None,
-                   supplier_org_id=None, user_id=None, start=None, end=None, overage_only=False) -> UsageFilter:
+def product_filter(customer_id: object = None, product_id: object = None, subscription_id: object = None,
+                   billing_mode: object = None, supplier_org_id: object = None, user_id: object = None,
+                   start: object = None, end: object = None, overage_only: bool = False) -> UsageFilter:
     """The product source's filter from unchecked values (the in-process products API): ids,
     the billing mode and the time range are checked by the module's validation rules."""
     t0, t1 = validation.bounds(start, end, "start", "end")
@@ -87,12 +95,14 @@ _ACCOUNTING = _Source(
           ("input_tokens", "coalesce(sum(r.input_tokens), 0)"), ("output_tokens", "coalesce(sum(r.output_tokens), 0)"),
           ("cached_tokens", "coalesce(sum(r.cached_tokens), 0)")),
     filters=(("customer_id", "r.customer_id = ${customer_id}$"), ("user_id", "r.user_id = ${user_id}$"),
-             ("model", "(r.model_name = ${model}$ or r.llmid = ${model}$)"), ("product_id", "r.product_id = ${product_id}$"),
-             ("status", "r.status = ${status}$"), ("start", "r.use_time >= ${start}$"), ("end", "r.use_time < ${end}$")),
+             ("model", "(r.model_name = ${model}$ or r.llmid = ${model}$)"),
+             ("product_id", "r.product_id = ${product_id}$"), ("status", "r.status = ${status}$"),
+             ("start", "r.use_time >= ${start}$"), ("end", "r.use_time < ${end}$")),
     csv_columns=(("use_time", "use_time"), ("request_id", "request_id"), ("customer_id", "customer_id"),
                  ("customer_name", "customer_name"), ("user_id", "user_id"), ("model_name", "model_name"),
                  ("llmid", "llmid"), ("product_id", "product_id"), ("status", "status"),
-                 ("input_tokens", "input_tokens"), ("output_tokens", "output_tokens"), ("cached_tokens", "cached_tokens"),
+                 ("input_tokens", "input_tokens"), ("output_tokens", "output_tokens"),
+                 ("cached_tokens", "cached_tokens"),
                  ("quantity", "quantity"), ("unit", "unit"), ("amount", "amount"), ("cost", "cost"),
                  ("currency", "currency"), ("subscription_id", "subscription_id"), ("record_id", "id")),
     groups={"model": ("coalesce(r.model_name, r.llmid)", "max(coalesce(r.model_name, r.llmid))"),
@@ -109,7 +119,8 @@ _PRODUCT = _Source(
     sums=(("records", "count(*)"), ("amount", "coalesce(sum(r.sell_price), 0)"),
           ("cost", "coalesce(sum(r.total_cost), 0)")),
     filters=(("customer_id", "r.user_org_id = ${customer_id}$"), ("user_id", "r.user_id = ${user_id}$"),
-             ("product_id", "r.product_id = ${product_id}$"), ("supplier_org_id", "r.supplier_org_id = ${supplier_org_id}$"),
+             ("product_id", "r.product_id = ${product_id}$"),
+             ("supplier_org_id", "r.supplier_org_id = ${supplier_org_id}$"),
              ("billing_mode", "r.billing_mode = ${billing_mode}$"),
              ("subscription_id", "r.subscription_id = ${subscription_id}$"),
              ("overage_only", "r.billing_mode in ('2', '3')"), ("start", "r.use_time >= ${start}$"),
@@ -220,7 +231,7 @@ def _row_view(src, row):
     return view
 
 
-def safe_cell(value):
+def safe_cell(value: object) -> str:
     """A CSV cell that a spreadsheet shows as text: a = + - @ tab or CR that leads the cell, or
     follows a , or ; inside it (where a spreadsheet splitting on that character starts a new
     cell, quotes or not), gets a ' in front."""
@@ -233,11 +244,11 @@ _FORMULA_START = re.compile(r"(^|[,;])([=+\-@\t\r])")
 
 
 class Reports:
-    def __init__(self, db):
+    def __init__(self, db: Database) -> None:
         self.db = db
 
     # --- the list ----------------------------------------------------------------------------
-    async def usage(self, f, page=1, rows=20):
+    async def usage(self, f: UsageFilter, page: int = 1, rows: int = 20) -> dict[str, Any]:
         """``{"total", "rows", "totals"}``: one page (newest first) and the totals of every row
         the filter matches."""
         src = _SOURCES[f.source]
@@ -246,7 +257,7 @@ class Reports:
         result.update(page=page, page_size=rows, source=f.source)
         return result
 
-    async def usage_log(self, f, page=1, rows=20):
+    async def usage_log(self, f: UsageFilter, page: int = 1, rows: int = 20) -> dict[str, Any]:
         """The product source's page as whole ``product_usage_log`` rows (the products' usage
         view shapes them), with the totals of every matching row."""
         assert f.source == "product", "usage_log reads product_usage_log"
@@ -263,7 +274,8 @@ class Reports:
         return result
 
     # --- statistics --------------------------------------------------------------------------
-    async def stats(self, f, group_by="day", page=1, rows=100, order="amount"):
+    async def stats(self, f: UsageFilter, group_by: str = "day", page: int = 1, rows: int = 100,
+                    order: str = "amount") -> dict[str, Any]:
         """One row per day / model / product / customer / supplier (or one for ``total``) with
         records, amount, cost, margin and margin rate; ``amount_pct`` is the row's amount as a
         whole percent of the largest group's, for bar charts; ``totals`` sums every group. Days
@@ -273,6 +285,7 @@ class Reports:
         sql, ns = _aggregate_sql(src, f, group_by, self.db.dialect)
         total_sql, total_ns = _aggregate_sql(src, f)
         order_by = "k" if group_by == "day" or order == "key" else "amount desc, k"
+        result: dict[str, Any]
         async with self.db.read() as tx:
             if group_by == "total":
                 result = {"total": 1, "rows": [await tx.one(sql, ns)]}
@@ -303,19 +316,19 @@ class Reports:
         if not rows:
             return {}
         keys = [] if group_by == "total" else [r["k"] for r in rows]
-        ns = {}
+        ns: dict[str, Any] = {}
         sql = _quantities_sql(tx, src, f, group_by, self.db.dialect, keys, ns)
-        out = {}
+        out: dict[str, list[dict[str, Any]]] = {}
         for q in await tx.select(sql, ns):
             out.setdefault(q["k"], []).append({"unit": q["unit"], "amount": _units(q["q"]),
                                                "included": _units(q["qi"]), "overage": _units(q["qo"])})
         return out
 
     # --- CSV export --------------------------------------------------------------------------
-    def export_name(self, f):
+    def export_name(self, f: UsageFilter) -> str:
         return f"usage-{f.source}-{clock.utcnow().strftime('%Y%m%d-%H%M%S')}.csv"
 
-    async def export_chunks(self, f, chunk_rows=EXPORT_CHUNK_ROWS):
+    async def export_chunks(self, f: UsageFilter, chunk_rows: int = EXPORT_CHUNK_ROWS) -> AsyncGenerator[str, None]:
         """CSV text in chunks: a header, every matching row (oldest first) and a TOTAL row.
 
         Rows are read by keyset (use_time, id) a chunk at a time, all in one read transaction,
@@ -359,9 +372,8 @@ class Reports:
         total_row[1] = f"{totals['records']} records"
         yield _csv_line([total_row])
 
-    async def export_response(self, request, f):
+    async def export_response(self, request: web.Request, f: UsageFilter) -> web.StreamResponse:
         """Stream the CSV to the client as an aiohttp StreamResponse."""
-        from aiohttp import web
         resp = web.StreamResponse(headers={
             "Content-Type": "text/csv; charset=utf-8",
             "Content-Disposition": f'attachment; filename="{self.export_name(f)}"',

@@ -22,7 +22,7 @@ def resource_dir(name: str) -> Path:
     from the file system, so a zipped install is not supported."""
     if name not in DATA_DIRS:
         raise ValueError(f"unknown resource folder {name!r}; expected one of {DATA_DIRS}")
-    packaged = files(__package__ or "billing_module").joinpath(PACKAGED_DIR, name)
+    packaged = files(__package__ or "billing_module").joinpath(PACKAGED_DIR).joinpath(name)
     if isinstance(packaged, Path) and packaged.is_dir():
         return packaged
     # a source checkout: the folder beside the package, and only when it is the project's own

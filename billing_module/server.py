@@ -280,8 +280,8 @@ def _serve_workers(cfg, data_dir, demo, workers, argv):
     from .metrics import prepare_multiprocess
     prepare_multiprocess(data_dir)   # the workers inherit it: one scrape sums them all
     child_argv = [a for a in argv if a != "--demo"]
-    children = [subprocess.Popen([sys.executable, "-m", "billing_module.cli"] + child_argv + ["--workers", "1", "--quiet"])
-                for _ in range(workers)]
+    command = [sys.executable, "-m", "billing_module.cli", *child_argv, "--workers", "1", "--quiet"]
+    children = [subprocess.Popen(command) for _ in range(workers)]
 
     def forward(signum, frame):
         for c in children:

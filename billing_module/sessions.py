@@ -26,10 +26,9 @@ from aiohttp_auth.auth.ticket_auth import TktAuthentication
 from aiohttp_session.cookie_storage import EncryptedCookieStorage
 from cryptography.fernet import Fernet, InvalidToken
 
-from . import clock
 from . import datadir
-from .db import dialect as dialects
 from .errors import Forbidden, Unauthorized
+from .session_store import SessionStore
 
 log = logging.getLogger("billing_module.sessions")
 
@@ -56,47 +55,23 @@ def request_is_https(request: web.BaseRequest, behind_proxy: bool) -> bool:
     return request.scheme == "https"
 
 
-def _digest(key: str) -> str:
-    return hashlib.sha256(key.encode("utf-8")).hexdigest()
-
-
-class SessionStore:
-    """The SQL of ``web_session``."""
-
-    def __init__(self, core):
-        self.core = core
-
-    @property
-    def db(self):
-        return self.core.db
-
-    async def load(self, key: str):
-        async with self.db.read() as tx:
-            return await tx.one("select data from web_session where id = ${id}$ and expires_at > ${now}$",
-                                {"id": _digest(key), "now": clock.now_text()})
-
-    async def save(self, key: str, data: str, lifetime_seconds: int) -> None:
-        row = {"id": _digest(key), "data": data, "expires_at": clock.now_text(lifetime_seconds)}
-        async with self.db.transaction() as tx:
-            await tx.execute(dialects.upsert(self.db.dialect, "web_session", list(row)), row)
-
-    async def delete(self, key: str) -> None:
-        async with self.db.transaction() as tx:
-            await tx.execute("delete from web_session where id = ${id}$", {"id": _digest(key)})
-
-    async def purge(self) -> None:
-        async with self.db.transaction() as tx:
-            await tx.execute("delete from web_session where expires_at <= ${now}$", {"now": clock.now_text()})
-
-
 class DatabaseSessionStorage(aiohttp_session.AbstractStorage):
     """aiohttp_session storage with the session data on the server: the cookie is a random key
     (HttpOnly, SameSite=Lax, Secure under https), an empty (logged-out) session deletes its row."""
 
-    def __init__(self, store: SessionStore, server_config):
+    def __init__(self, core, server_config):
         super().__init__(cookie_name=SESSION_COOKIE, max_age=server_config.session_lifetime_seconds,
                          httponly=True, samesite="Lax")
-        self._store, self._server_config = store, server_config
+        self._core, self._server_config = core, server_config
+
+    @property
+    def _store(self) -> SessionStore:
+        # the core's, looked up per request: the core builds its services again after close()
+        return self._core.sessions
+
+    async def forget(self, key: str) -> None:
+        """Delete the stored session ``key`` (a login replaces the session the browser brought)."""
+        await self._store.delete(key)
 
     async def load_session(self, request):
         key = self.load_cookie(request)
@@ -115,6 +90,7 @@ class DatabaseSessionStorage(aiohttp_session.AbstractStorage):
         if key is None:
             key = secrets.token_urlsafe(32)
             session.set_new_identity(key)
+        assert self.max_age is not None, "the storage is built with the configured session lifetime"
         await self._store.save(key, json.dumps(self._get_session_data(session)), self.max_age)
         response.set_cookie(self.cookie_name, key, max_age=self.max_age, path="/", httponly=True, samesite="Lax",
                             secure=request_is_https(request, self._server_config.behind_proxy))
@@ -124,7 +100,7 @@ def setup_standalone_sessions(app: web.Application, core, secret: bytes) -> None
     """What ``AuthAPI.setupAuth`` does, minus its port-derived secret: database sessions and auth
     tickets signed with ``secret``, both living ``server.session_lifetime_seconds``."""
     lifetime = core.config.server.session_lifetime_seconds
-    storage = DatabaseSessionStorage(SessionStore(core), core.config.server)
+    storage = DatabaseSessionStorage(core, core.config.server)
     aiohttp_session.setup(app, storage)
     policy = aiohttp_auth.SessionTktAuthentication(secret, lifetime, reissue_time=max(1, lifetime // 4),
                                                    include_ip=True)
@@ -142,8 +118,9 @@ async def start_session(request: web.Request, userid: str) -> None:
     from ahserver.auth_api import user_login
     old = await aiohttp_session.get_session(request)
     old.invalidate()
-    if old.identity and isinstance(request.get(aiohttp_session.STORAGE_KEY), DatabaseSessionStorage):
-        await request[aiohttp_session.STORAGE_KEY]._store.delete(old.identity)
+    storage = request.get(aiohttp_session.STORAGE_KEY)
+    if old.identity and isinstance(storage, DatabaseSessionStorage):
+        await storage.forget(old.identity)
     await aiohttp_session.new_session(request)
     await user_login(request, userid, username=userid, userorgid="")
 
@@ -199,7 +176,7 @@ async def session_caller(core, request: web.Request):
     the host's sessions cannot be trusted, Forbidden without a billing admin role."""
     from ahserver.auth_api import get_session_userinfo
 
-    from .api import Caller
+    from .api.registry import Caller
     try:
         info = await get_session_userinfo(request)
     except RuntimeError:   # no session middleware (a bare test app)

@@ -23,7 +23,8 @@ class LoginThrottle:
         self.backoff = server_config.login_backoff_seconds
         self.backoff_max = server_config.login_backoff_max_seconds
         # an entry outlives its window while it is locked
-        self._failures = TTLCache(maxsize=_MAX_KEYS, ttl=server_config.login_window_seconds + self.backoff_max)
+        self._failures: TTLCache = TTLCache(maxsize=_MAX_KEYS,
+                                            ttl=server_config.login_window_seconds + self.backoff_max)
 
     @staticmethod
     def keys(user: str, address: str):

@@ -127,7 +127,7 @@ for path in /billing_module/metrics/index.dspy /billing_module/api/metrics.dspy;
     set_perm any "$path"
 done
 # the sync export: machine callers, every request signed with an app or admin key and verified
-# by the endpoint itself (sync/export.py)
+# by the endpoint itself (api/sync_export.py)
 for path in /billing_module/sync/users.dspy /billing_module/sync/pricing.dspy /billing_module/sync/llmage.dspy /billing_module/sync/uapi.dspy; do
     set_perm any "$path"
 done

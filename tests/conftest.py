@@ -1,6 +1,11 @@
 """Test harness: every database test runs on SQLite, and on MariaDB/MySQL too when
 BILLING_TEST_MYSQL names a server (mysql://user[:password]@host[:port]/anything). A database
-is created for the run and dropped at its end, so parallel runs do not collide."""
+is created for the run and dropped at its end, so parallel runs do not collide.
+
+BILLING_TEST_GALERA=h1:p1,h2:p2,h3:p3 (the nodes of a Galera cluster, user root without a
+password: ``python tests/galera.py run -- python -m pytest ...`` starts one) adds the backend
+``galera``: the module connects with ``database.hosts`` listing every node, and ``tests.helpers.other_node``
+gives a second instance the same list starting at the next node."""
 import os
 import secrets
 import urllib.parse
@@ -17,6 +22,7 @@ from billing_module.db.database import mysql_desc, sqlite_desc
 from billing_module.db.schema import load_models
 
 MYSQL_URL = os.environ.get("BILLING_TEST_MYSQL", "").strip()
+GALERA_NODES = [h.strip() for h in os.environ.get("BILLING_TEST_GALERA", "").split(",") if h.strip()]
 
 
 def _mysql_params():
@@ -46,7 +52,30 @@ def mysql_database():
         conn.close()
 
 
-BACKENDS = ["sqlite"] + (["mysql"] if MYSQL_URL else [])
+@pytest.fixture(scope="session")
+def galera_database():
+    """A fresh database on the Galera cluster for this run (created on one node, replicated to
+    all); None when no cluster is named."""
+    if not GALERA_NODES:
+        yield None
+        return
+    host, _, port = GALERA_NODES[0].rpartition(":")
+    params = dict(host=host, port=int(port), user="root", password="")
+    name = f"billing_galera_{os.getpid()}_{secrets.token_hex(3)}"
+    conn = pymysql.connect(**params)
+    try:
+        with conn.cursor() as c:
+            c.execute(f"create database {name} character set utf8mb4 collate utf8mb4_unicode_ci")
+        yield dict(params, name=name, hosts=list(GALERA_NODES))
+    finally:
+        conn.close()
+        conn = pymysql.connect(**params)   # a new connection: the first one may have timed out
+        with conn.cursor() as c:
+            c.execute(f"drop database if exists {name}")
+        conn.close()
+
+
+BACKENDS = ["sqlite"] + (["mysql"] if MYSQL_URL else []) + (["galera"] if GALERA_NODES else [])
 _mysql_schema_ready = set()
 
 
@@ -62,19 +91,19 @@ def _empty_mysql_tables(db):
 
 
 @pytest.fixture(params=BACKENDS)
-def db_desc(request, tmp_path, mysql_database):
+def db_desc(request, tmp_path, mysql_database, galera_database):
     """A sqlor database description for an empty schema on one backend."""
     if request.param == "sqlite":
         return sqlite_desc(str(tmp_path / "billing.db"))
-    db = mysql_database
+    db = galera_database if request.param == "galera" else mysql_database
     if db["name"] in _mysql_schema_ready:
         _empty_mysql_tables(db)
-    return mysql_desc(db["host"], db["port"], db["user"], db["password"], db["name"])
+    return mysql_desc(db["host"], db["port"], db["user"], db["password"], db["name"], db.get("hosts"))
 
 
-def _mark_ready(db_desc, mysql_database):
+def _mark_ready(db_desc, mysql_database=None):
     if db_desc["driver"] != "billing_sqlite":
-        _mysql_schema_ready.add(mysql_database["name"])
+        _mysql_schema_ready.add(db_desc["kwargs"]["db"])
 
 
 def make_config(tmp_path, **overrides):

@@ -1,4 +1,5 @@
 """Seed data shared by the tests."""
+from billing_module.accounting import Accounting
 from billing_module.money import to_micro
 
 PROGRAM = {
@@ -45,3 +46,32 @@ def usage(request_id, customer="cust-1", model="chat-a", **kw):
 
 
 CHAT_A_PRICE = "0.006000"   # 1,000 x 2.0/1e6 + 500 x 8.0/1e6
+
+
+class _EveryCustomer:
+    """A quota source whose hook sees every customer's events (``accounting.QuotaSource``)."""
+
+    def __init__(self, hook):
+        self.quota_hook = hook
+
+    async def release_quota(self, tx, record_id):
+        return False
+
+    async def subscribed_customers(self, tx, customer_ids):
+        return set(customer_ids)
+
+
+def accounting_with_quota(core, hook):
+    """An Accounting on the core's database and services (as services.build_services builds it)
+    whose quota hook is ``hook(tx, event, price, record_id)``, for every customer."""
+    return Accounting(core.db, core.config, catalog=core.catalog, ledger=core.ledger, failures=core.failures,
+                      quota=_EveryCustomer(hook))
+
+
+def other_node(desc):
+    """The same database through the next node of the cluster (unchanged without a cluster): a
+    second module instance built with it works on another Galera node."""
+    hosts = desc.get("hosts")
+    if not hosts or len(hosts) < 2:
+        return desc
+    return dict(desc, hosts=hosts[1:] + hosts[:1])

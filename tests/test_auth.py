@@ -116,7 +116,7 @@ def signed_http(request, monkeypatch, db_desc):
 
     async def authenticate(core, req):
         if auth.is_signed(req):
-            return await auth.verify_signed(core, req)
+            return await api.signed_caller(core, req)
         return await plain(core, req)
     monkeypatch.setattr(api, "authenticate", authenticate)
     http = request.getfixturevalue("http")

@@ -548,11 +548,6 @@ async def seed(http):
     """A small world for the fuzz: priced models, two funded customers, an open hold, a failed
     usage event, a product with a binding, a supplier and a subscription. Returns the ids."""
     core = http.core
-    if getattr(core, "products", None) is None:
-        # what services.build_services does once the products service is wired (as test_products does)
-        from billing_module.products import ProductManager
-        core.products = ProductManager(core)
-        core.accounting.quota_hook = core.products.quota_hook
     await seed_pricing(core)
     await core.catalog.put("users", [{"id": "cust-1", "kind": "org", "name": "Acme"},
                                      {"id": "cust-2", "kind": "org", "name": "Globex"},

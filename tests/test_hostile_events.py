@@ -199,7 +199,7 @@ async def test_currency_mismatch_is_refused_and_kept_as_failed_on_every_path(cor
     # fixed at the source: the program is republished in the balance's currency, the retry charges
     await core.catalog.put("pricing", [dict(USD_PROGRAM, currency="CNY")])
     for row in failed["rows"]:
-        assert (await core.failures.retry(row["id"]))["amount"] == CHAT_A_PRICE
+        assert (await core.retries.retry(row["id"]))["amount"] == CHAT_A_PRICE
     assert (await core.ledger.balance("cust-1"))["balance"] == "0.982000"
 
 
@@ -272,7 +272,7 @@ async def test_an_unpriced_factor_is_not_half_charged_but_kept_until_priced(http
     await core.catalog.put("pricing", [_with_image_price()])
     failed = await core.failures.search(customer_id="cust-1")
     assert failed["total"] == 3 and {r["failure_code"] for r in failed["rows"]} == {"unpriced_factor"}
-    amounts = sorted([(await core.failures.retry(r["id"]))["amount"] for r in failed["rows"]])
+    amounts = sorted([(await core.retries.retry(r["id"]))["amount"] for r in failed["rows"]])
     assert amounts == ["0.506000", "0.506000", "1.006000"]
     assert (await core.ledger.balance("cust-1"))["balance"] == "2.976000"   # 5 - 0.006 - 2 x 0.506 - 1.006
 

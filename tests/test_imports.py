@@ -1,5 +1,6 @@
-"""The import graph of the package, read with ``ast`` (every import, also those inside functions):
-the runtime never imports the tools, and the CLI is in no import cycle."""
+"""The import graph of the package, read with ``ast`` (every import, also those inside functions
+and under ``if TYPE_CHECKING``): no import cycle anywhere, every import points down the layers
+(docs/architecture.md), the runtime never imports the tools."""
 import ast
 import subprocess
 import sys
@@ -89,3 +90,91 @@ def test_the_cli_is_in_no_import_cycle():
     assert "billing_module.sync.cli" in graph["billing_module.cli"]
     for name in ("billing_module.cli", "billing_module.sync.cli", "billing_module.cli_options"):
         assert not _reaches(graph, name, name), f"{name} imports itself through other modules"
+
+
+def _cycles(graph):
+    """The strongly connected components of more than one module, and modules importing themselves."""
+    index, low, stack, on_stack, found = {}, {}, [], set(), []
+
+    def visit(v):
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in graph.get(v, ()):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1 or v in graph.get(v, ()):
+                found.append(sorted(component))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return found
+
+
+def test_the_package_has_no_import_cycle():
+    # a package importing its own submodule is the same edge as any other here (stricter than
+    # counting only sibling modules), so api/__init__ <-> api/handlers would show
+    assert _cycles(_graph()) == []
+
+
+def test_the_cycle_finder_finds_a_cycle():
+    graph = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}, "e": {"e"}}
+    assert sorted(_cycles(graph)) == [["a", "b", "c"], ["e"]]
+
+
+# Layers, lowest first; a module may import its own layer and the layers below, never one above.
+# The longest matching prefix names a module's layer; every module must match one.
+FOUNDATION, DB, DOMAIN, SERVICES, ROOT, EDGES = range(6)
+LAYERS = {
+    # used by every layer, importing nothing above: errors, ids, time, files of the package
+    "errors": FOUNDATION, "ids": FOUNDATION, "clock": FOUNDATION, "resources": FOUNDATION,
+    "datadir": FOUNDATION, "version": FOUNDATION,
+    "db": DB,
+    "money": DOMAIN, "pricing": DOMAIN, "validation": DOMAIN, "config": DOMAIN,
+    "accounting": SERVICES, "failures": SERVICES, "ledger": SERVICES, "catalog": SERVICES,
+    "reports": SERVICES, "products": SERVICES, "sync": SERVICES, "auth": SERVICES, "apikeys": SERVICES,
+    "cache": SERVICES, "http": SERVICES, "codes": SERVICES, "session_store": SERVICES, "throttle": SERVICES,
+    "core": ROOT, "services": ROOT,
+    "": EDGES, "init": EDGES, "inprocess": EDGES, "server": EDGES, "cli": EDGES, "cli_options": EDGES,
+    "sync.cli": EDGES, "api": EDGES, "demo": EDGES, "tools": EDGES,
+    "sessions": EDGES, "guard": EDGES, "bricks": EDGES,
+}
+LAYER_NAMES = ("foundation", "db", "domain", "services", "composition root", "edges")
+
+
+def layer_of(module):
+    name = module[len("billing_module."):] if module.startswith("billing_module.") else ""
+    while name not in LAYERS:
+        if "." not in name:
+            raise KeyError(f"{module} has no layer in tests/test_imports.py LAYERS")
+        name = name.rpartition(".")[0]
+    return LAYERS[name]
+
+
+def test_every_module_has_a_layer():
+    for module in _graph():
+        layer_of(module)
+
+
+def test_imports_point_down_the_layers():
+    upward = sorted(f"{m} ({LAYER_NAMES[layer_of(m)]}) imports {t} ({LAYER_NAMES[layer_of(t)]})"
+                    for m, targets in _graph().items() for t in targets if layer_of(t) > layer_of(m))
+    assert upward == []
+
+
+def test_the_layer_check_sees_an_upward_import():
+    assert layer_of("billing_module.db.schema") < layer_of("billing_module.accounting")
+    assert layer_of("billing_module.sync.cli") == EDGES and layer_of("billing_module.sync.base") == SERVICES
+    assert layer_of("billing_module") == EDGES

@@ -39,9 +39,9 @@ async def test_retry_backoff_grows_retry_by_retry(core, fixed_clock):
         assert row["retry_count"] == retries
         seen.append(row["next_retry_at"])
         fixed_clock.now = datetime.datetime.fromisoformat(row["next_retry_at"]) - datetime.timedelta(seconds=1)
-        assert await core.failures.retry_due() == 0              # not due a second early
+        assert await core.retries.retry_due() == 0              # not due a second early
         fixed_clock.advance(1)
-        assert await core.failures.retry_due() == 0              # due: retried, still too poor
+        assert await core.retries.retry_due() == 0              # due: retried, still too poor
     assert seen == expected
     assert (await core.ledger.balance("cust-1"))["balance"] == "0.001000"
 

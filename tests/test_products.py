@@ -8,16 +8,14 @@ import pytest
 
 from billing_module.core import BillingCore
 from billing_module.errors import Conflict, InsufficientBalance, InvalidParam, NotFound
-from billing_module.products import NotSubscribed, ProductManager, QuotaExceeded
-from tests.helpers import seed_pricing, units, usage
+from billing_module.products import NotSubscribed, QuotaExceeded
+from tests.helpers import other_node, seed_pricing, units, usage
 
 
 def wire(core):
-    """What services.build_services will do once the lead wires the products service."""
-    pm = ProductManager(core)
-    core.products = pm
-    core.accounting.quota_hook = pm.quota_hook
-    return pm
+    """The products service as services.build_services wires it (its quota hook is accounting's)."""
+    assert core.accounting.quota is core.products.hook
+    return core.products
 
 
 @pytest.fixture
@@ -122,7 +120,7 @@ async def test_renewal_at_the_period_end_charges_once_and_resets_the_quota(core,
     await use(pm, "t1", 6, product=pid)
     assert await pm.renew_due() == {"renewed": 0, "expired": 0}
     fixed_clock.now = datetime.datetime(2026, 12, 22, 12, 0, 0)
-    other = BillingCore(config=config, db_desc=db_desc, data_dir=str(tmp_path), instance_id="instance-2")
+    other = BillingCore(config=config, db_desc=other_node(db_desc), data_dir=str(tmp_path), instance_id="instance-2")
     try:
         results = await asyncio.gather(pm.renew_due(), wire(other).renew_due())
     finally:
@@ -410,8 +408,8 @@ async def test_release_quota_gives_a_reservation_back(core, pm, fixed_clock):
     await pm.subscribe("cust-3", p["product_id"], "s1")
     r = await core.accounting.post_usage(usage("k1", customer="cust-3", model="flat-1", product_id=p["product_id"]))
     async with core.db.transaction() as tx:
-        assert await pm.release_quota(tx, r["record_id"]) is True
-        assert await pm.release_quota(tx, r["record_id"]) is False
+        assert await pm.hook.release_quota(tx, r["record_id"]) is True
+        assert await pm.hook.release_quota(tx, r["record_id"]) is False
     assert (await pm.check_quota("cust-3", p["product_id"]))["used"] == "0"
     assert await count(core, "select count(*) from product_usage_log") == 0
 

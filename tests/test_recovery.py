@@ -106,7 +106,7 @@ class InProcess:
 
     async def admin_retry(self, failed_id):
         try:
-            return 200, await self.core.failures.retry(failed_id)
+            return 200, await self.core.retries.retry(failed_id)
         except BillingError as e:
             return e.status, {"code": e.code, "message": e.message}
 
@@ -191,7 +191,7 @@ async def test_fixed_failures_are_charged_once_by_either_retry(env, fixed_clock,
     before = await snapshot(core)
     first_due = rows["ev-auto"]["next_retry_at"]
     fixed_clock.now = datetime.datetime.fromisoformat(first_due)
-    assert await core.failures.retry_due() == 0
+    assert await core.retries.retry_due() == 0
     status, body = await env.admin_retry(rows["ev-admin"]["id"])
     assert status >= 400 and body["code"] == code, body
     assert await snapshot(core) == before
@@ -205,7 +205,7 @@ async def test_fixed_failures_are_charged_once_by_either_retry(env, fixed_clock,
     status, by_admin = await env.admin_retry(rows["ev-admin"]["id"])
     assert status == 200 and by_admin["status"] == "accounted", by_admin
     fixed_clock.now = datetime.datetime.fromisoformat(again["ev-auto"]["next_retry_at"])
-    assert await core.failures.retry_due() == 1
+    assert await core.retries.retry_due() == 1
     by_auto = record_view(await core.accounting.record(request_id="ev-auto"))
 
     status, fresh = await env.post(event("ev-fresh", naming))
@@ -222,7 +222,7 @@ async def test_fixed_failures_are_charged_once_by_either_retry(env, fixed_clock,
     status, replay = await env.admin_retry(rows["ev-admin"]["id"])
     assert status == 200 and replay["duplicate"] is True
     fixed_clock.advance(10 ** 6)
-    assert await core.failures.retry_due() == 0
+    assert await core.retries.retry_due() == 0
     for request_id in ("ev-auto", "ev-admin"):
         assert len(await usage_entries(core, request_id)) == 1
     assert (await core.ledger.reconcile())["mismatches"] == []
@@ -263,7 +263,7 @@ async def test_submitted_llmid_only_event_is_accounted_after_its_model_arrives(c
     assert json.loads(rec.payload)["model_name"] is None         # the payload stays as sent
     await _pricing(InProcess(core))
     failed = (await core.failures.search(customer_id=CUSTOMER))["rows"][0]
-    done = await core.failures.retry(failed["id"])
+    done = await core.retries.retry(failed["id"])
     assert done["amount"] == "0.006000" and done["price_version"] == "ppt-rec-1"
     # and an event queued once the model is known is priced under the model's name
     await core.accounting.submit_usage(event("q-2", "llmid"))

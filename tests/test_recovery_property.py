@@ -122,13 +122,13 @@ async def test_every_event_is_charged_exactly_once_in_the_end(core, second, fixe
             await _quietly(entry(ev))
         elif kind == "auto_both":
             fixed_clock.advance(arg)
-            await asyncio.gather(_quietly(core.failures.retry_due()), _quietly(second.failures.retry_due()))
+            await asyncio.gather(_quietly(core.retries.retry_due()), _quietly(second.retries.retry_due()))
         elif kind == "admin_vs_auto":
             fixed_clock.advance(arg)
             failed = (await core.failures.search(customer_id=None, retry_state="waiting", rows=100))["rows"]
             mine = [f["id"] for f in failed if f["request_id"].startswith(f"{w.ns}-")]
-            await asyncio.gather(*[_quietly(core.failures.retry(i)) for i in mine[:3]],
-                                 _quietly(second.failures.retry_due()))
+            await asyncio.gather(*[_quietly(core.retries.retry(i)) for i in mine[:3]],
+                                 _quietly(second.retries.retry_due()))
         else:
             await asyncio.gather(_quietly(core.accounting.account_pending()),
                                  _quietly(second.accounting.account_pending()))
@@ -141,11 +141,11 @@ async def test_every_event_is_charged_exactly_once_in_the_end(core, second, fixe
         pass
     for _ in range(core.config.accounting.max_retries + 1):
         fixed_clock.advance(core.config.accounting.retry_max_seconds + 1)
-        await asyncio.gather(core.failures.retry_due(), second.failures.retry_due())
+        await asyncio.gather(core.retries.retry_due(), second.retries.retry_due())
     open_rows = [f for f in (await core.failures.search(rows=100))["rows"]
                  if f["request_id"].startswith(f"{w.ns}-") and f["retry_state"] != "resolved"]
     for f in open_rows:
-        await core.failures.retry(f["id"])
+        await core.retries.retry(f["id"])
 
     for ev in w.events:
         quote = await core.accounting.quote(ev)

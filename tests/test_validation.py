@@ -11,7 +11,6 @@ from billing_module import validation
 from billing_module.accounting import parse_event
 from billing_module.api.params import Params
 from billing_module.errors import InvalidParam
-from billing_module.products import ProductManager
 from tests.helpers import units
 
 PACKAGE = pathlib.Path(__file__).resolve().parent.parent / "billing_module"
@@ -45,7 +44,7 @@ async def test_every_door_uses_the_one_id_rule(core):
     assert "only letters" in refused(Params({"customer_id": "c1\n"}).ident, "customer_id")
     event = {"request_id": "r1", "customer_id": "c1\n", "model_name": "m", "input_tokens": 1}
     assert "customer_id: only letters" in refused(parse_event, event)
-    pm = ProductManager(core)
+    pm = core.products
     with pytest.raises(InvalidParam, match="product_id: only letters"):
         await pm.product_use("c1", "u1", "p1\n", 1, source_ref_table="task", source_ref_id="t1")
     with pytest.raises(InvalidParam, match="customer_id: only letters"):
@@ -136,8 +135,7 @@ def test_paging():
 # --- on a database ----------------------------------------------------------------------------------------
 async def _one_use(core, fixed_clock):
     fixed_clock.now = datetime.datetime(2026, 11, 22, 8, 0, 0)
-    pm = ProductManager(core)
-    core.products = pm
+    pm = core.products
     p = await pm.save_product(code="pack", product_name="Pack", quantity_unit="call", included_quantity="0",
                               list_price="0", overage_price="0.5")
     await core.ledger.recharge("c1", units("10"), "r1")

@@ -5,111 +5,24 @@ reply: ``{"success": true, ...}`` with 200, or ``{"success": false, "code", "mes
 the error's 4xx status. An unexpected exception is logged and answered 500 with code
 ``internal_error``: nothing escapes to ahserver's generic 500 page.
 """
-import json
 import logging
 
 from aiohttp import web
 
 from .. import auth
 from ..db.dialect import is_unavailable
-from ..errors import BillingError, Forbidden, InvalidParam, Unauthorized
+from ..errors import BillingError, Unauthorized
+from . import handlers, product_handlers, report_handlers, sync_handlers  # noqa: F401  (each registers its endpoints)
 from .params import Params
+from .registry import HANDLERS, Caller, endpoint, reply
+
+__all__ = ["HANDLERS", "Caller", "Params", "authenticate", "endpoint", "handle", "reply", "signed_caller"]
 
 log = logging.getLogger("billing_module.api")
 
-HANDLERS = {}
-
-# Idempotency keys a customer-scoped caller sends, and the longest value each may be once
-# namespaced. A customer key's ``request_id`` X is stored as ``X@<its customer id>``: tenants share
-# no key space, so no tenant can claim (or learn of) another's or the platform's ids, while the
-# unique index on ``request_id`` keeps the platform's own ids as they are. An id a customer key sends
-# may not contain '@' (so the stored form splits one way only); the platform's ids (nanoids) never do.
-TENANT_SEPARATOR = "@"
-TENANT_KEYS = {"request_id": 64, "source_ref_table": 64}
-
-
-class Caller:
-    def __init__(self, kind, customer_id=None, key_id=None, user=None):
-        self.kind = kind              # "admin", "customer" or "app" (refused by ``scope``)
-        self.customer_id = customer_id
-        self.key_id = key_id
-        self.user = user
-
-    @property
-    def is_admin(self) -> bool:
-        return self.kind == "admin"
-
-    @property
-    def operator(self) -> str:
-        return self.user or (f"key:{self.key_id}" if self.key_id else "system")
-
-    def check_customer(self, customer_id: str) -> None:
-        """A customer-scoped caller may only touch its own customer."""
-        if not self.is_admin and (not self.customer_id or customer_id != self.customer_id):
-            raise Forbidden("this API key is limited to another customer")
-
-    def require_admin(self) -> None:
-        if not self.is_admin:
-            raise Forbidden("this endpoint needs an admin key")
-
-    def scope(self, params) -> dict:
-        """The request's parameters as this caller may send them, or Forbidden: the one place
-        where scope is enforced, so it fails closed for every endpoint. An admin's pass as they
-        are; a customer key's always name its own customer (another one is refused) and its
-        idempotency keys are put in its namespace (TENANT_KEYS); any other caller (an app key,
-        which reaches only the sync export) is refused."""
-        params = dict(params or {})
-        if self.is_admin:
-            return params
-        if self.kind != "customer" or not self.customer_id:
-            raise Forbidden("an app key reaches only the sync export (/billing_module/sync/), not the API")
-        given = params.get("customer_id")
-        if given not in (None, "") and given != self.customer_id:
-            raise Forbidden("this API key is limited to another customer")
-        params["customer_id"] = self.customer_id
-        suffix = TENANT_SEPARATOR + self.customer_id
-        for name, max_len in TENANT_KEYS.items():
-            value = params.get(name)
-            if isinstance(value, int) and not isinstance(value, bool):
-                value = str(value)
-            if not isinstance(value, str) or value == "":
-                continue          # absent, or a wrong type the handler's reader refuses
-            if TENANT_SEPARATOR in value:
-                raise InvalidParam(f"{name}: must not contain '{TENANT_SEPARATOR}'")
-            if len(value) + len(suffix) > max_len:
-                raise InvalidParam(f"{name}: at most {max_len - len(suffix)} characters for this customer's key")
-            params[name] = value + suffix
-        return params
-
-    def unscope(self, data):
-        """The reply with this caller's namespace taken off the idempotency keys it sent."""
-        if self.is_admin or not self.customer_id:
-            return data
-        suffix = TENANT_SEPARATOR + self.customer_id
-        if isinstance(data, list):
-            return [self.unscope(v) for v in data]
-        if not isinstance(data, dict):
-            return data
-        return {k: (v[:-len(suffix)] if k in TENANT_KEYS and isinstance(v, str) and v.endswith(suffix)
-                    else self.unscope(v)) for k, v in data.items()}
-
-
-def endpoint(name, methods=("GET", "POST"), open=False, admin=False):
-    """Register ``func(core, caller, params, request)`` as the handler of ``api/<name>.dspy``."""
-    def register(func):
-        HANDLERS[name] = (func, tuple(methods), open, admin)
-        return func
-    return register
-
-
-def reply(data, status=200, headers=None):
-    return web.Response(text=json.dumps(data, ensure_ascii=False, default=str), status=status,
-                        content_type="application/json", charset="utf-8", headers=headers)
-
-
 async def authenticate(core, request):
     if auth.is_signed(request):
-        return await auth.verify_signed(core, request)
+        return await signed_caller(core, request)
     header = request.headers.get("Authorization", "")
     if header:
         scheme, _, token = header.partition(" ")
@@ -128,13 +41,13 @@ async def authenticate(core, request):
     raise Unauthorized("missing API key: send 'Authorization: Bearer <key>'")
 
 
-def load_handlers():
-    """Import the handler modules: each registers its endpoints in HANDLERS."""
-    from . import handlers, product_handlers, report_handlers, sync_handlers  # noqa: F401
+async def signed_caller(core, request):
+    """dapi_auth: the ``Caller`` of a signed request (its key verified by ``core.auth``)."""
+    row = (await core.auth.verify(request)).row
+    return Caller(row.scope, customer_id=row.customer_id, key_id=row.key_prefix)
 
 
 async def handle(core, request, params_kw, name):
-    load_handlers()
     try:
         spec = HANDLERS.get(name)
         if spec is None:
@@ -144,7 +57,7 @@ async def handle(core, request, params_kw, name):
             return reply({"success": False, "code": "method_not_allowed",
                           "message": f"{name} accepts {', '.join(methods)}"}, 405)
         caller = None if is_open else await authenticate(core, request)
-        if admin_only:
+        if admin_only and caller is not None:
             caller.require_admin()
         if caller is not None:
             params_kw = caller.scope(params_kw)

@@ -2,7 +2,7 @@
 the reply's data; ``billing_module.api.handle`` checks the method and the caller and shapes
 the reply."""
 from ..errors import InvalidParam
-from . import endpoint
+from .registry import endpoint
 
 READ, WRITE = ("GET",), ("POST",)
 
@@ -163,7 +163,7 @@ async def failed_accounting_list(core, caller, p, request):
 
 @endpoint("failed_accounting_retry", methods=WRITE, admin=True)
 async def failed_accounting_retry(core, caller, p, request):
-    return await core.failures.retry(p.ident("id", required=True), operator=caller.operator)
+    return await core.retries.retry(p.ident("id", required=True), operator=caller.operator)
 
 
 @endpoint("failed_accounting_handle", methods=WRITE, admin=True)

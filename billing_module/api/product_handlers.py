@@ -4,7 +4,7 @@ quota and usage for a customer's own organisation. The ProductManager validates 
 checks who may act on which customer and calls one manager method."""
 from ..errors import Forbidden
 from ..products import COST_FIELDS
-from . import endpoint
+from .registry import endpoint
 from .report_handlers import usage_filter
 
 READ, WRITE = ("GET",), ("POST",)

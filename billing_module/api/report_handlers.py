@@ -2,7 +2,7 @@
 show every customer's usage, cost and margin. Importing this module registers them."""
 from ..errors import InvalidParam
 from ..reports import ACCOUNTING_STATUSES, BILLING_MODES, GROUPS, MAX_STATS_ROWS, SOURCES, Reports, UsageFilter
-from . import endpoint
+from .registry import endpoint
 
 READ = ("GET",)
 

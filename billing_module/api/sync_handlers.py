@@ -2,7 +2,7 @@
 ``wwwroot/api/sync_status.dspy`` and ``sync_run.dspy``; importing this module registers them."""
 from ..errors import BillingError
 from ..sync.base import ENTITY_ORDER
-from . import endpoint
+from .registry import endpoint
 
 
 @endpoint("sync_status", methods=("GET",), admin=True)

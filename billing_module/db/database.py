@@ -9,25 +9,49 @@ task can run inside the same transaction), and opens a new connection per contex
 
 SQLite has one writer: write transactions take an in-process lock and ``BEGIN IMMEDIATE``
 (other processes wait on the busy timeout), so a transaction never fails half-way on a lock.
+
+MySQL/MariaDB may list several nodes (``database.hosts``: a Galera cluster). The pool uses one
+node at a time and moves to the next that answers when a connection to it breaks. ``run``
+starts a transaction again on the next node when it died before its COMMIT was sent (the server
+rolls it back), or during the COMMIT when the caller says the work is idempotent by its key; it
+raises ``DatabaseUnavailable`` (503) otherwise and when no node answers. A Galera certification
+conflict is error 1213 at COMMIT, retried like a deadlock; the retry reads causally
+(``wsrep_sync_wait``) so that it sees the transaction that won.
 """
 import asyncio
 import datetime
 import functools
+import logging
 import random
 import re
-import logging
 import time
 from contextlib import asynccontextmanager
 
 from appPublic.dictObject import DictObject
 
+from ..errors import DatabaseUnavailable
 from . import dialect as dialects
-from .sqlite_driver import DRIVER_NAME as SQLITE_DRIVER, BillingSQLiteor
+from .sqlite_driver import DRIVER_NAME as SQLITE_DRIVER
+from .sqlite_driver import BillingSQLiteor
 
 log = logging.getLogger("billing_module.db")
 
 _PING_AFTER_IDLE_SECONDS = 30
 _DEADLOCK_RETRIES = 10
+_CONFLICT_RETRIES_GALERA = 30     # certification conflicts are frequent on a hot row across nodes
+_CONNECT_TIMEOUT_SECONDS = 3
+_FAILOVER_SECONDS = 8             # how long run() keeps trying other nodes before answering 503
+
+
+class NodeFailed(DatabaseUnavailable):
+    """The connection's node failed before COMMIT (the server rolled the transaction back)."""
+
+
+class CommitUnknown(DatabaseUnavailable):
+    """The connection broke while COMMIT was under way: the transaction may have committed."""
+
+    def __init__(self):
+        super().__init__("the database connection broke during a commit; send the request again")
 
 
 def _py_value(v):
@@ -95,12 +119,12 @@ class Tx:
             # one hand-off to the connection's thread instead of two (execute, then fetchall);
             # SQLite returns only int / float / str / bytes / None, nothing to convert
             rows = await self.sor.conn.execute_fetchall(marked, data)
-            return [Row(zip(r.keys(), r)) for r in rows]
+            return [Row(zip(r.keys(), r, strict=True)) for r in rows]
         cur = self.sor.cur
         await cur.execute(marked, data)
         rows = await cur.fetchall()
         names = [d[0].lower() for d in cur.description]
-        return [Row({n: _py_value(v) for n, v in zip(names, row)}) for row in rows]
+        return [Row({n: _py_value(v) for n, v in zip(names, row, strict=True)}) for row in rows]
 
     async def one(self, sql, ns=None):
         rows = await self.select(sql, ns)
@@ -131,7 +155,7 @@ class Tx:
     async def insert(self, table, record):
         cols = list(record)
         sql = (f"insert into {table} ({', '.join(cols)}) values "
-               f"({', '.join('${%s}$' % c for c in cols)})")
+               f"({', '.join('${' + c + '}$' for c in cols)})")
         return await self.execute(sql, record)
 
     async def insert_many(self, table, records):
@@ -139,7 +163,7 @@ class Tx:
             return 0
         cols = list(records[0])
         sql = (f"insert into {table} ({', '.join(cols)}) values "
-               f"({', '.join('${%s}$' % c for c in cols)})")
+               f"({', '.join('${' + c + '}$' for c in cols)})")
         return await self.execute_many(sql, records)
 
     async def update_many(self, table, rows, key="id"):
@@ -171,7 +195,7 @@ class Tx:
         names = []
         for i, v in enumerate(values):
             ns[f"{prefix}{i}"] = v
-            names.append("${%s%d}$" % (prefix, i))
+            names.append(f"${{{prefix}{i}}}$")
         return "(" + ", ".join(names) + ")"
 
     async def lock_by_key(self, table, column, value):
@@ -201,10 +225,14 @@ class Database:
         self.desc = DictObject(**desc)
         self.driver = self.desc.driver
         self.dialect = dialects.dialect_of(self.driver)
+        self.nodes = _nodes_of(desc) if self.dialect == dialects.MYSQL else []
+        self._node = 0            # index in nodes of the node new connections go to
+        self.failover_seconds = _FAILOVER_SECONDS
+        self.galera = False       # learnt from the first connection
         self.pool_size = pool_size if self.dialect != dialects.SQLITE else max(2, min(pool_size, 4))
         self._idle = []           # [(sor, last_used_monotonic)]
         self._all = set()
-        self._slots = None
+        self._slots: asyncio.Semaphore = asyncio.Semaphore(1)   # replaced per event loop
         self._write_lock = None
         self._loop = None
         self.closed = False
@@ -218,25 +246,91 @@ class Database:
             self._idle = []
             self._all = set()
 
+    @property
+    def node(self) -> str | None:
+        """``host:port`` of the node new connections go to (None on SQLite): health shows it."""
+        if not self.nodes:
+            return None
+        host, port = self.nodes[self._node]
+        return f"{host}:{port}"
+
     async def _connect(self):
-        kwargs = DictObject(**dict(self.desc.kwargs or {}))
         if self.dialect == dialects.SQLITE:
-            sor = BillingSQLiteor(dbdesc=kwargs)
-        else:
-            import pymysql
-            from sqlor.aiomysqlor import AioMysqlor
-            plain_password = kwargs.pop("plain_password", None)
-            kwargs.setdefault("charset", "utf8mb4")
-            kwargs["autocommit"] = False
-            # UPDATE row counts must mean "rows matched", not "rows whose value changed".
-            kwargs["client_flag"] = int(kwargs.get("client_flag") or 0) | pymysql.constants.CLIENT.FOUND_ROWS
-            sor = AioMysqlor(dbdesc=kwargs)
-            if plain_password is not None:
-                sor.dbdesc["password"] = plain_password
-            sor.dbdesc.pop("plain_password", None)
+            sor = BillingSQLiteor(dbdesc=DictObject(**dict(self.desc.kwargs or {})))
+            await sor.connect()
+            self._all.add(sor)
+            return sor
+        last_error = None
+        for step in range(len(self.nodes)):
+            index = (self._node + step) % len(self.nodes)
+            try:
+                sor = await self._connect_node(index)
+            except Exception as e:
+                if not dialects.is_node_unavailable(e):
+                    raise
+                log.warning("database node %s:%s does not answer: %s", *self.nodes[index], e)
+                last_error = e
+                continue
+            if index != self._node:
+                log.warning("database: now using node %s:%s", *self.nodes[index])
+                self._node = index
+            self._all.add(sor)
+            return sor
+        raise DatabaseUnavailable() from last_error
+
+    async def _connect_node(self, index):
+        import pymysql
+        from sqlor.aiomysqlor import AioMysqlor
+        kwargs = DictObject(**dict(self.desc.kwargs or {}))
+        kwargs["host"], kwargs["port"] = self.nodes[index]
+        plain_password = kwargs.pop("plain_password", None)
+        kwargs.setdefault("charset", "utf8mb4")
+        kwargs.setdefault("connect_timeout", _CONNECT_TIMEOUT_SECONDS)
+        kwargs["autocommit"] = False
+        # UPDATE row counts must mean "rows matched", not "rows whose value changed".
+        kwargs["client_flag"] = int(kwargs.get("client_flag") or 0) | pymysql.constants.CLIENT.FOUND_ROWS
+        sor = AioMysqlor(dbdesc=kwargs)
+        if plain_password is not None:
+            sor.dbdesc["password"] = plain_password
+        sor.dbdesc.pop("plain_password", None)
         await sor.connect()
-        self._all.add(sor)
+        sor.billing_node = index
+        try:
+            await self._check_node(sor)
+        except BaseException:
+            sor.conn.close()
+            raise
         return sor
+
+    async def _check_node(self, sor):
+        """Learn whether the server is a Galera node; a node that is not ready (outside the
+        primary component, still joining) refuses here, as it would refuse the first query."""
+        import pymysql
+        async with sor.conn.cursor() as cur:
+            await cur.execute("show variables like 'wsrep_on'")
+            row = await cur.fetchone()
+            self.galera = bool(row) and str(row[1]).upper() == "ON"
+            if self.galera:
+                await cur.execute("show status like 'wsrep_ready'")
+                row = await cur.fetchone()
+                if not row or str(row[1]).upper() != "ON":
+                    raise pymysql.err.OperationalError(1047, "WSREP has not yet prepared node for application use")
+        await sor.conn.commit()
+
+    async def _node_failed(self, index):
+        """The node behind a broken connection: new connections go to the next node, and the
+        idle connections to the failed one are closed (they are broken too)."""
+        if index is None or index != self._node:
+            return
+        self._node = (index + 1) % len(self.nodes)
+        log.warning("database node %s:%s failed; new connections go to %s", *self.nodes[index], self.node)
+        keep = []
+        for sor, last in self._idle:
+            if getattr(sor, "billing_node", None) == index:
+                await self._discard(sor)
+            else:
+                keep.append((sor, last))
+        self._idle = keep
 
     async def _discard(self, sor):
         self._all.discard(sor)
@@ -276,6 +370,15 @@ class Database:
                 await sor.enter()
                 yield sor
                 healthy = True
+            except BaseException as e:
+                if not self.nodes or not (isinstance(e, CommitUnknown) or dialects.is_node_unavailable(e)):
+                    raise
+                # the node failed, not the statement: move the pool on, and let every caller see
+                # one error (503 at the API), which run() answers by running the work again
+                await self._node_failed(getattr(sor, "billing_node", None))
+                if isinstance(e, DatabaseUnavailable):
+                    raise
+                raise NodeFailed() from e
             finally:
                 if healthy and not self.closed:
                     try:
@@ -287,8 +390,11 @@ class Database:
                     await self._discard(sor)
 
     @asynccontextmanager
-    async def transaction(self, write=True):
-        """One transaction. Exceptions roll back and propagate; nothing is swallowed."""
+    async def transaction(self, write: bool = True, latest: bool = False):
+        """One transaction. Exceptions roll back and propagate; nothing is swallowed.
+        ``latest``: on Galera, its reads see every transaction committed anywhere in the cluster
+        before they run (``wsrep_sync_wait``); elsewhere one server is always up to date.
+        A connection that breaks during COMMIT raises ``CommitUnknown``."""
         self._ensure_loop_state()
         lock = self._write_lock if (write and self.dialect == dialects.SQLITE) else None
         if lock is not None:
@@ -296,6 +402,11 @@ class Database:
         try:
             async with self._connection() as sor:
                 tx = Tx(sor, self.dialect)
+                causal = latest and self.galera
+                if getattr(sor, "billing_sync_wait", False) != causal:
+                    # set here, not reset after COMMIT: nothing may fail after a COMMIT succeeded
+                    await sor.cur.execute(dialects.sync_wait(causal))
+                    sor.billing_sync_wait = causal
                 begin = dialects.begin_statement(self.dialect, write)
                 if begin:
                     await sor.cur.execute(begin)
@@ -311,27 +422,48 @@ class Database:
                         log.warning("rollback failed (%s); the connection is discarded", e)
                     raise
                 if write or dialects.read_needs_commit(self.dialect):
-                    await sor.conn.commit()
+                    try:
+                        await sor.conn.commit()
+                    except Exception as e:
+                        if dialects.is_node_unavailable(e) and self.dialect == dialects.MYSQL:
+                            raise CommitUnknown() from e
+                        raise
         finally:
             if lock is not None:
                 lock.release()
 
-    def read(self):
-        return self.transaction(write=False)
+    def read(self, latest: bool = False):
+        return self.transaction(write=False, latest=latest)
 
-    async def run(self, work, write=True, retries=_DEADLOCK_RETRIES):
+    async def run(self, work, write: bool = True, retries: int | None = None, idempotent: bool = False,
+                  latest: bool = False):
         """``await work(tx)`` in a transaction, run again from the start when the database
-        aborted it for a deadlock or a lock timeout (nothing of a failed attempt remains)."""
-        attempt = 0
+        aborted it for a deadlock, a lock timeout or a Galera certification conflict (nothing
+        of a failed attempt remains), and on the next node when the connection broke before
+        COMMIT. A COMMIT cut off leaves its outcome unknown: the work runs again only when it is
+        ``idempotent`` (its unique key turns a second run into a duplicate), else the caller
+        gets ``DatabaseUnavailable``, like when no node answers for ``_FAILOVER_SECONDS``."""
+        if retries is None:
+            retries = _DEADLOCK_RETRIES
+        attempt, give_up_at = 0, None
         while True:
             try:
-                async with self.transaction(write=write) as tx:
+                async with self.transaction(write=write, latest=latest or attempt > 0) as tx:
                     return await work(tx)
+            except DatabaseUnavailable as e:
+                give_up_at = give_up_at or time.monotonic() + self.failover_seconds
+                if (isinstance(e, CommitUnknown) and not idempotent) or time.monotonic() > give_up_at:
+                    raise
+                log.warning("database: %s (%s); running the transaction again", e.message, e.__cause__)
+                # a node that broke: the next one is tried at once; none answering: wait a little
+                await asyncio.sleep(0.05 if isinstance(e, (NodeFailed, CommitUnknown)) else 0.5)
             except Exception as e:
                 attempt += 1
-                if attempt > retries or not dialects.is_retryable(e):
+                if not dialects.is_retryable(e):
                     raise
-                await asyncio.sleep(random.uniform(0.001, 0.004) * attempt)
+                if attempt > max(retries, _CONFLICT_RETRIES_GALERA if self.galera else 0):
+                    raise DatabaseUnavailable("the transaction kept colliding with others; try again") from e
+                await asyncio.sleep(random.uniform(0.001, 0.004) * min(attempt, 10))
 
     async def run_or_existing(self, work, find, collided="request collided with another request; send it again",
                               refused_check=False):
@@ -344,25 +476,28 @@ class Database:
         against ``find``. On MySQL a second copy of a request waits on the row lock the first one
         holds; once it runs, its earlier snapshot read cannot see the first copy's committed row,
         and the balance the first copy used looks short. The answer to that copy is the first
-        copy's result, not a refusal."""
-        from ..errors import BillingError
+        copy's result, not a refusal.
+
+        The work is idempotent by its key, so ``run`` may run it again on another node after a
+        COMMIT cut off. ``find`` reads causally: on Galera the first copy may have committed
+        on another node that this one has not applied yet."""
+        from ..errors import BillingError, Conflict
         try:
-            return await self.run(work), None
+            return await self.run(work, idempotent=True), None
+        except DatabaseUnavailable:
+            raise
         except BillingError:
             if not refused_check:
                 raise
-            async with self.read() as tx:
-                existing = await find(tx)
+            existing = await self.run(find, write=False, latest=True)
             if existing is None:
                 raise
             return None, existing
         except Exception as e:
             if not dialects.is_unique_violation(e):
                 raise
-        async with self.read() as tx:
-            existing = await find(tx)
+        existing = await self.run(find, write=False, latest=True)
         if existing is None:
-            from ..errors import Conflict
             raise collided if isinstance(collided, Exception) else Conflict(collided)
         return None, existing
 
@@ -391,11 +526,30 @@ def sqlite_desc(path, busy_timeout_ms=10000):
     return {"driver": SQLITE_DRIVER, "kwargs": {"dbname": path, "busy_timeout_ms": busy_timeout_ms}}
 
 
-def mysql_desc(host, port, user, password, name):
+def mysql_desc(host: str, port: int, user: str, password: str, name: str,
+               hosts: list[str] | None = None) -> dict:
+    """``hosts``: ``["h1:p1", "h2:p2", ...]`` the nodes to use in order (a Galera cluster);
+    host/port when empty."""
     kwargs = {"host": host, "port": int(port), "user": user, "db": name}
     if password:
         kwargs["plain_password"] = password
-    return {"driver": "aiomysql", "kwargs": kwargs}
+    desc = {"driver": "aiomysql", "kwargs": kwargs}
+    if hosts:
+        desc["hosts"] = list(hosts)
+    return desc
+
+
+def _nodes_of(desc: dict) -> list[tuple[str, int]]:
+    """[(host, port)] of a MySQL description: its ``hosts``, else its one host and port."""
+    hosts = desc.get("hosts") or []
+    if not hosts:
+        kwargs = desc.get("kwargs") or {}
+        return [(kwargs.get("host") or "127.0.0.1", int(kwargs.get("port") or 3306))]
+    nodes = []
+    for item in hosts:
+        host, _, port = str(item).rpartition(":")
+        nodes.append((host, int(port)))
+    return nodes
 
 
 def desc_from_config(cfg, data_dir):
@@ -404,4 +558,4 @@ def desc_from_config(cfg, data_dir):
     if db.driver == "sqlite":
         path = db.path or os.path.join(data_dir, "billing.db")
         return sqlite_desc(os.path.abspath(path), db.busy_timeout_ms)
-    return mysql_desc(db.host, db.port, db.user, db.password, db.name)
+    return mysql_desc(db.host, db.port, db.user, db.password, db.name, db.get("hosts"))

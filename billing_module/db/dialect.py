@@ -107,7 +107,7 @@ def insert_ignore(dialect):
 def upsert(dialect, table, columns, key="id"):
     """INSERT ... that updates the non-key columns when the key exists."""
     cols = ", ".join(columns)
-    values = ", ".join("${%s}$" % c for c in columns)
+    values = ", ".join("${" + c + "}$" for c in columns)
     rest = [c for c in columns if c != key]
     if dialect == SQLITE:
         sets = ", ".join(f"{c} = excluded.{c}" for c in rest)
@@ -126,3 +126,23 @@ def not_integer_text(dialect, column):
     """True where a text column is empty, NULL or not made of decimal digits only."""
     bad = f"{column} glob '*[^0-9]*'" if dialect == SQLITE else f"{column} regexp '[^0-9]'"
     return f"({column} is null or {column} = '' or {bad})"
+
+
+# --- clusters (MariaDB Galera) and failover ----------------------------------------------------
+# The node cannot serve now, but another may: the connection broke or was refused (2002-2055),
+# the server is shutting down or killed the connection (1053, 1927), or it is a Galera node
+# outside the primary component or not yet synced ("WSREP has not yet prepared node", 1047).
+_NODE_UNAVAILABLE_MYSQL = {2002, 2003, 2006, 2013, 2055, 1040, 1047, 1053, 1927}
+
+
+def is_node_unavailable(exc: BaseException) -> bool:
+    """The node this connection talks to failed (not the statement): try another node."""
+    if isinstance(exc, (pymysql.err.OperationalError, pymysql.err.InterfaceError)):
+        return not exc.args or exc.args[0] in _NODE_UNAVAILABLE_MYSQL or exc.args[0] == 0
+    return isinstance(exc, ConnectionError)   # a timeout may be anyone's: not taken as the node's
+
+
+def sync_wait(on: bool) -> str:
+    """Galera: make this session's reads wait until the node has applied every transaction the
+    cluster committed before them (a causal read), or stop waiting."""
+    return f"set session wsrep_sync_wait = {1 if on else 0}"

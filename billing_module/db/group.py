@@ -18,6 +18,7 @@ the group is run again from the start.
 """
 import asyncio
 import logging
+from typing import Any
 
 from . import dialect as dialects
 
@@ -59,7 +60,7 @@ class GroupCommit:
                 outcomes = await self._write(items)
             except Exception as e:           # the group could not commit: every request fails with it
                 outcomes = [(None, e)] * len(group)
-            for (_, fut), (result, error) in zip(group, outcomes):
+            for (_, fut), (result, error) in zip(group, outcomes, strict=False):
                 if fut.done():
                     continue
                 if error is not None:
@@ -81,7 +82,7 @@ class GroupCommit:
         return await self.db.run(lambda tx: self._each(tx, items))
 
     async def _each(self, tx, items):
-        outcomes = []
+        outcomes: list[tuple[Any, Exception | None]] = []
         for item in items:
             await tx.execute("savepoint bm_group")
             try:

@@ -17,7 +17,6 @@ from sqlor.ddl_template_sqlite3 import sqlite3_ddl_tmpl
 from ..resources import resource_dir
 from . import dialect as dialects
 
-
 # accounting_records older than a cut-off move here (failures.backup_accounted); the history
 # table is the live table plus the time of the move, so it is derived, not written twice.
 HISTORY_TABLES = {"accounting_records_history": ("accounting_records", "记账记录历史")}
@@ -91,7 +90,9 @@ def id_collation_migration(models=None):
     for name, model in (models or load_models()).items():
         create, _ = table_statements(model, dialects.MYSQL)
         for field in id_columns(model):
-            line = re.search(rf"^\s*(`{field['name']}` VARCHAR.*?),?$", create, re.M).group(1).strip()
+            found = re.search(rf"^\s*(`{field['name']}` VARCHAR.*?),?$", create, re.M)
+            assert found is not None, f"{name}.{field['name']}: no VARCHAR column in the generated DDL"
+            line = found.group(1).strip()
             out.append(f"ALTER TABLE {name} MODIFY {line};")
     return out
 
@@ -125,12 +126,13 @@ def ddl_script(dialect, models=None):
     """The whole schema as a script that is safe to run on a database that has some of it."""
     models = models or load_models()
     out = []
-    for name, model in models.items():
+    for model in models.values():
         create, indexes = table_statements(model, dialect)
         out.append(re.sub(r"(?i)^create\s+table", "CREATE TABLE IF NOT EXISTS", create) + ";")
         for _, stmt in indexes:
             if dialect == dialects.SQLITE:
-                stmt = re.sub(r"(?i)^create\s+(unique\s+)?index", lambda m: f"CREATE {m.group(1) or ''}INDEX IF NOT EXISTS", stmt)
+                stmt = re.sub(r"(?i)^create\s+(unique\s+)?index",
+                              lambda m: f"CREATE {m.group(1) or ''}INDEX IF NOT EXISTS", stmt)
             out.append(stmt + ";")
         out.append("")
     return "\n".join(out)

@@ -8,6 +8,7 @@ Importing this module registers driver ``billing_sqlite``: sqlor finds drivers b
 Database description: ``{"driver": "billing_sqlite", "kwargs": {"dbname": "/path/file.db"}}``.
 """
 import sqlite3
+from typing import Any
 
 import aiosqlite
 from sqlor.sor import SQLor
@@ -20,7 +21,8 @@ class BillingSQLiteor(SQLor):
     # and opens a new connection per context; a string makes the check work.
     test_sqlstr = "select 1"
     busy_timeout_ms = 10000
-    _cursor = None
+    conn: Any = None          # an aiosqlite.Connection once connected (the SQLor base keeps it untyped)
+    _cursor: aiosqlite.Cursor | None = None
 
     db2modelTypeMapping = {
         "text": "str", "blob": "file", "int": "long", "integer": "long", "bigint": "long",

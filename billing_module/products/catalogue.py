@@ -1,18 +1,30 @@
 """The product catalogue and resource bindings: what is sold (a product with its plan: package
 price, included quantity, period, overage price) and which resources it sells (an LLM model, an
 upstream API, a service). Bindings are disabled, never deleted, so usage rows keep their reference."""
+from collections.abc import Awaitable, Callable
+
 from appPublic.dictObject import DictObject
 
 from .. import clock, validation
 from ..db import dialect as dialects
+from ..db.database import Database, Tx
 from ..errors import Conflict, NotFound
 from ..ids import new_id
-from .values import (MAX_PERIOD_MONTHS, PRODUCT_STATUSES, PRODUCT_TYPES, RESOURCE_TYPES, choice, count, ident,
-                     quantity, text)
+from .values import (
+    MAX_PERIOD_MONTHS,
+    PRODUCT_STATUSES,
+    PRODUCT_TYPES,
+    RESOURCE_TYPES,
+    choice,
+    count,
+    ident,
+    quantity,
+    text,
+)
 from .views import Row, binding_view, product_view
 
 
-async def run_unique(db, work, duplicate: Conflict) -> Row:
+async def run_unique(db: Database, work: Callable[[Tx], Awaitable[Row]], duplicate: Conflict) -> Row:
     """``db.run(work)``; a unique index refusing the row becomes ``duplicate`` (a 409)."""
     try:
         return await db.run(work)
@@ -27,9 +39,11 @@ class Catalogue:
         self.db = db
         self.currency = currency      # of a product saved without one
 
-    async def save_product(self, code, product_name, quantity_unit, product_id=None, product_type="llm_model",
-                           status="active", currency=None, org_id="0", list_price=0, included_quantity=0,
-                           period_months=1, overage_price=None, price_per=1, description=None) -> dict:
+    async def save_product(self, code: object, product_name: object, quantity_unit: object, product_id: object = None,
+                           product_type: object = "llm_model", status: object = "active", currency: object = None,
+                           org_id: object = "0", list_price: object = 0, included_quantity: object = 0,
+                           period_months: object = 1, overage_price: object = None, price_per: object = 1,
+                           description: object = None) -> dict:
         """Create the product, or replace every field of an existing one (``product_id`` given).
         ``overage_price`` None: no use beyond the quota and no pay-as-you-go (refused)."""
         rec = {
@@ -63,21 +77,22 @@ class Catalogue:
         return product_view(await run_unique(
             self.db, work, Conflict(f"product code {rec['code']} already exists in org {rec['org_id']}")))
 
-    async def product_row(self, tx, product_id: str) -> Row | None:
+    async def product_row(self, tx: Tx, product_id: str) -> Row | None:
         return await tx.one("select * from product where id = ${p}$", {"p": product_id})
 
-    async def require_product(self, tx, product_id: str) -> Row:
+    async def require_product(self, tx: Tx, product_id: str) -> Row:
         p = await self.product_row(tx, product_id)
         if p is None:
             raise NotFound(f"no product {product_id}")
         return p
 
-    async def product(self, product_id) -> dict:
+    async def product(self, product_id: object) -> dict:
         async with self.db.read() as tx:
             return product_view(await self.require_product(tx, ident(product_id, "product_id")))
 
     # --- resource bindings ----------------------------------------------------------------------------
-    async def bind(self, product_id, resource_type, resource_ref_id, resource_name=None) -> dict:
+    async def bind(self, product_id: object, resource_type: object, resource_ref_id: object,
+                   resource_name: object = None) -> dict:
         """Bind a resource to a product (or re-enable an earlier binding). Idempotent."""
         product_id = ident(product_id, "product_id")
         resource_type = choice(resource_type, "resource_type", RESOURCE_TYPES)
@@ -108,11 +123,11 @@ class Catalogue:
         return await tx.one("select * from product_resource where product_id = ${p}$ and resource_type = ${t}$ "
                             "and resource_ref_id = ${r}$", {"p": product_id, "t": resource_type, "r": ref})
 
-    async def binding(self, tx, binding_id: str) -> Row | None:
+    async def binding(self, tx: Tx, binding_id: str) -> Row | None:
         return await tx.one("select * from product_resource where id = ${b}$", {"b": binding_id})
 
-    async def unbind(self, product_resource_id=None, product_id=None, resource_type=None,
-                     resource_ref_id=None) -> dict:
+    async def unbind(self, product_resource_id: object = None, product_id: object = None,
+                     resource_type: object = None, resource_ref_id: object = None) -> dict:
         """Disable a binding (kept, so usage rows keep their reference); its suppliers stop routing."""
         binding_id = ident(product_resource_id, "product_resource_id", required=False)
         if binding_id is None:
@@ -128,8 +143,8 @@ class Catalogue:
             return await self.binding(tx, b.id)
         return binding_view(await self.db.run(work))
 
-    async def bindings(self, product_id=None, resource_type=None, resource_ref_id=None,
-                       include_disabled=False) -> dict:
+    async def bindings(self, product_id: object = None, resource_type: object = None, resource_ref_id: object = None,
+                       include_disabled: object = False) -> dict:
         ns = {"p": ident(product_id, "product_id", required=False),
               "t": choice(resource_type, "resource_type", RESOURCE_TYPES, required=False),
               "r": ident(resource_ref_id, "resource_ref_id", required=False),

@@ -9,18 +9,34 @@ Billing modes of ``product_usage_log.billing_mode``:
   '3' pay-as-you-go: no subscription covered the use.
 """
 from dataclasses import asdict, dataclass, replace
+from typing import Any
 
 from appPublic.dictObject import DictObject
 
 from .. import clock
+from ..db.database import Tx
 from ..errors import Conflict, InvalidParam
 from ..ids import new_id, payload_hash
 from . import quota
 from .catalogue import Catalogue
 from .subscriptions import check_currency
 from .suppliers import Suppliers, supplier_cost
-from .values import (HOOK_SOURCE_TABLE, MODE_INCLUDED, MODE_OVERAGE, MODE_PAYG, QSCALE, NotSubscribed, QuotaExceeded,
-                     div_half_up, ident, ledger_key, q_from_db, qdb, qtext, quantity)
+from .values import (
+    HOOK_SOURCE_TABLE,
+    MODE_INCLUDED,
+    MODE_OVERAGE,
+    MODE_PAYG,
+    QSCALE,
+    NotSubscribed,
+    QuotaExceeded,
+    div_half_up,
+    ident,
+    ledger_key,
+    q_from_db,
+    qdb,
+    qtext,
+    quantity,
+)
 from .views import Row, usage_view
 
 
@@ -78,13 +94,13 @@ class UsageRow:
             source_ref_id=self.source_ref_id, idempotency_key=self.idempotency_key, use_time=self.use_time,
             created_at=clock.now_text(), currency=self.currency, ledger_entry_id=self.ledger_entry_id)
 
-    async def insert(self, tx) -> dict:
+    async def insert(self, tx: Tx) -> dict:
         row = self.record()
         await tx.insert("product_usage_log", row)
         return row
 
 
-async def usage_by_key(tx, key: str) -> Row | None:
+async def usage_by_key(tx: Tx, key: str) -> Row | None:
     return await tx.one("select * from product_usage_log where idempotency_key = ${k}$", {"k": key})
 
 
@@ -95,13 +111,15 @@ class Consumption:
         self.catalogue = catalogue
         self.suppliers = suppliers
 
-    async def product_use(self, customer_id, user_id, product_id, amount, unit=None, source_ref_table=None,
-                          source_ref_id=None, product_resource_id=None) -> dict:
+    async def product_use(self, customer_id: object, user_id: object, product_id: object, amount: object,
+                          unit: object = None, source_ref_table: object = None, source_ref_id: object = None,
+                          product_resource_id: object = None) -> dict:
         """Consume ``amount`` units of a product: quota first, the rest charged to the balance at the
         product's overage price (ledger entry 'overage'), one usage log row; all in one transaction.
         Idempotent on (source_ref_table, source_ref_id)."""
         customer_id, product_id = ident(customer_id, "customer_id"), ident(product_id, "product_id")
-        use = {"customer_id": customer_id, "product_id": product_id, "user_id": ident(user_id, "user_id"),
+        use: dict[str, Any] = {
+               "customer_id": customer_id, "product_id": product_id, "user_id": ident(user_id, "user_id"),
                "q": quantity(amount, "amount", positive=True), "unit": ident(unit, "unit", required=False),
                "table": ident(source_ref_table, "source_ref_table", max_len=64),
                "ref": ident(source_ref_id, "source_ref_id"),

@@ -3,15 +3,26 @@ spends the quota first; accounting then charges only the overage part. The hook 
 batch accountant's transaction and writes one usage log row per accounting record."""
 from dataclasses import dataclass
 from decimal import Decimal
+from typing import Any
 
 from .. import clock
+from ..db.database import Tx
 from ..ids import new_id
+from ..pricing import PriceResult, Usage
 from . import quota
 from .catalogue import Catalogue
 from .consumption import Supply, UsageRow, usage_by_key
 from .suppliers import Suppliers, supplier_cost
-from .values import (CALL_UNIT, HOOK_SOURCE_TABLE, MODE_INCLUDED, MODE_OVERAGE, TOKEN_UNIT, div_half_up, int_from_db,
-                     q_from_db)
+from .values import (
+    CALL_UNIT,
+    HOOK_SOURCE_TABLE,
+    MODE_INCLUDED,
+    MODE_OVERAGE,
+    TOKEN_UNIT,
+    div_half_up,
+    int_from_db,
+    q_from_db,
+)
 from .views import Row
 
 
@@ -32,10 +43,10 @@ class QuotaHook:
         self.suppliers = suppliers
         self.accounting_config = accounting_config   # allow_arrears: what the accountant's charges may leave
 
-    async def subscribed_customers(self, tx, customer_ids) -> set[str]:
+    async def subscribed_customers(self, tx: Tx, customer_ids: set[str]) -> set[str]:
         return await quota.subscribed_customers(tx, customer_ids)
 
-    async def quota_hook(self, tx, ev, price, record_id: str) -> QuotaResult | None:
+    async def quota_hook(self, tx: Tx, ev: Any, price: PriceResult, record_id: str) -> QuotaResult | None:
         """An LLM event covered by an active subscription of its customer (through an 'llm' binding
         of its model, or its product_id) consumes quota first; the returned charge is the overage
         part's share of ``price.amount``, rounded half-up. None when the event is not covered;
@@ -92,7 +103,7 @@ class QuotaHook:
         return QuotaResult(charge, row.subscription_id, Decimal(q - over).scaleb(-4), Decimal(over).scaleb(-4),
                            row.id)
 
-    async def release_quota(self, tx, record_id: str) -> bool:
+    async def release_quota(self, tx: Tx, record_id: str) -> bool:
         """Undo, inside the accountant's transaction, the reservation the hook made for an
         accounting record whose charge was then refused: the quota goes back and the usage row
         goes. Returns whether there was one."""
@@ -106,7 +117,7 @@ class QuotaHook:
         return True
 
 
-def event_quantity(usage, unit: str) -> int:
+def event_quantity(usage: Usage, unit: str) -> int:
     """How much of a plan's unit one LLM event uses, in 1e-4 units: 'token' counts input + output
     tokens (cached tokens are part of input), 'call' counts 1 per event, any other unit counts the
     event's quantity when the event is in that unit; otherwise 0 (the plan does not cover it)."""

@@ -2,6 +2,11 @@
 ``ServerEnv().billing_product_manager``) holds for products. It builds the concept services with
 their collaborators and hands each call to the service that owns it; it holds no logic of its own
 beyond shaping the product report into the products' reply."""
+from typing import Any
+
+from ..config import Config
+from ..db.database import Database
+from ..ledger import Ledger
 from ..reports import MAX_STATS_ROWS, Reports, product_filter
 from .catalogue import Catalogue
 from .consumption import Consumption
@@ -17,12 +22,7 @@ _PRICE_FIELDS = ("product_id", "quantity_unit", "overage_price", "price_per", "c
 
 
 class ProductManager:
-    def __init__(self, core=None, *, db=None, config=None, ledger=None):
-        """``ProductManager(core)`` (what ``services.build_services`` does) takes the database, the
-        config and the ledger from the core; each may also be given on its own."""
-        db = db if db is not None else core.db
-        config = config if config is not None else core.config
-        ledger = ledger if ledger is not None else core.ledger
+    def __init__(self, *, db: Database, config: Config, ledger: Ledger) -> None:
         self.db = db
         self.catalogue = Catalogue(db, config.currency)
         self.suppliers_service = Suppliers(db, self.catalogue)
@@ -49,19 +49,17 @@ class ProductManager:
         self.subscriptions = self.subscriptions_service.subscriptions
         self.renew_due = self.subscriptions_service.renew_due
         self.check_quota = self.subscriptions_service.check_quota
-        # consumption, and the accounting hook (services.build_services hands these to Accounting)
+        # consumption (services.build_services hands ``hook`` to Accounting)
         self.product_use = self.consumption.product_use
-        self.quota_hook = self.hook.quota_hook
-        self.release_quota = self.hook.release_quota
-        self.subscribed_customers = self.hook.subscribed_customers
 
     # --- the product report (reports.py, source "product") in the products' reply shapes ----------------
-    async def usage_list(self, page=1, rows=20, **filters) -> dict:
+    async def usage_list(self, page: int = 1, rows: int = 20, **filters: Any) -> dict:
         """One page of usage log rows (newest first); filters as ``reports.product_filter``."""
         result = await self.reports.usage_log(product_filter(**filters), page, rows)
         return {"total": result["total"], "rows": [usage_view(r) for r in result["rows"]]}
 
-    async def overage(self, customer_id=None, product_id=None, start=None, end=None, page=1, rows=20) -> dict:
+    async def overage(self, customer_id: object = None, product_id: object = None, start: object = None,
+                      end: object = None, page: int = 1, rows: int = 20) -> dict:
         """Usage charged beyond a quota or without one, with its total and the product's price."""
         f = product_filter(customer_id=customer_id, product_id=product_id, start=start, end=end, overage_only=True)
         result = await self.reports.usage_log(f, page, rows)
@@ -71,12 +69,13 @@ class ProductManager:
             out["price"] = {k: v for k, v in (await self.product(f.product_id)).items() if k in _PRICE_FIELDS}
         return out
 
-    async def stats(self, group_by="product", start=None, end=None, customer_id=None, product_id=None,
-                    supplier_org_id=None) -> dict:
+    async def stats(self, group_by: object = "product", start: object = None, end: object = None,
+                    customer_id: object = None, product_id: object = None, supplier_org_id: object = None) -> dict:
         """Usage, supplier cost, revenue (what the usage charged) and margin, by product, supplier,
         customer or day, sorted by key. Package fees are ledger 'subscription' entries and are not
         part of usage revenue. Quantities are per unit, since units differ between products."""
         group_by = choice(group_by, "group_by", STATS_GROUPS, "product")
+        assert group_by is not None, "choice returns its default for a missing value"
         f = product_filter(customer_id=customer_id, product_id=product_id, supplier_org_id=supplier_org_id,
                            start=start, end=end)
         result = await self.reports.stats(f, group_by, rows=MAX_STATS_ROWS, order="key")

@@ -4,6 +4,7 @@ The quota row is locked (``select ... for update``; SQLite's writer lock) before
 quota is read, and decremented by one conditional UPDATE whose row count is checked, in the same
 transaction as the ledger entry and the usage log row."""
 from .. import clock
+from ..db.database import Tx
 from ..errors import Conflict
 from .views import Row
 
@@ -20,20 +21,20 @@ _COVERING_SQL = (
     "order by case when s.used_quantity < s.included_quantity then 0 else 1 end, s.period_end, s.id")
 
 
-async def covering(tx, customer_id: str, at: str, product_id: str | None = None, llmid: str | None = None,
+async def covering(tx: Tx, customer_id: str, at: str, product_id: str | None = None, llmid: str | None = None,
                    model_name: str | None = None) -> Row | None:
     return await tx.one(_COVERING_SQL, {"c": customer_id, "at": at, "pid": product_id, "llm": llmid,
                                         "mname": model_name})
 
 
-async def lock(tx, sub_id: str, at: str) -> Row | None:
+async def lock(tx: Tx, sub_id: str, at: str) -> Row | None:
     """The subscription's quota row, locked until the transaction ends; None if it stopped covering."""
     return await tx.one("select id, included_quantity, used_quantity from product_subscription "
                         "where id = ${s}$ and status = 'active' and period_start <= ${at}$ and period_end > ${at}$"
                         + tx.for_update(), {"s": sub_id, "at": at})
 
 
-async def take(tx, sub_id: str, q: int) -> None:
+async def take(tx: Tx, sub_id: str, q: int) -> None:
     # the condition keeps the quota exact even without the lock; the row count proves it held
     n = await tx.execute("update product_subscription set used_quantity = used_quantity + ${q}$, "
                          "updated_at = ${now}$ where id = ${s}$ and status = 'active' "
@@ -43,7 +44,7 @@ async def take(tx, sub_id: str, q: int) -> None:
         raise Conflict("the subscription's quota changed during the use; send it again")
 
 
-async def give_back(tx, sub_id: str, q: int) -> None:
+async def give_back(tx: Tx, sub_id: str, q: int) -> None:
     """Return ``q`` units a reservation took (the accountant refused the event's charge)."""
     await tx.execute("update product_subscription set used_quantity = used_quantity - ${q}$, "
                      "updated_at = ${now}$ where id = ${s}$ and used_quantity >= ${q}$",
@@ -58,7 +59,7 @@ def split(locked: Row | None, q: int) -> tuple[int, int]:
     return included, q - included
 
 
-async def subscribed_customers(tx, customer_ids) -> set[str]:
+async def subscribed_customers(tx: Tx, customer_ids: set[str]) -> set[str]:
     """Which of ``customer_ids`` have an active subscription at all: one query for a whole batch,
     so the accountant calls the quota hook only for events that may be covered."""
     ids = sorted(set(customer_ids))

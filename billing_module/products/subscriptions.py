@@ -6,24 +6,25 @@ Renewals claim their row with a conditional UPDATE on ``version``; only the inst
 matched renews it, and a renewal that cannot be paid leaves the subscription expired with the
 ledger untouched."""
 import logging
+from typing import Any
 
 from appPublic.dictObject import DictObject
 
 from .. import clock, validation
+from ..db.database import Tx
 from ..errors import Conflict, NotFound
 from ..ids import new_id, payload_hash
 from ..money import from_micro
 from ..validation import flag
 from . import quota
 from .catalogue import Catalogue
-from .values import (MAX_PERIOD_MONTHS, SUBSCRIPTION_STATUSES, UNPAID, choice, count, ident, period,
-                     quantity, text)
+from .values import MAX_PERIOD_MONTHS, SUBSCRIPTION_STATUSES, UNPAID, choice, count, ident, period, quantity, text
 from .views import Row, subscription_view
 
 log = logging.getLogger("billing_module.products")
 
 
-async def check_currency(tx, customer_id: str, currency: str) -> None:
+async def check_currency(tx: Tx, customer_id: str, currency: str) -> None:
     """A charge in ``currency`` must be in the currency of the customer's account (if it has one)."""
     acct = await tx.one("select currency from customer_balance where id = ${c}$", {"c": customer_id})
     if acct is not None and acct.currency != currency:
@@ -37,8 +38,9 @@ class Subscriptions:
         self.ledger = ledger
         self.catalogue = catalogue
 
-    async def subscribe(self, customer_id, product_id, request_id, user_id=None, included_quantity=None,
-                        package_price=None, period_months=None, auto_renew=True, operator=None):
+    async def subscribe(self, customer_id: object, product_id: object, request_id: object, user_id: object = None,
+                        included_quantity: object = None, package_price: object = None, period_months: object = None,
+                        auto_renew: object = True, operator: object = None) -> dict[str, Any]:
         """Subscribe a customer to a product and charge the first period's package price (ledger entry
         'subscription', must be covered). The plan is the product's unless given (admin). Idempotent on
         ``request_id``; one active subscription per customer and product."""
@@ -99,17 +101,18 @@ class Subscriptions:
     async def _subscription_by_request(self, tx, request_id):
         return await tx.one("select * from product_subscription where request_id = ${r}$", {"r": request_id})
 
-    async def subscription_row(self, tx, subscription_id: str) -> Row | None:
+    async def subscription_row(self, tx: Tx, subscription_id: str) -> Row | None:
         return await tx.one("select * from product_subscription where id = ${s}$", {"s": subscription_id})
 
-    async def subscription(self, subscription_id):
+    async def subscription(self, subscription_id: object) -> dict[str, Any]:
         async with self.db.read() as tx:
             s = await self.subscription_row(tx, ident(subscription_id, "subscription_id"))
         if s is None:
             raise NotFound(f"no subscription {subscription_id}")
         return subscription_view(s)
 
-    async def cancel(self, subscription_id, at_period_end=False, reason=None):
+    async def cancel(self, subscription_id: object, at_period_end: object = False,
+                     reason: object = None) -> dict[str, Any]:
         """Cancel now (the quota is no longer usable; no refund), or at the period end (no renewal)."""
         subscription_id = ident(subscription_id, "subscription_id")
         reason = text(reason, "reason", 255) or "cancelled"
@@ -132,7 +135,8 @@ class Subscriptions:
             return subscription_view(sub, duplicate=n == 0)
         return await self.db.run(work)
 
-    async def subscriptions(self, customer_id=None, product_id=None, status=None, page=1, rows=20):
+    async def subscriptions(self, customer_id: object = None, product_id: object = None, status: object = None,
+                            page: object = 1, rows: object = 20) -> dict[str, Any]:
         ns = {"c": ident(customer_id, "customer_id", required=False),
               "p": ident(product_id, "product_id", required=False),
               "st": choice(status, "status", SUBSCRIPTION_STATUSES, required=False)}
@@ -144,7 +148,7 @@ class Subscriptions:
         result["rows"] = [subscription_view(s) for s in result["rows"]]
         return result
 
-    async def renew_due(self, limit=100):
+    async def renew_due(self, limit: int = 100) -> dict[str, int]:
         """Renew (or expire) active subscriptions whose period has ended. Each subscription is claimed
         by a conditional update on its version, so two instances never renew one twice; the charge,
         the new period and the quota reset commit together, and a renewal that cannot be paid leaves
@@ -172,6 +176,7 @@ class Subscriptions:
         if n != 1:
             return None     # another instance claimed it, or it changed since it was listed
         sub = await self.subscription_row(tx, sub_id)
+        assert sub is not None, f"subscription {sub_id} was updated just above"
         product = await self.catalogue.product_row(tx, sub.product_id)
         if sub.auto_renew != "1":
             return await self._expire(tx, sub, now, sub.status_reason or "not renewed")
@@ -204,7 +209,7 @@ class Subscriptions:
         return "expired"
 
     # --- quota -----------------------------------------------------------------------------------------
-    async def check_quota(self, customer_id, product_id):
+    async def check_quota(self, customer_id: object, product_id: object) -> dict[str, Any]:
         """Included, used and remaining quantity in the current period, and what happens past it."""
         customer_id, product_id = ident(customer_id, "customer_id"), ident(product_id, "product_id")
         now = clock.now_text()

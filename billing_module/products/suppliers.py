@@ -3,6 +3,7 @@ use goes to. Unit costs are integers of 1e-8 of the currency unit."""
 from appPublic.dictObject import DictObject
 
 from .. import clock
+from ..db.database import Tx
 from ..errors import Conflict, InvalidParam, NotFound
 from ..ids import new_id
 from ..validation import flag
@@ -33,8 +34,8 @@ class Suppliers:
         self.db = db
         self.catalogue = catalogue
 
-    async def add_supplier(self, product_resource_id, supplier_org_id, unit_cost, priority=100, weight=1,
-                           supplier_name=None) -> dict:
+    async def add_supplier(self, product_resource_id: object, supplier_org_id: object, unit_cost: object,
+                           priority: object = 100, weight: object = 1, supplier_name: object = None) -> dict:
         binding_id = ident(product_resource_id, "product_resource_id")
         rec = {"supplier_org_id": ident(supplier_org_id, "supplier_org_id"),
                "unit_cost": parse_unit_cost(unit_cost),
@@ -54,8 +55,8 @@ class Suppliers:
             f"supplier {rec['supplier_org_id']} is already on this resource; update it instead",
             code="duplicate_supplier")))
 
-    async def update_supplier(self, supplier_id, unit_cost=None, priority=None, weight=None, enabled=None,
-                              supplier_name=None) -> dict:
+    async def update_supplier(self, supplier_id: object, unit_cost: object = None, priority: object = None,
+                              weight: object = None, enabled: object = None, supplier_name: object = None) -> dict:
         supplier_id = ident(supplier_id, "supplier_id")
         changes: dict[str, object] = {}
         if unit_cost not in (None, ""):
@@ -72,7 +73,7 @@ class Suppliers:
             raise InvalidParam("nothing to update: give unit_cost, priority, weight, enabled or supplier_name")
         return await self._change_supplier(supplier_id, changes)
 
-    async def disable_supplier(self, supplier_id) -> dict:
+    async def disable_supplier(self, supplier_id: object) -> dict:
         return await self._change_supplier(ident(supplier_id, "supplier_id"), {"enabled": "0"})
 
     async def _change_supplier(self, supplier_id, changes):
@@ -86,7 +87,8 @@ class Suppliers:
             return await tx.one("select * from product_resource_supplier where id = ${sid}$", {"sid": supplier_id})
         return supplier_view(await self.db.run(work))
 
-    async def suppliers(self, product_resource_id=None, product_id=None, include_disabled=True) -> dict:
+    async def suppliers(self, product_resource_id: object = None, product_id: object = None,
+                        include_disabled: object = True) -> dict:
         ns = {"b": ident(product_resource_id, "product_resource_id", required=False),
               "p": ident(product_id, "product_id", required=False), "all": "1" if include_disabled else "0"}
         async with self.db.read() as tx:
@@ -97,11 +99,11 @@ class Suppliers:
                 "order by s.product_resource_id, s.priority, s.unit_cost, s.weight desc, s.supplier_org_id, s.id", ns)
         return {"total": len(rows), "rows": [supplier_view(r) for r in rows]}
 
-    async def route_in(self, tx, product_id: str, product_resource_id: str | None = None) -> Row | None:
+    async def route_in(self, tx: Tx, product_id: str, product_resource_id: str | None = None) -> Row | None:
         """The supplier a use of the product goes to, read inside the caller's transaction."""
         return await tx.one(_ROUTE_SQL, {"p": product_id, "rid": product_resource_id})
 
-    async def route(self, product_id, product_resource_id=None) -> dict | None:
+    async def route(self, product_id: object, product_resource_id: object = None) -> dict | None:
         """The supplier a use of the product would go to now (None: no enabled supplier)."""
         async with self.db.read() as tx:
             s = await self.route_in(tx, ident(product_id, "product_id"),

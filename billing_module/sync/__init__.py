@@ -1,11 +1,18 @@
 """Sync from the central platform (the client side) and the export side that lets a
 deployment of this module be the centre. The protocol: docs/sync-protocol.md.
 
-``SyncManager(core)`` is the service (``core.sync``): ``sync()`` runs entities now,
+``SyncManager(db, config, catalog)`` is the service (``core.sync``): ``sync()`` runs entities now,
 ``run_due()`` is the periodic job, ``status()`` reads ``sync_state``.
 """
-import logging
+from __future__ import annotations
 
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from ..catalog import Catalog
+from ..config import Config
+from ..db.database import Database
 from ..errors import InvalidParam
 from .base import ENTITY_ORDER, EntitySync, PageError, SyncBusy, SyncNotConfigured, SyncStateStore
 from .llmage import LlmageSync
@@ -20,23 +27,26 @@ _MAX_TICK_SECONDS = 30
 
 
 class SyncManager:
-    def __init__(self, core):
-        self.core = core
-        self.store = SyncStateStore(core.db)
+    def __init__(self, db: Database, config: Config, catalog: Catalog) -> None:
+        self.db = db
+        self.config = config
+        self.catalog = catalog
+        self.store = SyncStateStore(db)
         self.syncs = {name: SYNC_CLASSES[name](self) for name in ENTITY_ORDER}
 
-    def entity(self, name):
+    def entity(self, name: str) -> EntitySync:
         if name not in self.syncs:
             raise InvalidParam(f"entity must be one of {', '.join(ENTITY_ORDER)}")
         return self.syncs[name]
 
-    async def sync(self, entity=None, full=False, progress=None):
+    async def sync(self, entity: str | None = None, full: bool = False,
+                   progress: Callable[[str, dict], None] | None = None) -> list[dict[str, Any]]:
         """Run one entity (or all, in dependency order) now: a list of result dicts. A failed
         entity does not stop the next; SyncBusy / SyncNotConfigured are raised."""
         names = [self.entity(entity).entity] if entity else list(ENTITY_ORDER)
         return [await self.syncs[n].run(full=full, progress=progress) for n in names]
 
-    async def status(self):
+    async def status(self) -> list[dict[str, Any]]:
         rows = {r.entity_type: r for r in await self.store.all()}
         out = []
         for name in ENTITY_ORDER:
@@ -47,7 +57,7 @@ class SyncManager:
                            if r else {"sync_status": "never"})})
         return out
 
-    async def run_due(self):
+    async def run_due(self) -> list[dict[str, Any]]:
         """The periodic job: every entity whose next_sync_at has come. Another instance's run
         of the same entity is left alone."""
         results = []
@@ -58,9 +68,9 @@ class SyncManager:
                 continue
         return results
 
-    def background_jobs(self):
+    def background_jobs(self) -> list[tuple[str, Callable[[], Awaitable[Any]], float]]:
         """(name, coroutine function, interval seconds): none unless ``sync.enabled``."""
-        cfg = self.core.config.sync
+        cfg = self.config.sync
         if not cfg.enabled:
             return []
         if not (cfg.central_url and cfg.app_key and cfg.app_secret):

@@ -11,14 +11,19 @@ not send. After each page the entity's in-memory caches are dropped.
 
 All SQL of ``sync_state`` lives in ``SyncStateStore`` (the export side's version counter too).
 """
+from __future__ import annotations
+
 import asyncio
 import collections
 import logging
 import time
+from collections.abc import Callable, Iterable
+from typing import Any
 
 from .. import clock
 from ..catalog import ENTITIES
 from ..db import dialect as dialects
+from ..db.database import Database, Row, Tx
 from ..errors import BillingError, Conflict
 from ..http import RemoteError, SignedClient
 from ..ids import new_id
@@ -43,7 +48,7 @@ class PageError(Exception):
     """A reply that does not follow the protocol; nothing of it is applied."""
 
 
-def version_int(text, what="version"):
+def version_int(text: object, what: str = "version") -> int:
     """A protocol version (an integer, or its decimal text) as an int."""
     if isinstance(text, bool):
         raise PageError(f"{what} must be an integer or a string of digits, not {text!r}")
@@ -54,7 +59,7 @@ def version_int(text, what="version"):
     return int(text)
 
 
-def parse_page(entity, body, since):
+def parse_page(entity: str, body: object, since: int) -> Page:
     """Check one reply against the protocol; ``Page`` or PageError."""
     if not isinstance(body, dict):
         raise PageError("reply is not a JSON object")
@@ -91,7 +96,7 @@ class SyncStateStore:
 
     CLIENT, EXPORT = "", "export"
 
-    def __init__(self, db):
+    def __init__(self, db: Database) -> None:
         self.db = db
 
     async def _ensure(self, tx, entity, entity_id):
@@ -102,7 +107,7 @@ class SyncStateStore:
             "(${id}$, ${e}$, ${eid}$, '0', 'success', 0, 0, ${now}$, ${now}$)",
             {"id": new_id(), "e": entity, "eid": entity_id, "now": now})
 
-    async def get(self, entity, tx=None):
+    async def get(self, entity: str, tx: Tx | None = None) -> Row | None:
         sql = "select * from sync_state where entity_type = ${e}$ and entity_id = ${eid}$"
         ns = {"e": entity, "eid": self.CLIENT}
         if tx is not None:
@@ -110,12 +115,12 @@ class SyncStateStore:
         async with self.db.read() as t:
             return await t.one(sql, ns)
 
-    async def all(self):
+    async def all(self) -> list[Row]:
         async with self.db.read() as tx:
             return await tx.select("select * from sync_state where entity_id = ${eid}$ order by entity_type",
                                    {"eid": self.CLIENT})
 
-    async def claim(self, entity, stale_seconds):
+    async def claim(self, entity: str, stale_seconds: float) -> Row:
         """Mark the entity's run ``pending`` and return its row; SyncBusy while another run
         (here or in another instance) holds it and has made progress within ``stale_seconds``."""
         async def work(tx):
@@ -132,7 +137,7 @@ class SyncStateStore:
             raise SyncBusy(f"a sync of {entity} is already running (its last progress was at {row.updated_at} UTC)")
         return row
 
-    async def page_applied(self, tx, entity, version, count, final, interval):
+    async def page_applied(self, tx: Tx, entity: str, version: int, count: int, final: bool, interval: float) -> None:
         """Inside the page's transaction: the version reached, and on the last page success."""
         ns = {"e": entity, "eid": self.CLIENT, "v": str(version), "n": count, "now": clock.now_text()}
         if not final:
@@ -145,7 +150,7 @@ class SyncStateStore:
                          "next_sync_at = ${next}$, updated_at = ${now}$ "
                          "where entity_type = ${e}$ and entity_id = ${eid}$", ns)
 
-    async def failed(self, entity, message, next_in_seconds):
+    async def failed(self, entity: str, message: str, next_in_seconds: float) -> None:
         async with self.db.transaction() as tx:
             await tx.execute("update sync_state set sync_status = 'failed', error_msg = ${m}$, "
                              "retry_count = retry_count + 1, next_sync_at = ${next}$, updated_at = ${now}$ "
@@ -153,7 +158,7 @@ class SyncStateStore:
                              {"e": entity, "eid": self.CLIENT, "m": message[:4000], "now": clock.now_text(),
                               "next": _later(next_in_seconds)})
 
-    async def due(self, entities):
+    async def due(self, entities: Iterable[str]) -> list[str]:
         """The entities whose next run time has come (never synced counts as due)."""
         now = clock.now_text()
         rows = {r.entity_type: r for r in await self.all()}
@@ -161,7 +166,7 @@ class SyncStateStore:
                 if e not in rows or not rows[e].next_sync_at or rows[e].next_sync_at <= now]
 
     # --- the export side ---------------------------------------------------------------------
-    async def lock_export_version(self, tx, entity):
+    async def lock_export_version(self, tx: Tx, entity: str) -> int:
         """The last version the export stamped for ``entity``; the row stays locked until
         ``tx`` ends, so two exporters never hand out the same version to different rows."""
         await self._ensure(tx, entity, self.EXPORT)
@@ -169,12 +174,12 @@ class SyncStateStore:
                            f"{tx.for_update()}", {"e": entity, "eid": self.EXPORT})
         return int(row.sync_version) if row.sync_version and row.sync_version.isdigit() else 0
 
-    async def set_export_version(self, tx, entity, version):
+    async def set_export_version(self, tx: Tx, entity: str, version: int) -> None:
         await tx.execute("update sync_state set sync_version = ${v}$, last_sync_time = ${now}$, updated_at = ${now}$ "
                          "where entity_type = ${e}$ and entity_id = ${eid}$",
                          {"v": str(version), "now": clock.now_text(), "e": entity, "eid": self.EXPORT})
 
-    async def known_version(self, tx, entity):
+    async def known_version(self, tx: Tx, entity: str) -> int:
         """The highest version this instance has recorded for ``entity`` (pulled or stamped):
         the export never reports less, even after the rows carrying it were deleted."""
         num = dialects.as_integer(tx.dialect, "sync_version")
@@ -186,45 +191,47 @@ class SyncStateStore:
 class EntitySync:
     """One entity's pull. Subclasses name the entity and add its own checks."""
 
-    entity = None
+    entity: str      # each subclass names its entity
 
-    def __init__(self, manager):
+    def __init__(self, manager: Any) -> None:
         self.manager = manager
-        self.core = manager.core
+        self.db = manager.db
+        self.config = manager.config
+        self.catalog = manager.catalog
         self.store = manager.store
         self._lock = asyncio.Lock()
         self.table = ENTITIES[self.entity][0]
 
     # --- hooks -------------------------------------------------------------------------------
-    def validate(self, items):
+    def validate(self, items: list[dict[str, Any]]) -> None:
         """Raise PageError / BillingError for items this entity cannot take (before any write)."""
 
-    async def after_apply(self, tx, items):
+    async def after_apply(self, tx: Tx, items: list[dict[str, Any]]) -> list[str]:
         """Inside the page's transaction, after the upsert: warnings (text) to report."""
         return []
 
     # --- the run -----------------------------------------------------------------------------
     @property
-    def interval(self):
-        s = self.core.config.sync
+    def interval(self) -> float:
+        s = self.config.sync
         return getattr(s, f"{self.entity}_interval_seconds") or s.interval_seconds
 
-    def client(self):
+    def client(self) -> SignedClient:
         try:
-            return SignedClient.from_config(self.core.config)
+            return SignedClient.from_config(self.config)
         except ValueError as e:
             raise SyncNotConfigured(f"sync is not configured: {e} (sync.central_url, sync.app_key, "
                                     "sync.app_secret)") from None
 
-    async def run(self, full=False, progress=None):
+    async def run(self, full: bool = False, progress: Callable[[str, dict], None] | None = None) -> dict[str, Any]:
         """Pull until the centre has nothing more. Returns a result dict (``status`` success or
         failed; a failure is also recorded in sync_state). SyncBusy / SyncNotConfigured are
         raised before anything is touched."""
         client = self.client()
         async with self._lock:
-            state = await self.store.claim(self.entity, self.core.config.sync.claim_seconds)
+            state = await self.store.claim(self.entity, self.config.sync.claim_seconds)
             since = 0 if full else int(state.sync_version) if (state.sync_version or "").isdigit() else 0
-            result = {"entity": self.entity, "status": "success", "full": bool(full), "since": since,
+            result: dict[str, Any] = {"entity": self.entity, "status": "success", "full": bool(full), "since": since,
                       "version": since, "pages": 0, "items": 0, "deleted": 0, "warnings": [], "error": None}
             started = time.monotonic()
             try:
@@ -239,9 +246,9 @@ class EntitySync:
             return result
 
     async def _pages(self, client, full, result, progress):
-        cfg = self.core.config.sync
+        cfg = self.config.sync
         path = cfg.path.format(entity=self.entity)
-        seen = set() if full else None
+        seen: set[str] | None = set() if full else None
         since = result["since"]
         while True:
             page = parse_page(self.entity, await client.get_json(path, {"since": since, "limit": cfg.page_size}),
@@ -250,9 +257,9 @@ class EntitySync:
             if seen is not None:
                 seen.update(str(i.get("id")) for i in page.items if isinstance(i, dict))
             final = not page.has_more
-            items_applied, deleted_applied, warnings = await self.core.db.run(
+            items_applied, deleted_applied, warnings = await self.db.run(
                 lambda tx, page=page, final=final: self._apply(tx, page, seen, final))
-            self.core.catalog.invalidate(self.entity)
+            self.catalog.invalidate(self.entity)
             since = page.version
             result["pages"] += 1
             result["items"] += items_applied
@@ -273,7 +280,7 @@ class EntitySync:
             gone = set(deleted)
             local = {r.id for r in await tx.select(f"select id from {self.table}")}
             deleted += sorted(local - seen - gone)
-        n_items, n_deleted = await self.core.catalog.apply(tx, self.entity, page.items, deleted, str(page.version))
+        n_items, n_deleted = await self.catalog.apply(tx, self.entity, page.items, deleted, str(page.version))
         warnings = await self.after_apply(tx, page.items)
         await self.store.page_applied(tx, self.entity, page.version, n_items + n_deleted, final, self.interval)
         return n_items, n_deleted, warnings
@@ -291,7 +298,7 @@ class EntitySync:
         result.update(status="failed", error=message)
         # doubles with each failure in a row, never beyond the entity's normal interval
         doubling = 2 ** min(state.retry_count or 0, 20)
-        backoff = min(self.interval, self.core.config.sync.failure_backoff_seconds * doubling)
+        backoff = min(self.interval, self.config.sync.failure_backoff_seconds * doubling)
         log.warning("sync failed: %s (next attempt in %ss)", message, backoff)
         try:
             await self.store.failed(self.entity, message, backoff)

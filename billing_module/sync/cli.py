@@ -20,9 +20,7 @@ def add_parser(subparsers):
 async def run(core, args, out=None, err=None):
     out = out or sys.stdout
     err = err or sys.stderr
-    from . import SyncManager
-    _ = core.db   # builds the services
-    manager = core.__dict__.get("sync") or SyncManager(core)
+    manager = core.sync
 
     def progress(entity, info):
         more = "more to come" if info["has_more"] else "done"

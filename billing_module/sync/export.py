@@ -1,5 +1,6 @@
 """The export side of the sync protocol: this module's own cache tables served as pages, so a
-deployment of this module can be the centre for others (``wwwroot/sync/<entity>.dspy``).
+deployment of this module can be the centre for others (``wwwroot/sync/<entity>.dspy`` ->
+``api/sync_export.py``, the edge that checks the signature and signs the reply).
 
 Versions are the tables' ``version`` column read as integers. Rows written locally without
 one (``Catalog.put`` from demo or admin seeding writes an empty version; so does an edit of
@@ -13,23 +14,17 @@ A page never splits the rows of one version (the protocol's cursor is the versio
 it may hold up to ``_STAMP_GROUP - 1`` rows more than ``limit``. Deletions reach edges only
 through a full resync: the cache tables keep no tombstones, so ``deleted`` is always empty here.
 """
+from __future__ import annotations
+
 import json
-import logging
+from typing import Any
 
-from aiohttp import web
-
-from .. import auth
-from ..api import reply
-from ..api.params import Params
 from ..catalog import ENTITIES
 from ..db import dialect as dialects
-from ..errors import BillingError, Forbidden, NotFound
-from .base import MAX_VERSION_DIGITS, SyncStateStore
-
-log = logging.getLogger("billing_module.sync")
+from ..db.database import Database
+from .base import SyncStateStore
 
 _STAMP_GROUP = 500
-EXPORT_SCOPES = ("app", "admin")
 
 
 def _item(entity, row):
@@ -49,7 +44,7 @@ def _item(entity, row):
     return item
 
 
-async def stamp_unversioned(db, entity):
+async def stamp_unversioned(db: Database, entity: str) -> int:
     """Give rows without an integer version the next versions; returns how many were stamped."""
     table = ENTITIES[entity][0]
     async with db.read() as tx:
@@ -76,7 +71,7 @@ async def stamp_unversioned(db, entity):
     return await db.run(work)
 
 
-async def export_page(db, entity, since, limit):
+async def export_page(db: Database, entity: str, since: int, limit: int) -> dict[str, Any]:
     """The protocol reply for ``GET <entity>?since=&limit=``."""
     table = ENTITIES[entity][0]
     await stamp_unversioned(db, entity)
@@ -99,29 +94,3 @@ async def export_page(db, entity, since, limit):
             version = max(int(top or 0), await SyncStateStore(db).known_version(tx, entity))
     return {"entity": entity, "version": str(version), "items": [_item(entity, r) for r in rows],
             "deleted": [], "has_more": has_more}
-
-
-async def serve(core, request, params_kw, entity):
-    """``wwwroot/sync/<entity>.dspy``: a signed GET by an app or admin key -> a signed page."""
-    try:
-        if entity not in ENTITIES:
-            raise NotFound(f"no sync entity {entity!r}")
-        if request.method != "GET":
-            raise BillingError("the sync export answers GET only", code="method_not_allowed", status=405)
-        signed = await core.auth.verify(request)
-        if signed.row.scope not in EXPORT_SCOPES:
-            raise Forbidden("the sync export needs an app or admin key")
-        p = Params(params_kw)
-        max_limit = core.config.sync.export_max_limit
-        since = p.int("since", default=0, minimum=0, maximum=10 ** MAX_VERSION_DIGITS - 1)
-        limit = p.int("limit", default=min(500, max_limit), minimum=1, maximum=max_limit)
-        page = await export_page(core.db, entity, since, limit)
-    except BillingError as e:
-        return reply(e.to_reply(), e.status)
-    except Exception:
-        log.exception("sync export of %s failed", entity)
-        return reply({"success": False, "code": "internal_error",
-                      "message": "internal error; the server log has the details"}, 500)
-    body = json.dumps(page, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
-    return web.Response(body=body, status=200, content_type="application/json", charset="utf-8",
-                        headers=auth.sign_reply(signed.secret, 200, signed.nonce, body))

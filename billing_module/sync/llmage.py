@@ -1,6 +1,8 @@
 """LLM models (``llmage_cache``): model -> pricing program (``ppid``). A model whose program
 is not in the pricing cache is still taken (the centre may send the program later) but
 reported, because every quote for it fails with no_pricing until then."""
+from typing import Any
+
 from .base import EntitySync
 
 _MAX_WARNINGS = 20
@@ -14,7 +16,7 @@ class LlmageSync(EntitySync):
         ids = [str(i["id"]) for i in items if isinstance(i, dict) and i.get("ppid")]
         missing = []
         for start in range(0, len(ids), _CHUNK):
-            ns = {}
+            ns: dict[str, Any] = {}
             where = tx.in_list(ids[start:start + _CHUNK], ns)
             missing += await tx.select(
                 "select m.id, m.ppid from llmage_cache m left join pricing_cache p on p.id = m.ppid "

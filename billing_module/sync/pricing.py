@@ -12,7 +12,7 @@ class PricingSync(EntitySync):
     entity = "pricing"
 
     def validate(self, items):
-        ours = self.core.config.currency
+        ours = self.config.currency
         for item in items:
             if not isinstance(item, dict):
                 continue

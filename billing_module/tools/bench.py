@@ -72,7 +72,7 @@ class Bench:
         await core.catalog.put("llmage", [MODEL])
         return core
 
-    _mysql_dbs = []
+    _mysql_dbs: list[tuple[dict, str]] = []
 
     def cleanup(self):
         import shutil
@@ -189,10 +189,12 @@ class Bench:
                 for label, method, make in (("health", "GET", lambda i: None),
                                             ("http", "POST", lambda i: event(f"http-{i}"))):
                     url = f"{base}/{'health' if label == 'health' else 'accounting'}.dspy"
-                    latencies, errors = [], 0
+                    latencies: list[float] = []
+                    errors = 0
                     queue = iter(range(n))
 
-                    async def client():
+                    # awaited within this iteration; the defaults only make that visible
+                    async def client(queue=queue, method=method, url=url, make=make, latencies=latencies):
                         nonlocal errors
                         for i in queue:
                             t0 = time.perf_counter()
@@ -293,7 +295,8 @@ def _mysql_params(url):
 
 
 SCALES = {
-    # name: (floor/post_usage events, accountant events, auth pairs, pricing calls, http requests, growth sizes, samples)
+    # name: (floor/post_usage events, accountant events, auth pairs, pricing calls, http requests,
+    #        growth sizes, samples)
     "quick": (500, 5000, 300, 20000, 1000, (0, 10_000), 100),
     "full": (3000, 50000, 2000, 200000, 5000, (0, 100_000, 1_000_000), 300),
 }

@@ -74,7 +74,8 @@ class Server:
 
     async def start(self, session):
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "billing_module.cli", "serve", "--port", str(self.port), "--data-dir", self.data_dir],
+            [sys.executable, "-m", "billing_module.cli", "serve", "--port", str(self.port),
+             "--data-dir", self.data_dir],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=self.env)
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
@@ -90,10 +91,12 @@ class Server:
         raise RuntimeError("server did not start")
 
     def kill(self):
+        assert self.proc is not None, "the server was started"
         self.proc.send_signal(signal.SIGKILL)
         self.proc.wait()
 
     def stop(self):
+        assert self.proc is not None, "the server was started"
         self.proc.send_signal(signal.SIGTERM)
         return self.proc.wait(timeout=30)
 

@@ -13,12 +13,13 @@ number. The event stores the original object; the factors are derived from it.
 """
 import json
 from collections.abc import Mapping
+from typing import Any
 
 from .errors import InvalidParam
 from .money import parse_count
 from .pricing import ALIASES, COUNT_FIELDS
 
-_OPENAI_CHAT = {
+_OPENAI_CHAT: dict[str, tuple[str, ...]] = {
     "input_tokens": ("prompt_tokens",),
     "output_tokens": ("completion_tokens",),
     "cached_tokens": ("prompt_tokens_details.cached_tokens",),
@@ -26,7 +27,7 @@ _OPENAI_CHAT = {
     "reasoning_tokens": ("completion_tokens_details.reasoning_tokens",),
     "audio_output_tokens": ("completion_tokens_details.audio_tokens",),
 }
-_OPENAI_RESPONSES = {
+_OPENAI_RESPONSES: dict[str, tuple[str, ...]] = {
     "input_tokens": ("input_tokens",),
     "output_tokens": ("output_tokens",),
     "cached_tokens": ("input_tokens_details.cached_tokens",),
@@ -36,7 +37,7 @@ _OPENAI_RESPONSES = {
 # the only kind before the breakdown existed). ``a|b`` reads the first of the fields present.
 _WRITES_5M = "cache_creation.ephemeral_5m_input_tokens|cache_creation_input_tokens"
 _WRITES_1H = "cache_creation.ephemeral_1h_input_tokens"
-MAPPINGS = {
+MAPPINGS: dict[str, dict[str, tuple[str, ...]]] = {
     "openai_chat": _OPENAI_CHAT,
     "openai_responses": _OPENAI_RESPONSES,
     "anthropic": {
@@ -76,7 +77,8 @@ def merged_event(raw: Mapping) -> dict:
         except ValueError:
             raise InvalidParam("usage: not valid JSON") from None
     if isinstance(usage, Mapping) and len(json.dumps(usage, default=str)) > MAX_USAGE_CHARS:
-        raise InvalidParam(f"usage: longer than {MAX_USAGE_CHARS} characters as JSON (a provider's is well under 1,000)")
+        raise InvalidParam(f"usage: longer than {MAX_USAGE_CHARS} characters as JSON "
+                           "(a provider's is well under 1,000)")
     factors = usage_factors(usage, usage_format)
     both = sorted(name for name in COUNT_FIELDS + tuple(ALIASES) if raw.get(name) is not None)
     if both:
@@ -91,11 +93,12 @@ def usage_factors(usage: object, usage_format: object) -> dict[str, int]:
     if not isinstance(usage_format, str) or usage_format not in FORMATS:
         raise InvalidParam(f"usage_format: required with usage, one of {', '.join(FORMATS)}")
     fmt = _resolve_format(usage_format, usage)
+    fields: Mapping = usage
     if fmt == "gemini" and isinstance(usage.get("usageMetadata"), Mapping):
-        usage = usage["usageMetadata"]   # the whole response's field, or the object itself
-    factors = {}
+        fields = usage["usageMetadata"]   # the whole response's field, or the object itself
+    factors: dict[str, int] = {}
     for factor, paths in MAPPINGS[fmt].items():
-        total = sum(_count(usage, path) for path in paths)
+        total = sum(_count(fields, path) for path in paths)
         if total:
             factors[factor] = total
     return factors
@@ -118,8 +121,8 @@ def _count(usage: Mapping, paths: str) -> int:
     return 0
 
 
-def _lookup(usage: Mapping, path: str):
-    node = usage
+def _lookup(usage: Mapping, path: str) -> Any:
+    node: Any = usage
     for step in path.split("."):
         key, _, pick = step.partition("[")
         node = node.get(key) if isinstance(node, Mapping) else None
@@ -130,7 +133,7 @@ def _lookup(usage: Mapping, path: str):
     return node
 
 
-def _pick(items: object, selector: str, path: str):
+def _pick(items: object, selector: str, path: str) -> Any:
     if not isinstance(items, list):
         raise InvalidParam(f"usage.{path}: must be a list")
     field, _, value = selector.partition("=")

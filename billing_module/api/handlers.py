@@ -218,7 +218,7 @@ async def metrics(core, caller, p, request):
     from aiohttp import web
 
     from .. import metrics as metrics_module
-    from . import authenticate
+    from .callers import authenticate
     token = core.config.metrics.scrape_token
     scheme, _, given = request.headers.get("Authorization", "").partition(" ")
     if not (token and scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), token.encode())):

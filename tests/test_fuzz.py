@@ -62,8 +62,7 @@ FUZZ = settings.get_profile("billing-fuzz")
 # --- what each endpoint reads ---------------------------------------------------------------------
 class F:
     """A field an endpoint reads. kind: ident, money, int, count, quantity, ucost, text, choice,
-    date, flag, model, unit, attributes, events (a batch's list), forbidden (any value present is
-    refused)."""
+    date, flag, model, unit, attributes, events (a batch's list)."""
 
     def __init__(self, name, kind, required=False, **opt):
         self.name, self.kind, self.required, self.opt = name, kind, required, opt
@@ -101,11 +100,11 @@ def _usage_report(paging=True):
                       F("user_id", "ident"), F("product_id", "ident"), F("start_date", "date"), F("end_date", "date"),
                       F("model", "text", max_len=128), F("status", "choice", choices=("accounted", "pending", "failed",
                                                                                          "all")),
-                      F("supplier_org_id", "forbidden"), F("billing_mode", "forbidden"), *paging],
+                      *paging],      # the product source's filters are ignored here (issue 14)
                  cross=("dates_reversed",)),
             Base({"source": "product"}, [F("customer_id", "ident"), F("supplier_org_id", "ident"),
                                          F("billing_mode", "choice", choices=("1", "2", "3")),
-                                         F("model", "forbidden"), F("status", "forbidden"), *paging])]
+                                         *paging])]    # model / status: ignored for this source
 
 
 SPEC = {
@@ -160,7 +159,6 @@ SPEC = {
                               F("start_date", "date"), F("end_date", "date"), F("status", "choice",
                                                                                 choices=("accounted", "pending",
                                                                                          "failed", "all")),
-                              F("supplier_org_id", "forbidden"),
                               F("page", "int", minimum=1, maximum=10**9), F("rows", "int", minimum=1, maximum=1000)],
                          cross=("dates_reversed",))],
     "product_save": [Base({"code": "fz-new", "product_name": "Fuzz", "quantity_unit": "call", "list_price": "1"},
@@ -401,8 +399,6 @@ def bad_values(f):
     if k == "attributes":
         return st.one_of(_s(_TEXT.filter(bool)), _j(st.one_of(st.integers(), st.floats(), st.booleans(),
                                                               st.lists(st.integers(), max_size=3))))
-    if k == "forbidden":
-        return st.one_of(_s(st.text(ID_CHARS, min_size=1, max_size=10)), _s(st.sampled_from(INJECTIONS)))
     if k == "events":     # anything but a JSON list of events (a bad event in a list is that event's refusal)
         return st.one_of(_s(_TEXT), _j(st.one_of(st.integers(), st.floats(), st.booleans(), st.just([]),
                                                  st.dictionaries(st.text(max_size=4), st.integers(), max_size=2))))

@@ -46,7 +46,7 @@ log = logging.getLogger("billing_module.accounting")
 
 # refusals that leave the event stored as failed (retried later) rather than rejected
 ACCOUNTING_FAILURES = ("no_pricing", "unknown_customer", "insufficient_balance", "account_suspended",
-                       "currency_mismatch", "unpriced_factor")
+                       "currency_mismatch", "unpriced_factor", "no_supplier")
 
 
 # count factors stored in the payload only when non-zero (newer than the payload's first fields)
@@ -154,6 +154,8 @@ class QuotaSource(Protocol):
 
     async def subscribed_customers(self, tx: Tx, customer_ids: set[str]) -> set[str]: ...
 
+    async def link_ledger(self, tx: Tx, record_ids: list[str]) -> None: ...
+
 
 class Accounting:
     def __init__(self, db: Database, config: Config, *, catalog: Catalog, ledger: Ledger, failures: FailureStore,
@@ -172,38 +174,50 @@ class Accounting:
     # --- public entry points ---------------------------------------------------------------------
     @metrics.observed("post")
     async def post_usage(self, raw: dict[str, Any]) -> dict[str, Any]:
-        ev = await self._prepare(raw)
+        return await self._post_prepared(await self._prepare(raw))
+
+    async def _post_prepared(self, ev: Event) -> dict[str, Any]:
         try:
             price, model = await self.catalog.quote(ev.usage, ev.llmid, ev.payload["model_name"],
-                                                         ev.customer_id, ev.day)
+                                                    ev.customer_id, ev.day)
         except BillingError as e:
-            # a replay of an event accounted before its price went away is still a replay
-            replay = await self._replay_if_done(ev)
-            if replay is not None:
-                return replay
-            if e.code not in ACCOUNTING_FAILURES:
-                raise        # the caller's mistake (model_mismatch, ...): refused, nothing stored
-            await self.failures.record(ev, e)
-            raise
-
+            return await self._unpriced(ev, e)
+        # the common case: a new request, written in a group with concurrent ones. No lookup
+        # first: the unique keys on the ledger entry and the record turn a repeated request
+        # into a duplicate-key error, handled by _after_charge.
         try:
-            # the common case: a new request, written in a group with concurrent ones. No lookup
-            # first: the unique keys on the ledger entry and the record turn a repeated request
-            # into a duplicate-key error, handled below.
             result = await self.group.run((ev, price, model))
-            if result is _HAS_RECORD:
-                return await self._complete_existing(ev, price, model)
-            return result
-        except BillingError as e:
-            if e.code in ACCOUNTING_FAILURES:
+        except Exception as e:
+            return await self._after_charge(ev, price, model, None, e)
+        return await self._after_charge(ev, price, model, result, None)
+
+    async def _unpriced(self, ev: Event, error: BillingError) -> dict[str, Any]:
+        """An event that could not be priced: a replay of one accounted before its price went
+        away is still a replay (its reply is returned); otherwise ``error`` is raised, and an
+        accounting failure is stored first (retried later)."""
+        replay = await self._replay_if_done(ev)
+        if replay is not None:
+            return replay
+        if error.code in ACCOUNTING_FAILURES:      # else the caller's mistake: nothing stored
+            await self.failures.record(ev, error)
+        raise error
+
+    async def _after_charge(self, ev: Event, price: PriceResult, model: Any, result: Any,
+                            error: BaseException | None) -> dict[str, Any]:
+        """The reply for one charge's outcome from the group writer (``result`` or ``error``),
+        shared by the single and the batch endpoint: a request that already had a record is
+        replayed or completed, an accounting failure is stored (unless it is a replay)."""
+        if error is None:
+            return await self._complete_existing(ev, price, model) if result is _HAS_RECORD else result
+        if isinstance(error, BillingError):
+            if error.code in ACCOUNTING_FAILURES:
                 replay = await self._replay_if_done(ev)   # a replay is refused by a short balance too
                 if replay is not None:
                     return replay
-                await self.failures.record(ev, e, price=price)
-            raise
-        except Exception as e:
-            if not dialects.is_unique_violation(e):
-                raise
+                await self.failures.record(ev, error, price=price)
+            raise error
+        if not dialects.is_unique_violation(error):
+            raise error
         return await self._complete_existing(ev, price, model)
 
     async def _charge_new(self, tx, item):
@@ -235,7 +249,10 @@ class Accounting:
                 continue
             row = self._accounted_row(ev, now, price, model)
             if ev.customer_id in covered:
-                self._apply_quota(row, await self._take_quota(tx, ev, price, row["id"]))
+                try:
+                    self._apply_quota(row, await self._take_quota(tx, ev, price, row["id"]))
+                except BillingError:
+                    raise Fallback() from None     # the product refused it (no_supplier): that event's alone
             by_customer.setdefault(ev.customer_id, []).append((i, row, ev))
         for customer_id, group in by_customer.items():
             charged = [{"amount": -row["amount"], "request_id": ev.request_id, "payload_hash": ev.hash,
@@ -258,6 +275,7 @@ class Accounting:
                 records.append(row)
                 outcomes[i] = (record_view(Row(row)), None)
         await tx.insert_many("accounting_records", records)
+        await self._link_usage(tx, records)
         return outcomes
 
     async def _complete_existing(self, ev, price, model):
@@ -271,7 +289,7 @@ class Accounting:
                     raise Conflict(f"request_id {ev.request_id} is being accounted by another request; send it again")
                 existing = archived
             if existing.payload_hash != ev.hash:
-                raise Conflict(f"request_id {ev.request_id} was already used with a different payload")
+                raise _reused(ev)
             if existing.status == "accounted":
                 return record_view(existing, duplicate=True)
             return await self._charge(tx, ev, price, model, existing)
@@ -284,21 +302,122 @@ class Accounting:
 
     async def submit_usage(self, raw: dict[str, Any]) -> dict[str, Any]:
         """Store the event as pending and return at once; the accountant charges it."""
-        ev = await self._prepare(raw)
-        if ev.llmid and ev.payload["model_name"]:
-            await self.catalog.model(ev.llmid, ev.payload["model_name"])   # model_mismatch now
-        now = clock.now_text()
-        row = record_row(ev, now, "pending", self.config.currency)
+        return await self._submit_prepared(await self._prepare(raw))
+
+    async def _submit_prepared(self, ev: Event) -> dict[str, Any]:
+        await self._check_model(ev)
+        row = record_row(ev, clock.now_text(), "pending", self.config.currency)
         async def store(tx):
             await tx.insert("accounting_records", row)
             return None
         _, existing = await self.db.run_or_existing(store, lambda tx: tx.one(
             "select * from accounting_records where request_id = ${r}$", {"r": ev.request_id}))
         if existing is None:
-            return {"record_id": row["id"], "request_id": ev.request_id, "status": "pending", "duplicate": False}
+            return _queued_view(row)
         if existing.payload_hash != ev.hash:
-            raise Conflict(f"request_id {ev.request_id} was already used with a different payload")
+            raise _reused(ev)
         return dict(record_view(existing, duplicate=True))
+
+    async def _check_model(self, ev: Event) -> None:
+        if ev.llmid and ev.payload["model_name"]:
+            await self.catalog.model(ev.llmid, ev.payload["model_name"])   # model_mismatch now
+
+    # --- batch ingestion -----------------------------------------------------------------------
+    async def post_usage_batch(self, events: list[Any], mode: str = "now") -> list[dict[str, Any]]:
+        """Many events in one call, each idempotent on its own request_id: ``now`` accounts them,
+        ``queue`` stores them pending for the accountant. Returns one result per event in order:
+        the single endpoint's reply (``post_usage`` / ``submit_usage``) with ``outcome``
+        (``accounted``, ``duplicate``, ``queued``), or its refusal (``outcome`` ``refused``, the
+        error's code and message). One event's refusal never fails the others; a database error
+        is no event's fault and fails the call (every event is safe to send again)."""
+        if mode not in BATCH_MODES:
+            raise InvalidParam(f"mode: one of {', '.join(BATCH_MODES)}")
+        check_batch(events, self.config.accounting.batch_max_events)
+        results: list[dict[str, Any] | None] = [None] * len(events)
+        firsts: list[tuple[int, Event]] = []
+        repeats: list[tuple[int, Event]] = []
+        seen: set[str] = set()
+        for i, raw in enumerate(events):
+            try:
+                ev = await self._prepare(raw)
+            except BillingError as e:
+                results[i] = batch_refusal(e)
+                continue
+            (repeats if ev.request_id in seen else firsts).append((i, ev))
+            seen.add(ev.request_id)
+        fresh = await self._replays(firsts, results, mode)
+        if mode == "now":
+            await self._account_batch(fresh, results)
+        else:
+            await self._queue_batch(fresh, results)
+        for i, ev in repeats:     # the same request_id again in the batch: a replay or a conflict
+            results[i] = await _batch_result(self._post_prepared(ev) if mode == "now" else self._submit_prepared(ev))
+        done = [r for r in results if r is not None]
+        assert len(done) == len(events), "every event has its result"
+        return done
+
+    async def _replays(self, items: list[tuple[int, Event]], results: list[Any], mode: str) -> list[tuple[int, Event]]:
+        """Fill in the events whose request_id has a record already (one read for the batch);
+        returns the others, and in ``now`` mode the pending or failed ones (to be accounted)."""
+        if not items:
+            return []
+        ns: dict[str, Any] = {}
+        async with self.db.read() as tx:
+            rows = await tx.select("select * from accounting_records where request_id in "
+                                   f"{tx.in_list([ev.request_id for _, ev in items], ns)}", ns)
+        existing = {r.request_id: r for r in rows}
+        fresh = []
+        for i, ev in items:
+            rec = existing.get(ev.request_id)
+            if rec is None or (mode == "now" and rec.status != "accounted" and rec.payload_hash == ev.hash):
+                fresh.append((i, ev))
+            elif rec.payload_hash != ev.hash:
+                results[i] = batch_refusal(_reused(ev))
+            else:
+                results[i] = _with_outcome(dict(record_view(rec, duplicate=True)))
+        return fresh
+
+    async def _account_batch(self, items: list[tuple[int, Event]], results: list[Any]) -> None:
+        """Price every event (model, program and discount looked up once per batch), then charge
+        them in groups through the group writer's multi-row path (``_charge_batch``)."""
+        memo: dict[Any, Any] = {}
+        priced = []
+        for i, ev in items:
+            try:
+                price, model = await self._quote_memo(ev, memo)
+            except BillingError as e:
+                results[i] = await _batch_result(self._unpriced(ev, e))
+                continue
+            priced.append((i, ev, price, model))
+        size = self.config.accounting.batch_size
+        for start in range(0, len(priced), size):
+            chunk = priced[start:start + size]
+            outcomes = await self.group.write([(ev, price, model) for _, ev, price, model in chunk])
+            for (i, ev, price, model), (result, error) in zip(chunk, outcomes, strict=True):
+                results[i] = await _batch_result(self._after_charge(ev, price, model, result, error))
+
+    async def _queue_batch(self, items: list[tuple[int, Event]], results: list[Any]) -> None:
+        """Store the events pending with one multi-row insert; when a concurrent request took one
+        of their request_ids meanwhile, each is stored on its own (``submit_usage``'s way)."""
+        now, rows, stored = clock.now_text(), [], []
+        for i, ev in items:
+            try:
+                await self._check_model(ev)
+            except BillingError as e:
+                results[i] = batch_refusal(e)
+                continue
+            rows.append(record_row(ev, now, "pending", self.config.currency))
+            stored.append((i, ev))
+        try:
+            await self.db.run(lambda tx: tx.insert_many("accounting_records", rows))
+        except Exception as e:
+            if not dialects.is_unique_violation(e):
+                raise
+            for i, ev in stored:
+                results[i] = await _batch_result(self._submit_prepared(ev))
+            return
+        for (i, _), row in zip(stored, rows, strict=True):
+            results[i] = _with_outcome(_queued_view(row))
 
     async def quote(self, raw: dict[str, Any]) -> dict[str, Any]:
         _, price, model = await self._estimate(raw)
@@ -371,7 +490,11 @@ class Accounting:
                     continue
                 row = _accounted_update(rec, price, model, now)
                 if ev.customer_id in covered:
-                    self._apply_quota(row, await self._take_quota(tx, ev, price, rec.id))
+                    try:
+                        self._apply_quota(row, await self._take_quota(tx, ev, price, rec.id))
+                    except BillingError as e:      # the product refused it (no_supplier) before writing
+                        failed.append((rec, e, price))
+                        continue
                 by_customer.setdefault(ev.customer_id, []).append((row, rec, price))
             rows = []
             for customer_id, items in by_customer.items():
@@ -396,6 +519,7 @@ class Accounting:
                         row["ledger_entry_id"] = entry_of.get(row["id"])
                         rows.append(row)
             await tx.update_many("accounting_records", rows)
+            await self._link_usage(tx, rows)
             return len(rows), failed
 
         started = time.perf_counter()
@@ -451,7 +575,7 @@ class Accounting:
         ev = await self.rebuild_stored(rec)
         try:
             price, model = await self.catalog.quote(ev.usage, ev.llmid, ev.payload["model_name"],
-                                                         ev.customer_id, ev.day)
+                                                    ev.customer_id, ev.day)
         except BillingError as e:
             await self.failures.record(ev, e, record=rec)
             raise
@@ -531,7 +655,7 @@ class Accounting:
         if rec is None:
             return None
         if rec.payload_hash != ev.hash:
-            raise Conflict(f"request_id {ev.request_id} was already used with a different payload")
+            raise _reused(ev)
         return record_view(rec, duplicate=True) if rec.status == "accounted" else None
 
     async def _locked_record(self, tx, request_id):
@@ -577,7 +701,8 @@ class Accounting:
     def _apply_quota(row, quota):
         """A subscription absorbed part of the usage: only ``quota.charge_amount`` is charged."""
         if quota is not None:
-            row.update(amount=quota.charge_amount, subscription_id=quota.subscription_id,
+            # the record and its usage row state the same sell and cost
+            row.update(amount=quota.charge_amount, cost=quota.cost, subscription_id=quota.subscription_id,
                        included_quantity=str(quota.included))
 
     async def _charge(self, tx, ev, price, model, existing):
@@ -608,7 +733,14 @@ class Accounting:
             sets = ", ".join(f"{k} = ${{{k}}}$" for k in row if k not in keep)
             await tx.execute(f"update accounting_records set {sets} where id = ${{id}}$", row)
             await self.failures.resolve_in(tx, existing.id, now)
+        await self._link_usage(tx, [row])
         return record_view(DictObject(**row))
+
+    async def _link_usage(self, tx: Tx, rows: list[dict[str, Any]]) -> None:
+        """The usage rows the quota hook wrote for charged records carry their ledger entry."""
+        charged = [r["id"] for r in rows if r.get("subscription_id") and r.get("ledger_entry_id")]
+        if charged and self.quota is not None:
+            await self.quota.link_ledger(tx, charged)
 
 
 def record_row(ev: Event, now: str, status: str, currency: str, price: PriceResult | None = None,
@@ -631,11 +763,50 @@ def record_row(ev: Event, now: str, status: str, currency: str, price: PriceResu
         "product_id": ev.product_id, "use_time": ev.use_time,
         "payload": json.dumps(ev.payload, ensure_ascii=False), "payload_hash": ev.hash,
         "attempts": 0, "created_at": now, "updated_at": now,
+        # every row has the same columns: a multi-row insert takes its columns from the first
+        "subscription_id": None, "included_quantity": None,
     }
     return row
 
 
 _HAS_RECORD = object()   # a grouped request whose request_id already has a record
+
+BATCH_MODES = ("now", "queue")
+
+
+def check_batch(events: Any, limit: int) -> None:
+    """The one rule for a batch's size: a list of 1 to ``limit`` events."""
+    if not isinstance(events, list) or not 0 < len(events) <= limit:
+        raise InvalidParam(f"events: a JSON list of 1 to {limit} usage events")
+
+
+def batch_refusal(error: BillingError) -> dict:
+    """One refused event of a batch: the single endpoint's error reply, with its outcome."""
+    return dict(error.to_reply(), outcome="refused")
+
+
+def _with_outcome(view: dict) -> dict:
+    if view.get("status") == "pending" and not view.get("duplicate"):
+        outcome = "queued"
+    else:
+        outcome = "duplicate" if view.get("duplicate") else "accounted"
+    return dict(view, success=True, outcome=outcome)
+
+
+async def _batch_result(reply) -> dict:
+    """Await one event's reply (a coroutine): its result, or its refusal."""
+    try:
+        return _with_outcome(await reply)
+    except BillingError as e:
+        return batch_refusal(e)
+
+
+def _queued_view(row):
+    return {"record_id": row["id"], "request_id": row["request_id"], "status": "pending", "duplicate": False}
+
+
+def _reused(ev):
+    return Conflict(f"request_id {ev.request_id} was already used with a different payload")
 
 # the event itself is rebuilt from the payload (rebuild_event); the rest is what the update needs
 _CLAIM_COLUMNS = "id, request_id, customer_id, payload, payload_hash, attempts, created_at, status"

@@ -25,7 +25,7 @@ from collections.abc import Awaitable, Callable
 from aiohttp import web
 
 from .errors import ConfigError
-from .guard import error_reply
+from .guard import FAST_PREFIX, error_reply
 
 BRICKS_URL = "/bricks/"
 
@@ -183,8 +183,8 @@ def static_middleware(www: str, login_page: str):
 
     @web.middleware
     async def serve_static(request: web.Request, handler: Handler) -> web.StreamResponse:
-        if request.method not in ("GET", "HEAD"):
-            return await handler(request)
+        if request.method not in ("GET", "HEAD") or request.path.startswith(FAST_PREFIX):
+            return await handler(request)     # the native routes are no files
         if request.path == "/favicon.ico":
             return web.Response(text=FAVICON_SVG, content_type="image/svg+xml")
         path = os.path.normpath(os.path.join(root, request.path.lstrip("/")))

@@ -153,6 +153,11 @@ class Catalog:
         return await self.caches.cache("users:org").get_or_load(
             customer_id, lambda: self._row("users_cache", "id = ${k}$ and entity_kind = 'org'", {"k": customer_id}))
 
+    async def user_org(self, user_id: str) -> str | None:
+        """The organisation of a user the users cache knows, or None for a user it does not know."""
+        row = await self._row("users_cache", "id = ${k}$ and entity_kind = 'user'", {"k": user_id})
+        return None if row is None else row.org_id
+
     async def quote(self, usage: Usage, llmid: str | None = None, model_name: str | None = None,
                     customer_id: str | None = None, day: datetime.date | None = None) -> tuple[PriceResult, Row]:
         """Price a usage without charging. Returns (PriceResult, model row). ``model_name`` is the

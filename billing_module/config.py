@@ -7,6 +7,7 @@ A wrong value is a ``ConfigError`` naming the key, raised when the config is loa
 """
 import copy
 import os
+import zoneinfo
 
 import yaml
 
@@ -99,6 +100,16 @@ def _hosts(v):
     return hosts
 
 
+def _timezone(v):
+    """An IANA time zone name (``Asia/Shanghai``); periods and their labels follow it."""
+    name = str(v).strip()
+    try:
+        zoneinfo.ZoneInfo(name)
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+        raise ValueError("must be an IANA time zone name such as UTC or Asia/Shanghai") from None
+    return name
+
+
 def _currency(v):
     v = str(v).strip().upper()
     if not (3 <= len(v) <= 8 and v.isalpha()):
@@ -146,6 +157,7 @@ def _sync_path(v):
 
 SCHEMA = {
     "currency": ("CNY", _currency),
+    "timezone": ("UTC", _timezone),      # subscription periods start at midnight of this zone
     "database": {
         "driver": ("sqlite", _choice("sqlite", "mysql")),
         "path": ("", _str),              # sqlite file; default <data_dir>/billing.db
@@ -168,7 +180,9 @@ SCHEMA = {
         "admin_password": ("", _str),         # empty: generated at first start, stored in data_dir
         # request bodies above this are refused 413 before authentication and before buffering
         "max_body_bytes": (1024 * 1024, _positive_int),
-        "max_body_bytes_by_path": ({}, _size_table),  # per-path exceptions, e.g. a batch endpoint
+        # per-path exceptions: the batch endpoint (1,000 events of up to ~2 KB each) by default
+        "max_body_bytes_by_path": ({"/billing_module/api/accounting_batch.dspy": 4 * 1024 * 1024,
+                                    "/billing_module/fast/accounting_batch": 4 * 1024 * 1024}, _size_table),
         # trust X-Forwarded-Host / X-Forwarded-Proto (same-origin checks, Secure cookie) only
         # when a reverse proxy in front of the server sets them
         "behind_proxy": (False, _bool),
@@ -192,6 +206,7 @@ SCHEMA = {
     },
     "accounting": {
         "batch_size": (500, _positive_int),
+        "batch_max_events": (1000, _positive_int),   # events per accounting_batch request
         "interval_seconds": (1.0, _positive_float),
         "claim_seconds": (60, _positive_int),
         "allow_arrears": (False, _bool),
@@ -265,7 +280,8 @@ class Config(dict):
 
 
 def _defaults(schema):
-    return Config({k: _defaults(v) if isinstance(v, dict) else v[0] for k, v in schema.items()})
+    # a copy of a mutable default: a config changed at run time never changes the next one's
+    return Config({k: _defaults(v) if isinstance(v, dict) else copy.copy(v[0]) for k, v in schema.items()})
 
 
 def _apply(target, schema, values, where):

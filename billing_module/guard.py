@@ -35,7 +35,9 @@ log = logging.getLogger("billing_module.guard")
 
 PREFIX = f"/{MODULE_NAME}/"
 API_PREFIX = f"{PREFIX}api/"
-JSON_PREFIXES = (API_PREFIX, f"{PREFIX}sync/")
+FAST_PREFIX = f"{PREFIX}fast/"         # the native routes of the hot endpoints (api/native.py)
+API_PREFIXES = (API_PREFIX, FAST_PREFIX)
+JSON_PREFIXES = (API_PREFIX, FAST_PREFIX, f"{PREFIX}sync/")
 WWWROOT = str(resource_dir("wwwroot"))
 SAFE_METHODS = ("GET", "HEAD")
 _CRUD_WRITE = re.compile(r"^(add|update|delete)_\w+\.dspy$")
@@ -74,8 +76,8 @@ def writes_state(path):
     """True for a path that changes state and so accepts only POST."""
     rel = path[len(PREFIX):]
     base = rel.rsplit("/", 1)[-1]
-    if path.startswith(API_PREFIX):
-        methods = _api_methods(rel[len("api/"):].removesuffix(".dspy"))
+    if path.startswith(API_PREFIXES):
+        methods = _api_methods(base.removesuffix(".dspy"))
         return methods is not None and "GET" not in methods
     return bool(_CRUD_WRITE.match(base)) or rel in _SESSION_WRITES
 
@@ -83,6 +85,11 @@ def writes_state(path):
 def _file_exists(path):
     rel = os.path.normpath(path[len(PREFIX):]).lstrip("/")
     return not rel.startswith("..") and os.path.isfile(os.path.join(WWWROOT, rel))
+
+
+def _is_native_route(request):
+    """A route of its own (api/native.py), not a file of ahserver's."""
+    return isinstance(request.match_info.route.resource, web.PlainResource)
 
 
 # --- body size ---------------------------------------------------------------------------------------
@@ -181,7 +188,7 @@ async def module_guard(request, handler):
 
 
 async def _refusal(request, config):
-    if request.path.startswith(API_PREFIX) and request.method not in ("GET", "POST", "HEAD"):
+    if request.path.startswith(API_PREFIXES) and request.method not in ("GET", "POST", "HEAD"):
         return _json(405, "method_not_allowed", f"{request.method} is not supported; use GET or POST")
     if writes_state(request.path) and request.method != "POST":
         return error_reply(request, 405, "method_not_allowed", "this path changes data: send a POST",
@@ -201,9 +208,9 @@ def _unexpected(request, config, exc):
         log.error("database unavailable for %s: %s: %s", request.path, type(exc).__name__, exc)
         return error_reply(request, 503, "database_unavailable", "the database is not reachable; try again later",
                            {"Retry-After": str(config.server.retry_after_seconds)})
-    if not _file_exists(request.path):
+    if not _is_native_route(request) and not _file_exists(request.path):
         return error_reply(request, 404, "not_found", f"nothing at {request.path}")
-    if request.path.startswith(API_PREFIX):
+    if request.path.startswith(API_PREFIXES):
         # what fails before our handler runs is ahserver's body parser (a JSON array, invalid
         # UTF-8 form data, an unknown charset or encoding, multipart without a boundary)
         log.info("refused an unparsable request to %s: %s: %s", request.path, type(exc).__name__, exc)
@@ -243,5 +250,7 @@ def install_request_guard():
         if module_guard not in app.middlewares:
             app.middlewares.append(module_guard)
             app.on_startup.append(check_host_sessions)
+            from .api.native import add_native_routes
+            add_native_routes(app, FAST_PREFIX)
     ahapp_built.__dict__["billing_guard"] = True
     rf.register("ahapp_built", ahapp_built)

@@ -70,6 +70,7 @@ def register_functions(core: BillingCore, env: Any) -> None:
     env.billing_health = core.health
     env.billing_post_usage = late_bound(core, accounting, Accounting.post_usage)
     env.billing_submit_usage = late_bound(core, accounting, Accounting.submit_usage)
+    env.billing_post_usage_batch = late_bound(core, accounting, Accounting.post_usage_batch)
     env.billing_quote = late_bound(core, accounting, Accounting.quote)
     env.billing_balance = late_bound(core, ledger, Ledger.balance)
     env.billing_recharge = late_bound(core, ledger, Ledger.recharge)

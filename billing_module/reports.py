@@ -34,7 +34,7 @@ log = logging.getLogger("billing_module.reports")
 SOURCES = ("accounting", "product")
 ACCOUNTING_STATUSES = ("accounted", "pending", "failed")
 GROUPS = {"accounting": ("day", "model", "customer", "total"),
-          "product": ("day", "product", "customer", "supplier", "total")}
+          "product": ("day", "month", "product", "customer", "supplier", "total")}
 BILLING_MODES = ("1", "2", "3")    # product_usage_log.billing_mode: included, overage, pay-as-you-go
 MAX_STATS_ROWS = 1000
 EXPORT_CHUNK_ROWS = 1000
@@ -168,8 +168,8 @@ def _aggregate_sql(src, f, group=None, dialect=None):
 
 def _group_key(src, group, dialect):
     """(key SQL, label SQL) of a group."""
-    if group == "day":
-        key = dialects.substr_date(dialect, src.time_col)
+    if group in ("day", "month"):
+        key = dialects.substr_date(dialect, src.time_col, month=group == "month")
         return key, f"max({key})"
     return src.groups[group]
 
@@ -308,6 +308,31 @@ class Reports:
             out.append(view)
         return {"total": result["total"], "rows": out, "totals": _sums_view(src, totals), "group_by": group_by,
                 "source": f.source}
+
+    async def subscription_fees(self, f, group_by: str) -> dict:
+        """{group key: micro-units} of the subscription fees (ledger entries 'subscription', net of
+        their refunds' sign) charged in the filter's time range, by product, customer, day or
+        month ('total': one key), for the product statistics' margins. Fees belong to no supplier:
+        grouped by supplier, the answer is empty."""
+        if group_by == "supplier" or f.supplier_org_id is not None:
+            return {}
+        keys = {"product": "s.product_id", "customer": "l.customer_id", "total": "'total'",
+                "day": dialects.substr_date(self.db.dialect, "l.created_at"),
+                "month": dialects.substr_date(self.db.dialect, "l.created_at", month=True)}
+        conds = [("customer_id", "l.customer_id = ${customer_id}$"), ("product_id", "s.product_id = ${product_id}$"),
+                 ("start", "l.created_at >= ${start}$"), ("end", "l.created_at < ${end}$")]
+        where, ns = "", {}
+        for attr, cond in conds:
+            if getattr(f, attr) is not None:
+                where += f" and {cond}"
+                ns[attr] = getattr(f, attr)
+        key = keys[group_by]
+        async with self.db.read() as tx:
+            rows = await tx.select(
+                f"select {key} as k, sum(-l.amount) as fees from ledger_entry l join product_subscription s "
+                f"on s.id = l.ref_id where l.entry_type = 'subscription' and l.ref_type = 'product_subscription'"
+                f"{where} group by {key}", ns)
+        return {r.k: _int(r.fees) for r in rows}
 
     async def _quantities(self, tx, src, f, group_by, rows):
         """{group key: [{"unit", "amount", "included", "overage"}]} for the product source."""

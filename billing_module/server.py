@@ -143,8 +143,8 @@ def make_auth_class():
 
     # the API and the sync export check API keys / signatures themselves
     # (and /metrics, which takes an admin key or the scrape token)
-    open_prefixes = (f"/{MODULE_NAME}/api/", f"/{MODULE_NAME}/sync/", f"/{MODULE_NAME}/login",
-                     f"/{MODULE_NAME}/metrics")
+    open_prefixes = (f"/{MODULE_NAME}/api/", f"/{MODULE_NAME}/fast/", f"/{MODULE_NAME}/sync/",
+                     f"/{MODULE_NAME}/login", f"/{MODULE_NAME}/metrics")
 
     class StandaloneAuth(AuthAPI):
         async def setupAuth(self, app):

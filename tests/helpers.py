@@ -60,6 +60,9 @@ class _EveryCustomer:
     async def subscribed_customers(self, tx, customer_ids):
         return set(customer_ids)
 
+    async def link_ledger(self, tx, record_ids):
+        return None
+
 
 def accounting_with_quota(core, hook):
     """An Accounting on the core's database and services (as services.build_services builds it)

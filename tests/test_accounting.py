@@ -238,7 +238,7 @@ async def test_subscriptions_hook_is_consulted(core):
     await core.ledger.recharge("cust-1", units("1"), "r1")
 
     class Quota:
-        charge_amount, subscription_id, included = 0, "sub-1", 1
+        charge_amount, cost, subscription_id, included = 0, 0, "sub-1", 1
 
     async def hook(tx, ev, price, record_id):
         return Quota()

@@ -425,8 +425,14 @@ def _subscribe(c, customer_id, product_id):
     c.submit("sub_new", customer_id=customer_id, product_id=product_id, user_id="demo-user-1")
 
 
-def _check_consumption(c, product_id):
-    """A use of the product, then the per-product and per-day figures the page shows."""
+def _check_consumption(c, product_id, resource_id):
+    """A use of the product (refused while its only supplier is disabled: no supplier, no sale),
+    then the per-product and per-day figures the page shows."""
+    refused = c.api.call("product_use", "POST", customer_id="demo-acme", user_id="demo-user-1",
+                         product_id=product_id, amount="1500", source_ref_table="e2e", source_ref_id="use-0")
+    assert refused["code"] == "no_supplier", refused
+    supplier = c.api.call("product_suppliers", product_resource_id=resource_id)["rows"][0]
+    assert c.api.call("product_supplier_update", "POST", supplier_id=supplier["supplier_id"], enabled="1")["success"]
     used = c.api.call("product_use", "POST", customer_id="demo-acme", user_id="demo-user-1", product_id=product_id,
                       amount="1500", source_ref_table="e2e", source_ref_id="use-1")
     assert used["success"], used
@@ -453,7 +459,7 @@ def test_products_create_bind_supply_subscribe_and_cancel(console, clean_log):
     c.wait_text("#sub_result", "Subscribe: done")
     subs = c.api.call("product_subscriptions", customer_id="demo-acme", product_id=product_id)["rows"]
     assert [s["status"] for s in subs] == ["active"]
-    _check_consumption(c, product_id)
+    _check_consumption(c, product_id, resource_id)
     c.open("product_subscriptions.ui")
     c.submit("sub_filter", customer_id="demo-acme")
     c.row_button("demo-acme", "cancel_now").click()

@@ -29,7 +29,8 @@ def endpoints():
         for name in files:
             if name.endswith((".dspy", ".ui")):
                 out.add(M + os.path.relpath(os.path.join(root, name), WWWROOT).replace(os.sep, "/"))
-    return out
+    from billing_module.api.native import FAST_ENDPOINTS
+    return out | {f"{M}fast/{name}" for name in FAST_ENDPOINTS}   # the native routes
 
 
 def generated_paths():
@@ -76,6 +77,15 @@ async def test_roles_hold_what_they_need_and_no_more(grants):
     customer = by_role["customer.admin"]
     assert not customer & admin_only, sorted(customer & admin_only)
     assert not [p for p in customer if p.endswith(".ui")]
+
+
+def test_each_native_route_is_granted_to_the_roles_of_its_dspy_path(grants):
+    from billing_module.api.native import FAST_ENDPOINTS
+    roles_of = {}
+    for role, path in grants:
+        roles_of.setdefault(path, set()).add(role)
+    for name in FAST_ENDPOINTS:
+        assert roles_of.get(f"{M}fast/{name}") == roles_of[f"{M}api/{name}.dspy"], name
 
 
 def test_page_actions_are_held_by_the_roles_of_every_api_they_run(grants):

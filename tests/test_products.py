@@ -23,9 +23,13 @@ def pm(core):
     return wire(core)
 
 
-async def make_product(pm, code="pack", unit="call", included="10", list_price="3", overage="0.5", **kw):
+async def make_product(pm, code="pack", unit="call", included="10", list_price="3", overage="0.5", fractional="1",
+                       period_anchor="second", **kw):
+    """A product that accepts fractional quantities and starts its periods at the second of
+    subscribing unless the test says otherwise."""
     return await pm.save_product(code=code, product_name=f"{code} product", quantity_unit=unit,
-                                 included_quantity=included, list_price=list_price, overage_price=overage, **kw)
+                                 included_quantity=included, list_price=list_price, overage_price=overage,
+                                 fractional=fractional, period_anchor=period_anchor, **kw)
 
 
 async def balance(core, customer):
@@ -215,6 +219,7 @@ async def test_a_disabled_product_takes_no_new_subscriptions_and_does_not_renew(
 
 # --- suppliers -----------------------------------------------------------------------------------------
 async def test_routing_by_priority_cost_weight_and_fallback(core, pm):
+    await seed_pricing(core)        # bind checks that the model exists
     p = await make_product(pm, unit="token", included="0", list_price="0", overage="0.000002")
     pid = p["product_id"]
     b = await pm.bind(pid, "llm", "llm-a", "chat-a")
@@ -342,7 +347,8 @@ async def test_post_usage_spends_the_quota_first_and_charges_only_the_overage(co
     fixed_clock.now = datetime.datetime(2026, 11, 22, 9, 0, 0)     # the events are used at 10:00
     await seed_pricing(core)
     p = await make_product(pm, "chat", unit="token", included="3098", list_price="1", overage=None)
-    await pm.bind(p["product_id"], "llm", "llm-a", "chat-a")
+    binding = await pm.bind(p["product_id"], "llm", "llm-a", "chat-a")
+    await pm.add_supplier(binding["product_resource_id"], "sup-1", "0.000001")   # no supplier, no sale
     await core.ledger.recharge("cust-1", units("2"), "r1")
     sub = await pm.subscribe("cust-1", p["product_id"], "s1")
     # 1,000 + 500 tokens priced 0.006 (event by model name): all 1,500 included

@@ -1,7 +1,11 @@
 """The endpoint handlers. Each validates its parameters, calls one core function and returns
 the reply's data; ``billing_module.api.handle`` checks the method and the caller and shapes
 the reply."""
-from ..errors import InvalidParam
+from typing import Any
+
+from ..accounting import BATCH_MODES, batch_refusal, check_batch
+from ..errors import BillingError, InvalidParam
+from .params import Params
 from .registry import endpoint
 
 READ, WRITE = ("GET",), ("POST",)
@@ -129,6 +133,37 @@ async def accounting_submit(core, caller, p, request):
     result = await core.accounting.submit_usage(_event(p, caller))
     result["_status"] = 202 if not result.get("duplicate") else 200
     return result
+
+
+@endpoint("accounting_batch", methods=WRITE)
+async def accounting_batch(core, caller, p, request):
+    """Many usage events (``events``, a JSON list) in one request; ``mode`` ``now`` or ``queue``.
+    Each event is read as the single endpoint reads it, with the caller's scope applied to it
+    (a customer key's customer forced, its request_id namespaced); one refused event is a
+    refused result, never a failed request."""
+    events = p.raw.get("events")      # a JSON list, which every Params reader refuses as "given twice"
+    mode = p.str("mode", choices=BATCH_MODES, default="now")
+    check_batch(events, core.config.accounting.batch_max_events)
+    results: list[dict[str, Any] | None] = [None] * len(events)
+    accepted = []
+    for i, raw in enumerate(events):
+        try:
+            if not isinstance(raw, dict):
+                raise InvalidParam("event: must be an object")
+            accepted.append((i, _event(Params(caller.scope(raw)), caller)))
+        except BillingError as e:
+            results[i] = batch_refusal(e)
+    if accepted:
+        done = await core.accounting.post_usage_batch([raw for _, raw in accepted], mode)
+        for (i, _), result in zip(accepted, done, strict=True):
+            results[i] = result
+    counts = {k: 0 for k in ("accounted", "duplicate", "queued", "refused")}
+    replies = []
+    for i, result in enumerate(results):
+        assert result is not None, "every event has its result"
+        counts[result["outcome"]] += 1
+        replies.append(dict(result, index=i))
+    return {"mode": mode, "total": len(replies), "counts": counts, "results": replies}
 
 
 @endpoint("quote", methods=READ + WRITE)

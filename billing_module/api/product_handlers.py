@@ -2,7 +2,7 @@
 quota and usage for a customer's own organisation. The ProductManager validates every value
 (amounts as decimal strings, quantities as numbers or strings); a handler reads the parameters,
 checks who may act on which customer and calls one manager method."""
-from ..errors import Forbidden
+from ..errors import Forbidden, NotFound
 from ..products import COST_FIELDS
 from .registry import endpoint
 from .report_handlers import usage_filter
@@ -24,6 +24,16 @@ def _customer(p, caller, required=True):
     return customer_id
 
 
+async def _user_of(core, caller, customer_id, user_id):
+    """A customer-scoped caller writes only under users of its own organisation (when the users
+    cache knows the user; an unknown user id is the caller's own label)."""
+    if user_id is not None and not caller.is_admin:
+        org = await core.catalog.user_org(user_id)
+        if org is not None and org != customer_id:
+            raise Forbidden(f"user {user_id} is not a user of {customer_id}")
+    return user_id
+
+
 def _usage_for(caller, view):
     """Supplier and cost data are for admins only."""
     if caller.is_admin:
@@ -39,14 +49,33 @@ def _listing(caller, result):
 # --- catalogue (admin) ------------------------------------------------------------------------------
 @endpoint("product_save", methods=WRITE, admin=True)
 async def product_save(core, caller, p, request):
-    """Create a product, or replace every field of the one named by product_id."""
+    """Create a product, or change the fields sent of the one named by product_id (``clear`` names
+    the nullable fields to empty: overage_price, description)."""
+    fields = {k: _raw(p, k) for k in ("code", "product_name", "quantity_unit", "list_price", "included_quantity",
+                                      "period_months", "overage_price", "price_per", "fractional")}
     return await core.products.save_product(
-        code=_raw(p, "code"), product_name=_raw(p, "product_name"), quantity_unit=_raw(p, "quantity_unit"),
         product_id=p.ident("product_id"), product_type=p.str("product_type", max_len=32),
-        status=p.str("status", max_len=16), currency=p.str("currency", max_len=8), org_id=p.ident("org_id") or "0",
-        list_price=_raw(p, "list_price") or 0, included_quantity=_raw(p, "included_quantity") or 0,
-        period_months=_raw(p, "period_months"), overage_price=_raw(p, "overage_price"),
-        price_per=_raw(p, "price_per"), description=p.str("description", max_len=500))
+        status=p.str("status", max_len=16), currency=p.str("currency", max_len=8), org_id=p.ident("org_id"),
+        description=p.str("description", max_len=500), clear=p.str("clear", max_len=200) or (), **fields)
+
+
+@endpoint("products", methods=READ)
+async def products(core, caller, p, request):
+    """The catalogue with each plan (price, period, included quantity and unit, overage price);
+    a customer key sees the products it can subscribe to (active) only."""
+    page, rows = p.page()
+    status = p.str("status", max_len=16) if caller.is_admin else "active"
+    return await core.products.products(status, p.str("resource_type", max_len=32),
+                                        p.ident("resource_ref_id") or p.ident("resource"), page, rows)
+
+
+@endpoint("product", methods=READ)
+async def product(core, caller, p, request):
+    """One product and its plan; a customer key reads active products only (others: 404)."""
+    result = await core.products.product(p.ident("product_id", required=True))
+    if not caller.is_admin and result["status"] != "active":
+        raise NotFound(f"no product {result['product_id']}")
+    return result
 
 
 @endpoint("product_bind", methods=WRITE, admin=True)
@@ -58,7 +87,8 @@ async def product_bind(core, caller, p, request):
 @endpoint("product_unbind", methods=WRITE, admin=True)
 async def product_unbind(core, caller, p, request):
     return await core.products.unbind(p.ident("product_resource_id"), p.ident("product_id"),
-                                      p.str("resource_type", max_len=32), p.ident("resource_ref_id"))
+                                      p.str("resource_type", max_len=32), p.ident("resource_ref_id"),
+                                      force=p.flag("force") == "1")
 
 
 @endpoint("product_bindings", methods=READ)
@@ -108,7 +138,8 @@ async def product_subscribe(core, caller, p, request):
         raise Forbidden("a custom plan (included_quantity, package_price, period_months) needs an admin key")
     return await core.products.subscribe(
         customer_id, p.ident("product_id", required=True), p.ident("request_id", required=True, max_len=60),
-        user_id=p.ident("user_id"), auto_renew=p.flag("auto_renew", default="1"), operator=caller.operator, **plan)
+        user_id=await _user_of(core, caller, customer_id, p.ident("user_id")),
+        auto_renew=p.flag("auto_renew", default="1"), operator=caller.operator, **plan)
 
 
 @endpoint("product_subscription_cancel", methods=WRITE)
@@ -117,6 +148,14 @@ async def product_subscription_cancel(core, caller, p, request):
     caller.check_customer((await core.products.subscription(sub_id))["customer_id"])
     return await core.products.cancel(sub_id, at_period_end=p.flag("at_period_end") == "1",
                                       reason=p.str("reason", max_len=255))
+
+
+@endpoint("product_subscription_resume", methods=WRITE)
+async def product_subscription_resume(core, caller, p, request):
+    """Undo a cancel at the period end before the period ends."""
+    sub_id = p.ident("subscription_id", required=True)
+    caller.check_customer((await core.products.subscription(sub_id))["customer_id"])
+    return await core.products.resume(sub_id)
 
 
 @endpoint("product_subscriptions", methods=READ)
@@ -136,7 +175,8 @@ async def product_quota(core, caller, p, request):
 async def product_use(core, caller, p, request):
     customer_id = _customer(p, caller)
     result = await core.products.product_use(
-        customer_id, p.ident("user_id", required=True), p.ident("product_id", required=True), _raw(p, "amount"),
+        customer_id, await _user_of(core, caller, customer_id, p.ident("user_id", required=True)),
+        p.ident("product_id", required=True), _raw(p, "amount"),
         unit=p.ident("unit"), source_ref_table=p.ident("source_ref_table", required=True, max_len=64),
         source_ref_id=p.ident("source_ref_id", required=True), product_resource_id=p.ident("product_resource_id"))
     return _usage_for(caller, result)

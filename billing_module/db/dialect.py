@@ -94,9 +94,11 @@ def read_needs_commit(dialect):
     return dialect != SQLITE
 
 
-def substr_date(dialect, column):
-    """The day part of a 'YYYY-MM-DD HH:MM:SS' column, as text."""
-    return f"substr({column}, 1, 10)" if dialect == SQLITE else f"date_format({column}, '%Y-%m-%d')"
+def substr_date(dialect, column, month=False):
+    """The day part (``month``: the 'YYYY-MM' part) of a 'YYYY-MM-DD HH:MM:SS' column, as text."""
+    if dialect == SQLITE:
+        return f"substr({column}, 1, {7 if month else 10})"
+    return f"date_format({column}, '{'%Y-%m' if month else '%Y-%m-%d'}')"
 
 
 def insert_ignore(dialect):

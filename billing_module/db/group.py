@@ -57,7 +57,7 @@ class GroupCommit:
             group, self._queue = self._queue[:self.max_group], self._queue[self.max_group:]
             items = [item for item, _ in group]
             try:
-                outcomes = await self._write(items)
+                outcomes = await self.write(items)
             except Exception as e:           # the group could not commit: every request fails with it
                 outcomes = [(None, e)] * len(group)
             for (_, fut), (result, error) in zip(group, outcomes, strict=False):
@@ -68,7 +68,9 @@ class GroupCommit:
                 else:
                     fut.set_result(result)
 
-    async def _write(self, items):
+    async def write(self, items):
+        """Write ``items`` as one group now, the way a queued group is written (for a caller
+        that holds a batch already): ``[(result, error)]`` in order, once committed."""
         if len(items) == 1:
             try:
                 return [(await self.db.run(lambda tx: self.single(tx, items[0])), None)]

@@ -19,7 +19,7 @@ from ..errors import Conflict, InvalidParam
 from ..ids import new_id, payload_hash
 from . import quota
 from .catalogue import Catalogue
-from .subscriptions import check_currency
+from .subscriptions import Subscriptions, check_currency
 from .suppliers import Suppliers, supplier_cost
 from .values import (
     HOOK_SOURCE_TABLE,
@@ -29,9 +29,9 @@ from .values import (
     QSCALE,
     NotSubscribed,
     QuotaExceeded,
-    div_half_up,
     ident,
     ledger_key,
+    plan_overage,
     q_from_db,
     qdb,
     qtext,
@@ -105,11 +105,12 @@ async def usage_by_key(tx: Tx, key: str) -> Row | None:
 
 
 class Consumption:
-    def __init__(self, db, ledger, catalogue: Catalogue, suppliers: Suppliers):
+    def __init__(self, db, ledger, catalogue: Catalogue, suppliers: Suppliers, subscriptions: Subscriptions):
         self.db = db
         self.ledger = ledger
         self.catalogue = catalogue
         self.suppliers = suppliers
+        self.subscriptions = subscriptions
 
     async def product_use(self, customer_id: object, user_id: object, product_id: object, amount: object,
                           unit: object = None, source_ref_table: object = None, source_ref_id: object = None,
@@ -143,8 +144,12 @@ class Consumption:
     async def _use(self, tx, use: dict) -> dict:
         product = await self.catalogue.require_product(tx, use["product_id"])
         binding = await self._check_use(tx, use, product)
+        supplier = await self.suppliers.serving(tx, product.id, use["binding_id"])
         now = clock.now_text()
-        cov = await quota.covering(tx, use["customer_id"], now, product_id=product.id)
+        due = await quota.due(tx, use["customer_id"], now, product_id=product.id)
+        if due is not None:
+            await self.subscriptions.renew_in(tx, due, now)
+        cov = await quota.covering(tx, use["customer_id"], now, product_id=product.id, current=due is not None)
         locked = await quota.lock(tx, cov.id, now) if cov else None
         take, over = quota.split(locked, use["q"])
         if locked is None and product.status != "active":
@@ -166,7 +171,6 @@ class Consumption:
                 refuse_suspended=True, ref_type="product_usage_log", ref_id=row.id,
                 reason=f"{product.code} {qtext(over)} {product.quantity_unit}" + (" past quota" if locked else ""))
             row = replace(row, ledger_entry_id=entry.id)
-        supplier = await self.suppliers.route_in(tx, product.id, use["binding_id"])
         supply = Supply.routed(supplier)
         if supply is None and binding is not None:
             supply = Supply(binding.id, binding.resource_type, binding.resource_ref_id)
@@ -177,6 +181,8 @@ class Consumption:
         """The unit and the binding a use names must be the product's; returns the binding."""
         if use["unit"] is not None and use["unit"] != product.quantity_unit:
             raise InvalidParam(f"unit: product {product.id} is used in {product.quantity_unit}, not {use['unit']}")
+        if product.fractional != "1" and use["q"] % QSCALE:
+            raise InvalidParam(f"amount: product {product.id} is sold in whole {product.quantity_unit} units")
         if use["binding_id"] is None:
             return None
         b = await self.catalogue.binding(tx, use["binding_id"])
@@ -195,7 +201,7 @@ class Consumption:
                 raise NotSubscribed(f"customer {customer_id} has no active subscription to {product.id}")
             raise QuotaExceeded(f"the quota of subscription {locked.id} has {qtext(take)} "
                                 f"{product.quantity_unit} left and the product allows no overage")
-        return div_half_up(over * int(product.overage_price), int(product.price_per) * QSCALE)
+        return plan_overage(product, over)
 
 
 def _replay_use(existing: Row, customer_id: str, product_id: str, q: int, key: str) -> dict:

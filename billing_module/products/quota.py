@@ -8,23 +8,36 @@ from ..db.database import Tx
 from ..errors import Conflict
 from .views import Row
 
-# The active subscription covering a use at ${at}$: by product, or (for LLM events) through an
+# The active subscription matching a use at ${at}$: by product, or (for LLM events) through an
 # enabled 'llm' binding of the event's model id, or of its model name when the event has no id.
-# A subscription with quota left is preferred, then the one ending first.
-_COVERING_SQL = (
-    "select s.id, s.product_id, s.quantity_unit, r.id as product_resource_id, r.resource_ref_id "
+# {when} is the time condition: the period covers ${at}$ (covering), or it ended by ${at}$ and the
+# subscription renews (due). A subscription with quota left is preferred, then the one ending first.
+_MATCH_SQL = (
+    "select s.id, s.version, s.product_id, s.quantity_unit, r.id as product_resource_id, r.resource_ref_id "
     "from product_subscription s left join product_resource r on r.product_id = s.product_id "
     "and r.resource_type = 'llm' and r.enabled = '1' and (r.resource_ref_id = ${llm}$ or (${llm}$ is null "
     "and r.resource_ref_id in (select m.id from llmage_cache m where m.name = ${mname}$))) "
-    "where s.customer_id = ${c}$ and s.status = 'active' and s.period_start <= ${at}$ and s.period_end > ${at}$ "
+    "where s.customer_id = ${c}$ and s.status = 'active' and {when} "
     "and (s.product_id = ${pid}$ or r.id is not null) "
     "order by case when s.used_quantity < s.included_quantity then 0 else 1 end, s.period_end, s.id")
+_COVERING_SQL = _MATCH_SQL.replace("{when}", "s.period_start <= ${at}$ and s.period_end > ${at}$")
+_DUE_SQL = _MATCH_SQL.replace("{when}", "s.period_end <= ${at}$ and s.auto_renew = '1'")
 
 
 async def covering(tx: Tx, customer_id: str, at: str, product_id: str | None = None, llmid: str | None = None,
-                   model_name: str | None = None) -> Row | None:
-    return await tx.one(_COVERING_SQL, {"c": customer_id, "at": at, "pid": product_id, "llm": llmid,
-                                        "mname": model_name})
+                   model_name: str | None = None, current: bool = False) -> Row | None:
+    """``current``: read the latest committed rows (a locking read), for a use that found its
+    subscription due: a concurrent use may have just renewed it, which a MySQL snapshot would miss."""
+    return await tx.one(_COVERING_SQL + (tx.for_update() if current else ""),
+                        {"c": customer_id, "at": at, "pid": product_id, "llm": llmid, "mname": model_name})
+
+
+async def due(tx: Tx, customer_id: str, at: str, product_id: str | None = None, llmid: str | None = None,
+              model_name: str | None = None) -> Row | None:
+    """An auto-renewing subscription that would cover the use but whose period ended by ``at``: the
+    use renews it first (no gap between the period end and the renewal sweep)."""
+    return await tx.one(_DUE_SQL, {"c": customer_id, "at": at, "pid": product_id, "llm": llmid,
+                                   "mname": model_name})
 
 
 async def lock(tx: Tx, sub_id: str, at: str) -> Row | None:

@@ -8,7 +8,7 @@ from ..errors import Conflict, InvalidParam, NotFound
 from ..ids import new_id
 from ..validation import flag
 from .catalogue import Catalogue, run_unique
-from .values import COST_PER_MICRO, MAX_PRIORITY, QSCALE, cost_text, count, div_half_up, ident, text
+from .values import COST_PER_MICRO, MAX_PRIORITY, QSCALE, NoSupplier, cost_text, count, div_half_up, ident, text
 from .values import unit_cost as parse_unit_cost  # the parameters named unit_cost shadow it
 from .views import Row, supplier_view
 
@@ -102,6 +102,16 @@ class Suppliers:
     async def route_in(self, tx: Tx, product_id: str, product_resource_id: str | None = None) -> Row | None:
         """The supplier a use of the product goes to, read inside the caller's transaction."""
         return await tx.one(_ROUTE_SQL, {"p": product_id, "rid": product_resource_id})
+
+    async def serving(self, tx: Tx, product_id: str, product_resource_id: str | None = None) -> Row | None:
+        """The supplier a use goes to, or None for a product that sells no bound resource (the
+        reseller's own, cost 0). A product with bindings but no enabled supplier of an enabled
+        binding sells nothing: 409 ``no_supplier``, before anything is written."""
+        supplier = await self.route_in(tx, product_id, product_resource_id)
+        if supplier is None and await self.catalogue.has_bindings(tx, product_id):
+            raise NoSupplier(f"no enabled supplier can serve product {product_id}"
+                             + (f" through binding {product_resource_id}" if product_resource_id else ""))
+        return supplier
 
     async def route(self, product_id: object, product_resource_id: object = None) -> dict | None:
         """The supplier a use of the product would go to now (None: no enabled supplier)."""

@@ -8,11 +8,12 @@ products' own: quantities, unit costs, their choices and their column formats.
 """
 import calendar
 import datetime
+import zoneinfo
 from decimal import Decimal
 from typing import Literal, overload
 
 from .. import clock, validation
-from ..errors import AccountSuspended, BillingError, InsufficientBalance, InvalidParam, UnknownCustomer
+from ..errors import AccountSuspended, BillingError, Conflict, InsufficientBalance, InvalidParam, UnknownCustomer
 from ..ids import payload_hash
 from ..money import parse_count, parse_quantity
 
@@ -23,8 +24,11 @@ BILLING_MODES = {MODE_INCLUDED: "included", MODE_OVERAGE: "overage", MODE_PAYG: 
 RESOURCE_TYPES = ("llm", "uapi", "service")
 PRODUCT_TYPES = ("llm_model", "api", "bundle")
 PRODUCT_STATUSES = ("active", "disabled")
+PERIOD_ANCHORS = ("day", "second")   # a period starts at midnight of the subscription day, or at its second
 SUBSCRIPTION_STATUSES = ("active", "cancelled", "expired")
 TOKEN_UNIT, CALL_UNIT = "token", "call"
+# units sold whole unless a product says otherwise (fractional = '1'); others allow fractions
+WHOLE_UNITS = ("token", "call", "image", "request")
 # accounting's own usage rows are keyed by their record; product_use may not forge such keys
 HOOK_SOURCE_TABLE = "accounting_records"
 MAX_PERIOD_MONTHS = 120
@@ -35,6 +39,11 @@ UNPAID = (InsufficientBalance, AccountSuspended, UnknownCustomer)
 
 class QuotaExceeded(BillingError):
     status, code = 402, "quota_exceeded"
+
+
+class NoSupplier(Conflict):
+    """A product that sells bound resources, none of whose enabled suppliers can serve the use."""
+    status, code = 409, "no_supplier"
 
 
 class NotSubscribed(BillingError):
@@ -135,6 +144,12 @@ def div_half_up(num: int, den: int) -> int:
     return (2 * num + den) // (2 * den)
 
 
+def plan_overage(product, over: int) -> int:
+    """Micro-units that ``over`` (1e-4 units) past the quota cost at the product's overage price
+    (which must be set), half-up: the one overage rule of product_use and accounted events."""
+    return div_half_up(over * int(product.overage_price), int(product.price_per) * QSCALE)
+
+
 # --- periods and keys ------------------------------------------------------------------------------
 def add_months(dt: datetime.datetime, months: int) -> datetime.datetime:
     """``dt`` plus whole months; the day is clamped to the month's last day (Jan 31 -> Feb 28)."""
@@ -143,11 +158,44 @@ def add_months(dt: datetime.datetime, months: int) -> datetime.datetime:
     return dt.replace(year=year, month=month, day=min(dt.day, calendar.monthrange(year, month)[1]))
 
 
-def period(started_at: str, months: int, k: int) -> tuple[str, str]:
-    """Start and end of period ``k`` (0 = the first); every period is anchored on the first start,
-    so month-end clamping never drifts (Jan 31 -> Feb 28 -> Mar 31)."""
-    start = clock.parse(started_at)
-    return clock.fmt(add_months(start, k * months)), clock.fmt(add_months(start, (k + 1) * months))
+def period(started_at: str, months: int, k: int, tz: str = "UTC") -> tuple[str, str]:
+    """Start and end of period ``k`` (0 = the first), UTC texts; every period is anchored on the
+    first start, so month-end clamping never drifts (Jan 31 -> Feb 28 -> Mar 31). Months are
+    added to the wall time in ``tz``, so a period that starts at local midnight ends at one."""
+    zone = zoneinfo.ZoneInfo(tz)
+    local = clock.parse(started_at).replace(tzinfo=datetime.timezone.utc).astimezone(zone).replace(tzinfo=None)
+
+    def utc(months_on: int) -> str:
+        wall = add_months(local, months_on).replace(tzinfo=zone)
+        return clock.fmt(wall.astimezone(datetime.timezone.utc))
+    return utc(k * months), utc((k + 1) * months)
+
+
+def local_start(at: str, tz: str, anchor: str) -> str:
+    """When a period that begins at ``at`` (UTC text) starts: at that second (``anchor`` 'second'),
+    or at midnight of that day in ``tz`` ('day'); a UTC text."""
+    if anchor != "day":
+        return at
+    zone = zoneinfo.ZoneInfo(tz)
+    local = clock.parse(at).replace(tzinfo=datetime.timezone.utc).astimezone(zone)
+    return clock.fmt(local.replace(hour=0, minute=0, second=0).astimezone(datetime.timezone.utc))
+
+
+def local_date(at: str, tz: str) -> str:
+    """The date of a UTC text in ``tz`` ('YYYY-MM-DD'): how a period is labelled."""
+    zone = zoneinfo.ZoneInfo(tz)
+    return clock.parse(at).replace(tzinfo=datetime.timezone.utc).astimezone(zone).date().isoformat()
+
+
+def period_index(started_at: str, months: int, at: str, tz: str = "UTC") -> int:
+    """The number of the period (0 = the first) that contains ``at``, on the anchor of ``period``."""
+    start, now = clock.parse(started_at), clock.parse(at)
+    k = max(0, ((now.year - start.year) * 12 + now.month - start.month) // months)
+    while k > 0 and clock.parse(period(started_at, months, k, tz)[0]) > now:
+        k -= 1
+    while clock.parse(period(started_at, months, k, tz)[1]) <= now:
+        k += 1
+    return k
 
 
 def ledger_key(key: str) -> str:

@@ -16,7 +16,8 @@ def product_view(p: Row) -> dict:
         "list_price": from_micro(int(p.list_price)), "included_quantity": qtext(p.included_quantity),
         "quantity_unit": p.quantity_unit, "period_months": int(p.period_months),
         "overage_price": None if p.overage_price is None else from_micro(int(p.overage_price)),
-        "price_per": str(int(p.price_per)), "description": p.description,
+        "price_per": str(int(p.price_per)), "fractional": p.fractional, "period_anchor": p.period_anchor,
+        "description": p.description,
         "created_at": p.created_at, "updated_at": p.updated_at,
     }
 
@@ -45,7 +46,8 @@ def subscription_view(s: Row, duplicate: bool = False) -> dict:
         "included": qtext(included), "used": qtext(used), "remaining": qtext(max(0, included - used)),
         "unit": s.quantity_unit, "package_price": from_micro(int(s.package_price)), "currency": s.currency,
         "period_months": int(s.period_months), "started_at": s.started_at, "period_start": s.period_start,
-        "period_end": s.period_end, "renewals": int(s.renewals), "auto_renew": s.auto_renew,
+        "period_end": s.period_end, "renewals": int(s.renewals), "skipped_periods": int(s.skipped_periods or 0),
+        "auto_renew": s.auto_renew,
         "cancelled_at": s.cancelled_at, "ledger_entry_id": s.ledger_entry_id, "created_at": s.created_at,
         "duplicate": duplicate,
     }

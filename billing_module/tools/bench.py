@@ -98,6 +98,17 @@ class Bench:
                 await tx.insert("accounting_records", rows[i])
         return await _rate(one, n, workers)
 
+    async def floor_batch(self, core, n, batch):
+        """The accountant's floor: a multi-row INSERT of the same ``accounting_records`` rows in
+        batches of the accountant's size, one transaction per batch, through the same driver."""
+        template = await _stored_row(core, "floor-batch-template")
+        rows = [dict(template, id=new_id(), request_id=f"floor-batch-{i}", status="accounted") for i in range(n)]
+        t = time.perf_counter()
+        for k in range(0, n, batch):
+            async with core.db.transaction() as tx:
+                await tx.insert_many("accounting_records", rows[k:k + batch])
+        return n / (time.perf_counter() - t)
+
     async def usage_rate(self, core, n, workers, prefix):
         """Events per second through ``Accounting.post_usage`` (price, debit, ledger entry, record)."""
         await core.ledger.recharge("bench-c0", to_micro("1000000"), f"{prefix}-top")
@@ -151,10 +162,12 @@ class Bench:
             await core.catalog.quote(usage, None, "bench-chat", "bench-c0")
         return (time.perf_counter() - t) / n * 1e6
 
-    async def http_accounting(self, core_name, n, concurrency, workers=1):
+    async def http_accounting(self, core_name, n, concurrency, workers=1, batches=0):
         """The standalone server, started by its command in its own process(es), on 127.0.0.1;
         a concurrent aiohttp client in this process. Also the rate of ``health`` (a trivial
-        endpoint through the same framework path): the ceiling the framework itself sets."""
+        endpoint through the same framework path): the ceiling the framework itself sets; the
+        native route of accounting (``/billing_module/fast/accounting``); and ``batches``
+        requests of 1,000 events each through ``accounting_batch`` from 4 concurrent clients."""
         import subprocess
 
         import aiohttp
@@ -186,9 +199,11 @@ class Bench:
                                 break
                     except aiohttp.ClientError:
                         await asyncio.sleep(0.1)
-                for label, method, make in (("health", "GET", lambda i: None),
-                                            ("http", "POST", lambda i: event(f"http-{i}"))):
-                    url = f"{base}/{'health' if label == 'health' else 'accounting'}.dspy"
+                fast = base.removesuffix("/api") + "/fast/accounting"
+                for label, method, url, make in (
+                        ("health", "GET", f"{base}/health.dspy", lambda i: None),
+                        ("http", "POST", f"{base}/accounting.dspy", lambda i: event(f"http-{i}")),
+                        ("http_native", "POST", fast, lambda i: event(f"native-{i}"))):
                     latencies: list[float] = []
                     errors = 0
                     queue = iter(range(n))
@@ -207,10 +222,13 @@ class Bench:
                     elapsed = time.perf_counter() - t
                     out.update({f"{label}_rps": n / elapsed, f"{label}_p50_ms": pct(latencies, 50) * 1e3,
                                 f"{label}_p99_ms": pct(latencies, 99) * 1e3, f"{label}_errors": errors})
+                if batches:
+                    out.update(await _http_batches(session, f"{base}/accounting_batch.dspy", batches))
         finally:
             proc.terminate()
             proc.wait(timeout=30)
         out["http_vs_health"] = out["http_rps"] / out["health_rps"]
+        out["http_native_vs_health"] = out["http_native_rps"] / out["health_rps"]
         out["http_workers"] = workers
         return out
 
@@ -270,6 +288,22 @@ async def _stored_row(core, request_id, customer="bench-c0"):
     return dict(await core.accounting.record(request_id=request_id))
 
 
+async def _http_batches(session, url, batches, size=1000, clients=4):
+    """Events per second through the batch endpoint: ``batches`` requests of ``size`` events."""
+    queue, errors = iter(range(batches)), 0
+
+    async def client():
+        nonlocal errors
+        for b in queue:
+            body = {"events": [event(f"batch-{b}-{i}") for i in range(size)]}
+            async with session.post(url, json=body) as r:
+                reply = await r.json(content_type=None)
+                errors += r.status != 200 or reply.get("counts", {}).get("accounted") != size
+    t = time.perf_counter()
+    await asyncio.gather(*[client() for _ in range(clients)])
+    return {"http_batch_eps": batches * size / (time.perf_counter() - t), "http_batch_errors": errors}
+
+
 async def _rate(one, n, workers):
     queue = iter(range(n))
 
@@ -300,6 +334,40 @@ SCALES = {
     "quick": (500, 5000, 300, 20000, 1000, (0, 10_000), 100),
     "full": (3000, 50000, 2000, 200000, 5000, (0, 100_000, 1_000_000), 300),
 }
+HTTP_BATCHES = {"quick": 20, "full": 100}    # accounting_batch requests of 1,000 events
+
+# (figure, "min" or "max", target on SQLite, target on MariaDB): what ``--check`` holds a run to
+TARGETS = [
+    ("post_usage_vs_floor_1", "min", 0.5, 0.5),
+    ("post_usage_vs_floor_8", "min", 1.0, 0.5),
+    ("accountant_vs_floor_batch", "min", 0.5, 0.5),
+    ("http_batch_eps", "min", 10_000, None),
+    ("http_batch_vs_accountant", "min", 0.5, 0.5),
+    ("http_native_vs_health", "min", 1.5, 1.5),
+    ("pricing_hit_us", "max", 5.0, 5.0),
+    ("post_growth_ratio", "max", 1.5, 1.5),
+    ("list_growth_ratio", "max", 1.5, 1.5),
+]
+
+
+def check(all_results):
+    """Print every targeted figure against its target; the list of those missed."""
+    missed = []
+    for dialect, r in all_results.items():
+        for name, kind, sqlite_target, mysql_target in TARGETS:
+            target = sqlite_target if dialect == "sqlite" else mysql_target
+            if target is None:
+                continue
+            if name not in r:
+                print(f"  check {dialect:6} {name:28} not measured (skipped)")
+                continue
+            ok = r[name] >= target if kind == "min" else r[name] <= target
+            op = ">=" if kind == "min" else "<="
+            verdict = "ok" if ok else "MISSED"
+            print(f"  check {dialect:6} {name:28} {_fmt(r[name]):>10} {op} {_fmt(target):<8} {verdict}")
+            if not ok:
+                missed.append((dialect, name))
+    return missed
 
 
 async def run_one(dialect, scale, mysql_url, skip=(), workers=1, only_growth=False):
@@ -316,6 +384,7 @@ async def run_one(dialect, scale, mysql_url, skip=(), workers=1, only_growth=Fal
                     r[f"post_usage_vs_floor_{w}"] = r[f"post_usage_tps_{w}"] / r[f"floor_tps_{w}"]
                 r.update(await b.authorize_settle(core, n_auth))
                 r["pricing_hit_us"] = await b.pricing_hit(core, n_price)
+                r["floor_batch_rows_per_s"] = await b.floor_batch(core, n_acc, core.config.accounting.batch_size)
             finally:
                 await core.close()
             core = await b.fresh_core("accountant")
@@ -323,8 +392,10 @@ async def run_one(dialect, scale, mysql_url, skip=(), workers=1, only_growth=Fal
                 r["accountant_eps"] = await b.accountant(core, n_acc)
             finally:
                 await core.close()
+            r["accountant_vs_floor_batch"] = r["accountant_eps"] / r["floor_batch_rows_per_s"]
             if "http" not in skip:
-                r.update(await b.http_accounting("http", n_http, 32, workers=workers))
+                r.update(await b.http_accounting("http", n_http, 32, workers=workers, batches=HTTP_BATCHES[scale]))
+                r["http_batch_vs_accountant"] = r["http_batch_eps"] / r["accountant_eps"]
         if "growth" not in skip:
             g = await b.growth(sizes, samples)
             base = g[sizes[0]]
@@ -352,6 +423,8 @@ def main(argv=None):
     p.add_argument("--only-growth", action="store_true", help="only the growth figures (the long part of --scale full)")
     p.add_argument("--workers", type=int, default=1, help="server processes for the HTTP figure")
     p.add_argument("--record", metavar="FILE", help="append the figures to this markdown file (BENCHMARKS.md)")
+    p.add_argument("--check", action="store_true",
+                   help="print each targeted figure with its target; exit 1 when one is missed")
     args = p.parse_args(argv)
     command = "billing-module bench " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
     dialects = ["sqlite", "mysql"] if args.db == "both" else [args.db]
@@ -371,9 +444,15 @@ def main(argv=None):
                 f.write("| figure | value |\n|---|---|\n")
                 for k, v in r.items():
                     f.write(f"| {k} | {_fmt(v)} |\n")
+    missed = []
+    if args.check:
+        print("== targets")
+        missed = check(all_results)
+        print(f"  {len(missed)} missed" if missed else "  every target met")
+    # the last line stays the JSON of every figure
     print(json.dumps({d: {k: round(v, 4) if isinstance(v, float) else v for k, v in r.items()}
                       for d, r in all_results.items()}))
-    return 0
+    return 1 if missed else 0
 
 
 if __name__ == "__main__":

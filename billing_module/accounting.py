@@ -354,6 +354,7 @@ class Accounting:
             results[i] = await _batch_result(self._post_prepared(ev) if mode == "now" else self._submit_prepared(ev))
         done = [r for r in results if r is not None]
         assert len(done) == len(events), "every event has its result"
+        metrics.batch_outcomes(done)
         return done
 
     async def _replays(self, items: list[tuple[int, Event]], results: list[Any], mode: str) -> list[tuple[int, Event]]:

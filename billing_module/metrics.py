@@ -49,6 +49,15 @@ def failed(path: str, code: str) -> None:
     EVENTS_FAILED.labels(path, code).inc()
 
 
+def batch_outcomes(results: list[dict]) -> None:
+    """The events of one ``accounting_batch`` call: accounted ones and refusals by code."""
+    for result in results:
+        if result.get("outcome") == "accounted":
+            accounted("batch")
+        elif result.get("outcome") == "refused":
+            failed("batch", str(result.get("code") or "error"))
+
+
 def observed(path: str) -> Callable:
     """Decorate an async accounting call: its latency, and it accounted one event or failed with
     a code (``BillingError.code``; anything else is ``error``)."""

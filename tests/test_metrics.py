@@ -107,3 +107,17 @@ def test_workers_share_their_counters(tmp_path):
         proc.send_signal(signal.SIGTERM)
         proc.communicate(timeout=30)
     assert proc.returncode == 0
+
+
+async def test_batch_events_are_counted_by_outcome(http):
+    await seed_pricing(http.core)
+    await http.core.ledger.recharge("cust-1", units("1"), "r1")
+    before = samples((await scrape(http))[2])
+    results = await http.core.accounting.post_usage_batch(
+        [usage("b1"), usage("b2"), usage("b1"), usage("b3", model="no-such-model")])
+    assert [r["outcome"] for r in results] == ["accounted", "accounted", "duplicate", "refused"]
+    after = samples((await scrape(http))[2])
+    assert value(after, "billing_events_accounted_total", path="batch") - \
+        value(before, "billing_events_accounted_total", path="batch") == 2
+    assert value(after, "billing_events_failed_total", path="batch", code="no_pricing") - \
+        value(before, "billing_events_failed_total", path="batch", code="no_pricing") == 1

@@ -86,7 +86,8 @@ def event_fields(request_required=True):
     return [F("request_id", "ident", request_required, max_len=64), F("customer_id", "ident", True),
             F("user_id", "ident"), F("llmid", "ident"), F("product_id", "ident"), F("transno", "ident", max_len=64),
             F("model_name", "model", True), F("input_tokens", "count"), F("output_tokens", "count"),
-            F("cached_tokens", "count"), F("quantity", "quantity"), F("unit", "unit"), F("use_time", "date"),
+            F("cached_tokens", "count"), F("characters", "count"), F("calls", "count"),
+            F("web_search_calls", "count"), F("quantity", "quantity"), F("unit", "unit"), F("use_time", "date"),
             F("attributes", "attributes")]
 
 
@@ -108,7 +109,7 @@ def _usage_report(paging=True):
 
 
 SPEC = {
-    "health": [], "pricing": [], "sync_status": [],          # nothing to malform: wrong methods only
+    "health": [], "pricing": [], "sync_status": [], "metrics": [],        # nothing to malform: wrong methods only
     "balance": [Base({"customer_id": "cust-1"}, [F("customer_id", "ident", True)])],
     "recharge": [Base({"customer_id": "cust-1", "amount": "5", "request_id": "fz-r-1", "note": "n"},
                       [F("customer_id", "ident", True), F("amount", "money", True, sign="positive"),

@@ -68,8 +68,10 @@ async def test_roles_hold_what_they_need_and_no_more(grants):
     open_paths = by_role["any"]
     for role in ADMIN_ROLES:
         assert by_role[role] | open_paths >= everything, (role, sorted(everything - by_role[role] - open_paths))
-    # open to anyone: the login, the health check and the signed sync export only
-    assert all(p.startswith((M + "login.", M + "logout.", M + "api/health.", M + "sync/")) for p in open_paths), open_paths
+    # open to anyone: the login, the health check, the signed sync export and the metrics scrape
+    # (an admin key or the scrape token, checked by the endpoint) only
+    assert all(p.startswith((M + "login.", M + "logout.", M + "api/health.", M + "sync/", M + "api/metrics.",
+                             M + "metrics/")) for p in open_paths), open_paths
     # a customer admin reaches no admin-only API and no page (a host session is an admin caller)
     admin_only = {f"{M}api/{name}.dspy" for name, spec in HANDLERS.items() if spec[3]}
     customer = by_role["customer.admin"]

@@ -14,13 +14,14 @@ from __future__ import annotations
 import datetime
 import json
 import logging
+import time
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any, Protocol, cast
 
 from appPublic.dictObject import DictObject
 
-from . import clock, validation
+from . import clock, metrics, provider_usage, validation
 from .catalog import Catalog, price_for_model
 from .config import Config
 from .db import dialect as dialects
@@ -39,13 +40,17 @@ from .errors import (
 from .ids import new_id, payload_hash
 from .ledger import Ledger
 from .money import from_micro
-from .pricing import PriceResult, Usage
+from .pricing import COUNT_FIELDS, PriceResult, Usage
 
 log = logging.getLogger("billing_module.accounting")
 
 # refusals that leave the event stored as failed (retried later) rather than rejected
 ACCOUNTING_FAILURES = ("no_pricing", "unknown_customer", "insufficient_balance", "account_suspended",
                        "currency_mismatch", "unpriced_factor", "no_supplier")
+
+
+# count factors stored in the payload only when non-zero (newer than the payload's first fields)
+EXTRA_COUNTS = tuple(name for name in COUNT_FIELDS if name not in ("input_tokens", "output_tokens", "cached_tokens"))
 
 
 def _ident(raw, name, required=False, max_len=32):
@@ -90,6 +95,7 @@ def parse_event(raw: dict[str, Any], times: clock.TimeRange = _DEFAULT_TIMES) ->
         raise InvalidParam("model_name: a string of at most 128 characters")
     if not (model_name or llmid or product_id):
         raise InvalidParam("one of model_name, llmid or product_id is required")
+    raw = provider_usage.merged_event(raw)
     usage = Usage.from_event(dict(raw, model_name=model_name or llmid or product_id))
     use_time = raw.get("use_time")
     use_time = times.parse(use_time, "use_time") if use_time not in (None, "") else clock.now_text()
@@ -100,6 +106,10 @@ def parse_event(raw: dict[str, Any], times: clock.TimeRange = _DEFAULT_TIMES) ->
         "quantity": format(usage.quantity.normalize(), "f") if usage.quantity else "0", "unit": usage.unit,
         "use_time": use_time, "transno": transno, "attributes": usage.attributes or None,
     }
+    # the newer factors only when present: an event without them keeps the payload (and hash) it always had
+    payload.update({name: getattr(usage, name) for name in EXTRA_COUNTS if getattr(usage, name)})
+    if raw.get("usage") is not None:   # the provider's object, kept as sent
+        payload.update(usage=raw["usage"], usage_format=raw["usage_format"])
     # the hash covers what is charged; use_time defaults to "now" and must not make a retry differ
     hashed = {k: v for k, v in payload.items() if k != "use_time" or raw.get("use_time") not in (None, "")}
     return Event(request_id, customer_id, usage, user_id, llmid, product_id, use_time, transno, payload,
@@ -162,6 +172,7 @@ class Accounting:
         self.group = GroupCommit(self.db, single=self._charge_new, batch=self._charge_batch)
 
     # --- public entry points ---------------------------------------------------------------------
+    @metrics.observed("post")
     async def post_usage(self, raw: dict[str, Any]) -> dict[str, Any]:
         return await self._post_prepared(await self._prepare(raw))
 
@@ -343,6 +354,7 @@ class Accounting:
             results[i] = await _batch_result(self._post_prepared(ev) if mode == "now" else self._submit_prepared(ev))
         done = [r for r in results if r is not None]
         assert len(done) == len(events), "every event has its result"
+        metrics.batch_outcomes(done)
         return done
 
     async def _replays(self, items: list[tuple[int, Event]], results: list[Any], mode: str) -> list[tuple[int, Event]]:
@@ -511,7 +523,11 @@ class Accounting:
             await self._link_usage(tx, rows)
             return len(rows), failed
 
+        started = time.perf_counter()
         done, failed = await self.db.run(work)
+        if done or failed:
+            metrics.ACCOUNTING_SECONDS.labels("accountant").observe(time.perf_counter() - started)
+        metrics.accounted("accountant", done)
         await self._record_failures(failed)
         return done
 
@@ -519,6 +535,7 @@ class Accounting:
         """Each in its own transaction, after the batch: a failure that cannot be recorded leaves
         its event pending (the next batch sees it again) and stops no other."""
         for rec, e, price in failed:
+            metrics.failed("accountant", getattr(e, "code", "error"))
             try:
                 await self.failures.record(parse_event_or_none(rec), e, price=price, record=rec)
             except Exception:
@@ -601,7 +618,8 @@ class Accounting:
                       int(payload.get("input_tokens") or 0),
                       int(payload.get("output_tokens") or 0), int(payload.get("cached_tokens") or 0),
                       Decimal(str(quantity)) if quantity else Decimal(0), payload.get("unit"),
-                      dict(payload.get("attributes") or {}))
+                      dict(payload.get("attributes") or {}),
+                      **{name: int(payload.get(name) or 0) for name in EXTRA_COUNTS})
         return Event(payload["request_id"], payload["customer_id"], usage, payload.get("user_id"), llmid,
                      payload.get("product_id"), payload["use_time"], payload.get("transno"), payload, phash)
 

@@ -11,6 +11,8 @@ from typing import Any
 
 from cachetools import TTLCache
 
+from . import metrics
+
 _MISSING = object()
 
 
@@ -20,13 +22,16 @@ class NamedCache:
         self._data: TTLCache = TTLCache(maxsize=size, ttl=ttl)
         self.hits = 0
         self.misses = 0
+        self._hit_counter, self._miss_counter = metrics.cache_counters(name)
 
     def get(self, key: Hashable) -> Any:
         value = self._data.get(key, _MISSING)
         if value is _MISSING:
             self.misses += 1
+            self._miss_counter.inc()
             return _MISSING
         self.hits += 1
+        self._hit_counter.inc()
         return value
 
     def put(self, key: Hashable, value: Any) -> None:

@@ -244,6 +244,11 @@ SCHEMA = {
         # adjustment or charge whose result would leave it is refused (400 amount_out_of_range)
         "max_balance": (10**12, _max_balance),
     },
+    "metrics": {
+        # a scraper sending 'Authorization: Bearer <scrape_token>' may read /metrics without an
+        # admin key; empty: admin keys only
+        "scrape_token": ("", _str),
+    },
     "cache": {
         "size": (10000, _positive_int),
         "ttl_seconds": (300, _positive_float),

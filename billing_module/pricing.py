@@ -11,10 +11,11 @@ computed exactly in Decimal, ``quantity * unit_price / unit_value`` (times the
 discount for the sell amount), then rounded once, half-up (``ROUND_HALF_UP``,
 .5 away from zero) to the micro-unit. Totals are sums of rounded lines.
 
-Cached tokens follow the OpenAI convention: ``input_tokens`` includes
-``cached_tokens``. When a ``cached_tokens`` rule matches, input is billed on
-``input_tokens - cached_tokens``; otherwise all input is billed at the input
-price.
+Parts follow the OpenAI convention: ``input_tokens`` includes ``cached_tokens``,
+the cache writes and the audio and image input tokens; ``output_tokens`` includes
+``reasoning_tokens`` and the audio output tokens (``PARTS``). A part with a matching rule
+is billed at its own price and taken out of its whole; a part without one is billed inside
+its whole when it falls back (cached, reasoning) and is unpriced otherwise.
 """
 
 import datetime as _dt
@@ -36,7 +37,25 @@ from billing_module.money import (
     parse_quantity,
 )
 
-FACTORS = ("input_tokens", "output_tokens", "cached_tokens", "quantity", "flat")
+# A part of a whole token count: (part, whole, falls back). A part priced by a rule of its own is
+# taken out of its whole; a part with no rule that falls back stays inside its whole (billed at the
+# whole's price, as providers do for cache reads and reasoning); one that does not is unpriced
+# (a cache write or an audio token billed as a text token would undercharge).
+PARTS = (
+    ("cached_tokens", "input_tokens", True),
+    ("cache_write_tokens", "input_tokens", False),
+    ("cache_write_1h_tokens", "input_tokens", False),
+    ("audio_input_tokens", "input_tokens", False),
+    ("image_input_tokens", "input_tokens", False),
+    ("reasoning_tokens", "output_tokens", True),
+    ("audio_output_tokens", "output_tokens", False),
+)
+_PART_NAMES = frozenset(part for part, _, _ in PARTS)
+# Counts billed on their own line: characters, calls in the event, web-search calls.
+COUNTS = ("characters", "calls", "web_search_calls")
+# Every whole-number field of a usage event, in line order.
+COUNT_FIELDS = ("input_tokens", "output_tokens") + tuple(part for part, _, _ in PARTS) + COUNTS
+FACTORS = COUNT_FIELDS + ("quantity", "flat")
 # Legacy platform names, in rules and on events.
 ALIASES = {"prompt_tokens": "input_tokens", "completion_tokens": "output_tokens", "duration": "quantity"}
 # The unit an alias implies: a "duration" rule is per second, a "duration" on an event is seconds.
@@ -65,7 +84,8 @@ _ONE = Decimal(1)
 _ZERO = Decimal(0)
 _MICRO_EXP = Decimal(1).scaleb(-PLACES)
 # What a line's unit_price is "per" when the rule names no unit.
-_BASE_UNIT = {"input_tokens": "token", "output_tokens": "token", "cached_tokens": "token", "flat": "call"}
+_BASE_UNIT = {**{part: "token" for part, _, _ in PARTS}, "input_tokens": "token", "output_tokens": "token",
+              "characters": "char", "calls": "call", "web_search_calls": "call", "flat": "call"}
 
 
 # ---------------------------------------------------------------- usage ----
@@ -80,15 +100,27 @@ class Usage:
     quantity: Decimal = _ZERO
     unit: str | None = None
     attributes: dict = field(default_factory=dict)
+    cache_write_tokens: int = 0
+    cache_write_1h_tokens: int = 0
+    audio_input_tokens: int = 0
+    image_input_tokens: int = 0
+    reasoning_tokens: int = 0
+    audio_output_tokens: int = 0
+    characters: int = 0
+    calls: int = 0
+    web_search_calls: int = 0
 
     def __post_init__(self):
         if not isinstance(self.quantity, Decimal):
             object.__setattr__(self, "quantity", parse_quantity(self.quantity, "quantity"))
-        if self.cached_tokens > self.input_tokens:
-            raise InvalidParam(
-                f"cached_tokens: must not exceed input_tokens (input_tokens includes cached tokens), "
-                f"got cached_tokens={self.cached_tokens} > input_tokens={self.input_tokens}"
-            )
+        for whole in ("input_tokens", "output_tokens"):
+            parts = [(part, getattr(self, part)) for part, of, _ in PARTS if of == whole and getattr(self, part)]
+            total = getattr(self, whole)
+            if sum(n for _, n in parts) > total:
+                names = " + ".join(part for part, _ in parts)
+                got = ", ".join(f"{part}={n}" for part, n in parts)
+                raise InvalidParam(f"{names}: must not exceed {whole} ({whole} includes them), "
+                                   f"got {got} > {whole}={total}")
 
     @classmethod
     def from_event(cls, event):
@@ -100,7 +132,7 @@ class Usage:
         if not isinstance(model, str) or not model.strip():
             raise InvalidParam("model_name: required, a non-empty string")
         counts = {}
-        for name in ("input_tokens", "output_tokens", "cached_tokens"):
+        for name in COUNT_FIELDS:
             value = event.get(name)
             counts[name] = 0 if value is None else parse_count(value, name)
         value = event.get("quantity")
@@ -337,19 +369,29 @@ def price_usage(program, usage, day, discount=_ONE):
     unpriced = []
     original = 0  # sum of undiscounted rounded lines
 
-    cached_rule = version.match("cached_tokens", model, attributes) if usage.cached_tokens else None
-    billed_input = input_tokens - usage.cached_tokens if cached_rule is not None else input_tokens
-    for factor, qty in (("input_tokens", billed_input), ("output_tokens", usage.output_tokens)):
-        if qty:
+    # Parts first: each one priced on its own comes out of its whole (see PARTS).
+    wholes = {"input_tokens": input_tokens, "output_tokens": usage.output_tokens}
+    parts = []
+    for factor, whole, falls_back in PARTS:
+        qty = getattr(usage, factor)
+        if not qty:
+            continue
+        rule = version.match(factor, model, attributes)
+        if rule is None and falls_back:
+            continue
+        wholes[whole] -= qty
+        parts.append((factor, qty, rule))
+    # in line order: the wholes, the parts, the counts; a rule None is looked up (parts have theirs)
+    for factor, qty, rule in [(f, q, None) for f, q in wholes.items()] + parts + \
+            [(f, getattr(usage, f), None) for f in COUNTS]:
+        if not qty:
+            continue
+        if rule is None and factor not in _PART_NAMES:
             rule = version.match(factor, model, attributes)
-            if rule is None:
-                unpriced.append(factor)
-            else:
-                original += _add_line(lines, rule, factor, qty, str(qty), input_tokens, disc)
-    # Without a cached rule, cached tokens were billed inside input_tokens.
-    if usage.cached_tokens and cached_rule is not None:
-        qty = usage.cached_tokens
-        original += _add_line(lines, cached_rule, "cached_tokens", qty, str(qty), input_tokens, disc)
+        if rule is None:
+            unpriced.append(factor)
+        else:
+            original += _add_line(lines, rule, factor, qty, str(qty), input_tokens, disc)
 
     if usage.quantity:
         rule = version.match(("quantity", usage.unit), model, attributes)

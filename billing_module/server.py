@@ -97,7 +97,7 @@ def write_host_workdir(cfg, data_dir, db_desc):
             "paths": [[www, ""]],
             "host": cfg.server.host,
             "port": cfg.server.port,
-            "indexes": ["index.html", "index.ui"],
+            "indexes": ["index.html", "index.ui", "index.dspy"],
             "processors": [[".tmpl", "tmpl"], [".dspy", "dspy"], [".ui", "bui"]],
         },
     }
@@ -144,7 +144,9 @@ def make_auth_class():
     from ahserver.auth_api import AuthAPI, get_session_userinfo
 
     # the API and the sync export check API keys / signatures themselves
-    open_prefixes = (f"/{MODULE_NAME}/api/", f"/{MODULE_NAME}/fast/", f"/{MODULE_NAME}/sync/", f"/{MODULE_NAME}/login")
+    # (and /metrics, which takes an admin key or the scrape token)
+    open_prefixes = (f"/{MODULE_NAME}/api/", f"/{MODULE_NAME}/fast/", f"/{MODULE_NAME}/sync/",
+                     f"/{MODULE_NAME}/login", f"/{MODULE_NAME}/metrics")
     customer_prefixes = (f"/{MODULE_NAME}/my/", f"/{MODULE_NAME}/logout")
 
     class StandaloneAuth(AuthAPI):
@@ -293,6 +295,8 @@ def _serve_workers(cfg, data_dir, demo, workers, argv):
         finally:
             await core.close()
     asyncio.run(prepare())
+    from .metrics import prepare_multiprocess
+    prepare_multiprocess(data_dir)   # the workers inherit it: one scrape sums them all
     child_argv = [a for a in argv if a != "--demo"]
     command = [sys.executable, "-m", "billing_module.cli", *child_argv, "--workers", "1", "--quiet"]
     children = [subprocess.Popen(command) for _ in range(workers)]

@@ -170,6 +170,10 @@ GENERATED="
 for path in /billing_module/login.ui /billing_module/login.dspy /billing_module/logout.dspy /billing_module/api/health.dspy; do
     set_perm any "$path"
 done
+# the Prometheus scrape: an admin key or metrics.scrape_token, checked by the endpoint itself
+for path in /billing_module/metrics/index.dspy /billing_module/api/metrics.dspy; do
+    set_perm any "$path"
+done
 # the sync export: machine callers, every request signed with an app or admin key and verified
 # by the endpoint itself (api/sync_export.py)
 for path in /billing_module/sync/users.dspy /billing_module/sync/pricing.dspy /billing_module/sync/llmage.dspy /billing_module/sync/uapi.dspy; do

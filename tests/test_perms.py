@@ -68,8 +68,10 @@ async def test_roles_hold_what_they_need_and_no_more(grants):
     open_paths = by_role["any"]
     for role in ADMIN_ROLES:
         assert by_role[role] | open_paths >= everything, (role, sorted(everything - by_role[role] - open_paths))
-    # open to anyone: the login, the health check and the signed sync export only
-    assert all(p.startswith((M + "login.", M + "logout.", M + "api/health.", M + "sync/")) for p in open_paths), open_paths
+    # open to anyone: the login, the health check, the signed sync export and the metrics scrape
+    # (an admin key or the scrape token, checked by the endpoint) only
+    assert all(p.startswith((M + "login.", M + "logout.", M + "api/health.", M + "sync/", M + "api/metrics.",
+                             M + "metrics/")) for p in open_paths), open_paths
     # a customer role reaches no admin-only API, no write but its own keys' (customer.admin), and no
     # page outside the customer area
     key_writes = {f"{M}api/customer_key_create.dspy", f"{M}api/customer_key_revoke.dspy"}

@@ -719,7 +719,10 @@ def test_property_lines_match_exact_fraction_oracle(usage, discount):
 
 
 def test_public_names():
-    assert set(pricing.FACTORS) == {"input_tokens", "output_tokens", "cached_tokens", "quantity", "flat"}
+    assert set(pricing.FACTORS) == {
+        "input_tokens", "output_tokens", "cached_tokens", "cache_write_tokens", "cache_write_1h_tokens",
+        "audio_input_tokens", "image_input_tokens", "reasoning_tokens", "audio_output_tokens",
+        "characters", "calls", "web_search_calls", "quantity", "flat"}
     assert pricing.ALIASES == {"prompt_tokens": "input_tokens", "completion_tokens": "output_tokens", "duration": "quantity"}
     assert isinstance(price_usage(example_program(), Usage("model-a"), DAY), PriceResult)
 

@@ -86,22 +86,29 @@ def test_admin_login_opens_the_pages(tmp_path):
     assert proc.returncode == 0
 
 
-def test_two_worker_processes_share_the_port_and_the_database(tmp_path):
+def start_demo_workers(tmp_path, workers=2):
+    """``serve --demo --workers N`` on a free port, serving: (process, base URL, demo admin key)."""
     port = _free_port()
     env = dict(os.environ)
     env.pop("BILLING_CONFIG", None)
-    proc = subprocess.Popen([sys.executable, "-m", "billing_module.cli", "serve", "--demo", "--workers", "2",
+    env.pop("PROMETHEUS_MULTIPROC_DIR", None)
+    proc = subprocess.Popen([sys.executable, "-m", "billing_module.cli", "serve", "--demo", "--workers", str(workers),
                              "--port", str(port), "--data-dir", str(tmp_path)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     base = f"http://127.0.0.1:{port}/billing_module"
+    key = None
+    for ln in iter(proc.stdout.readline, ""):
+        if "demo API key" in ln:
+            key = ln.rsplit(" ", 1)[1].strip()
+            break
+    _wait_until_serving(base, proc)
+    time.sleep(1)    # let the other workers bind as well
+    return proc, base, key
+
+
+def test_two_worker_processes_share_the_port_and_the_database(tmp_path):
+    proc, base, key = start_demo_workers(tmp_path)
     try:
-        key = None
-        for ln in iter(proc.stdout.readline, ""):
-            if "demo API key" in ln:
-                key = ln.rsplit(" ", 1)[1].strip()
-                break
-        _wait_until_serving(base, proc)
-        time.sleep(1)    # let the second worker bind as well
         for i in range(20):
             status, body = _get(f"{base}/api/recharge.dspy", {"Authorization": f"Bearer {key}",
                                                              "Content-Type": "application/json"},

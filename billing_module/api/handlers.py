@@ -247,3 +247,21 @@ async def admin_logout(core, caller, p, request):
     from ..sessions import end_session
     await end_session(request)
     return {}
+
+
+# --- metrics --------------------------------------------------------------------------------------
+@endpoint("metrics", methods=READ, open=True)
+async def metrics(core, caller, p, request):
+    """Prometheus text format, for an admin key or the configured scrape token."""
+    import hmac
+
+    from aiohttp import web
+
+    from .. import metrics as metrics_module
+    from .callers import authenticate
+    token = core.config.metrics.scrape_token
+    scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+    if not (token and scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), token.encode())):
+        (await authenticate(core, request)).require_admin()
+    body = metrics_module.render(await metrics_module.database_families(core.db))
+    return web.Response(body=body, headers={"Content-Type": metrics_module.CONTENT_TYPE})

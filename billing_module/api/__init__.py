@@ -11,8 +11,7 @@ from aiohttp import web
 
 from ..db.dialect import is_unavailable
 from ..errors import BillingError
-from . import (  # noqa: F401  (each registers its endpoints)
-    handlers, key_handlers, product_handlers, report_handlers, statement_handlers, sync_handlers)
+from . import handlers, key_handlers, product_handlers, report_handlers, statement_handlers, sync_handlers  # noqa: F401  (each registers its endpoints)
 from .callers import authenticate, signed_caller
 from .params import Params
 from .registry import HANDLERS, Caller, endpoint, reply

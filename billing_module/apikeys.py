@@ -85,18 +85,23 @@ class ApiKeys:
             return AppCredentials(key, secret), {k: v for k, v in row.items() if k != "secret_enc"}
         return key, row
 
-    async def list(self) -> list[Row]:
+    async def list(self, customer_id: str | None = None) -> list[Row]:
+        """Every key, or a customer's own keys (the scope ``customer`` keys limited to it)."""
+        only = " where scope = 'customer' and customer_id = ${c}$" if customer_id else ""
         async with self.db.read() as tx:
             return await tx.select(
                 "select id, key_prefix, app_id, name, scope, customer_id, enabled, expires_at, created_at, "
-                "revoked_at, last_used_at from api_key order by created_at, id")
+                f"revoked_at, last_used_at from api_key{only} order by created_at, id", {"c": customer_id})
 
-    async def revoke(self, key_id_or_prefix: str) -> int:
+    async def revoke(self, key_id_or_prefix: str, customer_id: str | None = None) -> int:
+        """Revoke a key; with ``customer_id`` only a customer key of that customer (another's is
+        not found)."""
+        only = " and scope = 'customer' and customer_id = ${c}$" if customer_id else ""
         async with self.db.transaction() as tx:
             n = await tx.execute(
                 "update api_key set enabled = '0', revoked_at = ${now}$ "
-                "where (id = ${k}$ or key_prefix = ${k}$) and enabled = '1'",
-                {"k": key_id_or_prefix, "now": clock.now_text()})
+                f"where (id = ${{k}}$ or key_prefix = ${{k}}$) and enabled = '1'{only}",
+                {"k": key_id_or_prefix, "now": clock.now_text(), "c": customer_id})
         if n == 0:
             raise NotFound(f"no enabled API key with id or prefix {key_id_or_prefix!r}")
         self._verified.clear()

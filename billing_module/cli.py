@@ -61,7 +61,33 @@ def build_parser():
     r = ak.add_parser("revoke")
     add_common_options(r)
     r.add_argument("key", help="key id or prefix")
+    _add_user_parser(sub)
+    p = sub.add_parser("statements", help="monthly statements")
+    st = p.add_subparsers(dest="action", required=True)
+    c = st.add_parser("close", help="close a month's statements for every customer (idempotent)")
+    add_common_options(c)
+    c.add_argument("--month", required=True, help="YYYY-MM, in the configured timezone")
     return parser
+
+
+def _add_user_parser(sub):
+    p = sub.add_parser("user", help="the standalone host's page users (admins and customer users)")
+    us = p.add_subparsers(dest="action", required=True)
+    a = us.add_parser("add", help="add a page user; the password from stdin, or generated and printed once")
+    add_common_options(a)
+    a.add_argument("name")
+    who = a.add_mutually_exclusive_group(required=True)
+    who.add_argument("--admin", action="store_true", help="sees every customer and the admin pages")
+    who.add_argument("--customer", metavar="ID", help="the user's organisation (needs --role)")
+    a.add_argument("--role", choices=("customer.admin", "customer.user"), help="with --customer")
+    a.add_argument("--password-stdin", action="store_true", help="read the password from stdin")
+    add_common_options(us.add_parser("list"))
+    for action, text in (("disable", "disable a user: its sessions end at once"), ("passwd", "set a new password")):
+        c = us.add_parser(action, help=text)
+        add_common_options(c)
+        c.add_argument("name")
+        if action == "passwd":
+            c.add_argument("--password-stdin", action="store_true", help="read the password from stdin")
 
 
 async def _with_core(cfg, data_dir, work):
@@ -120,6 +146,10 @@ async def _run(args, cfg, data_dir):
         return 0
     if args.command == "apikey":
         return await _with_core(cfg, data_dir, lambda core: _apikey(core, args))
+    if args.command == "statements":
+        return await _with_core(cfg, data_dir, lambda core: _close_statements(core, args.month))
+    if args.command == "user":
+        return await _with_core(cfg, data_dir, lambda core: _user(core, cfg, args))
     if args.command == "sync":
         from .sync import cli as sync_cli
         return await _with_core(cfg, data_dir, lambda core: sync_cli.run(core, args))
@@ -143,7 +173,17 @@ async def _reconcile(core):
     for m in report["mismatches"]:
         print("MISMATCH " + "  ".join(f"{k}={v}" for k, v in m.items()))
     print(f"checked {report['customers']} customers: {len(report['mismatches'])} mismatches")
-    return 1 if report["mismatches"] else 0
+    statement_mismatches = await core.statements.reconcile()
+    for m in statement_mismatches:
+        print("STATEMENT MISMATCH " + "  ".join(f"{k}={v}" for k, v in m.items()))
+    print(f"closed statements against the ledger: {len(statement_mismatches)} mismatches")
+    return 1 if report["mismatches"] or statement_mismatches else 0
+
+
+async def _close_statements(core, month):
+    closed = await core.statements.close_month(month, closed_by="cli")
+    print(f"closed {closed} statements for {month}")
+    return 0
 
 
 async def _account_pending(core):
@@ -181,6 +221,43 @@ async def _apikey(core, args):
         await keys.revoke(args.key)
         print(f"revoked {args.key}")
         return 0
+
+
+def _new_password(args) -> tuple[str, bool]:
+    """(password, generated): one line from stdin with --password-stdin, else a random one."""
+    from .page_users import generate_password
+    if getattr(args, "password_stdin", False):
+        return sys.stdin.readline().rstrip("\r\n"), False
+    return generate_password(), True
+
+
+async def _user(core, cfg, args):
+    from .page_users import ADMIN_ROLE
+    users = core.page_users
+    if args.action == "list":
+        for r in await users.list():
+            state = "enabled" if r.enabled == "1" else "disabled"
+            print(f"{r.name:24}  {r.role:15}  {r.customer_id or '-':20}  {state}")
+        return 0
+    if args.action == "disable":
+        await users.disable(args.name)
+        print(f"disabled {args.name}")
+        return 0
+    if args.action == "add":
+        if args.name == cfg.server.admin_user:
+            raise ConfigError(f"{args.name} is the configured admin (server.admin_user); choose another name")
+        if bool(args.customer) != bool(args.role):
+            raise ConfigError("--customer and --role go together (--admin takes neither)")
+    password, generated = _new_password(args)
+    if args.action == "add":
+        await users.add(args.name, ADMIN_ROLE if args.admin else args.role, args.customer, password)
+        print(f"added {args.name}")
+    else:
+        await users.set_password(args.name, password)
+        print(f"new password set for {args.name}")
+    if generated:
+        print(f"password: {password}")
+    return 0
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ A wrong value is a ``ConfigError`` naming the key, raised when the config is loa
 """
 import copy
 import os
+import re
 import zoneinfo
 
 import yaml
@@ -148,6 +149,13 @@ def _role_list(v):
     return tuple(roles)
 
 
+def _statement_prefix(v):
+    v = str(v).strip()
+    if not re.fullmatch(r"[A-Za-z0-9]{1,8}", v):
+        raise ValueError("1 to 8 letters or digits")
+    return v
+
+
 def _sync_path(v):
     v = str(v).strip()
     if not v.startswith("/") or "{entity}" not in v:
@@ -196,10 +204,12 @@ SCHEMA = {
     },
     "auth": {
         "require_api_key": (True, _bool),     # standalone API needs a key; a host may use its own auth
-        # a logged-in host session acts as an admin caller when the user holds one of
-        # host_admin_roles (rbac) and the host's session secret is not ahserver's default
+        # a logged-in session is a caller when the host's session secret is not ahserver's default:
+        # a platform role (host_admin_roles, shell-style patterns) reaches every customer, a
+        # customer role (customer_roles) only the user's organisation (rbac's userorgid)
         "trust_host_session": (True, _bool),
-        "host_admin_roles": (("owner.superuser", "owner.admin"), _role_list),
+        "host_admin_roles": (("owner.*", "reseller.*", "provider.admin"), _role_list),
+        "customer_roles": (("customer.admin", "customer.user"), _role_list),
         "signature_window_seconds": (300, _positive_int),
         "secret_key": ("", _str),             # encrypts signing secrets; empty: generated in data_dir
         "nonce_purge_seconds": (300, _positive_int),   # how often seen nonces older than 2 windows go
@@ -265,6 +275,15 @@ SCHEMA = {
         "max_page_bytes": (64 * 1024 * 1024, _positive_int),
         "verify_replies": (True, _bool),                  # the centre's replies must carry our signature
         "export_max_limit": (5000, _positive_int),        # largest page the export side serves
+    },
+    "statements": {
+        # months begin at midnight in the deployment's ``timezone`` (statements.py); the number
+        # is "<number_prefix>-<year>-<sequence>", unique per deployment and year
+        "number_prefix": ("ST", _statement_prefix),
+        # a month is closed this long after its end (a transaction that stamped its entry just
+        # before the cut-off has committed by then), by a job that looks every interval
+        "close_grace_seconds": (300, _non_negative_int),
+        "close_interval_seconds": (600, _positive_int),
     },
 }
 

@@ -19,9 +19,11 @@ from .db.database import Database, desc_from_config
 from .db.schema import create_schema
 from .failures import FailureRetries, Failures
 from .ledger import Ledger
+from .page_users import PageUsers
 from .products import ProductManager
 from .services import Job, Services, background_jobs, build_services
 from .session_store import SessionStore
+from .statements import Statements
 from .sync import SyncManager
 from .throttle import LoginThrottle
 from .version import __version__
@@ -127,6 +129,14 @@ class BillingCore:
     @property
     def sessions(self) -> SessionStore:
         return self.services.sessions
+
+    @property
+    def page_users(self) -> PageUsers:
+        return self.services.page_users
+
+    @property
+    def statements(self) -> Statements:
+        return self.services.statements
 
     async def create_schema(self) -> list[str]:
         """Missing tables and indexes, then the code lists of init/data.json (an upsert)."""

@@ -126,9 +126,23 @@ async def check_body(request, config):
                             f"the request body is larger than {limit} bytes")
     if request.content_length is not None and request.content_length > limit:
         return too_large
-    if request.body_exists and await _read_capped(request, limit) is None:
-        return too_large
+    if request.body_exists:
+        body = await _read_capped(request, limit)
+        if body is None:
+            return too_large
+        if request.content_type == "application/json" and _json_but_not_an_object(body):
+            # ahserver makes params of a JSON array with dict(): [{"a": .., "b": ..}] becomes
+            # {"a": "b"}, parameters the caller never sent
+            return error_reply(request, 400, "invalid_param", "a JSON body must be one object")
     return None
+
+
+def _json_but_not_an_object(body: bytes) -> bool:
+    """Valid JSON that is not an object; what does not parse is left to the parser's refusal."""
+    try:
+        return not isinstance(json.loads(body), dict)
+    except ValueError:
+        return False
 
 
 # --- same origin -------------------------------------------------------------------------------------

@@ -33,7 +33,7 @@ log = logging.getLogger("billing_module.reports")
 
 SOURCES = ("accounting", "product")
 ACCOUNTING_STATUSES = ("accounted", "pending", "failed")
-GROUPS = {"accounting": ("day", "model", "customer", "total"),
+GROUPS = {"accounting": ("day", "model", "user", "customer", "total"),
           "product": ("day", "month", "product", "customer", "supplier", "total")}
 BILLING_MODES = ("1", "2", "3")    # product_usage_log.billing_mode: included, overage, pay-as-you-go
 MAX_STATS_ROWS = 1000
@@ -106,6 +106,7 @@ _ACCOUNTING = _Source(
                  ("quantity", "quantity"), ("unit", "unit"), ("amount", "amount"), ("cost", "cost"),
                  ("currency", "currency"), ("subscription_id", "subscription_id"), ("record_id", "id")),
     groups={"model": ("coalesce(r.model_name, r.llmid)", "max(coalesce(r.model_name, r.llmid))"),
+            "user": ("coalesce(r.user_id, '')", "max(r.user_id)"),
             "customer": ("r.customer_id", "max(u.name)")},
 )
 
@@ -221,6 +222,14 @@ def _sums_view(src, row):
     return out
 
 
+# what only the platform sees: the supplier cost and the margin (a customer's view drops them)
+PLATFORM_ONLY_KEYS = frozenset({"cost", "margin", "margin_rate"})
+
+
+def _customer_view(view: dict) -> dict:
+    return {k: v for k, v in view.items() if k not in PLATFORM_ONLY_KEYS}
+
+
 def _row_view(src, row):
     view = dict(row)
     for k in src.money:
@@ -244,8 +253,15 @@ _FORMULA_START = re.compile(r"(^|[,;])([=+\-@\t\r])")
 
 
 class Reports:
-    def __init__(self, db: Database) -> None:
+    def __init__(self, db: Database, platform_view: bool = True) -> None:
         self.db = db
+        self.platform_view = platform_view     # False: a customer's view, without cost and margin
+
+    def _shown(self, view: dict) -> dict:
+        return view if self.platform_view else _customer_view(view)
+
+    def _csv_columns(self, src: _Source) -> list[tuple[str, str]]:
+        return [c for c in src.csv_columns if self.platform_view or c[1] not in PLATFORM_ONLY_KEYS]
 
     # --- the list ----------------------------------------------------------------------------
     async def usage(self, f: UsageFilter, page: int = 1, rows: int = 20) -> dict[str, Any]:
@@ -253,7 +269,8 @@ class Reports:
         the filter matches."""
         src = _SOURCES[f.source]
         result = await self._page(src, f, src.select, page, rows)
-        result["rows"] = [_row_view(src, r) for r in result["rows"]]
+        result["rows"] = [self._shown(_row_view(src, r)) for r in result["rows"]]
+        result["totals"] = self._shown(result["totals"])
         result.update(page=page, page_size=rows, source=f.source)
         return result
 
@@ -305,8 +322,9 @@ class Reports:
             view["amount_pct"] = (amount * 100 // top) if top > 0 and amount > 0 else 0
             if quantities is not None:
                 view["quantities"] = quantities.get(view["key"], [])
-            out.append(view)
-        return {"total": result["total"], "rows": out, "totals": _sums_view(src, totals), "group_by": group_by,
+            out.append(self._shown(view))
+        return {"total": result["total"], "rows": out, "totals": self._shown(_sums_view(src, totals)),
+                "group_by": group_by,
                 "source": f.source}
 
     async def subscription_fees(self, f, group_by: str) -> dict:
@@ -368,7 +386,8 @@ class Reports:
                     f"{where + ' and ' if where else ' where '}{after} "
                     f"order by {src.time_col}, r.id limit ${{chunk_}}$")
         agg_sql, agg_ns = _aggregate_sql(src, f)
-        headers = [h for h, _ in src.csv_columns]
+        columns = self._csv_columns(src)
+        headers = [h for h, _ in columns]
         yield codecs.BOM_UTF8.decode("utf-8") + _csv_line([headers])   # the BOM makes Excel read UTF-8
         async with self.db.read() as tx:
             key = None
@@ -381,13 +400,13 @@ class Reports:
                     rows = await tx.select(next_sql, params)
                 if not rows:
                     break
-                yield _csv_line([_csv_values(src, r) for r in rows])
+                yield _csv_line([_csv_values(src, r, columns) for r in rows])
                 key = (rows[-1]["use_time"], rows[-1]["id"])
                 if len(rows) < chunk_rows:
                     break
             totals = _sums_view(src, await tx.one(agg_sql, agg_ns))
         total_row = []
-        for header, _ in src.csv_columns:
+        for header, _ in columns:
             if header == "use_time":
                 total_row.append("TOTAL")
             elif header in totals:
@@ -439,10 +458,10 @@ _NUMERIC_KEYS = {"amount", "cost", "input_tokens", "output_tokens", "cached_toke
                  "included_amount", "overage_amount"}
 
 
-def _csv_values(src, row):
+def _csv_values(src, row, columns):
     view = _row_view(src, row)
     return [_number_cell(view.get(key)) if key in _NUMERIC_KEYS else safe_cell(view.get(key))
-            for _, key in src.csv_columns]
+            for _, key in columns]
 
 
 def _number_cell(value):

@@ -14,6 +14,7 @@ from aiohttp import web
 from .core import MODULE_NAME
 from .datadir import secret_file
 from .db.database import desc_from_config
+from .errors import Forbidden, Unauthorized
 from .resources import resource_dir
 
 log = logging.getLogger("billing_module")
@@ -138,13 +139,15 @@ def serve_static_files(app, data_dir):
 
 def make_auth_class():
     """The standalone host's permission check, in place of rbac: the API authenticates each call
-    itself (API keys), the login page is open, every other page needs the admin login."""
+    itself (API keys or the session's caller), the login page is open, the customer area
+    (``my/``) and the logout need a login, every other page a platform (admin) login."""
     from ahserver.auth_api import AuthAPI, get_session_userinfo
 
     # the API and the sync export check API keys / signatures themselves
     # (and /metrics, which takes an admin key or the scrape token)
     open_prefixes = (f"/{MODULE_NAME}/api/", f"/{MODULE_NAME}/fast/", f"/{MODULE_NAME}/sync/",
                      f"/{MODULE_NAME}/login", f"/{MODULE_NAME}/metrics")
+    customer_prefixes = (f"/{MODULE_NAME}/my/", f"/{MODULE_NAME}/logout")
 
     class StandaloneAuth(AuthAPI):
         async def setupAuth(self, app):
@@ -157,14 +160,29 @@ def make_auth_class():
             app.middlewares.append(self.checkAuth)
 
         async def checkUserPermission(self, request, user, path):
-            return path.startswith(open_prefixes) or bool(user)
+            if path.startswith(open_prefixes):
+                return True
+            if not user:
+                return False
+            from ahserver.serverenv import ServerEnv
+
+            from .sessions import session_caller
+            try:
+                caller = await session_caller(ServerEnv().billing_core, request)
+            except Forbidden:
+                return False
+            return caller is not None and (caller.is_admin or path.startswith(customer_prefixes))
 
         @web.middleware
         async def checkAuth(self, request, handler):
             # ahserver's middleware logs each request through a logger that inspects the stack
             # and reopens its file per line; this one logs only refusals and errors.
             userinfo = await get_session_userinfo(request)
-            if await self.checkUserPermission(request, userinfo.userid, request.path):
+            try:
+                allowed = await self.checkUserPermission(request, userinfo.userid, request.path)
+            except Unauthorized:      # a page user disabled since the login: as if logged out
+                allowed, userinfo.userid = False, None
+            if allowed:
                 return await handler(request)
             if userinfo.userid is None:
                 raise web.HTTPUnauthorized(text=json.dumps({"success": False, "code": "unauthorized",

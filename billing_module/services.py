@@ -20,8 +20,10 @@ from .config import Config
 from .db.database import Database
 from .failures import FailureRetries, Failures
 from .ledger import Ledger
+from .page_users import PageUsers
 from .products import ProductManager
 from .session_store import SessionStore
+from .statements import Statements
 from .sync import SyncManager
 
 Job = tuple[str, Callable[[], Awaitable[Any]], float]
@@ -41,6 +43,8 @@ class Services:
     retries: FailureRetries
     sync: SyncManager
     sessions: SessionStore
+    page_users: PageUsers
+    statements: Statements
 
 
 def build_services(config: Config, db: Database, data_dir: str) -> Services:
@@ -56,7 +60,7 @@ def build_services(config: Config, db: Database, data_dir: str) -> Services:
         caches=caches, catalog=catalog, apikeys=apikeys, auth=Auth(db, config, apikeys, secret_box),
         ledger=ledger, products=products, failures=failures, accounting=accounting,
         retries=FailureRetries(failures, accounting), sync=SyncManager(db, config, catalog),
-        sessions=SessionStore(db))
+        sessions=SessionStore(db), page_users=PageUsers(db), statements=Statements(db, config))
 
 
 def background_jobs(services: Services, config: Config) -> list[Job]:
@@ -76,5 +80,6 @@ def background_jobs(services: Services, config: Config) -> list[Job]:
         ("hold-expiry", services.ledger.expire_holds, holds.sweep_interval_seconds),
         ("subscription-renewals", services.products.renew_due, 60.0),
         ("session-purge", services.sessions.purge, 300.0),
+        ("statement-close", services.statements.close_due, config.statements.close_interval_seconds),
     ]
     return jobs + services.sync.background_jobs() + services.auth.background_jobs()

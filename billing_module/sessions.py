@@ -8,9 +8,10 @@ can mint a session for any user. Therefore:
   (``web_session``; the cookie carries a random key, the table only the key's SHA-256), so a
   cookie nobody issued names no session, and logout deletes the row, which ends the session on
   the server. The auth tickets inside are signed with a random secret kept 0600 in the data dir.
-* inside a host, a session becomes an admin caller only when the host's sessions are not
-  ahserver's default (checked once at start-up, ``check_host_sessions``) and the user holds one
-  of ``auth.host_admin_roles`` in rbac. ``harden_host_sessions`` is the host-side fix.
+* inside a host, a session becomes a caller only when the host's sessions are not ahserver's
+  default (checked once at start-up, ``check_host_sessions``): an admin caller with a platform
+  role in rbac (``auth.host_admin_roles``), a customer caller of the user's organisation with a
+  customer role (``auth.customer_roles``). ``harden_host_sessions`` is the host-side fix.
 """
 import base64
 import hashlib
@@ -27,7 +28,7 @@ from aiohttp_session.cookie_storage import EncryptedCookieStorage
 from cryptography.fernet import Fernet, InvalidToken
 
 from . import datadir
-from .errors import Forbidden, Unauthorized
+from .errors import Unauthorized
 from .session_store import SessionStore
 
 log = logging.getLogger("billing_module.sessions")
@@ -113,7 +114,7 @@ async def end_session(request: web.Request) -> None:
     session.invalidate()
 
 
-async def start_session(request: web.Request, userid: str) -> None:
+async def start_session(request: web.Request, userid: str, orgid: str = "") -> None:
     """Login: a new session (a new key, never one the browser brought along) holding the ticket."""
     from ahserver.auth_api import user_login
     old = await aiohttp_session.get_session(request)
@@ -122,7 +123,7 @@ async def start_session(request: web.Request, userid: str) -> None:
     if old.identity and isinstance(storage, DatabaseSessionStorage):
         await storage.forget(old.identity)
     await aiohttp_session.new_session(request)
-    await user_login(request, userid, username=userid, userorgid="")
+    await user_login(request, userid, username=userid, userorgid=orgid or "")
 
 
 # --- host mode -------------------------------------------------------------------------------------
@@ -172,8 +173,9 @@ async def check_host_sessions(app: web.Application) -> None:
 
 
 async def session_caller(core, request: web.Request):
-    """The admin ``Caller`` of a logged-in session, None without a session; Unauthorized when
-    the host's sessions cannot be trusted, Forbidden without a billing admin role."""
+    """The ``Caller`` of a logged-in session (``Caller.for_session``: a platform role reaches every
+    customer, a customer role only its organisation), None without a session; Unauthorized when
+    the host's sessions cannot be trusted or the user is gone, Forbidden without a billing role."""
     from ahserver.auth_api import get_session_userinfo
 
     from .api.registry import Caller
@@ -186,25 +188,33 @@ async def session_caller(core, request: web.Request):
         return None
     if not getattr(core, "host_sessions_trusted", False):
         raise Unauthorized("this server's sessions cannot be trusted (see the server log); send an API key")
-    roles = await _user_roles(core, userid)
-    if not set(roles) & set(core.config.auth.host_admin_roles):
-        raise Forbidden("your roles do not include a billing admin role")
-    return Caller("admin", user=userid)
+    roles, organisation = await _user_identity(core, userid, info.get("userorgid"))
+    return Caller.for_session(core.config.auth, userid, roles, organisation)
 
 
-async def _user_roles(core, userid: str):
+async def _user_identity(core, userid: str, host_orgid):
+    """(roles, organisation) of a session's user. Standalone: the configured admin, else a page
+    user read now (a disabled one is logged out). In a host: rbac's roles and the ticket's
+    ``userorgid`` (what rbac's login put there)."""
     standalone_admin = getattr(core, "standalone_admin", None)
     if standalone_admin is not None:
-        return core.config.auth.host_admin_roles if userid == standalone_admin else ()
+        if userid == standalone_admin:
+            return core.config.auth.host_admin_roles, None
+        from .page_users import ADMIN_ROLE
+        user = await core.page_users.find(userid)
+        if user is None:
+            raise Unauthorized("this user is disabled or no longer exists; log in again")
+        admin_roles = core.config.auth.host_admin_roles
+        return (admin_roles if user.role == ADMIN_ROLE else (user.role,)), user.customer_id
     from ahserver.serverenv import ServerEnv
     get_user_roles = ServerEnv().get_user_roles     # registered by rbac's load_rbac()
     if get_user_roles is None:
         log.error("no rbac get_user_roles in ServerEnv: session callers cannot be checked and are refused")
-        return ()
+        return (), None
     roles = get_user_roles(userid)
     if hasattr(roles, "__await__"):
         roles = await roles
-    return roles or ()
+    return tuple(roles or ()), host_orgid or None
 
 
 def harden_host_sessions(secret_file: str, lifetime_seconds: int = 8 * 3600) -> None:

@@ -149,6 +149,20 @@ def bounds(start: object, end: object, start_name: str = "start_date", end_name:
     return t0, t1
 
 
+_MONTH_RE = re.compile(r"([0-9]{4})-(0[1-9]|1[0-2])")
+
+
+def month(value: object, name: str = "month", *, required: bool = False) -> str | None:
+    """A calendar month ``YYYY-MM`` (years 2000 to 9998, so the month after it exists)."""
+    v = text(value, name, required=required, max_len=7)
+    if v is None:
+        return None
+    m = _MONTH_RE.fullmatch(v)
+    if not m or not 2000 <= int(m.group(1)) <= 9998:
+        raise InvalidParam(f"{name}: expected a month such as 2026-11")
+    return v
+
+
 def page(page_no: object = None, rows: object = None, *, default_rows: int = DEFAULT_ROWS,
          max_rows: int = MAX_ROWS, rows_name: str = "rows") -> tuple[int, int]:
     """``(page, rows)``: page 1 is the first; ``rows`` per page, at most ``max_rows``."""

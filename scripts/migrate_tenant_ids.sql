@@ -55,6 +55,8 @@ ALTER TABLE llmusage_accounting_failed MODIFY `llmid` VARCHAR(32) COLLATE utf8mb
 ALTER TABLE llmusage_accounting_failed MODIFY `userid` VARCHAR(32) COLLATE utf8mb4_bin   comment '用户id';
 ALTER TABLE llmusage_accounting_failed MODIFY `userorgid` VARCHAR(32) COLLATE utf8mb4_bin   comment '用户机构id (customer)';
 ALTER TABLE llmusage_accounting_failed MODIFY `request_id` VARCHAR(64) COLLATE utf8mb4_bin   comment '请求ID(幂等键)';
+ALTER TABLE page_user MODIFY `id` VARCHAR(32) COLLATE utf8mb4_bin NOT NULL  comment '主键';
+ALTER TABLE page_user MODIFY `customer_id` VARCHAR(32) COLLATE utf8mb4_bin   comment '所属客户 (organisation, empty for an admin)';
 ALTER TABLE pricing_cache MODIFY `id` VARCHAR(32) COLLATE utf8mb4_bin NOT NULL  comment '实体ID (central platform key)';
 ALTER TABLE pricing_cache MODIFY `ownerid` VARCHAR(32) COLLATE utf8mb4_bin   comment '所属机构';
 ALTER TABLE pricing_cache MODIFY `providerid` VARCHAR(32) COLLATE utf8mb4_bin   comment '供应商机构';
@@ -85,6 +87,8 @@ ALTER TABLE product_usage_log MODIFY `source_ref_table` VARCHAR(64) COLLATE utf8
 ALTER TABLE product_usage_log MODIFY `source_ref_id` VARCHAR(32) COLLATE utf8mb4_bin   comment '来源记录ID';
 ALTER TABLE product_usage_log MODIFY `idempotency_key` VARCHAR(100) COLLATE utf8mb4_bin   comment '幂等键 (source_ref_table:source_ref_id)';
 ALTER TABLE product_usage_log MODIFY `ledger_entry_id` VARCHAR(32) COLLATE utf8mb4_bin   comment '账本分录ID';
+ALTER TABLE statement MODIFY `id` VARCHAR(32) COLLATE utf8mb4_bin NOT NULL  comment '主键';
+ALTER TABLE statement MODIFY `customer_id` VARCHAR(32) COLLATE utf8mb4_bin NOT NULL  comment '客户ID';
 ALTER TABLE sync_state MODIFY `id` VARCHAR(32) COLLATE utf8mb4_bin NOT NULL  comment '主键';
 ALTER TABLE sync_state MODIFY `entity_id` VARCHAR(64) COLLATE utf8mb4_bin   comment '实体标识(全量同步时为空)';
 ALTER TABLE uapi_cache MODIFY `id` VARCHAR(32) COLLATE utf8mb4_bin NOT NULL  comment '实体ID (central platform key)';

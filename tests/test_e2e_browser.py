@@ -506,3 +506,72 @@ def test_no_page_answers_500(console, server):
         with urllib.request.urlopen(req, timeout=10) as r:
             body = r.read().decode()
         assert r.status == 200 and "new BricksApp(opts).run();" in body, page
+
+
+def _previous_month():
+    today = time.gmtime()
+    return f"{today.tm_year - 1}-12" if today.tm_mon == 1 else f"{today.tm_year}-{today.tm_mon - 1:02d}"
+
+
+def _fetch_opened(c, click_id):
+    """Click a button that opens a download, catch the URL it opens and fetch it with the session."""
+    c.d.execute_script("window.__opened = null; window.open = function (url) { window.__opened = url; };")
+    c.click(click_id)
+    url = c.wait(lambda: c.d.execute_script("return window.__opened || null"), f"{click_id} opened nothing")
+    cookies = "; ".join(f"{k['name']}={k['value']}" for k in c.d.get_cookies())
+    with urllib.request.urlopen(urllib.request.Request(url, headers={"Cookie": cookies}), timeout=10) as r:
+        return url, list(csv.reader(io.StringIO(r.read().decode("utf-8-sig"))))
+
+
+def test_a_customer_admin_sees_only_its_organisation_exports_usage_and_downloads_last_months_statement(
+        console, server):
+    """Issue 18: last month has a recharge of demo-acme (a recharge whose entry is dated last month,
+    as if it had been made then), the month is closed by the operator's command; the organisation's
+    customer.admin (a page user from the CLI) logs in through login.ui and lands in its own area."""
+    c, month = console, _previous_month()
+    assert c.api.call("recharge", "POST", customer_id="demo-acme", amount="7.25", request_id="e2e-last-month")["success"]
+    with sqlite3.connect(server["db"]) as conn:
+        conn.execute("update ledger_entry set created_at = ? where request_id = 'e2e-last-month'", (f"{month}-15 10:00:00",))
+    cli = [sys.executable, "-m", "billing_module.cli"]
+    data_dir = ["--data-dir", os.path.dirname(server["db"])]
+    subprocess.run(cli + ["statements", "close", "--month", month] + data_dir, check=True, capture_output=True,
+                   timeout=60, cwd=REPO)
+    subprocess.run(cli + ["user", "add", "acme-admin", "--customer", "demo-acme", "--role", "customer.admin",
+                          "--password-stdin"] + data_dir, input="acme-admin-pass\n", text=True, check=True,
+                   capture_output=True, timeout=60, cwd=REPO)
+    c.d.delete_all_cookies()
+    c.open("login.ui")
+    c.d.get_log("browser")
+    c.fill("billing_login_form", username="acme-admin", password="acme-admin-pass")
+    c.click("billing_login_go")
+    c.wait(lambda: c.d.current_url.endswith("/my/index.ui"), "login did not open the customer area")
+    assert c.wait_text("#my_org", "demo-acme") == "demo-acme"
+    balance = c.api.call("balance", customer_id="demo-acme")
+    c.wait_text("#my_balance", balance["balance"])
+    assert c.text("#my_available") == balance["available"]
+    c.wait_text("#my_ledger", "e2e-last-month")
+    assert "demo-globex" not in c.d.find_element(By.TAG_NAME, "body").text
+    c.shot("my-balance")
+    # usage: the organisation's rows only, without cost; the export is exactly them
+    c.click("my_nav_usage")
+    stats = c.api.call("usage_stats", group_by="total", customer_id="demo-acme")["rows"][0]
+    c.wait(lambda: c.text("#my_usage_records") == f"{stats['records']} records", "usage totals not shown")
+    assert "demo-globex" not in c.text("#my_content")
+    _, rows = _fetch_opened(c, "my_usage_export")
+    header, data = rows[0], [r for r in rows[1:] if r and r[0] != "TOTAL"]
+    assert "cost" not in header and len(data) == stats["records"]
+    assert {r[header.index("customer_id")] for r in data} == {"demo-acme"}
+    c.shot("my-usage")
+    # last month's statement: its totals are the ledger's
+    c.click("my_nav_statements")
+    c.wait_text(f"#my_statement_{month}", month)
+    _, rows = _fetch_opened(c, f"my_statement_csv_{month}")
+    figures = {r[0]: r[1] for r in rows if len(r) == 2}
+    start, end = figures["period (UTC)"].split(" .. ")
+    ledger = c.db("select coalesce(sum(amount), 0) from ledger_entry where customer_id = 'demo-acme' and created_at < ?", end)
+    opening = c.db("select coalesce(sum(amount), 0) from ledger_entry where customer_id = 'demo-acme' and created_at < ?", start)
+    from billing_module.money import from_micro
+    assert figures["Closing balance"] == from_micro(ledger[0][0]) and figures["Opening balance"] == from_micro(opening[0][0])
+    assert figures["Recharges"] == "7.250000"
+    c.shot("my-statements")
+    assert c.severe_logs(allowed=("login.dspy",)) == []

@@ -96,6 +96,8 @@ EVENT_CROSS = ("cached_above_input", "quantity_without_unit")
 
 
 def _usage_report(paging=True):
+    # the other source's filters are ignored, not refused (issue 14: a page that shows both sources
+    # sends the filters of both), so they are not malformed values here
     paging = PAGING if paging else []    # the export streams every row: no paging
     return [Base({}, [F("source", "choice", choices=("accounting", "product")), F("customer_id", "ident"),
                       F("user_id", "ident"), F("product_id", "ident"), F("start_date", "date"), F("end_date", "date"),
@@ -155,7 +157,17 @@ SPEC = {
     "sync_run": [Base({}, [F("entity", "choice", choices=("users", "pricing", "llmage", "uapi")), F("full", "flag")])],
     "usage_list": _usage_report(),
     "usage_export": _usage_report(paging=False),
-    "usage_stats": [Base({}, [F("group_by", "choice", choices=("day", "model", "customer", "total")),
+    "statements": [Base({"customer_id": "cust-1", "month": "2026-11"}, [F("customer_id", "ident", True),
+                                                                        F("month", "month")]),
+                   Base({"customer_id": "cust-1"}, [F("customer_id", "ident", True), *PAGING])],
+    "customer_keys": [Base({"customer_id": "cust-1"}, [F("customer_id", "ident", True)])],
+    "customer_key_create": [Base({"customer_id": "cust-1", "name": "fz"}, [F("customer_id", "ident", True),
+                                                                          F("name", "text", max_len=64)])],
+    "customer_key_revoke": [Base({"customer_id": "cust-1", "key_id": "fz-missing"},
+                                 [F("customer_id", "ident", True), F("key_id", "ident", True)])],
+    "statement_export": [Base({"id": "fz-missing"}, [F("id", "ident", True),
+                                                      F("format", "choice", choices=("csv", "html", "pdf"))])],
+    "usage_stats": [Base({}, [F("group_by", "choice", choices=("day", "model", "user", "customer", "total")),
                               F("source", "choice", choices=("accounting", "product")), F("customer_id", "ident"),
                               F("start_date", "date"), F("end_date", "date"), F("status", "choice",
                                                                                 choices=("accounted", "pending",
@@ -371,6 +383,12 @@ def bad_values(f):
             _bytes_with_invalid_utf8(),
             _j(st.one_of(st.floats(), st.booleans(), _JSON_CONTAINERS, st.integers(-10**30, -1))),
             _raw(st.sampled_from(RAW_NUMBERS)))
+    if k == "month":
+        return st.one_of(
+            _s(st.sampled_from(["2026-13", "2026-00", "2026-1", "26-11", "1999-12", "9999-01", "2026-11-01", "2026/11",
+                                " 2026-11", "2026-11\n", "２０２６-11"] + INJECTIONS)),
+            _bytes_with_invalid_utf8(),
+            _j(st.one_of(st.floats(), st.booleans(), _JSON_CONTAINERS)))
     if k == "text":
         max_len = o["max_len"]
         return st.one_of(

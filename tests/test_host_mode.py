@@ -84,10 +84,11 @@ def _rbac_roles(table):
     return get_user_roles
 
 
-async def test_a_hardened_host_trusts_sessions_of_billing_admins_only(tmp_path, db_desc):
+async def test_a_hardened_host_scopes_sessions_by_role_and_organisation(tmp_path, db_desc):
     """The host-side fix (harden_host_sessions in the host's init): a random secret kept 0600;
-    then a session is an admin caller only for a user whose rbac roles include a billing admin
-    role."""
+    then a platform role (owner.*, reseller.*, provider.admin) reaches every customer, a customer
+    role only the organisation rbac's login put in the session (userorgid), no billing role
+    nothing."""
     from ahserver.auth_api import AuthAPI
     from ahserver.configuredServer import ConfiguredServer, cleanupctx_coros
     from ahserver.serverenv import ServerEnv
@@ -101,7 +102,8 @@ async def test_a_hardened_host_trusts_sessions_of_billing_admins_only(tmp_path, 
     (workdir / "wwwroot").mkdir()
     os.symlink(WWWROOT, workdir / "wwwroot" / "billing_module")
     (workdir / "wwwroot" / "host_login.dspy").write_text(
-        "await remember_user(params_kw.user, username=params_kw.user, userorgid='0')\nreturn {'ok': True}\n")
+        "await remember_user(params_kw.user, username=params_kw.user, userorgid=params_kw.org)\n"
+        "return {'ok': True}\n")
     (workdir / "conf" / "config.json").write_text(json.dumps({
         "password_key": "k" * 16, "databases": {"sage": dict(db_desc, dbname="sage")},
         "website": {"paths": [[str(workdir / "wwwroot"), ""]], "port": 0,
@@ -117,20 +119,29 @@ async def test_a_hardened_host_trusts_sessions_of_billing_admins_only(tmp_path, 
         server = ConfiguredServer(workdir=str(workdir))
         server.configPath(server.config)
         app = await server.build_app()
-        ServerEnv().get_user_roles = _rbac_roles({"boss": ["owner.superuser"], "cust": ["customer.admin"]})
+        ServerEnv().get_user_roles = _rbac_roles({"boss": ["owner.superuser"], "seller": ["reseller.operator"],
+                                                  "prov": ["provider.admin"], "cust": ["customer.admin"],
+                                                  "clerk": ["customer.user"], "dev": ["provider.developer"]})
         await create_schema(core.db)
         await ServerEnv().billing_recharge("org-1", 5_000_000, "host-r1")
         test_server = TestServer(app, host="127.0.0.1")
         await test_server.start_server()
         assert core.host_sessions_trusted is True
         try:
-            for user, status in (("boss", 200), ("cust", 403)):
+            cases = (("boss", "org-9", 200), ("seller", "org-9", 200), ("prov", "org-9", 200),
+                     ("cust", "org-2", 403), ("cust", "org-1", 200), ("clerk", "org-2", 403),
+                     ("clerk", "org-1", 200), ("cust", "", 403), ("dev", "org-1", 403), ("nobody", "org-1", 403))
+            for user, org, status in cases:
                 async with aiohttp.ClientSession(cookie_jar=CookieJar(unsafe=True)) as client:
-                    r = await client.get(test_server.make_url("/host_login.dspy"), params={"user": user})
+                    r = await client.get(test_server.make_url("/host_login.dspy"), params={"user": user, "org": org})
                     assert r.status == 200
                     r = await client.get(test_server.make_url("/billing_module/api/balance.dspy"),
                                          params={"customer_id": "org-1"})
-                    assert r.status == status, (user, await r.text())
+                    assert r.status == status, (user, org, await r.text())
+                    if status == 200 and org == "org-1":   # a customer's own list: its rows only
+                        r = await client.get(test_server.make_url("/billing_module/api/transactions.dspy"))
+                        rows = (await r.json(content_type=None))["rows"]
+                        assert r.status == 200 and rows and {x["customer_id"] for x in rows} == {"org-1"}
         finally:
             await test_server.close()
             await core.close()

@@ -146,11 +146,12 @@ LAYERS = {
     "accounting": SERVICES, "failures": SERVICES, "ledger": SERVICES, "catalog": SERVICES,
     "reports": SERVICES, "products": SERVICES, "sync": SERVICES, "auth": SERVICES, "apikeys": SERVICES,
     "cache": SERVICES, "http": SERVICES, "codes": SERVICES, "session_store": SERVICES, "throttle": SERVICES,
+    "page_users": SERVICES, "statements": SERVICES,
     "metrics": SERVICES,
     "core": ROOT, "services": ROOT,
     "": EDGES, "init": EDGES, "inprocess": EDGES, "server": EDGES, "cli": EDGES, "cli_options": EDGES,
     "sync.cli": EDGES, "api": EDGES, "demo": EDGES, "tools": EDGES,
-    "sessions": EDGES, "guard": EDGES, "bricks": EDGES,
+    "sessions": EDGES, "guard": EDGES, "bricks": EDGES, "statement_export": EDGES,
 }
 LAYER_NAMES = ("foundation", "db", "domain", "services", "composition root", "edges")
 

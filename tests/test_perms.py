@@ -63,7 +63,7 @@ async def test_roles_hold_what_they_need_and_no_more(grants):
     by_role = {}
     for role, path in grants:
         by_role.setdefault(role, set()).add(path)
-    assert set(by_role) == ADMIN_ROLES | {"customer.admin", "any"}
+    assert set(by_role) == ADMIN_ROLES | {"customer.admin", "customer.user", "any"}
     everything = endpoints() | generated_paths()
     open_paths = by_role["any"]
     for role in ADMIN_ROLES:
@@ -72,11 +72,15 @@ async def test_roles_hold_what_they_need_and_no_more(grants):
     # (an admin key or the scrape token, checked by the endpoint) only
     assert all(p.startswith((M + "login.", M + "logout.", M + "api/health.", M + "sync/", M + "api/metrics.",
                              M + "metrics/")) for p in open_paths), open_paths
-    # a customer admin reaches no admin-only API and no page (a host session is an admin caller)
-    admin_only = {f"{M}api/{name}.dspy" for name, spec in HANDLERS.items() if spec[3]}
-    customer = by_role["customer.admin"]
-    assert not customer & admin_only, sorted(customer & admin_only)
-    assert not [p for p in customer if p.endswith(".ui")]
+    # a customer role reaches no admin-only API, no write but its own keys' (customer.admin), and no
+    # page outside the customer area
+    key_writes = {f"{M}api/customer_key_create.dspy", f"{M}api/customer_key_revoke.dspy"}
+    admin_only = {f"{M}api/{name}.dspy" for name, spec in HANDLERS.items() if spec[3] or "GET" not in spec[1]}
+    for role in ("customer.admin", "customer.user"):
+        customer = by_role[role]
+        assert not customer & (admin_only - key_writes), sorted(customer & admin_only)
+        assert not [p for p in customer if p.endswith(".ui") and not p.startswith(M + "my/")]
+    assert key_writes <= by_role["customer.admin"] and not key_writes & by_role["customer.user"]
 
 
 def test_each_native_route_is_granted_to_the_roles_of_its_dspy_path(grants):

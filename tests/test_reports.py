@@ -187,9 +187,19 @@ async def test_endpoints_answer_lists_stats_and_clear_400s(http):
     assert (status, body["code"]) == (400, "invalid_param")
     status, body = await http.get("api/usage_stats.dspy", key, group_by="supplier")   # product-only grouping
     assert (status, body["code"]) == (400, "invalid_param")
+    # a customer caller: its own LLM usage without cost and margin; not another's, not the product source
     customer_key, _ = await http.core.apikeys.create("customer", customer_id="cust-1")
     status, body = await http.get("api/usage_list.dspy", customer_key)
-    assert status == 403
+    assert status == 200 and body["rows"] and {r["customer_id"] for r in body["rows"]} == {"cust-1"}
+    assert not [k for r in body["rows"] + [body["totals"]] for k in r if k in ("cost", "margin", "margin_rate")]
+    status, body = await http.get("api/usage_stats.dspy", customer_key, group_by="user")
+    assert status == 200 and "cost" not in body["totals"] and "cost" not in body["rows"][0]
+    r = await http.client.get("/billing_module/api/usage_export.dspy", headers={"Authorization": f"Bearer {customer_key}"})
+    header, rows, _ = _parse(await r.text())
+    assert r.status == 200 and "cost" not in header and rows
+    assert {x[header.index("customer_id")] for x in rows} == {"cust-1"}
+    assert (await http.get("api/usage_list.dspy", customer_key, customer_id="cust-2"))[0] == 403
+    assert (await http.get("api/usage_stats.dspy", customer_key, source="product"))[0] == 403
     r = await http.client.post("/billing_module/api/usage_export.dspy", headers={"Authorization": f"Bearer {key}"})
     assert r.status == 405
 

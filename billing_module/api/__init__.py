@@ -11,7 +11,7 @@ from aiohttp import web
 
 from ..db.dialect import is_unavailable
 from ..errors import BillingError
-from . import handlers, product_handlers, report_handlers, sync_handlers  # noqa: F401  (each registers its endpoints)
+from . import handlers, key_handlers, product_handlers, report_handlers, statement_handlers, sync_handlers  # noqa: F401  (each registers its endpoints)
 from .callers import authenticate, signed_caller
 from .params import Params
 from .registry import HANDLERS, Caller, endpoint, reply

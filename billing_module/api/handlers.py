@@ -210,11 +210,12 @@ async def failed_accounting_handle(core, caller, p, request):
 
 
 
-# --- the standalone host's admin login (a host with rbac has its own) ---------------------------------
+# --- the standalone host's login: its admin and its page users (a host with rbac has its own) ---------
 @endpoint("admin_login", methods=WRITE, open=True)
 async def admin_login(core, caller, p, request):
-    """The standalone host's admin login: throttled per user name and per address; the guard
-    has refused a cross-site POST already."""
+    """The standalone host's login (``login.dspy``): the configured admin or a page user
+    (``billing-module user add``); throttled per user name and per address; the guard has
+    refused a cross-site POST already."""
     import hmac
 
     from ..errors import NotFound, Unauthorized
@@ -226,14 +227,18 @@ async def admin_login(core, caller, p, request):
     given = p.str("password", required=True, max_len=256)
     keys = core.login_throttle.keys(user, request.get("client_ip") or request.remote or "")
     core.login_throttle.check(keys)
-    ok_user = hmac.compare_digest(user.encode(), core.config.server.admin_user.encode())
-    ok_password = hmac.compare_digest(given.encode(), password.encode())
-    if not (ok_user and ok_password):
+    if hmac.compare_digest(user.encode(), core.config.server.admin_user.encode()):
+        ok, orgid, home = hmac.compare_digest(given.encode(), password.encode()), "", "index.ui"
+    else:
+        page_user = await core.page_users.verify(user, given)
+        ok, orgid = page_user is not None, (page_user.customer_id if page_user else "") or ""
+        home = "my/index.ui" if orgid else "index.ui"
+    if not ok:
         core.login_throttle.failed(keys)
         raise Unauthorized("wrong user name or password")
     core.login_throttle.succeeded(keys)
-    await start_session(request, user)
-    return {"user": user}
+    await start_session(request, user, orgid)
+    return {"user": user, "home": home}     # the page to open: the console, or the customer area
 
 
 @endpoint("admin_logout", methods=WRITE, open=True)

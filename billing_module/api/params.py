@@ -46,6 +46,10 @@ class Params:
         return validation.integer(self._get(name), name, required=required, default=default, minimum=minimum,
                                   maximum=maximum)
 
+    def month(self, name="month", required=False):
+        """A calendar month ``YYYY-MM``."""
+        return validation.month(self._get(name), name, required=required)
+
     def flag(self, name, default=None):
         return validation.flag(self._get(name), name, default)
 

@@ -3,6 +3,7 @@ calls it (``Caller``) and the JSON reply. ``api/__init__.py`` imports the handle
 import only this, so the registry and the handlers form no import cycle."""
 from __future__ import annotations
 
+import fnmatch
 import json
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -29,11 +30,30 @@ class Caller:
     """Who calls an endpoint: an ``admin``, a ``customer`` (limited to ``customer_id``) or an app."""
 
     def __init__(self, kind: str, customer_id: str | None = None, key_id: str | None = None,
-                 user: str | None = None) -> None:
+                 user: str | None = None, roles: tuple[str, ...] = ()) -> None:
         self.kind = kind              # "admin", "customer" or "app" (refused by ``scope``)
         self.customer_id = customer_id
         self.key_id = key_id
         self.user = user
+        self.roles = tuple(roles)     # a session's roles; empty for an API key
+
+    @classmethod
+    def for_session(cls, auth_config: Any, user: str, roles: Any, organisation: str | None) -> Caller:
+        """A logged-in user as a caller: a platform role (``auth.host_admin_roles``, shell-style
+        patterns such as ``owner.*``) reaches every customer; a customer role
+        (``auth.customer_roles``) is a customer caller of the user's organisation, held to the
+        same ``scope`` rule as a customer API key. Anything else is Forbidden (fail closed)."""
+        roles = tuple(r for r in roles or () if isinstance(r, str))
+        if any(fnmatch.fnmatchcase(r, pattern) for r in roles for pattern in auth_config.host_admin_roles):
+            return cls("admin", user=user, roles=roles)
+        if set(roles) & set(auth_config.customer_roles):
+            if not organisation:
+                raise Forbidden("your user belongs to no organisation")
+            return cls("customer", customer_id=organisation, user=user, roles=roles)
+        raise Forbidden("your roles include no billing role")
+
+    def has_role(self, role: str) -> bool:
+        return role in self.roles
 
     @property
     def is_admin(self) -> bool:
@@ -46,11 +66,11 @@ class Caller:
     def check_customer(self, customer_id: str | None) -> None:
         """A customer-scoped caller may only touch its own customer."""
         if not self.is_admin and (not self.customer_id or customer_id != self.customer_id):
-            raise Forbidden("this API key is limited to another customer")
+            raise Forbidden("this caller is limited to another customer")
 
     def require_admin(self) -> None:
         if not self.is_admin:
-            raise Forbidden("this endpoint needs an admin key")
+            raise Forbidden("this endpoint needs an admin key or an admin login")
 
     def scope(self, params: dict[str, Any] | None) -> dict[str, Any]:
         """The request's parameters as this caller may send them, or Forbidden: the one place
@@ -65,7 +85,7 @@ class Caller:
             raise Forbidden("an app key reaches only the sync export (/billing_module/sync/), not the API")
         given = params.get("customer_id")
         if given not in (None, "") and given != self.customer_id:
-            raise Forbidden("this API key is limited to another customer")
+            raise Forbidden("this caller is limited to another customer")
         params["customer_id"] = self.customer_id
         suffix = TENANT_SEPARATOR + self.customer_id
         for name, max_len in TENANT_KEYS.items():

@@ -1,6 +1,8 @@
-"""Usage report endpoints (``api/usage_list|usage_export|usage_stats.dspy``), admin only: they
-show every customer's usage, cost and margin. Importing this module registers them."""
-from ..errors import InvalidParam
+"""Usage report endpoints (``api/usage_list|usage_export|usage_stats.dspy``). A platform caller
+sees every customer's usage with cost and margin; a customer caller (``Caller.scope`` has put its
+own customer in the filter) its organisation's LLM / API usage without cost and margin; the
+product source (suppliers, their costs) is the platform's. Importing this module registers them."""
+from ..errors import Forbidden, InvalidParam
 from ..reports import ACCOUNTING_STATUSES, BILLING_MODES, GROUPS, MAX_STATS_ROWS, SOURCES, Reports, UsageFilter
 from .registry import endpoint
 
@@ -45,21 +47,33 @@ def usage_filter(p, source=None, aliases=False):
     return f
 
 
-@endpoint("usage_list", methods=READ, admin=True)
-async def usage_list(core, caller, p, request):
-    page, rows = p.page()
-    return await Reports(core.db).usage(usage_filter(p), page, rows)
-
-
-@endpoint("usage_stats", methods=READ, admin=True)
-async def usage_stats(core, caller, p, request):
+def _scoped(core, caller, p):
+    """The request's filter and the reports as this caller may see them."""
     f = usage_filter(p)
+    if not caller.is_admin:
+        if f.source != "accounting":
+            raise Forbidden("product usage reports (suppliers and their costs) are the platform's")
+        caller.check_customer(f.customer_id)
+    return f, Reports(core.db, platform_view=caller.is_admin)
+
+
+@endpoint("usage_list", methods=READ)
+async def usage_list(core, caller, p, request):
+    f, reports = _scoped(core, caller, p)
+    page, rows = p.page()
+    return await reports.usage(f, page, rows)
+
+
+@endpoint("usage_stats", methods=READ)
+async def usage_stats(core, caller, p, request):
+    f, reports = _scoped(core, caller, p)
     group_by = p.str("group_by", choices=GROUPS[f.source], default="day")
     page, rows = p.page(default_rows=100, max_rows=MAX_STATS_ROWS)
-    return await Reports(core.db).stats(f, group_by, page, rows)
+    return await reports.stats(f, group_by, page, rows)
 
 
-@endpoint("usage_export", methods=READ, admin=True)
+@endpoint("usage_export", methods=READ)
 async def usage_export(core, caller, p, request):
     """The usage list as CSV, streamed: every matching row (oldest first), then a TOTAL row."""
-    return await Reports(core.db).export_response(request, usage_filter(p))
+    f, reports = _scoped(core, caller, p)
+    return await reports.export_response(request, f)

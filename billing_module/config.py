@@ -156,6 +156,28 @@ def _statement_prefix(v):
     return v
 
 
+def _webhook_url(v):
+    """An http(s) URL, or empty (no deployment webhook); the one rule is validation.webhook_url."""
+    from .validation import webhook_url
+    try:
+        return webhook_url(v, "url") or ""
+    except InvalidParam as e:
+        raise ValueError(e.message) from None
+
+
+def _amount_text(v):
+    """A decimal amount in currency units (``"100"``, ``"12.50"``), or empty (off)."""
+    from .money import to_micro
+    v = "" if v is None else str(v).strip()
+    if v:
+        try:
+            if to_micro(v, "amount") < 0:
+                raise ValueError("must not be negative")
+        except InvalidParam as e:
+            raise ValueError(e.message) from None
+    return v
+
+
 def _sync_path(v):
     v = str(v).strip()
     if not v.startswith("/") or "{entity}" not in v:
@@ -248,6 +270,21 @@ SCHEMA = {
         # a scraper sending 'Authorization: Bearer <scrape_token>' may read /metrics without an
         # admin key; empty: admin keys only
         "scrape_token": ("", _str),
+    },
+    "alerts": {
+        # signed JSON webhooks (docs/webhooks.md): the deployment's receiver gets every alert,
+        # a customer's receiver (alert_webhook_set) that customer's
+        "webhook_url": ("", _webhook_url),
+        "webhook_secret": ("", _str),
+        # low_balance when a balance falls below this (currency units); empty: only customers
+        # with their own threshold are watched
+        "low_balance_amount": ("", _amount_text),
+        "delivery_interval_seconds": (5.0, _positive_float),
+        "timeout_seconds": (10.0, _positive_float),
+        "max_attempts": (10, _positive_int),            # then the delivery is 'failed' (redeliver by hand)
+        "retry_base_seconds": (10, _positive_int),      # doubles per failed attempt
+        "retry_max_seconds": (3600, _positive_int),
+        "batch_size": (50, _positive_int),              # deliveries claimed per run of the job
     },
     "cache": {
         "size": (10000, _positive_int),

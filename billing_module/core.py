@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from .accounting import Accounting
+from .alerts import Alerts
 from .apikeys import ApiKeys
 from .auth import Auth
 from .cache import CacheManager
@@ -137,6 +138,10 @@ class BillingCore:
     @property
     def statements(self) -> Statements:
         return self.services.statements
+
+    @property
+    def alerts(self) -> Alerts:
+        return self.services.alerts
 
     async def create_schema(self) -> list[str]:
         """Missing tables and indexes, then the code lists of init/data.json (an upsert)."""

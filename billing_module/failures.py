@@ -13,6 +13,7 @@ from typing import Any
 
 from . import clock
 from .accounting import Accounting, Event, record_row, record_view
+from .alerts import Alerts
 from .config import Config
 from .db import dialect as dialects
 from .db.database import Database, Row, Tx, where
@@ -33,9 +34,10 @@ class Failures:
     """The failed-accounting rows: record, resolve, mark handled, search. It needs no other
     service; retrying a failure is ``FailureRetries``, which has accounting as well."""
 
-    def __init__(self, db: Database, config: Config) -> None:
+    def __init__(self, db: Database, config: Config, alerts: Alerts) -> None:
         self.db = db
         self.config = config
+        self.alerts = alerts
 
     def backoff_seconds(self, retry_count: int) -> float:
         acc = self.config.accounting
@@ -76,16 +78,19 @@ class Failures:
             existing = await tx.one("select id, retry_count, handled from llmusage_accounting_failed "
                                     "where llmusageid = ${r}$", {"r": rec_id})
             if existing is None:
+                failed_id = new_id()
+                exhausted = not self.config.accounting.max_retries or code in _NOT_RETRIED
                 await tx.insert("llmusage_accounting_failed", {
-                    "id": new_id(), "llmusageid": rec_id, "llmid": llmid, "userid": user_id,
+                    "id": failed_id, "llmusageid": rec_id, "llmid": llmid, "userid": user_id,
                     "userorgid": customer_id, "use_date": (use_time or "")[:10] or None, "use_time": use_time,
                     "amount": amount or 0, "cost": cost or 0, "failed_reason": message, "failed_time": now,
                     "retry_count": 0, "handled": "0", "request_id": request_id, "model_name": model_name,
                     "failure_code": code,
-                    "retry_state": "waiting" if self.config.accounting.max_retries and code not in _NOT_RETRIED
-                    else "exhausted",
+                    "retry_state": "exhausted" if exhausted else "waiting",
                     "next_retry_at": clock.now_text(self.backoff_seconds(0)),
                 })
+                if exhausted:
+                    await self._exhausted(tx, failed_id, 0, rec_id, request_id, customer_id, code, message)
                 return rec_id
             retries = int(existing.retry_count or 0) + 1
             exhausted = retries >= self.config.accounting.max_retries
@@ -97,6 +102,8 @@ class Failures:
                 {"n": retries, "m": message, "now": now, "c": code, "amt": amount or 0, "cost": cost or 0,
                  "st": "exhausted" if exhausted else "waiting",
                  "nx": None if exhausted else clock.now_text(self.backoff_seconds(retries)), "i": existing.id})
+            if exhausted:
+                await self._exhausted(tx, existing.id, retries, rec_id, request_id, customer_id, code, message)
             return rec_id
         try:
             return await self.db.run(work)
@@ -104,6 +111,13 @@ class Failures:
             if dialects.is_unique_violation(e):   # a concurrent first failure of the same event
                 return await self.db.run(work)
             raise
+
+    async def _exhausted(self, tx, failed_id, retries, record_id, request_id, customer_id, code, message):
+        """``failed_exhausted``, in the transaction that leaves the row waiting for an admin: once
+        per exhaustion (an admin's retry that fails again is a new one, with a higher count)."""
+        await self.alerts.emit_once(tx, f"failed_exhausted:{failed_id}:{retries}", "failed_exhausted", customer_id, {
+            "failed_id": failed_id, "record_id": record_id, "request_id": request_id, "failure_code": code,
+            "reason": message[:500], "retry_count": retries})
 
     async def resolve_in(self, tx: Tx, record_id: str, now: str) -> None:
         """Inside the accounting transaction that finally charged ``record_id``."""

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import logging
 from decimal import Decimal
-from typing import Any
+from typing import Any, Protocol
 
 from appPublic.dictObject import DictObject
 
@@ -58,6 +58,13 @@ _BALANCE_COLUMNS = ("id, balance, held, credit_limit, currency, status, last_rec
 
 # the items of a batch refused by post_many, each with its error (None: refused with the batch)
 Refusals = list[tuple[dict[str, Any], "BillingError | None"]]
+
+
+class BalanceWatch(Protocol):
+    """Told of every debit inside its transaction, after the balance row changed (and while
+    that change holds the row): alerts.LowBalanceWatch."""
+
+    async def debited(self, tx: Tx, customer_id: str, amount_micros: int) -> None: ...
 
 
 def _balance_update(must_cover, refuse_suspended, guard=""):
@@ -140,9 +147,10 @@ def _check_amount(amount, what, allow_zero=False, signed=False):
 
 
 class Ledger:
-    def __init__(self, db: Database, config: Config) -> None:
+    def __init__(self, db: Database, config: Config, watch: BalanceWatch | None = None) -> None:
         self.db = db
         self.config = config
+        self.watch = watch
         self.max_balance_micros = config.ledger.max_balance * MICRO
 
     # --- reads -----------------------------------------------------------------------------
@@ -207,6 +215,8 @@ class Ledger:
         # balance_after and currency come from the row this transaction has just changed (and
         # holds locked): one statement instead of a read and a write
         await tx.execute(_INSERT_ENTRY, entry)
+        if amount < 0 and self.watch is not None:
+            await self.watch.debited(tx, customer_id, amount)
         entry = DictObject(**entry)
         if want_balance:
             row = await tx.one("select balance, currency from customer_balance where id = ${c}$", ns)
@@ -254,6 +264,9 @@ class Ledger:
                             "ref_type": item.get("ref_type"), "ref_id": item.get("ref_id"), "reason": None,
                             "operator": None, "created_at": now})
         await tx.insert_many("ledger_entry", entries)
+        debited = sum(i["amount"] for i in accepted)
+        if debited < 0 and self.watch is not None:
+            await self.watch.debited(tx, customer_id, debited)   # the batch crosses once at most
         return entries, refused
 
     async def can_cover(self, tx: Tx, customer_id: str, amount: int, allow_arrears: bool = False) -> bool:

@@ -33,6 +33,10 @@ ACCOUNTING_SECONDS = Histogram(
     "billing_accounting_seconds", "Time to account: one post_usage call, or one accountant batch", ["path"],
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
 CACHE_REQUESTS = Counter("billing_cache_requests", "Cache lookups by result (hit or miss)", ["cache", "result"])
+WEBHOOK_DELIVERIES = Counter("billing_webhook_deliveries", "Alert webhooks delivered (2xx), by receiver",
+                             ["target"])
+WEBHOOK_FAILURES = Counter("billing_webhook_failures", "Alert webhook attempts that failed, by receiver and "
+                           "outcome (retry: tried again later; gave_up: the delivery is failed)", ["target", "outcome"])
 
 
 def cache_counters(name: str) -> tuple:
@@ -47,6 +51,14 @@ def accounted(path: str, count: int = 1) -> None:
 
 def failed(path: str, code: str) -> None:
     EVENTS_FAILED.labels(path, code).inc()
+
+
+def webhook_delivered(target: str) -> None:
+    WEBHOOK_DELIVERIES.labels(target).inc()
+
+
+def webhook_failed(target: str, outcome: str) -> None:
+    WEBHOOK_FAILURES.labels(target, outcome).inc()
 
 
 def batch_outcomes(results: list[dict]) -> None:
@@ -133,6 +145,8 @@ async def database_families(db) -> list:
                                   "where handled = '0' group by failure_code, retry_state", {})
         synced = await tx.select("select entity_type, max(last_sync_time) as last from sync_state "
                                  "where last_sync_time is not null group by entity_type", {})
+        webhooks = await tx.select("select target, status, count(*) as n from alert_delivery "
+                                   "where status <> 'delivered' group by target, status", {})
     lag = _seconds_since(now, queue.oldest) if queue.oldest else 0.0
     return [
         gauge("billing_accountant_queue_depth", "Submitted usage events waiting for the accountant",
@@ -144,6 +158,9 @@ async def database_families(db) -> list:
               [((r.failure_code or "", r.retry_state or ""), int(r.n)) for r in backlog]),
         gauge("billing_sync_age_seconds", "Seconds since the last successful sync, per entity", ("entity",),
               [((r.entity_type,), _seconds_since(now, r.last)) for r in synced if r.last]),
+        gauge("billing_webhook_undelivered", "Alert webhook deliveries not delivered yet, by receiver and status "
+              "(pending: waiting for an attempt; failed: gave up)", ("target", "status"),
+              [((r.target, r.status), int(r.n)) for r in webhooks]),
     ]
 
 

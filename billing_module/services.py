@@ -2,8 +2,8 @@
 collaborators. Nothing else constructs a service; nothing assigns a collaborator after the fact.
 
 Build order follows the dependencies (each line uses only what the lines above built):
-caches -> catalog; secret box -> api keys -> auth; ledger -> products (and their quota hook) ->
-failures -> accounting -> retries; catalog -> sync.
+caches -> catalog; secret box -> api keys -> auth; secret box -> alerts -> low-balance watch ->
+ledger -> products (and their quota hook) -> failures -> accounting -> retries; catalog, alerts -> sync.
 """
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .accounting import Accounting
+from .alerts import Alerts, LowBalanceWatch
 from .apikeys import ApiKeys
 from .auth import Auth, SecretBox
 from .cache import CacheManager
@@ -45,6 +46,7 @@ class Services:
     sessions: SessionStore
     page_users: PageUsers
     statements: Statements
+    alerts: Alerts
 
 
 def build_services(config: Config, db: Database, data_dir: str) -> Services:
@@ -52,15 +54,16 @@ def build_services(config: Config, db: Database, data_dir: str) -> Services:
     catalog = Catalog(db, caches)
     secret_box = SecretBox(config, data_dir)
     apikeys = ApiKeys(db, secret_box)
-    ledger = Ledger(db, config)
+    alerts = Alerts(db, config, secret_box)
+    ledger = Ledger(db, config, watch=LowBalanceWatch(config, alerts))
     products = ProductManager(db=db, config=config, ledger=ledger)
-    failures = Failures(db, config)
+    failures = Failures(db, config, alerts)
     accounting = Accounting(db, config, catalog=catalog, ledger=ledger, failures=failures, quota=products.hook)
     return Services(
         caches=caches, catalog=catalog, apikeys=apikeys, auth=Auth(db, config, apikeys, secret_box),
         ledger=ledger, products=products, failures=failures, accounting=accounting,
-        retries=FailureRetries(failures, accounting), sync=SyncManager(db, config, catalog),
-        sessions=SessionStore(db), page_users=PageUsers(db), statements=Statements(db, config))
+        retries=FailureRetries(failures, accounting), sync=SyncManager(db, config, catalog, alerts),
+        sessions=SessionStore(db), page_users=PageUsers(db), statements=Statements(db, config), alerts=alerts)
 
 
 def background_jobs(services: Services, config: Config) -> list[Job]:
@@ -81,5 +84,6 @@ def background_jobs(services: Services, config: Config) -> list[Job]:
         ("subscription-renewals", services.products.renew_due, 60.0),
         ("session-purge", services.sessions.purge, 300.0),
         ("statement-close", services.statements.close_due, config.statements.close_interval_seconds),
+        ("alert-delivery", services.alerts.deliver_due, config.alerts.delivery_interval_seconds),
     ]
     return jobs + services.sync.background_jobs() + services.auth.background_jobs()

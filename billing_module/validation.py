@@ -10,6 +10,7 @@ imports nothing from ``api/`` or the services.
 import datetime
 import math
 import re
+import urllib.parse
 
 from . import clock
 from .errors import InvalidParam
@@ -72,6 +73,27 @@ def flag(value: object, name: str, default: str | None = None) -> str | None:
     if s in ("0", "false", "no"):
         return "0"
     raise InvalidParam(f"{name}: expected 0 or 1")
+
+
+WEBHOOK_URL_MAX_LEN = 500
+
+
+def webhook_url(value: object, name: str = "url") -> str | None:
+    """A webhook receiver: an absolute http or https URL with a host (no credentials in it)."""
+    v = text(value, name, max_len=WEBHOOK_URL_MAX_LEN)
+    if v is None:
+        return None
+    v = v.strip()
+    try:
+        u = urllib.parse.urlsplit(v)
+        u.port   # noqa: B018  (raises ValueError on a bad port)
+    except ValueError:
+        raise InvalidParam(f"{name}: not a URL") from None
+    if u.scheme not in ("http", "https") or not u.hostname:
+        raise InvalidParam(f"{name}: must be an http:// or https:// URL with a host")
+    if u.username or u.password or any(c.isspace() for c in v):
+        raise InvalidParam(f"{name}: must not contain credentials or spaces")
+    return v
 
 
 def integer(value: object, name: str, *, required: bool = False, default: int | None = None,

@@ -1,7 +1,7 @@
 """Sync from the central platform (the client side) and the export side that lets a
 deployment of this module be the centre. The protocol: docs/sync-protocol.md.
 
-``SyncManager(db, config, catalog)`` is the service (``core.sync``): ``sync()`` runs entities now,
+``SyncManager(db, config, catalog, alerts)`` is the service (``core.sync``): ``sync()`` runs entities now,
 ``run_due()`` is the periodic job, ``status()`` reads ``sync_state``.
 """
 from __future__ import annotations
@@ -10,6 +10,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from ..alerts import Alerts
 from ..catalog import Catalog
 from ..config import Config
 from ..db.database import Database
@@ -27,11 +28,11 @@ _MAX_TICK_SECONDS = 30
 
 
 class SyncManager:
-    def __init__(self, db: Database, config: Config, catalog: Catalog) -> None:
+    def __init__(self, db: Database, config: Config, catalog: Catalog, alerts: Alerts | None = None) -> None:
         self.db = db
         self.config = config
         self.catalog = catalog
-        self.store = SyncStateStore(db)
+        self.store = SyncStateStore(db, alerts)
         self.syncs = {name: SYNC_CLASSES[name](self) for name in ENTITY_ORDER}
 
     def entity(self, name: str) -> EntitySync:

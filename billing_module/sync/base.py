@@ -15,12 +15,14 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import datetime
 import logging
 import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
 from .. import clock
+from ..alerts import Alerts
 from ..catalog import ENTITIES
 from ..db import dialect as dialects
 from ..db.database import Database, Row, Tx
@@ -96,8 +98,9 @@ class SyncStateStore:
 
     CLIENT, EXPORT = "", "export"
 
-    def __init__(self, db: Database) -> None:
+    def __init__(self, db: Database, alerts: Alerts | None = None) -> None:
         self.db = db
+        self.alerts = alerts   # sync_failing; the export side raises no alert
 
     async def _ensure(self, tx, entity, entity_id):
         now = clock.now_text()
@@ -150,13 +153,32 @@ class SyncStateStore:
                          "next_sync_at = ${next}$, updated_at = ${now}$ "
                          "where entity_type = ${e}$ and entity_id = ${eid}$", ns)
 
-    async def failed(self, entity: str, message: str, next_in_seconds: float) -> None:
+    async def failed(self, entity: str, message: str, next_in_seconds: float, interval: float) -> None:
         async with self.db.transaction() as tx:
             await tx.execute("update sync_state set sync_status = 'failed', error_msg = ${m}$, "
                              "retry_count = retry_count + 1, next_sync_at = ${next}$, updated_at = ${now}$ "
                              "where entity_type = ${e}$ and entity_id = ${eid}$",
                              {"e": entity, "eid": self.CLIENT, "m": message[:4000], "now": clock.now_text(),
                               "next": _later(next_in_seconds)})
+            if self.alerts is not None:
+                await self._failing_alert(tx, entity, message, interval)
+
+    async def _failing_alert(self, tx: Tx, entity: str, message: str, interval: float) -> None:
+        """``sync_failing`` once per failing streak, when the streak has lasted longer than the
+        entity's interval. The streak began when the run after the last success was due (last
+        success + interval), or at the first attempt of an entity never synced; it is named by
+        that last success, so the next streak (after a success) alerts again."""
+        row = await self.get(entity, tx)
+        assert row is not None and self.alerts is not None, "failed() runs after claim() made the row"
+        last_ok = row.last_sync_time
+        began = clock.parse(str(last_ok)) + datetime.timedelta(seconds=interval) if last_ok \
+            else clock.parse(str(row.created_at))
+        if (clock.utcnow() - began.replace(tzinfo=None)).total_seconds() <= interval:
+            return
+        streak = clock.fmt(last_ok) if hasattr(last_ok, "year") else str(last_ok or f"never:{row.id}")
+        await self.alerts.emit_once(tx, f"sync_failing:{entity}:{streak}", "sync_failing", None, {
+            "entity": entity, "last_success": None if not last_ok else streak, "failures": int(row.retry_count or 0),
+            "error": message[:500], "interval_seconds": interval})
 
     async def due(self, entities: Iterable[str]) -> list[str]:
         """The entities whose next run time has come (never synced counts as due)."""
@@ -301,6 +323,6 @@ class EntitySync:
         backoff = min(self.interval, self.config.sync.failure_backoff_seconds * doubling)
         log.warning("sync failed: %s (next attempt in %ss)", message, backoff)
         try:
-            await self.store.failed(self.entity, message, backoff)
+            await self.store.failed(self.entity, message, backoff, self.interval)
         except Exception:
             log.exception("could not record the failed sync of %s", self.entity)

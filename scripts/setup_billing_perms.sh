@@ -43,6 +43,7 @@ PAGES="
 /billing_module/product_subscriptions.ui
 /billing_module/product_consumption.ui
 /billing_module/sync_status.ui
+/billing_module/alerts.ui
 /billing_module/products.ui
 /billing_module/tables.ui
 $CUSTOMER_PAGES
@@ -78,6 +79,8 @@ READ_APIS="
 /billing_module/api/customer_keys.dspy
 /billing_module/api/statements.dspy
 /billing_module/api/statement_export.dspy
+/billing_module/api/alerts.dspy
+/billing_module/api/alert_webhook.dspy
 "
 # read APIs a customer user may call: prices, what each product sells, and its own
 # organisation's balance, ledger, subscriptions and statements
@@ -96,6 +99,8 @@ CUSTOMER_APIS="
 /billing_module/api/usage_list.dspy
 /billing_module/api/usage_stats.dspy
 /billing_module/api/usage_export.dspy
+/billing_module/api/alerts.dspy
+/billing_module/api/alert_webhook.dspy
 "
 # write APIs
 WRITE_APIS="
@@ -124,6 +129,8 @@ WRITE_APIS="
 /billing_module/api/sync_run.dspy
 /billing_module/api/customer_key_create.dspy
 /billing_module/api/customer_key_revoke.dspy
+/billing_module/api/alert_webhook_set.dspy
+/billing_module/api/alert_redeliver.dspy
 "
 # the native routes of the hot endpoints (billing_module/api/native.py): the same handlers as
 # their .dspy paths above, at /billing_module/fast/<name>, granted like them

@@ -11,7 +11,6 @@ from aiohttp import web
 from billing_module.core import BillingCore
 from billing_module.errors import BillingError
 from billing_module.money import to_micro
-
 from tests.conftest import make_config
 from tests.helpers import seed_pricing, usage
 

@@ -11,7 +11,15 @@ from aiohttp import web
 
 from ..db.dialect import is_unavailable
 from ..errors import BillingError
-from . import handlers, key_handlers, product_handlers, report_handlers, statement_handlers, sync_handlers  # noqa: F401  (each registers its endpoints)
+from . import (  # noqa: F401  (each registers its endpoints)
+    alert_handlers,
+    handlers,
+    key_handlers,
+    product_handlers,
+    report_handlers,
+    statement_handlers,
+    sync_handlers,
+)
 from .callers import authenticate, signed_caller
 from .params import Params
 from .registry import HANDLERS, Caller, endpoint, reply

@@ -207,28 +207,35 @@ class Alerts:
         await self.db.run(work)
         return 1 if error is None else 0
 
-    async def redeliver(self, delivery_id: str) -> dict[str, Any]:
-        """Admin: send a delivery again now (a failed one, or a delivered one once more)."""
+    async def redeliver(self, delivery_id: str | None = None, alert_id: str | None = None) -> dict[str, Any]:
+        """Admin: send again now one delivery, or every delivery of an alert that is not pending
+        (a failed one, or a delivered one once more). Returns the alert."""
         now = clock.now_text()
+        column, key = ("id", delivery_id) if delivery_id else ("alert_id", alert_id)
+        if not key:
+            raise InvalidParam("delivery_id or id (the alert's): required")
 
         async def work(tx):
-            return await tx.execute(
+            await tx.execute(
                 "update alert_delivery set status = 'pending', attempts = 0, next_attempt_at = ${now}$, "
-                "claim_token = null, updated_at = ${now}$ where id = ${i}$ and status <> 'pending'",
-                {"now": now, "i": delivery_id})
-        if await self.db.run(work) == 0:
-            async with self.db.read() as tx:
-                row = await tx.one("select id from alert_delivery where id = ${i}$", {"i": delivery_id})
-            if row is None:
-                raise NotFound(f"no alert delivery {delivery_id}")
-        return await self.delivery(delivery_id)
+                f"claim_token = null, updated_at = ${{now}}$ where {column} = ${{k}}$ and status <> 'pending'",
+                {"now": now, "k": key})
+            if delivery_id:
+                return await tx.scalar("select alert_id from alert_delivery where id = ${k}$", {"k": key})
+            return await tx.scalar("select id from alert_outbox where id = ${k}$", {"k": key})
+        found = await self.db.run(work)
+        if found is None:
+            raise NotFound(f"no alert {'delivery ' if delivery_id else ''}{key}")
+        return await self.alert(found)
 
-    async def delivery(self, delivery_id: str) -> dict[str, Any]:
+    async def alert(self, alert_id: str) -> dict[str, Any]:
         async with self.db.read() as tx:
-            row = await tx.one("select * from alert_delivery where id = ${i}$", {"i": delivery_id})
-        if row is None:
-            raise NotFound(f"no alert delivery {delivery_id}")
-        return delivery_view(row)
+            row = await tx.one("select * from alert_outbox where id = ${i}$", {"i": alert_id})
+            if row is None:
+                raise NotFound(f"no alert {alert_id}")
+            deliveries = await tx.select("select * from alert_delivery where alert_id = ${i}$ order by target",
+                                         {"i": alert_id})
+        return alert_view(row, [delivery_view(d) for d in deliveries])
 
     # --- reads ------------------------------------------------------------------------------------
     async def search(self, customer_id: str | None = None, type: str | None = None, status: str | None = None,
@@ -348,8 +355,14 @@ def alert_view(r: Row, deliveries: list[dict[str, Any]]) -> dict[str, Any]:
     statuses = {d["status"] for d in deliveries}
     overall = ("none" if not deliveries else "failed" if "failed" in statuses
                else "pending" if "pending" in statuses else "delivered")
+    data = json.loads(r.data or "{}")
     return {"id": r.id, "type": r.alert_type, "customer_id": r.customer_id, "created_at": _text(r.created_at),
-            "data": json.loads(r.data or "{}"), "status": overall, "deliveries": deliveries}
+            "data": data, "status": overall, "deliveries": deliveries,
+            # flat texts for a grid row
+            "summary": ", ".join(f"{k}: {v}" for k, v in data.items())[:300],
+            "delivery_summary": "; ".join(f"{d['target']} {d['status']} ({d['attempts']} attempts"
+                                          f"{', HTTP ' + str(d['last_status']) if d['last_status'] else ''})"
+                                          for d in deliveries)}
 
 
 def delivery_view(d: Row) -> dict[str, Any]:

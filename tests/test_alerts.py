@@ -178,11 +178,12 @@ async def test_a_delivery_gives_up_after_max_attempts_and_an_admin_redelivers(ac
     assert metrics.WEBHOOK_FAILURES.labels("deployment", "gave_up")._value.get() == gave_up + 1
     fixed_clock.advance(3600)
     assert await core.alerts.deliver_due() == 0                    # failed stays failed
-    assert (await core.alerts.redeliver(d["delivery_id"]))["status"] == "pending"
+    assert (await core.alerts.redeliver(delivery_id=d["delivery_id"]))["status"] == "pending"
     assert await core.alerts.deliver_due() == 1
     assert receiver.ids() == [alert["id"]]
     with pytest.raises(BillingError):
-        await core.alerts.redeliver("no-such-delivery")
+        await core.alerts.redeliver(delivery_id="no-such-delivery")
+    assert (await core.alerts.redeliver(alert_id=alert["id"]))["deliveries"][0]["status"] == "pending"
 
 
 async def test_a_customer_webhook_gets_its_alerts_signed_with_its_own_secret(acore, receiver):

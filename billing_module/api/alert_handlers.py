@@ -1,6 +1,8 @@
 """Alerts (``api/alerts|alert_webhook|alert_webhook_set|alert_redeliver.dspy``): the list, a
 customer's webhook and low-balance override, sending a delivery again. A customer caller reads
 its own alerts and settings (``Caller.scope`` names its customer); changes are the platform's."""
+from typing import Any
+
 from .. import validation
 from ..alerts import ALERT_TYPES, SECRET_MAX_LEN, SECRET_MIN_LEN, STATUSES
 from ..errors import InvalidParam
@@ -32,7 +34,7 @@ async def alert_webhook_set(core, caller, p, request):
     """Given fields change, absent ones stay; ``remove``: ``webhook`` (url and secret),
     ``low_balance`` (the override: the deployment's threshold applies again) or ``all``."""
     customer_id = p.ident("customer_id", required=True)
-    changes = {}
+    changes: dict[str, Any] = {}
     remove = p.str("remove", choices=_REMOVABLE)
     if remove in ("webhook", "all"):
         changes["url"] = None
@@ -58,4 +60,5 @@ async def alert_webhook_set(core, caller, p, request):
 
 @endpoint("alert_redeliver", methods=WRITE, admin=True)
 async def alert_redeliver(core, caller, p, request):
-    return await core.alerts.redeliver(p.ident("delivery_id", required=True))
+    """``delivery_id``: that delivery; ``id``: every delivery of that alert that is not pending."""
+    return await core.alerts.redeliver(delivery_id=p.ident("delivery_id"), alert_id=p.ident("id"))

@@ -7,6 +7,9 @@ browser session serve every flow; the flows run in file order. A PNG of every pa
 ``$E2E_SHOTS`` (default ``tests/.e2e-shots``, git-ignored)."""
 import asyncio
 import csv
+import hashlib
+import hmac
+import http.server
 import io
 import json
 import os
@@ -102,8 +105,9 @@ def server(tmp_path_factory, central):
     data_dir = tmp_path_factory.mktemp("e2e")
     port = _free_port()
     # background retries of failed accounting wait an hour: only the operator's "retry now" counts
+    # alert webhooks: one attempt each, looked for every second (the alerts flow redelivers by hand)
     env = dict(os.environ, BILLING_SERVER_ADMIN_PASSWORD=PASSWORD, BILLING_ACCOUNTING_RETRY_BASE_SECONDS="3600",
-               **central)
+               BILLING_ALERTS_MAX_ATTEMPTS="1", BILLING_ALERTS_DELIVERY_INTERVAL_SECONDS="1", **central)
     env.pop("BILLING_CONFIG", None)
     proc = subprocess.Popen([sys.executable, "-m", "billing_module.cli", "serve", "--demo", "--port", str(port),
                              "--data-dir", str(data_dir), "--bricks-dir", BRICKS],
@@ -491,6 +495,65 @@ def test_each_crud_table_shows_its_rows(console, clean_log, table):
     first = c.db(f"select {'entity_type' if table == 'sync_state' else 'id'} from {table} order by 1")[0][0]
     c.wait_text("#tbl_grid", str(first))
     c.shot(f"table-{table}")
+
+
+class _Receiver(http.server.BaseHTTPRequestHandler):
+    """A customer's webhook receiver: keeps each request's headers and raw body."""
+    received: list = []
+
+    def do_POST(self):
+        body = self.rfile.read(int(self.headers["Content-Length"]))
+        self.received.append((dict(self.headers), body))
+        self.send_response(200)
+        self.end_headers()
+
+    def log_message(self, *args):
+        pass
+
+
+def test_alerts_page_sets_a_customer_webhook_shows_a_failed_delivery_and_redelivers_it(console, clean_log):
+    c = console
+    port = _free_port()                    # nothing listens yet: the first delivery fails
+    secret = "e2e-customer-webhook-secret"
+    balance = c.api.call("balance", customer_id="demo-acme")["balance"]
+    c.open("alerts.ui")
+    c.click("al_webhook_open")
+    c.fill("al_webhook_form", customer_id="demo-acme", url=f"http://127.0.0.1:{port}/hook", secret=secret,
+           low_balance_amount=balance)
+    c.click("al_webhook_go")
+    outcome = c.wait_text("#al_result", "Customer alert webhook")
+    assert "done" in outcome and secret not in outcome and "e2e-…" in outcome, outcome
+    settings = c.api.call("alert_webhook", customer_id="demo-acme")
+    assert settings["url"] == f"http://127.0.0.1:{port}/hook" and settings["low_balance_amount"] == balance
+    # the balance goes below the customer's threshold: one alert, its delivery fails (no receiver)
+    assert c.api.call("adjust", "POST", customer_id="demo-acme", amount="-1", request_id="e2e-alert-1",
+                      reason="alert flow")["success"]
+    c.wait(lambda: c.api.call("alerts", customer_id="demo-acme", status="failed")["total"] == 1,
+           "the delivery did not fail")
+    [alert] = c.api.call("alerts", customer_id="demo-acme")["rows"]
+    c.open("index.ui")
+    c.wait_text("#card_6", "1 failed")
+    c.open("alerts.ui")
+    c.select("al_filter", "status", "failed")
+    c.click("al_filter_go")
+    c.wait_text("#al_grid", alert["id"])
+    c.shot("alerts")
+    receiver = http.server.ThreadingHTTPServer(("127.0.0.1", port), _Receiver)
+    threading.Thread(target=receiver.serve_forever, daemon=True).start()
+    try:
+        c.row_button(alert["id"], "redeliver").click()
+        c.wait_text("#al_result", "Redeliver alert: done")
+        c.wait(lambda: len(_Receiver.received) == 1, "the redelivered alert did not arrive")
+    finally:
+        receiver.shutdown()
+        receiver.server_close()
+    headers, body = _Receiver.received[0]
+    assert json.loads(body)["id"] == alert["id"] and json.loads(body)["type"] == "low_balance"
+    signed = headers["X-Billing-Timestamp"].encode() + b"." + body
+    assert hmac.compare_digest(hmac.new(secret.encode(), signed, hashlib.sha256).hexdigest(),
+                               headers["X-Billing-Signature"])
+    c.wait(lambda: c.api.call("alerts", customer_id="demo-acme")["rows"][0]["status"] == "delivered",
+           "the delivery is not marked delivered")
 
 
 def test_no_page_answers_500(console, server):

@@ -72,7 +72,12 @@ def config(tmp_path, receiver):
 
 
 @pytest.fixture
-def acore(core):
+async def acore(core):
+    """The core with no alerts yet: a MySQL database is emptied only after a ``core`` fixture has
+    marked it, and the crash test's server (tests/test_alerts_crash.py) leaves its alert behind."""
+    async with core.db.transaction() as tx:
+        for table in ("alert_delivery", "alert_outbox", "alert_webhook"):
+            await tx.execute(f"delete from {table}")
     return core
 
 

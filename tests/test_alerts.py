@@ -249,3 +249,76 @@ async def test_sync_failing_once_per_streak(acore, receiver, fixed_clock):
     fixed_clock.advance(interval)
     await store.failed("users", "down again", 30, interval)
     assert len(await alerts_of(core, type="sync_failing")) == 2
+
+
+async def test_alert_apis_validate_scope_and_never_return_the_secret(http, receiver):
+    core = http.core
+    key = http.admin_key
+    secret = "api-customer-secret-0123456789"
+    bad = [({"customer_id": "c1", "url": "ftp://127.0.0.1/x", "secret": secret}, "url"),
+           ({"customer_id": "c1", "url": "http://", "secret": secret}, "url"),
+           ({"customer_id": "c1", "url": "javascript:alert(1)", "secret": secret}, "url"),
+           ({"customer_id": "c1", "url": receiver.url, "secret": "short"}, "secret"),
+           ({"customer_id": "c1", "url": receiver.url}, "secret"),
+           ({"customer_id": "c1", "low_balance_percent": "0"}, "low_balance_percent"),
+           ({"customer_id": "c1", "low_balance_percent": "101"}, "low_balance_percent"),
+           ({"customer_id": "c1", "low_balance_amount": "-5"}, "low_balance_amount"),
+           ({"customer_id": "c1", "low_balance_amount": "1.5", "low_balance_percent": "10"}, "low_balance"),
+           ({"customer_id": "c1"}, "nothing to change")]
+    for params, word in bad:
+        status, body = await http.post("api/alert_webhook_set.dspy", key, json=params)
+        assert status == 400 and word in body["message"], (params, status, body)
+    status, body = await http.get("api/alert_webhook.dspy", key, customer_id="c1")
+    assert status == 200 and body["url"] is None and body["secret_set"] is False   # nothing was written
+
+    status, body = await http.post("api/alert_webhook_set.dspy", key, json={
+        "customer_id": "c1", "url": receiver.base + "/customer-hook", "secret": secret, "low_balance_amount": "20"})
+    assert status == 200 and body["secret_hint"] == "api-…" and secret not in json.dumps(body)
+    status, body = await http.get("api/alert_webhook.dspy", key, customer_id="c1")
+    assert body["low_balance_amount"] == "20.000000" and secret not in json.dumps(body)
+    status, body = await http.post("api/alert_webhook_set.dspy", key, json={"customer_id": "c1",
+                                                                            "low_balance_percent": "25"})
+    assert body["low_balance_percent"] == 25 and body["low_balance_amount"] is None and body["secret_set"]
+
+    for customer in ("c1", "c2"):
+        await core.ledger.recharge(customer, to_micro("150"), f"r-{customer}")
+        await core.ledger.adjust(customer, to_micro("-120"), f"a-{customer}", "use")   # 30: below 100 / below 37.5
+    status, body = await http.get("api/alerts.dspy", key)
+    assert status == 200 and body["total"] == 2
+    status, body = await http.get("api/alerts.dspy", key, customer_id="c1", type="low_balance", status="pending")
+    assert body["total"] == 1 and body["rows"][0]["data"]["threshold"] == "37.500000"
+    status, body = await http.get("api/alerts.dspy", key, status="bogus")
+    assert status == 400
+
+    customer_key, _ = await core.apikeys.create("customer", customer_id="c2")
+    status, body = await http.get("api/alerts.dspy", customer_key)
+    assert status == 200 and [r["customer_id"] for r in body["rows"]] == ["c2"]
+    status, body = await http.get("api/alerts.dspy", customer_key, customer_id="c1")
+    assert status == 403
+    status, body = await http.post("api/alert_webhook_set.dspy", customer_key,
+                                   json={"customer_id": "c2", "low_balance_amount": "1"})
+    assert status == 403
+    status, body = await http.post("api/alert_redeliver.dspy", key, json={"delivery_id": "missing"})
+    assert status == 404
+
+    status, body = await http.post("api/alert_webhook_set.dspy", key, json={"customer_id": "c1", "remove": "all"})
+    assert body["url"] is None and body["secret_set"] is False and body["low_balance_percent"] is None
+
+
+async def test_webhook_metrics_parse(http, receiver):
+    from prometheus_client.parser import text_string_to_metric_families
+    core = http.core
+    receiver.fail_first = 1
+    await core.ledger.recharge("c1", to_micro("150"), "r1")
+    await core.ledger.adjust("c1", to_micro("-100"), "a1", "use")
+    await core.alerts.deliver_due()
+    r = await http.client.get("/billing_module/api/metrics.dspy",
+                              headers={"Authorization": f"Bearer {http.admin_key}"})
+    families = {f.name: f for f in text_string_to_metric_families(await r.text())}
+    failures = {(s.labels["target"], s.labels["outcome"]): s.value
+                for s in families["billing_webhook_failures"].samples if s.name.endswith("_total")}
+    assert failures.get(("deployment", "retry"), 0) >= 1, families["billing_webhook_failures"].samples
+    undelivered = {(s.labels["target"], s.labels["status"]): s.value
+                   for s in families["billing_webhook_undelivered"].samples}
+    assert undelivered == {("deployment", "pending"): 1}
+    assert "billing_webhook_deliveries" in families

@@ -160,8 +160,10 @@ class Alerts:
         if d is None or alert is None:
             return 0
         status, error = 0, None
+        secret = await self._secret(d.target, alert.customer_id)
+        if not secret:   # the customer's webhook was removed since: nothing to sign with, give up
+            return await self._record(d, token, 0, "the receiver's webhook secret is no longer set", final=True)
         try:
-            secret = await self._secret(d.target, alert.customer_id)
             body = body_of(alert)
             timestamp = str(int(time.time()))
             headers = {"Content-Type": "application/json", "X-Billing-Timestamp": timestamp,
@@ -181,7 +183,7 @@ class Alerts:
             enc = await tx.scalar("select secret_enc from alert_webhook where customer_id = ${c}$", {"c": customer_id})
         return self.secret_box.decrypt(enc) if enc else ""
 
-    async def _record(self, d: Row, token: str, status: int, error: str | None) -> int:
+    async def _record(self, d: Row, token: str, status: int, error: str | None, final: bool = False) -> int:
         """The outcome of one attempt, under the claim token (a claim that ran out and was taken
         over by another instance records nothing here)."""
         now = clock.now_text()
@@ -193,7 +195,7 @@ class Alerts:
                    "updated_at = ${now}$ where id = ${i}$ and claim_token = ${t}$")
             metrics.webhook_delivered(d.target)
         else:
-            gave_up = attempts >= self.config.alerts.max_attempts
+            gave_up = final or attempts >= self.config.alerts.max_attempts
             ns.update(state="failed" if gave_up else "pending",
                       nx=None if gave_up else clock.now_text(self.backoff_seconds(attempts - 1)))
             sql = ("update alert_delivery set status = ${state}$, attempts = ${n}$, last_status = ${st}$, "
@@ -249,6 +251,8 @@ class Alerts:
                           "(select 1 from alert_delivery d where d.alert_id = a.id and d.status <> 'delivered')"),
         }
         cond, ns = where(("a.customer_id = ${c}$", "c", customer_id), ("a.alert_type = ${t}$", "t", type))
+        if status and status not in status_cond:
+            raise InvalidParam(f"status: must be one of {', '.join(STATUSES)}")
         if status:
             cond = f"{cond} and {status_cond[status]}"
         async with self.db.read() as tx:

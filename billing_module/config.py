@@ -388,6 +388,10 @@ def load_config(path=None, environ=None, overrides=None):
         _apply(cfg, SCHEMA, overrides, "")
     if cfg.holds.default_ttl_seconds > cfg.holds.max_ttl_seconds:
         raise ConfigError("holds.default_ttl_seconds must not exceed holds.max_ttl_seconds")
+    if cfg.alerts.webhook_url and len(cfg.alerts.webhook_secret) < 16:
+        # receivers verify every alert with it: an empty or guessable secret signs nothing
+        raise ConfigError("alerts.webhook_secret (BILLING_ALERTS_WEBHOOK_SECRET): at least 16 characters are "
+                          "required with alerts.webhook_url")
     return cfg
 
 

@@ -322,3 +322,30 @@ async def test_webhook_metrics_parse(http, receiver):
                    for s in families["billing_webhook_undelivered"].samples}
     assert undelivered == {("deployment", "pending"): 1}
     assert "billing_webhook_deliveries" in families
+
+
+def test_a_deployment_webhook_needs_a_secret_and_an_http_url():
+    from billing_module.config import load_config
+    from billing_module.errors import ConfigError
+    env = {"BILLING_ALERTS_WEBHOOK_URL": "https://alerts.example.com/hook"}
+    with pytest.raises(ConfigError, match="webhook_secret"):
+        load_config(environ=env)
+    with pytest.raises(ConfigError, match="http"):
+        load_config(environ=dict(env, BILLING_ALERTS_WEBHOOK_URL="ftp://x/y", BILLING_ALERTS_WEBHOOK_SECRET=SECRET))
+    with pytest.raises(ConfigError, match="low_balance_amount"):
+        load_config(environ={"BILLING_ALERTS_LOW_BALANCE_AMOUNT": "ten"})
+    cfg = load_config(environ=dict(env, BILLING_ALERTS_WEBHOOK_SECRET=SECRET, BILLING_ALERTS_LOW_BALANCE_AMOUNT="12.5"))
+    assert cfg.alerts.webhook_url == env["BILLING_ALERTS_WEBHOOK_URL"] and cfg.alerts.low_balance_amount == "12.5"
+
+
+async def test_a_removed_customer_webhook_gives_its_pending_delivery_up(acore, receiver):
+    core = acore
+    await core.alerts.set_webhook("c1", {"url": receiver.base + "/customer-hook", "secret": "s" * 20}, "admin")
+    await core.ledger.recharge("c1", to_micro("150"), "r1")
+    await core.ledger.adjust("c1", to_micro("-100"), "a1", "use")
+    await core.alerts.set_webhook("c1", {"url": None}, "admin")
+    assert await core.alerts.deliver_due() == 1                       # the deployment's
+    [alert] = await alerts_of(core)
+    customer = next(d for d in alert["deliveries"] if d["target"] == "customer")
+    assert customer["status"] == "failed" and "no longer set" in customer["last_error"]
+    assert len(receiver.accepted) == 1

@@ -27,6 +27,11 @@ ALTER TABLE accounting_records MODIFY `user_id` VARCHAR(32) COLLATE utf8mb4_bin 
 ALTER TABLE accounting_records MODIFY `product_id` VARCHAR(32) COLLATE utf8mb4_bin   comment '产品ID';
 ALTER TABLE accounting_records MODIFY `subscription_id` VARCHAR(32) COLLATE utf8mb4_bin   comment '抵扣的订购ID';
 ALTER TABLE accounting_records MODIFY `ledger_entry_id` VARCHAR(32) COLLATE utf8mb4_bin   comment '账本分录ID';
+ALTER TABLE alert_delivery MODIFY `id` VARCHAR(32) COLLATE utf8mb4_bin NOT NULL  comment '主键';
+ALTER TABLE alert_delivery MODIFY `alert_id` VARCHAR(32) COLLATE utf8mb4_bin NOT NULL  comment '告警ID';
+ALTER TABLE alert_outbox MODIFY `id` VARCHAR(32) COLLATE utf8mb4_bin NOT NULL  comment '主键 (the alert id receivers dedupe by)';
+ALTER TABLE alert_outbox MODIFY `customer_id` VARCHAR(32) COLLATE utf8mb4_bin   comment '客户ID (empty: the deployment as a whole)';
+ALTER TABLE alert_webhook MODIFY `customer_id` VARCHAR(32) COLLATE utf8mb4_bin NOT NULL  comment '客户ID';
 ALTER TABLE api_key MODIFY `id` VARCHAR(32) COLLATE utf8mb4_bin NOT NULL  comment '主键';
 ALTER TABLE api_key MODIFY `customer_id` VARCHAR(32) COLLATE utf8mb4_bin   comment '限定客户ID';
 ALTER TABLE api_key MODIFY `app_id` VARCHAR(64) COLLATE utf8mb4_bin   comment '应用ID (signed requests)';

@@ -4,6 +4,7 @@ quota and usage for a customer's own organisation. The ProductManager validates 
 checks who may act on which customer and calls one manager method."""
 from ..errors import Forbidden, NotFound
 from ..products import COST_FIELDS
+from .callers import check_user_of
 from .registry import endpoint
 from .report_handlers import usage_filter
 
@@ -25,12 +26,7 @@ def _customer(p, caller, required=True):
 
 
 async def _user_of(core, caller, customer_id, user_id):
-    """A customer-scoped caller writes only under users of its own organisation (when the users
-    cache knows the user; an unknown user id is the caller's own label)."""
-    if user_id is not None and not caller.is_admin:
-        org = await core.catalog.user_org(user_id)
-        if org is not None and org != customer_id:
-            raise Forbidden(f"user {user_id} is not a user of {customer_id}")
+    await check_user_of(core, caller, customer_id, user_id)
     return user_id
 
 

@@ -3,6 +3,7 @@ the reply's data; ``billing_module.api.handle`` checks the method and the caller
 the reply."""
 from typing import Any
 
+from .. import clock
 from ..accounting import BATCH_MODES, batch_refusal, check_batch
 from ..errors import BillingError, InvalidParam
 from .callers import check_user_of
@@ -192,7 +193,8 @@ async def users(core, caller, p, request):
 async def failed_accounting_list(core, caller, p, request):
     page, rows = p.page()
     customer = p.ident("customer_id") or p.ident("userorgid")
-    start, end = p.bounds(end_day_inclusive=False)   # the page asks "failed before" a day
+    # the page asks "failed before" a day, a day of the deployment's time zone
+    start, end = p.bounds(end_day_inclusive=False, zone=clock.zone(core.config.timezone))
     return await core.failures.search(
         customer_id=customer, user_id=p.ident("user_id") or p.ident("userid"), llmid=p.ident("llmid"),
         handled=p.flag("handled"), retry_state=p.str("retry_state", choices=("waiting", "exhausted", "resolved")),

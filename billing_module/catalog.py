@@ -155,7 +155,8 @@ class Catalog:
 
     async def user_org(self, user_id: str) -> str | None:
         """The organisation of a user the users cache knows, or None for a user it does not know."""
-        row = await self._row("users_cache", "id = ${k}$ and entity_kind = 'user'", {"k": user_id})
+        row = await self.caches.cache("users:user").get_or_load(
+            user_id, lambda: self._row("users_cache", "id = ${k}$ and entity_kind = 'user'", {"k": user_id}))
         return None if row is None else row.org_id
 
     async def quote(self, usage: Usage, llmid: str | None = None, model_name: str | None = None,

@@ -24,6 +24,7 @@ def build_parser():
                    "(server.bricks_dir)")
     p.add_argument("--workers", type=int, default=1, help="server processes sharing the port and the database")
     p.add_argument("--quiet", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--prepared", action="store_true", help=argparse.SUPPRESS)   # a worker: its parent prepared
 
     p = sub.add_parser("initdb", help="create missing tables and indexes (never drops or alters)")
     add_common_options(p)
@@ -126,7 +127,8 @@ def main(argv=None):
             from .server import serve
             if args.workers < 1:
                 raise ConfigError("--workers must be at least 1")
-            return serve(cfg, data_dir, demo=args.demo, workers=args.workers, argv=argv, quiet=args.quiet) or 0
+            return serve(cfg, data_dir, demo=args.demo, workers=args.workers, argv=argv, quiet=args.quiet,
+                         prepared=args.prepared) or 0
         return asyncio.run(_run(args, cfg, data_dir))
     except (ConfigError, BillingError) as e:
         print(f"billing-module: {getattr(e, 'message', e)}", file=sys.stderr)

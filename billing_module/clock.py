@@ -1,6 +1,11 @@
 """The module's one clock. Times are stored as UTC text 'YYYY-MM-DD HH:MM:SS', which sorts
-and compares the same way on SQLite and MySQL. Tests replace the clock with ``set_clock``."""
+and compares the same way on SQLite and MySQL. Tests replace the clock with ``set_clock``.
+
+People read days and months in the deployment's time zone (config ``timezone``): a filter's
+naive time is wall time there, and a report's day is the local day (``offset_segments``)."""
 import datetime
+import functools
+import zoneinfo
 from dataclasses import dataclass
 
 from .errors import InvalidParam
@@ -37,8 +42,9 @@ def today():
     return utcnow().date()
 
 
-def parse(text, field="time"):
-    """Accept 'YYYY-MM-DD', 'YYYY-MM-DD HH:MM:SS' or ISO 8601 with T / Z / offset; return naive UTC."""
+def parse(text, field="time", zone: datetime.tzinfo | None = None):
+    """Accept 'YYYY-MM-DD', 'YYYY-MM-DD HH:MM:SS' or ISO 8601 with T / Z / offset; return naive UTC.
+    A time without an offset is wall time in ``zone`` (UTC when None)."""
     if not isinstance(text, str) or not text.strip() or len(text) > 40:
         raise InvalidParam(f"{field}: expected a date or time such as 2026-01-31 12:00:00")
     s = text.strip().replace("Z", "+00:00")
@@ -46,12 +52,63 @@ def parse(text, field="time"):
         dt = datetime.datetime.fromisoformat(s)
     except ValueError:
         raise InvalidParam(f"{field}: '{text[:40]}' is not a date or time such as 2026-01-31 12:00:00") from None
+    if dt.tzinfo is None and zone is not None:
+        dt = dt.replace(tzinfo=zone)
     if dt.tzinfo is not None:
         try:
             dt = dt.astimezone(datetime.timezone.utc).replace(tzinfo=None)
         except OverflowError:   # e.g. 0001-01-01T00:00:00+01:00 is before year 1 in UTC
             raise InvalidParam(f"{field}: '{text[:40]}' is out of range") from None
     return dt.replace(microsecond=0)
+
+
+@functools.lru_cache(maxsize=64)
+def zone(name: str) -> datetime.tzinfo:
+    """The IANA zone ``name`` (config ``timezone``, checked when the configuration loads)."""
+    return zoneinfo.ZoneInfo(name)
+
+
+def local_today(zone_name: str) -> datetime.date:
+    """Today in the deployment's time zone (what "today" means on a page)."""
+    return utcnow().replace(tzinfo=datetime.timezone.utc).astimezone(zone(zone_name)).date()
+
+
+def utc_offset_minutes(tz: datetime.tzinfo, at: datetime.datetime) -> int:
+    """The offset of ``tz`` from UTC at the UTC instant ``at`` (naive), in minutes."""
+    offset = at.replace(tzinfo=datetime.timezone.utc).astimezone(tz).utcoffset()
+    return int(offset.total_seconds() // 60) if offset is not None else 0
+
+
+_STEP = datetime.timedelta(days=7)    # zones change their offset at most a few times a year
+
+
+@functools.lru_cache(maxsize=256)
+def offset_segments(tz: datetime.tzinfo, lo: datetime.datetime, hi: datetime.datetime
+                    ) -> tuple[tuple[str | None, int], ...]:
+    """The offsets of ``tz`` over the UTC instants [lo, hi] (naive): ``((until, minutes), ...)``,
+    each ``until`` the UTC text where the next offset begins, the last ``None``. A zone without
+    daylight saving gives one segment. Transitions are found by weekly steps and a bisection to
+    the second, so a report can turn UTC times into local days in SQL."""
+    segments: list[tuple[str | None, int]] = []
+    current = utc_offset_minutes(tz, lo)
+    t = lo
+    while t < hi:
+        nxt = min(t + _STEP, hi)
+        if utc_offset_minutes(tz, nxt) != current:
+            a, b = t, nxt        # offset(a) == current != offset(b): bisect to the first second of b's
+            while b - a > datetime.timedelta(seconds=1):
+                mid = a + (b - a) / 2
+                mid = mid.replace(microsecond=0)
+                if utc_offset_minutes(tz, mid) == current:
+                    a = mid
+                else:
+                    b = mid
+            segments.append((fmt(b), current))
+            current = utc_offset_minutes(tz, b)
+            nxt = b
+        t = nxt
+    segments.append((None, current))
+    return tuple(segments)
 
 
 @dataclass(frozen=True)

@@ -6,6 +6,7 @@ database (the core connects on first use). Every name registered in ServerEnv st
 """
 import logging
 
+from . import clock
 from .core import BillingCore
 from .inprocess import register_functions
 
@@ -37,6 +38,8 @@ def load_billing_module(config=None, db_desc=None, data_dir=None, register_backg
         return await handle(core, request, params_kw, name)
 
     env.billing_api = billing_api
+    # "today" on a page is the deployment's day (config ``timezone``), as the reports read days
+    env.billing_today = lambda: clock.local_today(core.config.timezone).isoformat()
     from .guard import install_request_guard
     install_request_guard()
     register_functions(core, env)

@@ -15,9 +15,10 @@ source seen through the products' reply shapes.
 from __future__ import annotations
 
 import codecs
+import datetime
 import logging
 import re
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass
 from decimal import ROUND_HALF_UP, Decimal
 from typing import Any
@@ -33,7 +34,7 @@ log = logging.getLogger("billing_module.reports")
 
 SOURCES = ("accounting", "product")
 ACCOUNTING_STATUSES = ("accounted", "pending", "failed")
-GROUPS = {"accounting": ("day", "model", "user", "customer", "total"),
+GROUPS = {"accounting": ("day", "month", "model", "user", "customer", "total"),
           "product": ("day", "month", "product", "customer", "supplier", "total")}
 BILLING_MODES = ("1", "2", "3")    # product_usage_log.billing_mode: included, overage, pay-as-you-go
 MAX_STATS_ROWS = 1000
@@ -60,10 +61,12 @@ class UsageFilter:
 
 def product_filter(customer_id: object = None, product_id: object = None, subscription_id: object = None,
                    billing_mode: object = None, supplier_org_id: object = None, user_id: object = None,
-                   start: object = None, end: object = None, overage_only: bool = False) -> UsageFilter:
+                   start: object = None, end: object = None, overage_only: bool = False,
+                   zone: datetime.tzinfo | None = None) -> UsageFilter:
     """The product source's filter from unchecked values (the in-process products API): ids,
-    the billing mode and the time range are checked by the module's validation rules."""
-    t0, t1 = validation.bounds(start, end, "start", "end")
+    the billing mode and the time range (naive times: wall time in ``zone``) are checked by the
+    module's validation rules."""
+    t0, t1 = validation.bounds(start, end, "start", "end", zone=zone)
     return UsageFilter(
         source="product", status=None, customer_id=validation.ident(customer_id, "customer_id"),
         user_id=validation.ident(user_id, "user_id"), product_id=validation.ident(product_id, "product_id"),
@@ -157,25 +160,29 @@ def _where(src, f):
     return (" where " + " and ".join(where)) if where else "", ns
 
 
-def _aggregate_sql(src, f, group=None, dialect=None):
+# (time column, month?) -> SQL of its local day or month (``Reports._day_sql``)
+DaySql = Callable[[str, bool], str]
+
+
+def _aggregate_sql(src, f, group=None, day_sql: DaySql | None = None):
     """The one aggregate statement: totals (``group`` None or 'total') or one row per group."""
     where, ns = _where(src, f)
     sums = ", ".join(f"{expr} as {alias}" for alias, expr in src.sums)
     if group in (None, "total"):
         return f"select {sums} from {src.table}{_joins(src)}{where}", ns
-    key, label = _group_key(src, group, dialect)
+    key, label = _group_key(src, group, day_sql)
     return f"select {key} as k, {label} as label, {sums} from {src.table}{_joins(src)}{where} group by {key}", ns
 
 
-def _group_key(src, group, dialect):
+def _group_key(src, group, day_sql):
     """(key SQL, label SQL) of a group."""
     if group in ("day", "month"):
-        key = dialects.substr_date(dialect, src.time_col, month=group == "month")
+        key = day_sql(src.time_col, group == "month")
         return key, f"max({key})"
     return src.groups[group]
 
 
-def _quantities_sql(tx, src, f, group, dialect, keys, ns):
+def _quantities_sql(tx, src, f, group, day_sql, keys, ns):
     """The product source's quantities per unit of the groups ``keys`` (units differ between
     products, so quantities never sum across them). round(x * 10000) turns decimal(15,4) into
     exact integers of 1e-4 units (SQLite stores them as floats)."""
@@ -184,7 +191,7 @@ def _quantities_sql(tx, src, f, group, dialect, keys, ns):
     if group == "total":
         key, group_by = "'total'", "r.used_unit"
     else:
-        key = _group_key(src, group, dialect)[0]
+        key = _group_key(src, group, day_sql)[0]
         group_by = f"{key}, r.used_unit"
         where += (" and " if where else " where ") + f"{key} in {tx.in_list(keys, ns, 'qk')}"
     return (f"select {key} as k, r.used_unit as unit, sum(round(r.used_amount * 10000)) as q, "
@@ -253,9 +260,27 @@ _FORMULA_START = re.compile(r"(^|[,;])([=+\-@\t\r])")
 
 
 class Reports:
-    def __init__(self, db: Database, platform_view: bool = True) -> None:
+    def __init__(self, db: Database, platform_view: bool = True, time_zone: str = "UTC") -> None:
         self.db = db
         self.platform_view = platform_view     # False: a customer's view, without cost and margin
+        self.time_zone = time_zone             # days and months are this zone's (config ``timezone``)
+
+    async def _day_sql(self, tx, column: str, source_sql: str, ns: dict, f: UsageFilter) -> DaySql:
+        """How this zone's days and months of ``column`` are written in SQL for the rows of
+        ``source_sql`` (``from ... where ...``): UTC times shifted by the zone's offset in force
+        at each time (daylight saving included), over the filter's range or else the rows'."""
+        dialect = self.db.dialect
+        if self.time_zone == "UTC":
+            return lambda col, month: dialects.substr_date(dialect, col, month)
+        lo, hi = f.start, f.end
+        if lo is None or hi is None:
+            span = await tx.one(f"select min({column}) as lo, max({column}) as hi {source_sql}", ns)
+            lo, hi = lo or span["lo"], hi or span["hi"]
+        now = clock.utcnow()
+        lo_t = clock.parse(str(lo)) if lo is not None else now
+        hi_t = clock.parse(str(hi)) + datetime.timedelta(seconds=1) if hi is not None else now
+        segments = clock.offset_segments(clock.zone(self.time_zone), min(lo_t, hi_t), max(lo_t, hi_t))
+        return lambda col, month: dialects.local_date(dialect, col, segments, month)
 
     def _shown(self, view: dict) -> dict:
         return view if self.platform_view else _customer_view(view)
@@ -299,11 +324,13 @@ class Reports:
         sort ascending, other groups by amount (``order="key"``: by key). Product rows also
         carry their ``quantities`` per unit."""
         src = _SOURCES[f.source]
-        sql, ns = _aggregate_sql(src, f, group_by, self.db.dialect)
         total_sql, total_ns = _aggregate_sql(src, f)
-        order_by = "k" if group_by == "day" or order == "key" else "amount desc, k"
+        order_by = "k" if group_by in ("day", "month") or order == "key" else "amount desc, k"
         result: dict[str, Any]
         async with self.db.read() as tx:
+            where, where_ns = _where(src, f)
+            day_sql = await self._day_sql(tx, src.time_col, f"from {src.table}{where}", where_ns, f)
+            sql, ns = _aggregate_sql(src, f, group_by, day_sql)
             if group_by == "total":
                 result = {"total": 1, "rows": [await tx.one(sql, ns)]}
                 top = result["rows"][0]["amount"]
@@ -311,7 +338,7 @@ class Reports:
                 result = await tx.page(sql, ns, order_by, page, rows)
                 top = await tx.scalar(f"select max(amount) as m from ({sql}) grouped_", ns)
             totals = await tx.one(total_sql, total_ns)
-            quantities = await self._quantities(tx, src, f, group_by, result["rows"])
+            quantities = await self._quantities(tx, src, f, group_by, result["rows"], day_sql)
         top = _int(top)
         out = []
         for r in result["rows"]:
@@ -334,9 +361,6 @@ class Reports:
         grouped by supplier, the answer is empty."""
         if group_by == "supplier" or f.supplier_org_id is not None:
             return {}
-        keys = {"product": "s.product_id", "customer": "l.customer_id", "total": "'total'",
-                "day": dialects.substr_date(self.db.dialect, "l.created_at"),
-                "month": dialects.substr_date(self.db.dialect, "l.created_at", month=True)}
         conds = [("customer_id", "l.customer_id = ${customer_id}$"), ("product_id", "s.product_id = ${product_id}$"),
                  ("start", "l.created_at >= ${start}$"), ("end", "l.created_at < ${end}$")]
         where, ns = "", {}
@@ -344,15 +368,17 @@ class Reports:
             if getattr(f, attr) is not None:
                 where += f" and {cond}"
                 ns[attr] = getattr(f, attr)
-        key = keys[group_by]
+        source = ("from ledger_entry l join product_subscription s on s.id = l.ref_id "
+                  f"where l.entry_type = 'subscription' and l.ref_type = 'product_subscription'{where}")
         async with self.db.read() as tx:
-            rows = await tx.select(
-                f"select {key} as k, sum(-l.amount) as fees from ledger_entry l join product_subscription s "
-                f"on s.id = l.ref_id where l.entry_type = 'subscription' and l.ref_type = 'product_subscription'"
-                f"{where} group by {key}", ns)
+            day_sql = await self._day_sql(tx, "l.created_at", source, ns, f)
+            keys = {"product": "s.product_id", "customer": "l.customer_id", "total": "'total'",
+                    "day": day_sql("l.created_at", False), "month": day_sql("l.created_at", True)}
+            key = keys[group_by]
+            rows = await tx.select(f"select {key} as k, sum(-l.amount) as fees {source} group by {key}", ns)
         return {r.k: _int(r.fees) for r in rows}
 
-    async def _quantities(self, tx, src, f, group_by, rows):
+    async def _quantities(self, tx, src, f, group_by, rows, day_sql):
         """{group key: [{"unit", "amount", "included", "overage"}]} for the product source."""
         if src is not _PRODUCT:
             return None
@@ -360,7 +386,7 @@ class Reports:
             return {}
         keys = [] if group_by == "total" else [r["k"] for r in rows]
         ns: dict[str, Any] = {}
-        sql = _quantities_sql(tx, src, f, group_by, self.db.dialect, keys, ns)
+        sql = _quantities_sql(tx, src, f, group_by, day_sql, keys, ns)
         out: dict[str, list[dict[str, Any]]] = {}
         for q in await tx.select(sql, ns):
             out.setdefault(q["k"], []).append({"unit": q["unit"], "amount": _units(q["q"]),

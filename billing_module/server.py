@@ -83,8 +83,10 @@ def write_host_workdir(cfg, data_dir, db_desc):
     link = os.path.join(www, MODULE_NAME)
     if os.path.islink(link) and os.readlink(link) != WWWROOT:
         os.unlink(link)
-    if not os.path.lexists(link):
+    try:
         os.symlink(WWWROOT, link)
+    except FileExistsError:     # there already, or another process made it just now
+        pass
     password_key = secret_file(data_dir, ".password_key")
     db_kwargs = _host_db_kwargs(db_desc["kwargs"], password_key)
     install_bricks(cfg, www)
@@ -193,8 +195,10 @@ def make_auth_class():
     return StandaloneAuth
 
 
-async def build_app(cfg, data_dir, db_desc=None, demo=False, background=True):
-    """Build the standalone ahserver app; returns (app, core). The schema is created first."""
+async def build_app(cfg, data_dir, db_desc=None, demo=False, background=True, prepared=False):
+    """Build the standalone ahserver app; returns (app, core). The schema is created first,
+    unless ``prepared``: a worker of ``serve --workers N``, whose parent wrote the host's work
+    directory and created the schema once (workers doing it at the same time raced on its files)."""
     from ahserver.configuredServer import ConfiguredServer
     from ahserver.serverenv import ServerEnv
 
@@ -204,7 +208,8 @@ async def build_app(cfg, data_dir, db_desc=None, demo=False, background=True):
     os.makedirs(data_dir, exist_ok=True)
     db_desc = db_desc or desc_from_config(cfg, data_dir)
     reset_host_singletons()
-    write_host_workdir(cfg, data_dir, db_desc)
+    if not prepared:
+        write_host_workdir(cfg, data_dir, db_desc)
 
     # what a host's init() does
     ServerEnv().get_module_dbname = lambda module: HOST_DBNAME
@@ -218,7 +223,7 @@ async def build_app(cfg, data_dir, db_desc=None, demo=False, background=True):
     server.configPath(server.config)
     app = await server.build_app()
     serve_static_files(app, data_dir)
-    created = await core.create_schema()
+    created = [] if prepared else await core.create_schema()
     if created:
         log.info("schema: created %s", ", ".join(created))
     if demo:
@@ -252,7 +257,7 @@ def _banner(cfg, data_dir, core, demo, workers=1):
         print(ln, flush=True)
 
 
-def serve(cfg, data_dir, demo=False, workers=1, argv=None, quiet=False):
+def serve(cfg, data_dir, demo=False, workers=1, argv=None, quiet=False, prepared=False):
     """Run until SIGINT/SIGTERM (aiohttp turns both into a clean shutdown).
 
     ``workers > 1``: that many server processes share the port (SO_REUSEPORT) and the database,
@@ -264,7 +269,7 @@ def serve(cfg, data_dir, demo=False, workers=1, argv=None, quiet=False):
         return _serve_workers(cfg, data_dir, demo, workers, argv or [])
 
     async def make():
-        app, core = await build_app(cfg, data_dir, demo=demo)
+        app, core = await build_app(cfg, data_dir, demo=demo, prepared=prepared)
         if not quiet:
             _banner(cfg, data_dir, core, demo)
         return app
@@ -284,6 +289,7 @@ def _serve_workers(cfg, data_dir, demo, workers, argv):
     from .core import BillingCore
 
     async def prepare():
+        write_host_workdir(cfg, data_dir, desc_from_config(cfg, data_dir))
         core = BillingCore(config=cfg, data_dir=data_dir)
         try:
             await core.create_schema()
@@ -298,7 +304,7 @@ def _serve_workers(cfg, data_dir, demo, workers, argv):
     from .metrics import prepare_multiprocess
     prepare_multiprocess(data_dir)   # the workers inherit it: one scrape sums them all
     child_argv = [a for a in argv if a != "--demo"]
-    command = [sys.executable, "-m", "billing_module.cli", *child_argv, "--workers", "1", "--quiet"]
+    command = [sys.executable, "-m", "billing_module.cli", *child_argv, "--workers", "1", "--quiet", "--prepared"]
     children = [subprocess.Popen(command) for _ in range(workers)]
 
     def forward(signum, frame):

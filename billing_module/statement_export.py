@@ -61,7 +61,7 @@ def to_html(st: dict) -> str:
 
 def to_pdf(st: dict) -> bytes:
     try:
-        import weasyprint  # type: ignore[import-untyped]
+        import weasyprint
     except (ImportError, OSError) as e:    # OSError: the package is there, the Pango libraries are not
         raise InvalidParam(f"format: pdf needs WeasyPrint and the Pango libraries on the server ({e}); "
                            "use html and print it", code="pdf_unavailable") from None

@@ -147,25 +147,27 @@ def _fmt(dt: datetime.datetime) -> str:
     return dt.isoformat(sep=" ", timespec="seconds")
 
 
-def bound(value: object, name: str, *, end: bool = False) -> str | None:
-    """One bound of a time range. The start is inclusive, the end exclusive; a day given as the
-    end includes that whole day (the reports' convention: "to day 31" means up to the 32nd)."""
+def bound(value: object, name: str, *, end: bool = False, zone: datetime.tzinfo | None = None) -> str | None:
+    """One bound of a time range, as UTC text. The start is inclusive, the end exclusive; a day
+    given as the end includes that whole day (the reports' convention: "to day 31" means up to
+    the 32nd). A day or time without an offset is wall time in ``zone`` (the deployment's
+    ``timezone``; UTC when None), so "2026-11-01" is that zone's midnight."""
     if not given(value):
         return None
-    dt = clock.parse(value, name)
     if end and isinstance(value, str) and len(value.strip()) == _DAY_LEN:
         try:
-            dt += datetime.timedelta(days=1)
+            value = (clock.parse(value, name) + datetime.timedelta(days=1)).date().isoformat()
         except OverflowError:
             raise InvalidParam(f"{name}: must be before 9999-12-31") from None
-    return _fmt(dt)
+    return _fmt(clock.parse(value, name, zone))
 
 
 def bounds(start: object, end: object, start_name: str = "start_date", end_name: str = "end_date", *,
-           end_day_inclusive: bool = True) -> tuple[str | None, str | None]:
-    """A time range ``[start, end)``; the start must come before the end. Without
-    ``end_day_inclusive`` a day as the end means its midnight ("before that day")."""
-    t0, t1 = bound(start, start_name), bound(end, end_name, end=end_day_inclusive)
+           end_day_inclusive: bool = True, zone: datetime.tzinfo | None = None) -> tuple[str | None, str | None]:
+    """A time range ``[start, end)`` in UTC text; the start must come before the end. Without
+    ``end_day_inclusive`` a day as the end means its midnight ("before that day"). Naive values
+    are wall time in ``zone``."""
+    t0, t1 = bound(start, start_name, zone=zone), bound(end, end_name, end=end_day_inclusive, zone=zone)
     if t0 is not None and t1 is not None and t0 >= t1:
         raise InvalidParam(f"{start_name}: must be before {end_name}")
     return t0, t1

@@ -105,9 +105,9 @@ def test_workers_share_their_counters(tmp_path):
         assert os.listdir(tmp_path / "prometheus-multiproc")   # the workers' files
     finally:
         proc.send_signal(signal.SIGTERM)
-        proc.communicate(timeout=30)
-    # the exit code is not asserted here: test_standalone's worker test checks the clean shutdown;
-    # under heavy load this one saw a worker exit 1 once (open question in the session note)
+        _, err = proc.communicate(timeout=30)
+    # every worker started and stopped cleanly (workers once raced on the host's files at start)
+    assert proc.returncode == 0, err[-3000:]
 
 
 async def test_batch_events_are_counted_by_outcome(http):

@@ -8,7 +8,7 @@ import pytest
 from billing_module.config import load_config
 from billing_module.core import BillingCore
 from billing_module.errors import ConfigError, Conflict, InvalidParam, NotFound
-from tests.helpers import seed_pricing, units, usage
+from tests.helpers import CHAT_A_PRICE, seed_pricing, units, usage
 from tests.test_products import balance, books_clean, count, make_product, use, wire
 
 
@@ -330,6 +330,35 @@ async def test_a_customer_key_uses_a_product_only_under_its_own_users(http):
                                 json=dict(body, customer_id="c1", user_id="u-other", source_ref_id="t4"))
     assert st == 200, reply
     assert await count(core, "select count(*) from product_usage_log") == 3
+
+
+async def test_a_customer_key_accounts_usage_only_under_its_own_users(http):
+    """Item 12 on the accounting endpoints: single, submit, batch and authorize by estimate."""
+    core = http.core
+    await seed_pricing(core)
+    await core.catalog.put("users", [{"id": "u-acme", "kind": "user", "name": "Ann", "org_id": "c1"},
+                                     {"id": "u-other", "kind": "user", "name": "Bob", "org_id": "c2"}])
+    cust, _ = await core.apikeys.create("customer", customer_id="c1", name="c1 key")
+    await core.ledger.recharge("c1", units("10"), "r1")
+    before = await balance(core, "c1")
+    for path, body in (("api/accounting.dspy", usage("e1", "c1", user_id="u-other")),
+                       ("api/accounting_submit.dspy", usage("e2", "c1", user_id="u-other")),
+                       ("api/authorize.dspy", usage("h1", "c1", user_id="u-other")),
+                       ("native:accounting", usage("e3", "c1", user_id="u-other"))):
+        url = "fast/accounting" if path.startswith("native:") else path
+        st, reply = await http.post(url, cust, json=body)
+        assert (st, reply.get("code")) == (403, "forbidden"), (path, reply)
+        assert "u-other" in reply["message"]
+    st, reply = await http.post("api/accounting_batch.dspy", cust, json={"events": [
+        usage("b1", "c1", user_id="u-other"), usage("b2", "c1", user_id="u-acme"), usage("b3", "c1", user_id="u-new")]})
+    assert st == 200, reply
+    assert [r["outcome"] for r in reply["results"]] == ["refused", "accounted", "accounted"]
+    assert reply["results"][0]["code"] == "forbidden"
+    assert units(await balance(core, "c1")) == units(before) - 2 * units(CHAT_A_PRICE)
+    assert await count(core, "select count(*) from accounting_records") == 2
+    # the platform names any user of any organisation
+    st, reply = await http.post("api/accounting.dspy", http.admin_key, json=usage("e4", "c1", user_id="u-other"))
+    assert st == 200, reply
 
 
 # --- item 5: margins include subscription fees, per product and per month, and add up with the ledger -----------

@@ -121,3 +121,31 @@ def test_two_worker_processes_share_the_port_and_the_database(tmp_path):
         proc.send_signal(signal.SIGTERM)
         proc.communicate(timeout=30)
     assert proc.returncode == 0
+
+
+def _prepare_workdir(data_dir, results, start):
+    from billing_module.config import load_config
+    from billing_module.server import desc_from_config, write_host_workdir
+    try:
+        cfg = load_config(environ={}, overrides={"server": {"data_dir": data_dir, "log_file": ""}})
+        start.wait(timeout=60)      # all at once, as workers started together do
+        results.put(write_host_workdir(cfg, data_dir, desc_from_config(cfg, data_dir))["password_key"])
+    except Exception as e:   # reported to the test, which fails with it
+        results.put(repr(e))
+
+
+def test_two_processes_preparing_one_data_dir_agree(tmp_path):
+    """Two servers (or workers) starting at once on one data directory both start, with one
+    password key (they raced on the wwwroot link and the secret files: one exited 1)."""
+    import multiprocessing
+    ctx = multiprocessing.get_context("fork")
+    for i in range(15):
+        data_dir, results, start = str(tmp_path / f"d{i}"), ctx.Queue(), ctx.Barrier(3)
+        os.makedirs(data_dir)
+        procs = [ctx.Process(target=_prepare_workdir, args=(data_dir, results, start)) for _ in range(3)]
+        for p in procs:
+            p.start()
+        keys = [results.get(timeout=60) for _ in procs]
+        for p in procs:
+            p.join(timeout=60)
+        assert len(set(keys)) == 1 and "Error" not in keys[0], keys

@@ -1,7 +1,7 @@
 """Who is calling: an API key, a signed request or a host session, as a ``Caller``. Apart from
 ``handle`` so that a handler that authenticates for itself (``metrics``) imports no cycle."""
 from .. import auth
-from ..errors import Unauthorized
+from ..errors import Forbidden, Unauthorized
 from .registry import Caller
 
 
@@ -30,3 +30,13 @@ async def signed_caller(core, request):
     """dapi_auth: the ``Caller`` of a signed request (its key verified by ``core.auth``)."""
     row = (await core.auth.verify(request)).row
     return Caller(row.scope, customer_id=row.customer_id, key_id=row.key_prefix)
+
+
+async def check_user_of(core, caller: Caller, customer_id: str | None, user_id: str | None) -> None:
+    """A customer-scoped caller names only users of its own organisation (when the users cache
+    knows the user; an id it does not know is the caller's own label, as on the platform)."""
+    if user_id is None or caller.is_admin:
+        return
+    org = await core.catalog.user_org(user_id)
+    if org is not None and org != customer_id:
+        raise Forbidden(f"user {user_id} is not a user of {customer_id}")

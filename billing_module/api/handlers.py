@@ -3,21 +3,25 @@ the reply's data; ``billing_module.api.handle`` checks the method and the caller
 the reply."""
 from typing import Any
 
+from .. import clock
 from ..accounting import BATCH_MODES, batch_refusal, check_batch
 from ..errors import BillingError, InvalidParam
+from .callers import check_user_of
 from .params import Params
 from .registry import endpoint
 
 READ, WRITE = ("GET",), ("POST",)
 
 
-def _event(p, caller):
+async def _event(core, p, caller):
+    """A usage event's fields as sent, for the customer (and user) this caller may name."""
     raw = {k: v for k, v in p.raw.items() if not k.startswith("_")}
     for k, v in raw.items():
         if isinstance(v, list):
             raise InvalidParam(f"{k}: given more than once")
     ev_customer = p.ident("customer_id", required=True)
     caller.check_customer(ev_customer)
+    await check_user_of(core, caller, ev_customer, p.ident("user_id"))
     return raw
 
 
@@ -93,7 +97,7 @@ async def authorize(core, caller, p, request):
     caller.check_customer(customer_id)
     amount = p.amount(required=False)
     if amount is None:
-        amount = await core.accounting.hold_amount(_event(p, caller))
+        amount = await core.accounting.hold_amount(await _event(core, p, caller))
         if amount == 0:
             raise InvalidParam("the estimated usage prices at zero; send an amount to hold")
     ttl = p.int("ttl_seconds", minimum=1)
@@ -125,12 +129,12 @@ async def release(core, caller, p, request):
 # --- usage --------------------------------------------------------------------------------------
 @endpoint("accounting", methods=WRITE)
 async def accounting(core, caller, p, request):
-    return await core.accounting.post_usage(_event(p, caller))
+    return await core.accounting.post_usage(await _event(core, p, caller))
 
 
 @endpoint("accounting_submit", methods=WRITE)
 async def accounting_submit(core, caller, p, request):
-    result = await core.accounting.submit_usage(_event(p, caller))
+    result = await core.accounting.submit_usage(await _event(core, p, caller))
     result["_status"] = 202 if not result.get("duplicate") else 200
     return result
 
@@ -150,7 +154,7 @@ async def accounting_batch(core, caller, p, request):
         try:
             if not isinstance(raw, dict):
                 raise InvalidParam("event: must be an object")
-            accepted.append((i, _event(Params(caller.scope(raw)), caller)))
+            accepted.append((i, await _event(core, Params(caller.scope(raw)), caller)))
         except BillingError as e:
             results[i] = batch_refusal(e)
     if accepted:
@@ -168,7 +172,7 @@ async def accounting_batch(core, caller, p, request):
 
 @endpoint("quote", methods=READ + WRITE)
 async def quote(core, caller, p, request):
-    return await core.accounting.quote(_event(p, caller))
+    return await core.accounting.quote(await _event(core, p, caller))
 
 
 @endpoint("pricing", methods=READ)
@@ -189,7 +193,8 @@ async def users(core, caller, p, request):
 async def failed_accounting_list(core, caller, p, request):
     page, rows = p.page()
     customer = p.ident("customer_id") or p.ident("userorgid")
-    start, end = p.bounds(end_day_inclusive=False)   # the page asks "failed before" a day
+    # the page asks "failed before" a day, a day of the deployment's time zone
+    start, end = p.bounds(end_day_inclusive=False, zone=clock.zone(core.config.timezone))
     return await core.failures.search(
         customer_id=customer, user_id=p.ident("user_id") or p.ident("userid"), llmid=p.ident("llmid"),
         handled=p.flag("handled"), retry_state=p.str("retry_state", choices=("waiting", "exhausted", "resolved")),

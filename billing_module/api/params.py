@@ -53,10 +53,12 @@ class Params:
     def flag(self, name, default=None):
         return validation.flag(self._get(name), name, default)
 
-    def bounds(self, start="start_date", end="end_date", end_day_inclusive=True):
-        """A time range ``(start, end)`` as 'YYYY-MM-DD HH:MM:SS' texts, the end exclusive (a day
-        as the end includes that day unless ``end_day_inclusive`` is false)."""
-        return validation.bounds(self._get(start), self._get(end), start, end, end_day_inclusive=end_day_inclusive)
+    def bounds(self, start="start_date", end="end_date", end_day_inclusive=True, zone=None):
+        """A time range ``(start, end)`` as UTC 'YYYY-MM-DD HH:MM:SS' texts, the end exclusive (a day
+        as the end includes that day unless ``end_day_inclusive`` is false); naive values are
+        wall time in ``zone`` (the deployment's time zone)."""
+        return validation.bounds(self._get(start), self._get(end), start, end, end_day_inclusive=end_day_inclusive,
+                                 zone=zone)
 
     def page(self, default_rows=validation.DEFAULT_ROWS, max_rows=validation.MAX_ROWS):
         # page_size: the bricks DataGrid's name for rows

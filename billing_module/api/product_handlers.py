@@ -4,8 +4,9 @@ quota and usage for a customer's own organisation. The ProductManager validates 
 checks who may act on which customer and calls one manager method."""
 from ..errors import Forbidden, NotFound
 from ..products import COST_FIELDS
+from .callers import check_user_of
 from .registry import endpoint
-from .report_handlers import usage_filter
+from .report_handlers import RANGE_ALIASES, usage_filter
 
 READ, WRITE = ("GET",), ("POST",)
 
@@ -25,12 +26,7 @@ def _customer(p, caller, required=True):
 
 
 async def _user_of(core, caller, customer_id, user_id):
-    """A customer-scoped caller writes only under users of its own organisation (when the users
-    cache knows the user; an unknown user id is the caller's own label)."""
-    if user_id is not None and not caller.is_admin:
-        org = await core.catalog.user_org(user_id)
-        if org is not None and org != customer_id:
-            raise Forbidden(f"user {user_id} is not a user of {customer_id}")
+    await check_user_of(core, caller, customer_id, user_id)
     return user_id
 
 
@@ -182,12 +178,14 @@ async def product_use(core, caller, p, request):
     return _usage_for(caller, result)
 
 
-def _report_filters(p, caller, names):
+def _report_filters(core, p, caller, names):
     """The product report's filters (the usage reports' vocabulary, ``start_date`` / ``end_date``
     with ``start`` / ``end`` still accepted) as the ProductManager's keywords: ``names`` of them,
     the customer limited to the caller's own and the supplier filter for admins only."""
-    f = usage_filter(p, source="product", aliases=True)
-    filters = {"customer_id": _customer(p, caller, required=False), "start": f.start, "end": f.end,
+    f = usage_filter(core, p, source="product", aliases=True)   # checks every filter, the range included
+    # the range as sent: the manager reads it in the deployment's time zone itself
+    start, end = (p.value(name) if p.present(name) else p.value(alias) for name, alias in RANGE_ALIASES)
+    filters = {"customer_id": _customer(p, caller, required=False), "start": start, "end": end,
                **{name: getattr(f, name) for name in names}}
     if not caller.is_admin:
         filters.pop("supplier_org_id", None)
@@ -197,7 +195,7 @@ def _report_filters(p, caller, names):
 @endpoint("product_usage_list", methods=READ)
 async def product_usage_list(core, caller, p, request):
     page, rows = p.page()
-    filters = _report_filters(p, caller, ("product_id", "user_id", "subscription_id", "billing_mode",
+    filters = _report_filters(core, p, caller, ("product_id", "user_id", "subscription_id", "billing_mode",
                                           "supplier_org_id"))
     return _listing(caller, await core.products.usage_list(page, rows, **filters))
 
@@ -206,11 +204,11 @@ async def product_usage_list(core, caller, p, request):
 async def product_overage(core, caller, p, request):
     """Usage charged past a quota (or without one), its total, and the product's overage price."""
     page, rows = p.page()
-    filters = _report_filters(p, caller, ("product_id",))
+    filters = _report_filters(core, p, caller, ("product_id",))
     return _listing(caller, await core.products.overage(page=page, rows=rows, **filters))
 
 
 @endpoint("product_stats", methods=READ, admin=True)
 async def product_stats(core, caller, p, request):
-    filters = _report_filters(p, caller, ("product_id", "supplier_org_id"))
+    filters = _report_filters(core, p, caller, ("product_id", "supplier_org_id"))
     return await core.products.stats(p.str("group_by", max_len=16) or "product", **filters)

@@ -101,6 +101,22 @@ def substr_date(dialect, column, month=False):
     return f"date_format({column}, '{'%Y-%m' if month else '%Y-%m-%d'}')"
 
 
+def local_date(dialect, column, segments, month=False):
+    """The local day (``month``: 'YYYY-MM') of a UTC time column, for the offsets ``segments``
+    (``clock.offset_segments``: ((until UTC text, minutes), ..., (None, minutes))). Both are
+    computed by the module, never taken from a request, so they are written into the SQL."""
+    def shifted(minutes):
+        if minutes == 0:
+            return substr_date(dialect, column, month)
+        if dialect == SQLITE:
+            return f"substr(datetime({column}, '{int(minutes):+d} minutes'), 1, {7 if month else 10})"
+        return f"date_format(date_add({column}, interval {int(minutes)} minute), '{'%Y-%m' if month else '%Y-%m-%d'}')"
+    if len(segments) == 1:
+        return shifted(segments[0][1])
+    whens = " ".join(f"when {column} < '{until}' then {shifted(minutes)}" for until, minutes in segments[:-1])
+    return f"(case {whens} else {shifted(segments[-1][1])} end)"
+
+
 def insert_ignore(dialect):
     """INSERT that does nothing when the row's unique key exists."""
     return "insert or ignore" if dialect == SQLITE else "insert ignore"

@@ -5,6 +5,7 @@ beyond shaping the product report into the products' reply."""
 from decimal import ROUND_HALF_UP, Decimal
 from typing import Any
 
+from .. import clock
 from ..config import Config
 from ..db.database import Database
 from ..ledger import Ledger
@@ -32,7 +33,8 @@ class ProductManager:
         self.consumption = Consumption(db, ledger, self.catalogue, self.suppliers_service, self.subscriptions_service)
         self.hook = QuotaHook(ledger, self.catalogue, self.suppliers_service, self.subscriptions_service,
                               config.accounting)
-        self.reports = Reports(db)
+        self.reports = Reports(db, time_zone=config.timezone)
+        self.zone = clock.zone(config.timezone)    # naive filter times are wall time here
         # catalogue and bindings
         self.save_product = self.catalogue.save_product
         self.product = self.catalogue.product
@@ -60,13 +62,14 @@ class ProductManager:
     # --- the product report (reports.py, source "product") in the products' reply shapes ----------------
     async def usage_list(self, page: int = 1, rows: int = 20, **filters: Any) -> dict:
         """One page of usage log rows (newest first); filters as ``reports.product_filter``."""
-        result = await self.reports.usage_log(product_filter(**filters), page, rows)
+        result = await self.reports.usage_log(product_filter(**filters, zone=self.zone), page, rows)
         return {"total": result["total"], "rows": [usage_view(r) for r in result["rows"]]}
 
     async def overage(self, customer_id: object = None, product_id: object = None, start: object = None,
                       end: object = None, page: int = 1, rows: int = 20) -> dict:
         """Usage charged beyond a quota or without one, with its total and the product's price."""
-        f = product_filter(customer_id=customer_id, product_id=product_id, start=start, end=end, overage_only=True)
+        f = product_filter(customer_id=customer_id, product_id=product_id, start=start, end=end, overage_only=True,
+                           zone=self.zone)
         result = await self.reports.usage_log(f, page, rows)
         out = {"total": result["total"], "rows": [usage_view(r) for r in result["rows"]],
                "total_charged": result["totals"]["amount"]}
@@ -83,7 +86,7 @@ class ProductManager:
         group_by = choice(group_by, "group_by", STATS_GROUPS, "product")
         assert group_by is not None, "choice returns its default for a missing value"
         f = product_filter(customer_id=customer_id, product_id=product_id, supplier_org_id=supplier_org_id,
-                           start=start, end=end)
+                           start=start, end=end, zone=self.zone)
         result = await self.reports.stats(f, group_by, rows=MAX_STATS_ROWS, order="key")
         fees = await self.reports.subscription_fees(f, group_by)
         by_key = {r["key"]: r for r in result["rows"]}

@@ -194,7 +194,8 @@ class Ledger:
         """Apply ``amount`` (signed micro-units) to the balance and append its ledger entry, inside
         the caller's transaction. ``must_cover``: refuse with ``insufficient_balance`` when the
         debit would take ``balance - held`` below ``-credit_limit``. ``guard``: (SQL condition, its
-        parameters, the error when it fails). Returns the entry row."""
+        parameters, the error when it fails). A debit is told to ``watch`` (low-balance alerts) in
+        this transaction, so an alert commits or rolls back with it. Returns the entry row."""
         now = clock.now_text()
         ns = {"c": customer_id, "amt": amount, "hd": held_delta, "now": now, "et": entry_type,
               "maxb": self.max_balance_micros}

@@ -11,6 +11,7 @@ from typing import Any
 from .accounting import Accounting
 from .apikeys import ApiKeys
 from .auth import Auth
+from .budgets import Budgets
 from .cache import CacheManager
 from .catalog import Catalog
 from .codes import load_code_tables
@@ -101,6 +102,10 @@ class BillingCore:
     @property
     def auth(self) -> Auth:
         return self.services.auth
+
+    @property
+    def budgets(self) -> Budgets:
+        return self.services.budgets
 
     @property
     def ledger(self) -> Ledger:

@@ -14,6 +14,7 @@ from typing import Any
 from .accounting import Accounting
 from .apikeys import ApiKeys
 from .auth import Auth, SecretBox
+from .budgets import Budgets
 from .cache import CacheManager
 from .catalog import Catalog
 from .config import Config
@@ -36,6 +37,7 @@ class Services:
     catalog: Catalog
     apikeys: ApiKeys
     auth: Auth
+    budgets: Budgets
     ledger: Ledger
     products: ProductManager
     failures: Failures
@@ -52,13 +54,15 @@ def build_services(config: Config, db: Database, data_dir: str) -> Services:
     catalog = Catalog(db, caches)
     secret_box = SecretBox(config, data_dir)
     apikeys = ApiKeys(db, secret_box)
-    ledger = Ledger(db, config)
-    products = ProductManager(db=db, config=config, ledger=ledger)
+    budgets = Budgets(db, config, alerts=None)     # alerts: the alert outbox, once it exists
+    ledger = Ledger(db, config, budgets=budgets)
+    products = ProductManager(db=db, config=config, ledger=ledger, budgets=budgets)
     failures = Failures(db, config)
-    accounting = Accounting(db, config, catalog=catalog, ledger=ledger, failures=failures, quota=products.hook)
+    accounting = Accounting(db, config, catalog=catalog, ledger=ledger, failures=failures, quota=products.hook,
+                            budgets=budgets)
     return Services(
         caches=caches, catalog=catalog, apikeys=apikeys, auth=Auth(db, config, apikeys, secret_box),
-        ledger=ledger, products=products, failures=failures, accounting=accounting,
+        budgets=budgets, ledger=ledger, products=products, failures=failures, accounting=accounting,
         retries=FailureRetries(failures, accounting), sync=SyncManager(db, config, catalog),
         sessions=SessionStore(db), page_users=PageUsers(db), statements=Statements(db, config))
 

@@ -14,6 +14,7 @@ from typing import Any
 from appPublic.dictObject import DictObject
 
 from .. import clock
+from ..budgets import Budgets, Spender
 from ..db.database import Tx
 from ..errors import Conflict, InvalidParam
 from ..ids import new_id, payload_hash
@@ -105,8 +106,10 @@ async def usage_by_key(tx: Tx, key: str) -> Row | None:
 
 
 class Consumption:
-    def __init__(self, db, ledger, catalogue: Catalogue, suppliers: Suppliers, subscriptions: Subscriptions):
+    def __init__(self, db, ledger, catalogue: Catalogue, suppliers: Suppliers, subscriptions: Subscriptions,
+                 budgets: Budgets | None = None):
         self.db = db
+        self.budgets = budgets      # the overage charge is spent from the budgets (None: none enforced)
         self.ledger = ledger
         self.catalogue = catalogue
         self.suppliers = suppliers
@@ -166,6 +169,8 @@ class Consumption:
             currency=product.currency)
         if charge > 0:
             await check_currency(tx, use["customer_id"], product.currency)
+            if self.budgets is not None:     # refused: the whole use rolls back
+                await self.budgets.spend(tx, Spender(use["customer_id"], use["user_id"]), charge)
             entry = await self.ledger.post(
                 tx, use["customer_id"], -charge, "overage", ledger_key(use["key"]), use["phash"], must_cover=True,
                 refuse_suspended=True, ref_type="product_usage_log", ref_id=row.id,

@@ -47,7 +47,11 @@ log = logging.getLogger("billing_module.accounting")
 
 # refusals that leave the event stored as failed (retried later) rather than rejected
 ACCOUNTING_FAILURES = ("no_pricing", "unknown_customer", "insufficient_balance", "account_suspended",
-                       "currency_mismatch", "unpriced_factor", "no_supplier", "budget_exceeded")
+                       "currency_mismatch", "unpriced_factor", "no_supplier")
+# a budget refuses a posted event outright (the caller learns it at once, nothing is stored);
+# a queued event, which no caller waits for, is stored as failed and retried (next period, or
+# after the limit is raised) like the refusals above
+STORED_FAILURES = ACCOUNTING_FAILURES + ("budget_exceeded",)
 
 
 # count factors stored in the payload only when non-zero (newer than the payload's first fields)
@@ -614,7 +618,7 @@ class Accounting:
         try:
             return await self.db.run(work)
         except BillingError as e:
-            if e.code in ACCOUNTING_FAILURES:
+            if e.code in STORED_FAILURES:
                 await self.failures.record(ev, e, price=price, record=rec)
             raise
 

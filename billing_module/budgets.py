@@ -20,7 +20,7 @@ import zoneinfo
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from . import clock
+from . import clock, validation
 from .config import Config
 from .db import dialect as dialects
 from .db.database import Database, Row, Tx, where
@@ -186,10 +186,15 @@ class Budgets:
         """Create or change a budget; ``limit`` None or 0 removes it (its spend rows go with it)."""
         if scope not in SCOPES:
             raise InvalidParam(f"scope: one of {', '.join(SCOPES)}")
+        customer_id = str(validation.ident(customer_id, "customer_id", required=True))
+        subject_id = str(validation.ident(subject_id, {"org": "customer_id", "user": "user_id", "key": "key_id"}[scope],
+                                          required=True))
+        if scope == "org" and subject_id != customer_id:
+            raise InvalidParam("an org budget's subject is its customer_id")
         if period not in PERIODS:
             raise InvalidParam(f"period: one of {', '.join(PERIODS)}")
-        if limit is not None and limit < 0:
-            raise InvalidParam("limit: must not be negative")
+        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 0):
+            raise InvalidParam("limit: integer micro-units, not negative")
         key = {"c": customer_id, "s": scope, "sub": subject_id, "p": period}
         find = ("select * from billing_budget where customer_id = ${c}$ and scope = ${s}$ "
                 "and subject_id = ${sub}$ and period = ${p}$")

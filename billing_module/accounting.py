@@ -225,10 +225,11 @@ class Accounting:
         if error is None:
             return await self._complete_existing(ev, price, model) if result is _HAS_RECORD else result
         if isinstance(error, BillingError):
-            if error.code in ACCOUNTING_FAILURES:
+            if error.code in STORED_FAILURES:
                 replay = await self._replay_if_done(ev)   # a replay is refused by a short balance too
                 if replay is not None:
                     return replay
+            if error.code in ACCOUNTING_FAILURES:
                 await self.failures.record(ev, error, price=price)
             raise error
         if not dialects.is_unique_violation(error):

@@ -30,6 +30,7 @@ CUSTOMER_PAGES="
 /billing_module/my/usage.ui
 /billing_module/my/subscriptions.ui
 /billing_module/my/statements.ui
+/billing_module/my/budgets.ui
 "
 # pages
 PAGES="

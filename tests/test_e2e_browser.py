@@ -468,6 +468,31 @@ def test_products_create_bind_supply_subscribe_and_cancel(console, clean_log):
     assert [s["status"] for s in subs] == ["cancelled"]
 
 
+def test_budgets_set_list_refuse_and_remove(console, clean_log):
+    """An operator sets a daily budget for an organisation on budgets.ui; a charge past it is refused
+    (402 budget_exceeded), the grid shows its spend, and an empty limit removes it."""
+    c = console
+    c.open("budgets.ui")
+    # typed into the select, as a keyboard user does: bricks' UiCode reads its value on 'input'
+    c.el("#bud_set select[name=period]").send_keys("day")
+    c.fill("bud_set", customer_id="demo-globex", limit="0.000002")
+    c.click("bud_set_go")
+    c.wait_text("#bud_result", "Save budget: done")
+    rows = c.api.call("budgets", customer_id="demo-globex")["rows"]
+    assert [(r["scope"], r["period"], r["limit"], r["spent"]) for r in rows] == [("org", "day", "0.000002", "0.000000")]
+    refused = c.api.call("accounting", "POST", request_id="e2e-budget-1", customer_id="demo-globex",
+                         model_name="demo-chat", input_tokens=100000, output_tokens=20000)
+    assert refused["code"] == "budget_exceeded" and refused["budget"]["subject_id"] == "demo-globex", refused
+    assert c.db("select count(*) from accounting_records where request_id = 'e2e-budget-1'") == [(0,)]
+    c.submit("bud_filter", customer_id="demo-globex")
+    c.wait_text("#bud_grid", "0.000002")
+    c.shot("budgets")
+    c.fill("bud_set", customer_id="demo-globex", limit="0")      # zero (or empty) removes it
+    c.click("bud_set_go")
+    c.wait_text("#bud_result", "removed: true")
+    assert c.api.call("budgets", customer_id="demo-globex")["rows"] == []
+
+
 def test_sync_now_shows_its_outcome(console, clean_log):
     c = console
     c.open("sync_status.ui")

@@ -270,10 +270,11 @@ class Accounting:
                 except BillingError:
                     raise Fallback() from None     # the product refused it (no_supplier): that event's alone
             by_customer.setdefault(ev.customer_id, []).append((i, row, ev))
+        budget_memo: dict[Any, Any] = {}
         for customer_id, group in by_customer.items():
             for _, row, ev in group:
                 try:
-                    await self._spend_budgets(tx, ev, row["amount"])
+                    await self._spend_budgets(tx, ev, row["amount"], budget_memo)
                 except BudgetExceeded:
                     raise Fallback() from None     # that event's refusal alone
             charged = [{"amount": -row["amount"], "request_id": ev.request_id, "payload_hash": ev.hash,
@@ -491,6 +492,7 @@ class Accounting:
                 "order by created_at, id limit ${n}$" + tx.skip_locked(), {"n": limit})
             failed: list[Any] = []
             memo: dict[Any, Any] = {}
+            budget_memo: dict[Any, Any] = {}
             by_customer: dict[str, list[Any]] = {}
             now = clock.now_text()
             covered = await self._covered(tx, {rec.customer_id for rec in claimed})
@@ -518,7 +520,7 @@ class Accounting:
                         failed.append((rec, e, price))
                         continue
                 try:
-                    spent = await self._spend_budgets(tx, ev, row["amount"])
+                    spent = await self._spend_budgets(tx, ev, row["amount"], budget_memo)
                 except BudgetExceeded as e:
                     failed.append((rec, e, price))
                     if self.quota is not None:
@@ -769,11 +771,12 @@ class Accounting:
         await self._link_usage(tx, [row])
         return record_view(DictObject(**row))
 
-    async def _spend_budgets(self, tx: Tx, ev: Event, amount: int) -> list[Any]:
-        """Spend a charge of ``amount`` from the event's budgets (BudgetExceeded when one is short)."""
+    async def _spend_budgets(self, tx: Tx, ev: Event, amount: int, memo: dict | None = None) -> list[Any]:
+        """Spend a charge of ``amount`` from the event's budgets (BudgetExceeded when one is short);
+        ``memo``: one per batch transaction, so each spender's budgets are looked up once."""
         if self.budgets is None or amount <= 0:
             return []
-        return await self.budgets.spend(tx, ev.spender, amount)
+        return await self.budgets.spend(tx, ev.spender, amount, memo)
 
     async def _link_usage(self, tx: Tx, rows: list[dict[str, Any]]) -> None:
         """The usage rows the quota hook wrote for charged records carry their ledger entry."""

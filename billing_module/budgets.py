@@ -104,13 +104,19 @@ class Budgets:
         self.alerts = alerts
 
     # --- enforcement (inside the debit's transaction) -------------------------------------------
-    async def spend(self, tx: Tx, who: Spender, amount: int) -> Charges:
+    async def spend(self, tx: Tx, who: Spender, amount: int, memo: dict[Spender, list[Row]] | None = None) -> Charges:
         """Add ``amount`` (micro-units, > 0) to every budget that applies to ``who`` in its current
         period, or raise ``BudgetExceeded`` naming the first budget it would overspend (the caller's
-        transaction then rolls back). Returns what was charged."""
+        transaction then rolls back). Returns what was charged. ``memo``: the budgets looked up
+        once per spender for a batch in one transaction."""
         assert amount > 0, "a budget is spent by debits only"
         charges: Charges = []
-        budgets = await tx.select(_APPLICABLE, {"c": who.customer_id, "u": who.user_id or "", "k": who.key_id or ""})
+        budgets = None if memo is None else memo.get(who)
+        if budgets is None:
+            budgets = await tx.select(_APPLICABLE, {"c": who.customer_id, "u": who.user_id or "",
+                                                    "k": who.key_id or ""})
+            if memo is not None:
+                memo[who] = budgets
         if not budgets:
             return charges
         now = clock.utcnow()

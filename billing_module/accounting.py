@@ -229,6 +229,7 @@ class Accounting:
                 replay = await self._replay_if_done(ev)   # a replay is refused by a short balance too
                 if replay is not None:
                     return replay
+            await self._budget_refused(error)
             if error.code in ACCOUNTING_FAILURES:
                 await self.failures.record(ev, error, price=price)
             raise error
@@ -569,6 +570,7 @@ class Accounting:
         for rec, e, price in failed:
             metrics.failed("accountant", getattr(e, "code", "error"))
             try:
+                await self._budget_refused(e)
                 await self.failures.record(parse_event_or_none(rec), e, price=price, record=rec)
             except Exception:
                 log.exception("could not record the failure of accounting record %s", rec.id)
@@ -621,6 +623,7 @@ class Accounting:
         try:
             return await self.db.run(work)
         except BillingError as e:
+            await self._budget_refused(e)
             if e.code in STORED_FAILURES:
                 await self.failures.record(ev, e, price=price, record=rec)
             raise
@@ -777,6 +780,11 @@ class Accounting:
         if self.budgets is None or amount <= 0:
             return []
         return await self.budgets.spend(tx, ev.spender, amount, memo)
+
+    async def _budget_refused(self, error: BaseException) -> None:
+        """A budget refused a charge (its transaction is over): its 100 % alert, once per period."""
+        if isinstance(error, BudgetExceeded) and self.budgets is not None:
+            await self.budgets.refused(error)
 
     async def _link_usage(self, tx: Tx, rows: list[dict[str, Any]]) -> None:
         """The usage rows the quota hook wrote for charged records carry their ledger entry."""

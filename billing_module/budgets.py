@@ -127,9 +127,7 @@ class Budgets:
             n = await tx.execute(_SPEND, ns)
             if n == 0 and await self._spent(tx, b.id, start) is None:
                 # the period's first spend: its row starts at 0 (a concurrent first insert is ignored)
-                await tx.execute(f"{dialects.insert_ignore(tx.dialect)} into billing_budget_spend "
-                                 "(id, budget_id, period_start, spent, updated_at) "
-                                 "values (${id}$, ${b}$, ${ps}$, 0, ${now}$)", dict(ns, id=new_id()))
+                await self._open_period(tx, b.id, start)
                 n = await tx.execute(_SPEND, ns)
             # the row is ours (locked) from here on: what it says now is what this update did
             spent = await self._spent(tx, b.id, start) or 0
@@ -168,23 +166,53 @@ class Budgets:
             await tx.execute("update billing_budget_hold set amount = ${amt}$ where hold_id = ${h}$",
                              {"h": hold_id, "amt": settled_amount})
 
+    async def _open_period(self, tx: Tx, budget_id: str, start: str) -> None:
+        """The period's row, at 0 (a concurrent first insert is ignored)."""
+        await tx.execute(f"{dialects.insert_ignore(tx.dialect)} into billing_budget_spend "
+                         "(id, budget_id, period_start, spent, alert_level, updated_at) "
+                         "values (${id}$, ${b}$, ${ps}$, 0, 0, ${now}$)",
+                         {"id": new_id(), "b": budget_id, "ps": start, "now": clock.now_text()})
+
+    async def refused(self, error: BudgetExceeded) -> None:
+        """After a refusal rolled its transaction back: ``budget_100`` for the refused budget, in a
+        transaction of its own, unless this period has had it (a refusal changes no spend, so the
+        period's ``alert_level`` says whether it was sent)."""
+        if self.alerts is None:
+            return
+        view = error.details["budget"]
+
+        async def work(tx):
+            await self._open_period(tx, view["budget_id"], view["period_start"])
+            await self._raise_level(tx, view["customer_id"], view["budget_id"], view["period_start"], 100,
+                                    dict(view, subject=view["subject_id"]))
+        await self.db.run(work)
+
+    async def _raise_level(self, tx: Tx, customer_id: str, budget_id: str, start: str, percent: int,
+                           data: dict[str, Any]) -> None:
+        """Emit the alert of ``percent`` unless the period has had it or a higher one: one per
+        crossing and period, even when spend falls back (a released hold) and rises again."""
+        assert self.alerts is not None
+        n = await tx.execute("update billing_budget_spend set alert_level = ${lvl}$ where budget_id = ${b}$ "
+                             "and period_start = ${ps}$ and alert_level < ${lvl}$",
+                             {"lvl": percent, "b": budget_id, "ps": start})
+        if n == 1:
+            await self.alerts.emit(tx, dict(ALERT_LEVELS)[percent], customer_id, data)
+
     async def _spent(self, tx: Tx, budget_id: str, start: str) -> int | None:
         value = await tx.scalar("select spent from billing_budget_spend where budget_id = ${b}$ "
                                 "and period_start = ${ps}$", {"b": budget_id, "ps": start})
         return None if value is None else int(value)
 
     async def _alert(self, tx: Tx, b: Row, before: int, after: int, start: str, end: str) -> None:
-        """One alert per level crossed by this spend (before < level <= after): each crossing
-        happens once per period, since spend only grows within it (a refusal changes nothing)."""
+        """The alert of the highest level this spend crossed (before < level <= after), computed
+        from the spend before and after the update, once per period (``_raise_level``)."""
         if self.alerts is None:
             return
         limit = int(b.limit_amount)
         was, now = _level(before, limit), _level(after, limit)
-        for percent, kind in ALERT_LEVELS:
-            if was < percent <= now:
-                await self.alerts.emit(tx, kind, b.customer_id, dict(budget_view(b, after, start, end),
-                                                                     budget_id=b.id, subject=b.subject_id))
-                break    # the highest level crossed says it all
+        if now > was:
+            await self._raise_level(tx, b.customer_id, b.id, start, now,
+                                    dict(budget_view(b, after, start, end), subject=b.subject_id))
 
     # --- administration --------------------------------------------------------------------------
     async def set_budget(self, customer_id: str, scope: str, subject_id: str, period: str, limit: int | None,

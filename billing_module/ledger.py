@@ -25,7 +25,7 @@ from typing import Any
 from appPublic.dictObject import DictObject
 
 from . import clock
-from .budgets import Budgets, Spender
+from .budgets import BudgetExceeded, Budgets, Spender
 from .config import Config
 from .db import dialect as dialects
 from .db.database import Database, Row, Tx, where
@@ -429,8 +429,13 @@ class Ledger:
                     "expires_at": clock.now_text(ttl), "created_at": now, "updated_at": now}
             await tx.insert("billing_hold", hold)
             return hold_view(DictObject(**dict(hold, settled_amount=None)))
-        result, existing = await self.db.run_or_existing(work, lambda tx: self._hold_by_request(tx, request_id),
-                                                         refused_check=True)
+        try:
+            result, existing = await self.db.run_or_existing(work, lambda tx: self._hold_by_request(tx, request_id),
+                                                             refused_check=True)
+        except BudgetExceeded as e:
+            if self.budgets is not None:
+                await self.budgets.refused(e)     # its alert, now the refused hold has rolled back
+            raise
         return result if existing is None else _replay_hold(existing, phash, request_id)
 
     async def _hold_by_request(self, tx, request_id):

@@ -261,6 +261,32 @@ async def test_alerts_at_80_and_100_percent_once_per_crossing_and_period(core, f
     assert sink.alerts[-1] == ("budget_80", "c1", "9.000000", "org", "c1") and len(sink.alerts) == 3
 
 
+async def test_a_refusal_alerts_budget_100_once_per_period_and_a_refused_charge_spends_nothing(core, fixed_clock):
+    from billing_module.accounting import Accounting
+    from billing_module.ledger import Ledger
+    sink = Recorder()
+    budgets = Budgets(core.db, core.config, alerts=sink)
+    ledger = Ledger(core.db, core.config, budgets=budgets)
+    accounting = Accounting(core.db, core.config, catalog=core.catalog, ledger=ledger, failures=core.failures,
+                            budgets=budgets)
+    await setup(core, balance="2")
+    await budgets.set_budget("c1", "org", "c1", "day", units("2.5"))
+    await accounting.post_usage(flat("a1"))
+    await accounting.post_usage(flat("a2"))                   # 80 %
+    assert [a[0] for a in sink.alerts] == ["budget_80"]
+    for request_id in ("a3", "a4"):
+        with pytest.raises(BudgetExceeded):
+            await accounting.post_usage(flat(request_id))
+    assert [a[:3] for a in sink.alerts] == [("budget_80", "c1", "2.000000"), ("budget_100", "c1", "2.000000")]
+    # a charge its budgets took but the balance refused: the budget spend rolls back with it
+    await budgets.set_budget("c1", "org", "c1", "day", 0)
+    await budgets.set_budget("c1", "org", "c1", "week", units("5"))
+    with pytest.raises(Exception) as refused:
+        await accounting.post_usage(flat("a5"))
+    assert refused.value.code == "insufficient_balance"
+    assert [r["spent"] for r in (await budgets.list_budgets("c1"))["rows"]] == ["0.000000"]
+
+
 # --- concurrency -------------------------------------------------------------------------------------------
 async def test_fifty_concurrent_posts_never_overspend_a_budget(core, fixed_clock):
     await setup(core)

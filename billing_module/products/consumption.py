@@ -14,7 +14,7 @@ from typing import Any
 from appPublic.dictObject import DictObject
 
 from .. import clock
-from ..budgets import Budgets, Spender
+from ..budgets import BudgetExceeded, Budgets, Spender
 from ..db.database import Tx
 from ..errors import Conflict, InvalidParam
 from ..ids import new_id, payload_hash
@@ -140,8 +140,13 @@ class Consumption:
                 return _replay_use(existing, customer_id, product_id, use["q"], key)
             return await self._use(tx, use)
         # the same source reference may be used concurrently and commit first
-        result, existing = await self.db.run_or_existing(work, lambda tx: usage_by_key(tx, key),
-                                                         f"usage {key} collided with another request; send it again")
+        try:
+            result, existing = await self.db.run_or_existing(
+                work, lambda tx: usage_by_key(tx, key), f"usage {key} collided with another request; send it again")
+        except BudgetExceeded as e:
+            if self.budgets is not None:
+                await self.budgets.refused(e)     # its alert, now the refused use has rolled back
+            raise
         return result if existing is None else _replay_use(existing, customer_id, product_id, use["q"], key)
 
     async def _use(self, tx, use: dict) -> dict:

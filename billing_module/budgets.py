@@ -106,9 +106,10 @@ class Budgets:
     # --- enforcement (inside the debit's transaction) -------------------------------------------
     async def spend(self, tx: Tx, who: Spender, amount: int, memo: dict[Spender, list[Row]] | None = None) -> Charges:
         """Add ``amount`` (micro-units, > 0) to every budget that applies to ``who`` in its current
-        period, or raise ``BudgetExceeded`` naming the first budget it would overspend (the caller's
-        transaction then rolls back). Returns what was charged. ``memo``: the budgets looked up
-        once per spender for a batch in one transaction."""
+        period, or raise ``BudgetExceeded`` naming the first budget it would overspend, having given
+        back what the others took (a batch transaction that goes on, the accountant's, keeps no
+        part of a refused spend; a single debit's transaction rolls back anyway). Returns what was
+        charged. ``memo``: the budgets looked up once per spender for a batch in one transaction."""
         assert amount > 0, "a budget is spent by debits only"
         charges: Charges = []
         budgets = None if memo is None else memo.get(who)
@@ -120,6 +121,7 @@ class Budgets:
         if not budgets:
             return charges
         now = clock.utcnow()
+        crossings = []
         for b in budgets:
             start, end = period_bounds(b.period, now, self.time_zone)
             limit = int(b.limit_amount)
@@ -132,12 +134,15 @@ class Budgets:
             # the row is ours (locked) from here on: what it says now is what this update did
             spent = await self._spent(tx, b.id, start) or 0
             if n == 0:
+                await self.undo(tx, charges)
                 raise BudgetExceeded(
                     f"the {b.period} budget of {b.scope} {b.subject_id} ({from_micro(limit)}) has "
                     f"{from_micro(max(limit - spent, 0))} left, less than {from_micro(amount)}",
                     budget=budget_view(b, spent, start, end))
             charges.append((b.id, start, amount))
-            await self._alert(tx, b, spent - amount, spent, start, end)
+            crossings.append((b, spent - amount, spent, start, end))
+        for crossing in crossings:      # alerts only for a spend that went through
+            await self._alert(tx, *crossing)
         return charges
 
     async def undo(self, tx: Tx, charges: Charges) -> None:

@@ -214,6 +214,17 @@ async def test_the_accountant_gives_the_budget_back_when_the_balance_refuses(cor
     assert (await spent(core))[("org", "c1", "day")] == "1.000000"
 
 
+async def test_the_accountant_keeps_no_part_of_a_spend_one_budget_refused(core, fixed_clock):
+    await setup(core)
+    await core.budgets.set_budget("c1", "org", "c1", "day", units("10"))
+    await core.budgets.set_budget("c1", "user", "u1", "day", units("1"))
+    await core.accounting.submit_usage(flat("m1", user_id="u1"))
+    await core.accounting.submit_usage(flat("m2", user_id="u1"))
+    assert await core.accounting.account_pending() == 1
+    # the refused event's org spend was given back in the batch that committed
+    assert await spent(core) == {("org", "c1", "day"): "1.000000", ("user", "u1", "day"): "1.000000"}
+
+
 async def test_product_use_spends_the_budget(core, fixed_clock):
     await core.ledger.recharge("c1", units("100"), "r-c1")
     p = await core.products.save_product(code="pay", product_name="pay as you go", quantity_unit="call",

@@ -599,4 +599,14 @@ def test_a_customer_admin_sees_only_its_organisation_exports_usage_and_downloads
     assert figures["Closing balance"] == from_micro(ledger[0][0]) and figures["Opening balance"] == from_micro(opening[0][0])
     assert figures["Recharges"] == "7.250000"
     c.shot("my-statements")
+    # the organisation's budgets, read-only: its own, not another's
+    for customer in ("demo-acme", "demo-globex"):
+        assert c.api.call("budget_set", "POST", scope="org", customer_id=customer, period="month",
+                          limit="123.45")["success"]
+    c.click("my_nav_budgets")
+    c.wait_text("#my_budgets", "123.450000")
+    assert "demo-globex" not in c.text("#my_content") and "demo-acme" in c.text("#my_content")
+    c.shot("my-budgets")
+    for customer in ("demo-acme", "demo-globex"):
+        c.api.call("budget_set", "POST", scope="org", customer_id=customer, period="month", limit="0")
     assert c.severe_logs(allowed=("login.dspy",)) == []

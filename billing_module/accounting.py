@@ -22,6 +22,7 @@ from typing import Any, Protocol, cast
 from appPublic.dictObject import DictObject
 
 from . import clock, metrics, provider_usage, validation
+from .budgets import BudgetExceeded, Budgets, Spender
 from .catalog import Catalog, price_for_model
 from .config import Config
 from .db import dialect as dialects
@@ -47,6 +48,10 @@ log = logging.getLogger("billing_module.accounting")
 # refusals that leave the event stored as failed (retried later) rather than rejected
 ACCOUNTING_FAILURES = ("no_pricing", "unknown_customer", "insufficient_balance", "account_suspended",
                        "currency_mismatch", "unpriced_factor", "no_supplier")
+# a budget refuses a posted event outright (the caller learns it at once, nothing is stored);
+# a queued event, which no caller waits for, is stored as failed and retried (next period, or
+# after the limit is raised) like the refusals above
+STORED_FAILURES = ACCOUNTING_FAILURES + ("budget_exceeded",)
 
 
 # count factors stored in the payload only when non-zero (newer than the payload's first fields)
@@ -69,6 +74,11 @@ class Event:
     transno: str | None = None
     payload: dict[str, Any] = field(default_factory=dict)
     hash: str = ""
+    key_id: str | None = None   # the API key the usage is charged to (its budget), if any
+
+    @property
+    def spender(self) -> Spender:
+        return Spender(self.customer_id, self.user_id, self.key_id)
 
     @property
     def day(self) -> datetime.date:
@@ -90,6 +100,7 @@ def parse_event(raw: dict[str, Any], times: clock.TimeRange = _DEFAULT_TIMES) ->
     llmid = _ident(raw, "llmid")
     product_id = _ident(raw, "product_id")
     transno = _ident(raw, "transno", max_len=64)
+    key_id = _ident(raw, "key_id")
     model_name = raw.get("model_name")
     if model_name is not None and (not isinstance(model_name, str) or len(model_name) > 128):
         raise InvalidParam("model_name: a string of at most 128 characters")
@@ -108,12 +119,14 @@ def parse_event(raw: dict[str, Any], times: clock.TimeRange = _DEFAULT_TIMES) ->
     }
     # the newer factors only when present: an event without them keeps the payload (and hash) it always had
     payload.update({name: getattr(usage, name) for name in EXTRA_COUNTS if getattr(usage, name)})
+    if key_id is not None:      # only when given: an event without it keeps its hash
+        payload["key_id"] = key_id
     if raw.get("usage") is not None:   # the provider's object, kept as sent
         payload.update(usage=raw["usage"], usage_format=raw["usage_format"])
     # the hash covers what is charged; use_time defaults to "now" and must not make a retry differ
     hashed = {k: v for k, v in payload.items() if k != "use_time" or raw.get("use_time") not in (None, "")}
     return Event(request_id, customer_id, usage, user_id, llmid, product_id, use_time, transno, payload,
-                 payload_hash(hashed))
+                 payload_hash(hashed), key_id)
 
 
 def record_view(rec: Row, duplicate: bool = False) -> dict[str, Any]:
@@ -159,7 +172,7 @@ class QuotaSource(Protocol):
 
 class Accounting:
     def __init__(self, db: Database, config: Config, *, catalog: Catalog, ledger: Ledger, failures: FailureStore,
-                 quota: QuotaSource | None = None) -> None:
+                 quota: QuotaSource | None = None, budgets: Budgets | None = None) -> None:
         self.db = db
         self.config = config
         self.catalog = catalog
@@ -167,6 +180,8 @@ class Accounting:
         self.failures = failures
         # subscriptions take quota first (None: every event is charged in full)
         self.quota = quota
+        # every charge is also spent from the budgets that apply (None: no budgets are enforced)
+        self.budgets = budgets
         self.times = clock.TimeRange.from_config(self.config.accounting)
         # concurrent post_usage calls share a transaction and its commit
         self.group = GroupCommit(self.db, single=self._charge_new, batch=self._charge_batch)
@@ -210,10 +225,12 @@ class Accounting:
         if error is None:
             return await self._complete_existing(ev, price, model) if result is _HAS_RECORD else result
         if isinstance(error, BillingError):
-            if error.code in ACCOUNTING_FAILURES:
+            if error.code in STORED_FAILURES:
                 replay = await self._replay_if_done(ev)   # a replay is refused by a short balance too
                 if replay is not None:
                     return replay
+            await self._budget_refused(error)
+            if error.code in ACCOUNTING_FAILURES:
                 await self.failures.record(ev, error, price=price)
             raise error
         if not dialects.is_unique_violation(error):
@@ -254,7 +271,13 @@ class Accounting:
                 except BillingError:
                     raise Fallback() from None     # the product refused it (no_supplier): that event's alone
             by_customer.setdefault(ev.customer_id, []).append((i, row, ev))
+        budget_memo: dict[Any, Any] = {}
         for customer_id, group in by_customer.items():
+            for _, row, ev in group:
+                try:
+                    await self._spend_budgets(tx, ev, row["amount"], budget_memo)
+                except BudgetExceeded:
+                    raise Fallback() from None     # that event's refusal alone
             charged = [{"amount": -row["amount"], "request_id": ev.request_id, "payload_hash": ev.hash,
                         "ref_type": "accounting_records", "ref_id": row["id"]}
                        for _, row, ev in group if row["amount"] > 0]
@@ -470,6 +493,7 @@ class Accounting:
                 "order by created_at, id limit ${n}$" + tx.skip_locked(), {"n": limit})
             failed: list[Any] = []
             memo: dict[Any, Any] = {}
+            budget_memo: dict[Any, Any] = {}
             by_customer: dict[str, list[Any]] = {}
             now = clock.now_text()
             covered = await self._covered(tx, {rec.customer_id for rec in claimed})
@@ -496,26 +520,35 @@ class Accounting:
                     except BillingError as e:      # the product refused it (no_supplier) before writing
                         failed.append((rec, e, price))
                         continue
-                by_customer.setdefault(ev.customer_id, []).append((row, rec, price))
+                try:
+                    spent = await self._spend_budgets(tx, ev, row["amount"], budget_memo)
+                except BudgetExceeded as e:
+                    failed.append((rec, e, price))
+                    if self.quota is not None:
+                        await self.quota.release_quota(tx, rec.id)
+                    continue
+                by_customer.setdefault(ev.customer_id, []).append((row, rec, price, spent))
             rows = []
             for customer_id, items in by_customer.items():
                 charged = [{"amount": -row["amount"], "request_id": rec.request_id, "payload_hash": rec.payload_hash,
                             "ref_type": "accounting_records", "ref_id": rec.id}
-                           for row, rec, _ in items if row["amount"] > 0]
+                           for row, rec, _, _ in items if row["amount"] > 0]
                 entries, refusals = (await self.ledger.post_many(
                     tx, customer_id, charged, "usage", must_cover=not self.config.accounting.allow_arrears,
                     refuse_suspended=True)) if charged else ([], [])
                 no = {item["ref_id"]: e for item, e in refusals}
-                if any(row["amount"] == 0 for row, _, _ in items) and not await tx.scalar(
+                if any(row["amount"] == 0 for row, _, _, _ in items) and not await tx.scalar(
                         "select count(*) as n from customer_balance where id = ${c}$", {"c": customer_id}):
                     no.update({row["id"]: UnknownCustomer(f"customer {customer_id} has no account")
-                               for row, _, _ in items if row["amount"] == 0})
+                               for row, _, _, _ in items if row["amount"] == 0})
                 entry_of = {e["ref_id"]: e["id"] for e in entries}
-                for row, rec, price in items:
+                for row, rec, price, spent in items:
                     if row["id"] in no:
                         failed.append((rec, no[row["id"]], price))
                         if self.quota is not None:   # the batch commits: give back what the hook took
                             await self.quota.release_quota(tx, rec.id)
+                        if spent and self.budgets is not None:     # and what its budgets took
+                            await self.budgets.undo(tx, spent)
                     else:
                         row["ledger_entry_id"] = entry_of.get(row["id"])
                         rows.append(row)
@@ -537,6 +570,7 @@ class Accounting:
         for rec, e, price in failed:
             metrics.failed("accountant", getattr(e, "code", "error"))
             try:
+                await self._budget_refused(e)
                 await self.failures.record(parse_event_or_none(rec), e, price=price, record=rec)
             except Exception:
                 log.exception("could not record the failure of accounting record %s", rec.id)
@@ -589,7 +623,8 @@ class Accounting:
         try:
             return await self.db.run(work)
         except BillingError as e:
-            if e.code in ACCOUNTING_FAILURES:
+            await self._budget_refused(e)
+            if e.code in STORED_FAILURES:
                 await self.failures.record(ev, e, price=price, record=rec)
             raise
 
@@ -621,7 +656,8 @@ class Accounting:
                       dict(payload.get("attributes") or {}),
                       **{name: int(payload.get(name) or 0) for name in EXTRA_COUNTS})
         return Event(payload["request_id"], payload["customer_id"], usage, payload.get("user_id"), llmid,
-                     payload.get("product_id"), payload["use_time"], payload.get("transno"), payload, phash)
+                     payload.get("product_id"), payload["use_time"], payload.get("transno"), payload, phash,
+                     payload.get("key_id"))
 
     async def rebuild_stored(self, rec: Row, memo: dict | None = None) -> Event:
         """``rebuild_event`` over a stored record's payload, or InvalidEvent saying why it cannot be
@@ -717,6 +753,7 @@ class Accounting:
         if ev.customer_id in await self._covered(tx, {ev.customer_id}):
             self._apply_quota(row, await self._take_quota(tx, ev, price, row["id"]))
         amount = row["amount"]
+        await self._spend_budgets(tx, ev, amount)    # refused: the whole charge rolls back
         if amount > 0:
             entry = await self.ledger.post(
                 tx, ev.customer_id, -amount, "usage", ev.request_id, ev.hash,
@@ -736,6 +773,18 @@ class Accounting:
             await self.failures.resolve_in(tx, existing.id, now)
         await self._link_usage(tx, [row])
         return record_view(DictObject(**row))
+
+    async def _spend_budgets(self, tx: Tx, ev: Event, amount: int, memo: dict | None = None) -> list[Any]:
+        """Spend a charge of ``amount`` from the event's budgets (BudgetExceeded when one is short);
+        ``memo``: one per batch transaction, so each spender's budgets are looked up once."""
+        if self.budgets is None or amount <= 0:
+            return []
+        return await self.budgets.spend(tx, ev.spender, amount, memo)
+
+    async def _budget_refused(self, error: BaseException) -> None:
+        """A budget refused a charge (its transaction is over): its 100 % alert, once per period."""
+        if isinstance(error, BudgetExceeded) and self.budgets is not None:
+            await self.budgets.refused(error)
 
     async def _link_usage(self, tx: Tx, rows: list[dict[str, Any]]) -> None:
         """The usage rows the quota hook wrote for charged records carry their ledger entry."""

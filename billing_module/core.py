@@ -12,6 +12,7 @@ from .accounting import Accounting
 from .alerts import Alerts
 from .apikeys import ApiKeys
 from .auth import Auth
+from .budgets import Budgets
 from .cache import CacheManager
 from .catalog import Catalog
 from .codes import load_code_tables
@@ -102,6 +103,10 @@ class BillingCore:
     @property
     def auth(self) -> Auth:
         return self.services.auth
+
+    @property
+    def budgets(self) -> Budgets:
+        return self.services.budgets
 
     @property
     def ledger(self) -> Ledger:

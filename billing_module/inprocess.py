@@ -13,6 +13,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any, Concatenate, ParamSpec, TypeVar
 
 from .accounting import Accounting
+from .budgets import Budgets
 from .core import BillingCore
 from .ledger import Ledger
 from .products import ProductManager
@@ -61,6 +62,9 @@ def register_functions(core: BillingCore, env: Any) -> None:
     def ledger(s: Services) -> Ledger:
         return s.ledger
 
+    def budgets(s: Services) -> Budgets:
+        return s.budgets
+
     def consumption(s: Services) -> Consumption:
         return s.products.consumption
 
@@ -80,6 +84,8 @@ def register_functions(core: BillingCore, env: Any) -> None:
     env.billing_settle = late_bound(core, ledger, Ledger.settle)
     env.billing_release = late_bound(core, ledger, Ledger.release)
     env.billing_reconcile = late_bound(core, ledger, Ledger.reconcile)
+    env.billing_budget_set = late_bound(core, budgets, Budgets.set_budget)
+    env.billing_budgets = late_bound(core, budgets, Budgets.list_budgets)
     env.billing_product_use = late_bound(core, consumption, Consumption.product_use)
     env.billing_check_quota = late_bound(core, subscriptions, Subscriptions.check_quota)
     env.billing_product_subscribe = late_bound(core, subscriptions, Subscriptions.subscribe)

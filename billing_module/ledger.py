@@ -25,6 +25,7 @@ from typing import Any, Protocol
 from appPublic.dictObject import DictObject
 
 from . import clock
+from .budgets import BudgetExceeded, Budgets, Spender
 from .config import Config
 from .db import dialect as dialects
 from .db.database import Database, Row, Tx, where
@@ -147,10 +148,13 @@ def _check_amount(amount, what, allow_zero=False, signed=False):
 
 
 class Ledger:
-    def __init__(self, db: Database, config: Config, watch: BalanceWatch | None = None) -> None:
+    def __init__(self, db: Database, config: Config, watch: BalanceWatch | None = None,
+                 budgets: Budgets | None = None) -> None:
         self.db = db
         self.config = config
         self.watch = watch
+        # holds reserve against the customer's budgets (None: no budgets are enforced)
+        self.budgets = budgets
         self.max_balance_micros = config.ledger.max_balance * MICRO
 
     # --- reads -----------------------------------------------------------------------------
@@ -405,9 +409,11 @@ class Ledger:
 
     # --- holds ---------------------------------------------------------------------------------
     async def hold(self, customer_id: str, amount: int, request_id: str, ttl_seconds: int | None = None,
-                   note: str | None = None, scope: str = "admin", created_by: str | None = None) -> dict[str, Any]:
+                   note: str | None = None, scope: str = "admin", created_by: str | None = None,
+                   user_id: str | None = None, key_id: str | None = None) -> dict[str, Any]:
         """Reserve ``amount``. ``scope`` (admin: the platform, customer: a customer key) is recorded:
-        the hold belongs to it (see ``settle``)."""
+        the hold belongs to it (see ``settle``). The amount is reserved in the budgets of the
+        customer, ``user_id`` and ``key_id`` too (refused with ``budget_exceeded``)."""
         _check_amount(amount, "amount")
         holds = self.config.holds
         ttl = holds.default_ttl_seconds if ttl_seconds is None else ttl_seconds
@@ -429,14 +435,22 @@ class Ledger:
                 {"c": customer_id, "amt": amount, "now": now})
             if n == 0:
                 await self._explain_refusal(tx, customer_id)
-            hold = {"id": new_id(), "customer_id": customer_id, "request_id": request_id, "amount": amount,
+            hold_id = new_id()
+            if self.budgets is not None:
+                await self.budgets.reserve_hold(tx, hold_id, Spender(customer_id, user_id, key_id), amount)
+            hold = {"id": hold_id, "customer_id": customer_id, "request_id": request_id, "amount": amount,
                     "status": "open", "payload_hash": phash, "note": (note or "")[:255] or None,
                     "created_scope": scope, "created_by": (created_by or "")[:64] or None,
                     "expires_at": clock.now_text(ttl), "created_at": now, "updated_at": now}
             await tx.insert("billing_hold", hold)
             return hold_view(DictObject(**dict(hold, settled_amount=None)))
-        result, existing = await self.db.run_or_existing(work, lambda tx: self._hold_by_request(tx, request_id),
-                                                         refused_check=True)
+        try:
+            result, existing = await self.db.run_or_existing(work, lambda tx: self._hold_by_request(tx, request_id),
+                                                             refused_check=True)
+        except BudgetExceeded as e:
+            if self.budgets is not None:
+                await self.budgets.refused(e)     # its alert, now the refused hold has rolled back
+            raise
         return result if existing is None else _replay_hold(existing, phash, request_id)
 
     async def _hold_by_request(self, tx, request_id):
@@ -479,6 +493,8 @@ class Ledger:
                 {"amt": amount, "now": clock.now_text(), "h": hold.id, "st": hold.status})
             if n != 1:
                 raise Conflict(f"hold {hold.id} changed while settling; send it again")
+            if self.budgets is not None:
+                await self.budgets.close_hold(tx, hold.id, amount)
             phash = payload_hash({"op": "settle", "hold": hold.id, "amount": amount})
             entry = await self.post(tx, hold.customer_id, -amount, "settle", hold.request_id, phash,
                                     held_delta=-int(hold.amount) if was_open else 0,
@@ -523,6 +539,8 @@ class Ledger:
             await tx.execute("update customer_balance set held = held - ${amt}$, version = version + 1, "
                              "updated_at = ${now}$ where id = ${c}$",
                              {"amt": int(hold.amount), "now": now, "c": hold.customer_id})
+            if self.budgets is not None:
+                await self.budgets.close_hold(tx, hold.id)
         return n
 
     async def expire_holds(self, limit: int = 500) -> int:

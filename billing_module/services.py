@@ -15,6 +15,7 @@ from .accounting import Accounting
 from .alerts import Alerts, LowBalanceWatch
 from .apikeys import ApiKeys
 from .auth import Auth, SecretBox
+from .budgets import Budgets
 from .cache import CacheManager
 from .catalog import Catalog
 from .config import Config
@@ -37,6 +38,7 @@ class Services:
     catalog: Catalog
     apikeys: ApiKeys
     auth: Auth
+    budgets: Budgets
     ledger: Ledger
     products: ProductManager
     failures: Failures
@@ -55,13 +57,15 @@ def build_services(config: Config, db: Database, data_dir: str) -> Services:
     secret_box = SecretBox(config, data_dir)
     apikeys = ApiKeys(db, secret_box)
     alerts = Alerts(db, config, secret_box)
-    ledger = Ledger(db, config, watch=LowBalanceWatch(config, alerts))
-    products = ProductManager(db=db, config=config, ledger=ledger)
+    budgets = Budgets(db, config, alerts=alerts)
+    ledger = Ledger(db, config, watch=LowBalanceWatch(config, alerts), budgets=budgets)
+    products = ProductManager(db=db, config=config, ledger=ledger, budgets=budgets)
     failures = Failures(db, config, alerts)
-    accounting = Accounting(db, config, catalog=catalog, ledger=ledger, failures=failures, quota=products.hook)
+    accounting = Accounting(db, config, catalog=catalog, ledger=ledger, failures=failures, quota=products.hook,
+                            budgets=budgets)
     return Services(
         caches=caches, catalog=catalog, apikeys=apikeys, auth=Auth(db, config, apikeys, secret_box),
-        ledger=ledger, products=products, failures=failures, accounting=accounting,
+        budgets=budgets, ledger=ledger, products=products, failures=failures, accounting=accounting,
         retries=FailureRetries(failures, accounting), sync=SyncManager(db, config, catalog, alerts),
         sessions=SessionStore(db), page_users=PageUsers(db), statements=Statements(db, config), alerts=alerts)
 

@@ -30,6 +30,7 @@ CUSTOMER_PAGES="
 /billing_module/my/usage.ui
 /billing_module/my/subscriptions.ui
 /billing_module/my/statements.ui
+/billing_module/my/budgets.ui
 "
 # pages
 PAGES="
@@ -38,6 +39,7 @@ PAGES="
 /billing_module/failed_accounting.ui
 /billing_module/usage_logs.ui
 /billing_module/balances.ui
+/billing_module/budgets.ui
 /billing_module/product_resources.ui
 /billing_module/product_suppliers.ui
 /billing_module/product_subscriptions.ui
@@ -81,6 +83,7 @@ READ_APIS="
 /billing_module/api/statement_export.dspy
 /billing_module/api/alerts.dspy
 /billing_module/api/alert_webhook.dspy
+/billing_module/api/budgets.dspy
 "
 # read APIs a customer user may call: prices, what each product sells, and its own
 # organisation's balance, ledger, subscriptions and statements
@@ -101,6 +104,7 @@ CUSTOMER_APIS="
 /billing_module/api/usage_export.dspy
 /billing_module/api/alerts.dspy
 /billing_module/api/alert_webhook.dspy
+/billing_module/api/budgets.dspy
 "
 # write APIs
 WRITE_APIS="
@@ -123,6 +127,7 @@ WRITE_APIS="
 /billing_module/api/product_supplier_update.dspy
 /billing_module/api/product_supplier_disable.dspy
 /billing_module/api/product_subscribe.dspy
+/billing_module/api/budget_set.dspy
 /billing_module/api/product_subscription_cancel.dspy
 /billing_module/api/product_subscription_resume.dspy
 /billing_module/api/product_use.dspy

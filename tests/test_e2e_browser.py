@@ -472,6 +472,31 @@ def test_products_create_bind_supply_subscribe_and_cancel(console, clean_log):
     assert [s["status"] for s in subs] == ["cancelled"]
 
 
+def test_budgets_set_list_refuse_and_remove(console, clean_log):
+    """An operator sets a daily budget for an organisation on budgets.ui; a charge past it is refused
+    (402 budget_exceeded), the grid shows its spend, and an empty limit removes it."""
+    c = console
+    c.open("budgets.ui")
+    # typed into the select, as a keyboard user does: bricks' UiCode reads its value on 'input'
+    c.el("#bud_set select[name=period]").send_keys("day")
+    c.fill("bud_set", customer_id="demo-globex", limit="0.000002")
+    c.click("bud_set_go")
+    c.wait_text("#bud_result", "Save budget: done")
+    rows = c.api.call("budgets", customer_id="demo-globex")["rows"]
+    assert [(r["scope"], r["period"], r["limit"], r["spent"]) for r in rows] == [("org", "day", "0.000002", "0.000000")]
+    refused = c.api.call("accounting", "POST", request_id="e2e-budget-1", customer_id="demo-globex",
+                         model_name="demo-chat", input_tokens=100000, output_tokens=20000)
+    assert refused["code"] == "budget_exceeded" and refused["budget"]["subject_id"] == "demo-globex", refused
+    assert c.db("select count(*) from accounting_records where request_id = 'e2e-budget-1'") == [(0,)]
+    c.submit("bud_filter", customer_id="demo-globex")
+    c.wait_text("#bud_grid", "0.000002")
+    c.shot("budgets")
+    c.fill("bud_set", customer_id="demo-globex", limit="0")      # zero (or empty) removes it
+    c.click("bud_set_go")
+    c.wait_text("#bud_result", "removed: true")
+    assert c.api.call("budgets", customer_id="demo-globex")["rows"] == []
+
+
 def test_sync_now_shows_its_outcome(console, clean_log):
     c = console
     c.open("sync_status.ui")
@@ -637,4 +662,14 @@ def test_a_customer_admin_sees_only_its_organisation_exports_usage_and_downloads
     assert figures["Closing balance"] == from_micro(ledger[0][0]) and figures["Opening balance"] == from_micro(opening[0][0])
     assert figures["Recharges"] == "7.250000"
     c.shot("my-statements")
+    # the organisation's budgets, read-only: its own, not another's
+    for customer in ("demo-acme", "demo-globex"):
+        assert c.api.call("budget_set", "POST", scope="org", customer_id=customer, period="month",
+                          limit="123.45")["success"]
+    c.click("my_nav_budgets")
+    c.wait_text("#my_budgets", "123.450000")
+    assert "demo-globex" not in c.text("#my_content") and "demo-acme" in c.text("#my_content")
+    c.shot("my-budgets")
+    for customer in ("demo-acme", "demo-globex"):
+        c.api.call("budget_set", "POST", scope="org", customer_id=customer, period="month", limit="0")
     assert c.severe_logs(allowed=("login.dspy",)) == []

@@ -88,7 +88,7 @@ def event_fields(request_required=True):
             F("model_name", "model", True), F("input_tokens", "count"), F("output_tokens", "count"),
             F("cached_tokens", "count"), F("characters", "count"), F("calls", "count"),
             F("web_search_calls", "count"), F("quantity", "quantity"), F("unit", "unit"), F("use_time", "date"),
-            F("attributes", "attributes")]
+            F("attributes", "attributes"), F("key_id", "ident")]
 
 
 EVENT = dict(usage("fz-ev-1", user_id="u-1"))
@@ -233,6 +233,13 @@ SPEC = {
     "product_subscription_resume": [Base({"subscription_id": "@subscription"}, [F("subscription_id", "ident", True)])],
     "product_subscriptions": [Base({}, [F("customer_id", "ident"), F("product_id", "ident"),
                                         F("status", "choice", choices=("active", "cancelled", "expired")), *PAGING])],
+    "budget_set": [Base({"scope": "org", "customer_id": "cust-1", "period": "day", "limit": "100"},
+                        [F("scope", "choice", True, choices=("org", "user", "key")), F("customer_id", "ident", True),
+                         F("user_id", "ident"), F("key_id", "ident"),
+                         F("period", "choice", True, choices=("day", "week", "month")),
+                         F("limit", "money", sign="nonneg")])],
+    "budgets": [Base({}, [F("customer_id", "ident"), F("scope", "choice", choices=("org", "user", "key")),
+                          *PAGING])],
     "product_quota": [Base({"customer_id": "cust-1", "product_id": "@product"},
                            [F("customer_id", "ident", True), F("product_id", "ident", True)])],
     "product_use": [Base({"customer_id": "cust-1", "user_id": "u-1", "product_id": "@product", "amount": "1",

@@ -146,7 +146,7 @@ LAYERS = {
     "accounting": SERVICES, "failures": SERVICES, "ledger": SERVICES, "catalog": SERVICES,
     "reports": SERVICES, "products": SERVICES, "sync": SERVICES, "auth": SERVICES, "apikeys": SERVICES,
     "cache": SERVICES, "http": SERVICES, "codes": SERVICES, "session_store": SERVICES, "throttle": SERVICES,
-    "page_users": SERVICES, "statements": SERVICES, "alerts": SERVICES,
+    "page_users": SERVICES, "statements": SERVICES, "alerts": SERVICES, "budgets": SERVICES,
     "metrics": SERVICES,
     "core": ROOT, "services": ROOT,
     "": EDGES, "init": EDGES, "inprocess": EDGES, "server": EDGES, "cli": EDGES, "cli_options": EDGES,

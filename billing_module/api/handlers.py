@@ -5,7 +5,8 @@ from typing import Any
 
 from .. import clock
 from ..accounting import BATCH_MODES, batch_refusal, check_batch
-from ..errors import BillingError, InvalidParam
+from ..budgets import PERIODS, SCOPES
+from ..errors import BillingError, Forbidden, InvalidParam
 from .callers import check_user_of
 from .params import Params
 from .registry import endpoint
@@ -22,7 +23,23 @@ async def _event(core, p, caller):
     ev_customer = p.ident("customer_id", required=True)
     caller.check_customer(ev_customer)
     await check_user_of(core, caller, ev_customer, p.ident("user_id"))
+    key_id = _key_of(p, caller)
+    if key_id is not None:
+        raw["key_id"] = key_id
     return raw
+
+
+def _key_of(p, caller):
+    """The API key a debit is charged to (its budget): a customer key's own by default, and a
+    customer caller may not name another key; an admin names any key, or none."""
+    key_id = p.ident("key_id")
+    if caller.is_admin or not caller.key_id:
+        if key_id is not None and not caller.is_admin:
+            raise Forbidden("key_id: only an admin or the key itself may charge a key")
+        return key_id
+    if key_id is not None and key_id != caller.key_id:
+        raise Forbidden("key_id: a customer key charges its own budget only")
+    return caller.key_id
 
 
 @endpoint("health", methods=READ, open=True)
@@ -102,7 +119,8 @@ async def authorize(core, caller, p, request):
             raise InvalidParam("the estimated usage prices at zero; send an amount to hold")
     ttl = p.int("ttl_seconds", minimum=1)
     return await core.ledger.hold(customer_id, amount, p.ident("request_id", required=True, max_len=64),
-                                  ttl_seconds=ttl, note=p.str("note"), scope=caller.kind, created_by=caller.operator)
+                                  ttl_seconds=ttl, note=p.str("note"), scope=caller.kind, created_by=caller.operator,
+                                  user_id=p.ident("user_id"), key_id=_key_of(p, caller))
 
 
 def _hold_ref(p):
@@ -270,3 +288,25 @@ async def metrics(core, caller, p, request):
         (await authenticate(core, request)).require_admin()
     body = metrics_module.render(await metrics_module.database_families(core.db))
     return web.Response(body=body, headers={"Content-Type": metrics_module.CONTENT_TYPE})
+
+
+# --- budgets ------------------------------------------------------------------------------------
+@endpoint("budget_set", methods=WRITE, admin=True)
+async def budget_set(core, caller, p, request):
+    """Set (or with an empty or zero ``limit``, remove) the budget of an organisation, a user or a key."""
+    scope = p.str("scope", required=True, choices=SCOPES)
+    customer_id = p.ident("customer_id", required=True)
+    subject = {"org": customer_id, "user": p.ident("user_id", required=scope == "user"),
+               "key": p.ident("key_id", required=scope == "key")}[scope]
+    return await core.budgets.set_budget(customer_id, scope, subject, p.str("period", required=True, choices=PERIODS),
+                                         p.amount("limit", required=False), operator=caller.operator)
+
+
+@endpoint("budgets", methods=READ)
+async def budgets(core, caller, p, request):
+    """Budgets with their spend in the current period; a customer caller sees its organisation's."""
+    customer_id = p.ident("customer_id", required=not caller.is_admin)
+    if customer_id is not None:
+        caller.check_customer(customer_id)
+    page, rows = p.page()
+    return await core.budgets.list_budgets(customer_id, p.str("scope", choices=SCOPES), page, rows)

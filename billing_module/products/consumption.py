@@ -14,6 +14,7 @@ from typing import Any
 from appPublic.dictObject import DictObject
 
 from .. import clock
+from ..budgets import BudgetExceeded, Budgets, Spender
 from ..db.database import Tx
 from ..errors import Conflict, InvalidParam
 from ..ids import new_id, payload_hash
@@ -105,8 +106,10 @@ async def usage_by_key(tx: Tx, key: str) -> Row | None:
 
 
 class Consumption:
-    def __init__(self, db, ledger, catalogue: Catalogue, suppliers: Suppliers, subscriptions: Subscriptions):
+    def __init__(self, db, ledger, catalogue: Catalogue, suppliers: Suppliers, subscriptions: Subscriptions,
+                 budgets: Budgets | None = None):
         self.db = db
+        self.budgets = budgets      # the overage charge is spent from the budgets (None: none enforced)
         self.ledger = ledger
         self.catalogue = catalogue
         self.suppliers = suppliers
@@ -137,8 +140,13 @@ class Consumption:
                 return _replay_use(existing, customer_id, product_id, use["q"], key)
             return await self._use(tx, use)
         # the same source reference may be used concurrently and commit first
-        result, existing = await self.db.run_or_existing(work, lambda tx: usage_by_key(tx, key),
-                                                         f"usage {key} collided with another request; send it again")
+        try:
+            result, existing = await self.db.run_or_existing(
+                work, lambda tx: usage_by_key(tx, key), f"usage {key} collided with another request; send it again")
+        except BudgetExceeded as e:
+            if self.budgets is not None:
+                await self.budgets.refused(e)     # its alert, now the refused use has rolled back
+            raise
         return result if existing is None else _replay_use(existing, customer_id, product_id, use["q"], key)
 
     async def _use(self, tx, use: dict) -> dict:
@@ -166,6 +174,8 @@ class Consumption:
             currency=product.currency)
         if charge > 0:
             await check_currency(tx, use["customer_id"], product.currency)
+            if self.budgets is not None:     # refused: the whole use rolls back
+                await self.budgets.spend(tx, Spender(use["customer_id"], use["user_id"]), charge)
             entry = await self.ledger.post(
                 tx, use["customer_id"], -charge, "overage", ledger_key(use["key"]), use["phash"], must_cover=True,
                 refuse_suspended=True, ref_type="product_usage_log", ref_id=row.id,

@@ -6,6 +6,7 @@ from decimal import ROUND_HALF_UP, Decimal
 from typing import Any
 
 from .. import clock
+from ..budgets import Budgets
 from ..config import Config
 from ..db.database import Database
 from ..ledger import Ledger
@@ -25,12 +26,13 @@ _PRICE_FIELDS = ("product_id", "quantity_unit", "overage_price", "price_per", "c
 
 
 class ProductManager:
-    def __init__(self, *, db: Database, config: Config, ledger: Ledger) -> None:
+    def __init__(self, *, db: Database, config: Config, ledger: Ledger, budgets: Budgets | None = None) -> None:
         self.db = db
         self.catalogue = Catalogue(db, config.currency)
         self.suppliers_service = Suppliers(db, self.catalogue)
         self.subscriptions_service = Subscriptions(db, ledger, self.catalogue, config.timezone)
-        self.consumption = Consumption(db, ledger, self.catalogue, self.suppliers_service, self.subscriptions_service)
+        self.consumption = Consumption(db, ledger, self.catalogue, self.suppliers_service, self.subscriptions_service,
+                                       budgets)
         self.hook = QuotaHook(ledger, self.catalogue, self.suppliers_service, self.subscriptions_service,
                               config.accounting)
         self.reports = Reports(db, time_zone=config.timezone)

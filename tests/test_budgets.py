@@ -5,10 +5,11 @@ nothing, holds, the queued path, product use, alerts at 80 % and 100 %, the HTTP
 concurrent posts that never overspend."""
 import asyncio
 import datetime
+from decimal import Decimal
 
 import pytest
 
-from billing_module.budgets import BudgetExceeded, Budgets, Spender, period_bounds
+from billing_module.budgets import BudgetExceeded, Spender, period_bounds
 from billing_module.config import load_config
 from billing_module.errors import Forbidden, InvalidParam, NotFound
 from tests.helpers import seed_pricing, units, usage
@@ -242,20 +243,26 @@ async def test_product_use_spends_the_budget(core, fixed_clock):
     await core.products.product_use("c1", "u2", pid, 1, source_ref_table="task", source_ref_id="t3")
 
 
-# --- alerts ------------------------------------------------------------------------------------------------
-class Recorder:
-    """An AlertSink that keeps what it was given (the alert outbox writes it in ``tx``)."""
-
-    def __init__(self):
-        self.alerts = []
-
-    async def emit(self, tx, type, customer_id, data):
-        self.alerts.append((type, customer_id, data["spent"], data["scope"], data["subject"]))
+# --- alerts: written to the alert outbox (alerts.py) by the wiring of services.build_services -------------
+async def budget_alerts(core):
+    """(type, customer, spent, scope, subject) of the budget alerts in the outbox, by spent
+    (alerts of one second have no order of their own)."""
+    rows = (await core.alerts.search(rows=100))["rows"]
+    return sorted(((r["type"], r["customer_id"], r["data"]["spent"], r["data"]["scope"], r["data"]["subject"])
+                   for r in rows if r["type"].startswith("budget_")), key=lambda a: (Decimal(a[2]), a[0]))
 
 
-async def test_alerts_at_80_and_100_percent_once_per_crossing_and_period(core, fixed_clock):
-    sink = Recorder()
-    budgets = Budgets(core.db, core.config, alerts=sink)
+@pytest.fixture
+async def no_alerts(core):
+    async with core.db.transaction() as tx:     # a MariaDB database may hold an earlier test's alerts
+        for table in ("alert_delivery", "alert_outbox"):
+            await tx.execute(f"delete from {table}")
+    return core
+
+
+async def test_alerts_at_80_and_100_percent_once_per_crossing_and_period(no_alerts, fixed_clock):
+    core = no_alerts
+    budgets = core.budgets
     await budgets.set_budget("c1", "org", "c1", "day", units("10"))
     who = Spender("c1", "u1")
 
@@ -266,29 +273,27 @@ async def test_alerts_at_80_and_100_percent_once_per_crossing_and_period(core, f
     with pytest.raises(BudgetExceeded):
         await spend("1")
     await spend("0.5")                                  # 10 (100 %)
-    assert sink.alerts == [("budget_80", "c1", "8.000000", "org", "c1"), ("budget_100", "c1", "10.000000", "org", "c1")]
+    assert await budget_alerts(core) == [("budget_80", "c1", "8.000000", "org", "c1"),
+                                         ("budget_100", "c1", "10.000000", "org", "c1")]
     at(fixed_clock, "2026-11-23 05:00:00")
     await spend("9")                                    # a new period: 0 -> 90 % crosses 80 % again
-    assert sink.alerts[-1] == ("budget_80", "c1", "9.000000", "org", "c1") and len(sink.alerts) == 3
+    alerts = await budget_alerts(core)
+    assert ("budget_80", "c1", "9.000000", "org", "c1") in alerts and len(alerts) == 3
 
 
-async def test_a_refusal_alerts_budget_100_once_per_period_and_a_refused_charge_spends_nothing(core, fixed_clock):
-    from billing_module.accounting import Accounting
-    from billing_module.ledger import Ledger
-    sink = Recorder()
-    budgets = Budgets(core.db, core.config, alerts=sink)
-    ledger = Ledger(core.db, core.config, budgets=budgets)
-    accounting = Accounting(core.db, core.config, catalog=core.catalog, ledger=ledger, failures=core.failures,
-                            budgets=budgets)
+async def test_a_refusal_alerts_budget_100_once_per_period_and_a_refused_charge_spends_nothing(no_alerts, fixed_clock):
+    core = no_alerts
+    budgets, accounting = core.budgets, core.accounting
     await setup(core, balance="2")
     await budgets.set_budget("c1", "org", "c1", "day", units("2.5"))
     await accounting.post_usage(flat("a1"))
     await accounting.post_usage(flat("a2"))                   # 80 %
-    assert [a[0] for a in sink.alerts] == ["budget_80"]
+    assert [a[0] for a in await budget_alerts(core)] == ["budget_80"]
     for request_id in ("a3", "a4"):
         with pytest.raises(BudgetExceeded):
             await accounting.post_usage(flat(request_id))
-    assert [a[:3] for a in sink.alerts] == [("budget_80", "c1", "2.000000"), ("budget_100", "c1", "2.000000")]
+    assert [a[:3] for a in await budget_alerts(core)] == [("budget_100", "c1", "2.000000"),
+                                                          ("budget_80", "c1", "2.000000")]
     # a charge its budgets took but the balance refused: the budget spend rolls back with it
     await budgets.set_budget("c1", "org", "c1", "day", 0)
     await budgets.set_budget("c1", "org", "c1", "week", units("5"))
@@ -296,6 +301,7 @@ async def test_a_refusal_alerts_budget_100_once_per_period_and_a_refused_charge_
         await accounting.post_usage(flat("a5"))
     assert refused.value.code == "insufficient_balance"
     assert [r["spent"] for r in (await budgets.list_budgets("c1"))["rows"]] == ["0.000000"]
+    assert len(await budget_alerts(core)) == 2                # and no alert for it
 
 
 # --- concurrency -------------------------------------------------------------------------------------------

@@ -10,6 +10,10 @@ Rounding rule (the only one, shared with money.py): each priced line is
 computed exactly in Decimal, ``quantity * unit_price / unit_value`` (times the
 discount for the sell amount), then rounded once, half-up (``ROUND_HALF_UP``,
 .5 away from zero) to the micro-unit. Totals are sums of rounded lines.
+A whole-number count at a price whose per-unit value is exact (every decimal
+price per token, per K or per M) takes the same rule in integers (``_int_line``:
+the price as an exact fraction, one half-up division); tests/test_pricing.py
+proves the two paths equal.
 
 Parts follow the OpenAI convention: ``input_tokens`` includes ``cached_tokens``,
 the cache writes and the audio and image input tokens; ``output_tokens`` includes
@@ -240,6 +244,10 @@ class _Price:
     sell: Decimal
     cost: Decimal | None  # None when the cost price is 0
     div: Decimal | None
+    # sell and cost as exact fractions (numerator, denominator), for whole-number quantities
+    # (_int_line); None when div is set (that one division stays in Decimal).
+    sell_ratio: tuple[int, int] | None
+    cost_ratio: tuple[int, int] | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -420,12 +428,22 @@ def price_usage(program, usage, day, discount=_ONE):
 
 
 def _add_line(lines, rule, factor, qty, qty_str, input_tokens, disc):
-    """Append the line for ``rule``; return its undiscounted rounded amount.
+    """Append the line for ``rule``; return its undiscounted rounded amount."""
+    p = rule.prices_for(input_tokens)
+    if p.sell_ratio is not None and type(qty) is int:
+        original, amount, cost = _int_line(p, qty, disc)
+    else:
+        original, amount, cost = _decimal_line(p, qty, disc)
+    lines.append(PriceLine(factor, qty_str, rule.unit, p.price_str, amount, cost))
+    return original
+
+
+def _decimal_line(p, qty, disc):
+    """(undiscounted, discounted, cost) micro-units of ``qty`` at ``p``.
 
     Same rule as money.round_micro (half-up to the micro-unit), inlined on
     values already in micro-units.
     """
-    p = rule.prices_for(input_tokens)
     raw = CTX.multiply(p.sell, qty)
     if p.div is not None:
         raw = CTX.divide(raw, p.div)
@@ -440,8 +458,31 @@ def _add_line(lines, rule, factor, qty, qty_str, input_tokens, disc):
         if p.div is not None:
             raw = CTX.divide(raw, p.div)
         cost = int(raw.to_integral_value(ROUND_HALF_UP, CTX))
-    lines.append(PriceLine(factor, qty_str, rule.unit, p.price_str, amount, cost))
-    return original
+    return original, amount, cost
+
+
+def _int_line(p, qty, disc):
+    """``_decimal_line`` for a whole-number ``qty`` and a price without ``div``, in exact
+    integers: quantity * numerator / denominator, rounded once, half-up (n + 1/2, floored;
+    every value here is >= 0)."""
+    num, den = p.sell_ratio
+    raw = qty * num
+    original = (2 * raw + den) // (2 * den)
+    if disc is _ONE:
+        amount = original
+    else:
+        disc_num, disc_den = _ratio(disc)
+        den *= disc_den
+        amount = (2 * raw * disc_num + den) // (2 * den)
+    cost = 0
+    if p.cost_ratio is not None:
+        num, den = p.cost_ratio
+        cost = (2 * qty * num + den) // (2 * den)
+    return original, amount, cost
+
+
+# A customer base uses few distinct discounts: each one's exact fraction, computed once.
+_ratio = functools.lru_cache(maxsize=1024)(Decimal.as_integer_ratio)
 
 
 # A customer base uses few distinct discounts. typed=True keeps True, 1 and
@@ -524,7 +565,10 @@ def _parse_prices(raw, where, above, divisor):
         # One divisor per price: if either division is inexact, keep both undivided.
         sell, div = price.scaleb(PLACES, CTX), divisor
         cost_micro = cost.scaleb(PLACES, CTX) if cost else None
-    return _Price(above, text, sell, cost_micro, div)
+    if div is not None:
+        return _Price(above, text, sell, cost_micro, div, None, None)
+    cost_ratio = None if cost_micro is None else cost_micro.as_integer_ratio()
+    return _Price(above, text, sell, cost_micro, div, sell.as_integer_ratio(), cost_ratio)
 
 
 def _parse_filters(raw, where):

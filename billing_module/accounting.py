@@ -19,8 +19,6 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any, Protocol, cast
 
-from appPublic.dictObject import DictObject
-
 from . import clock, metrics, provider_usage, validation
 from .catalog import Catalog, price_for_model
 from .config import Config
@@ -119,17 +117,19 @@ def parse_event(raw: dict[str, Any], times: clock.TimeRange = _DEFAULT_TIMES) ->
 def record_view(rec: Row, duplicate: bool = False) -> dict[str, Any]:
     """The reply for an accounted (or failed / pending) record: built only from stored fields, so
     a replay returns exactly what the first call returned."""
-    stored = json.loads(rec.price_lines) if rec.price_lines else []
+    get = rec.get   # a Row is a dict: plain lookups (its attribute access is a Python call per column)
+    text = get("price_lines")
+    stored = json.loads(text) if text else []
     lines = [ln for ln in stored if not ln.get("unpriced")]
+    included = get("included_quantity")
     return {
-        "record_id": rec.id, "request_id": rec.request_id, "customer_id": rec.customer_id,
-        "status": rec.status, "amount": from_micro(int(rec.amount or 0)),
-        "original_amount": from_micro(int(rec.original_amount or 0)), "cost": from_micro(int(rec.cost or 0)),
-        "discount": rec.discount, "currency": rec.currency, "pricing_id": rec.pricing_id,
-        "price_version": rec.price_version, "lines": lines, "subscription_id": rec.subscription_id,
-        "included_quantity": (None if rec.included_quantity is None
-                              else format(Decimal(str(rec.included_quantity)).normalize(), "f")),
-        "ledger_entry_id": rec.ledger_entry_id, "use_time": rec.use_time, "duplicate": duplicate,
+        "record_id": get("id"), "request_id": get("request_id"), "customer_id": get("customer_id"),
+        "status": get("status"), "amount": from_micro(int(get("amount") or 0)),
+        "original_amount": from_micro(int(get("original_amount") or 0)), "cost": from_micro(int(get("cost") or 0)),
+        "discount": get("discount"), "currency": get("currency"), "pricing_id": get("pricing_id"),
+        "price_version": get("price_version"), "lines": lines, "subscription_id": get("subscription_id"),
+        "included_quantity": None if included is None else format(Decimal(str(included)).normalize(), "f"),
+        "ledger_entry_id": get("ledger_entry_id"), "use_time": get("use_time"), "duplicate": duplicate,
         "unpriced_factors": [ln["factor"] for ln in stored if ln.get("unpriced")],
     }
 
@@ -735,7 +735,7 @@ class Accounting:
             await tx.execute(f"update accounting_records set {sets} where id = ${{id}}$", row)
             await self.failures.resolve_in(tx, existing.id, now)
         await self._link_usage(tx, [row])
-        return record_view(DictObject(**row))
+        return record_view(Row(row))
 
     async def _link_usage(self, tx: Tx, rows: list[dict[str, Any]]) -> None:
         """The usage rows the quota hook wrote for charged records carry their ledger entry."""

@@ -55,6 +55,7 @@ PARTS = (
     ("audio_output_tokens", "output_tokens", False),
 )
 _PART_NAMES = frozenset(part for part, _, _ in PARTS)
+_PARTS_OF = {whole: tuple(part for part, of, _ in PARTS if of == whole) for whole in ("input_tokens", "output_tokens")}
 # Counts billed on their own line: characters, calls in the event, web-search calls.
 COUNTS = ("characters", "calls", "web_search_calls")
 # Every whole-number field of a usage event, in line order.
@@ -117,13 +118,13 @@ class Usage:
     def __post_init__(self):
         if not isinstance(self.quantity, Decimal):
             object.__setattr__(self, "quantity", parse_quantity(self.quantity, "quantity"))
-        for whole in ("input_tokens", "output_tokens"):
-            parts = [(part, getattr(self, part)) for part, of, _ in PARTS if of == whole and getattr(self, part)]
+        for whole, names in _PARTS_OF.items():
             total = getattr(self, whole)
-            if sum(n for _, n in parts) > total:
-                names = " + ".join(part for part, _ in parts)
+            if sum([getattr(self, part) for part in names]) > total:
+                parts = [(part, getattr(self, part)) for part in names if getattr(self, part)]
+                listed = " + ".join(part for part, _ in parts)
                 got = ", ".join(f"{part}={n}" for part, n in parts)
-                raise InvalidParam(f"{names}: must not exceed {whole} ({whole} includes them), "
+                raise InvalidParam(f"{listed}: must not exceed {whole} ({whole} includes them), "
                                    f"got {got} > {whole}={total}")
 
     @classmethod

@@ -630,7 +630,7 @@ class Accounting:
         database error is no event's fault and passes through."""
         try:
             payload = json.loads(rec.payload)
-            self.times.parse(payload["use_time"], "use_time")
+            self.times.check_stored(payload["use_time"], "use_time")
             ev = await self.rebuild_event(payload, rec.payload_hash, memo)
             _ = ev.day   # the price is dated by it
             return ev

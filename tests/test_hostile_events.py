@@ -346,3 +346,25 @@ async def test_an_admin_retry_of_a_poison_row_is_an_answer_not_a_500(http):
         status, body = await http.post("api/failed_accounting_retry.dspy", http.admin_key, json={"id": row["id"]})
         assert status < 500, body
         assert status == 200 or body["code"] in ("invalid_event", "invalid_param"), body
+
+
+STORED_TIMES = ["2026-11-22 10:00:00", "2026-11-22 10+05:00", "2026-11-22T10:00:00", "1999-12-31 23:59:59",
+                "2000-01-01 00:00:00", "2999-01-01 00:00:00", "2026-02-30 10:00:00", "2026-11-22 24:00:00",
+                "2026-11-22 10:00:0Z", " 2026-11-22 10:00:", "2026-11-22 10:00", "", None, 20261122, "x" * 19]
+
+
+@pytest.mark.parametrize("text", STORED_TIMES)
+def test_stored_time_check_gives_the_parser_verdict(text):
+    """The accountant's quick re-check of a stored use_time accepts and refuses what parse does."""
+    times = clock.TimeRange()
+    try:
+        times.parse(text, "use_time")
+        expected = None
+    except InvalidParam as e:
+        expected = e.message
+    if expected is None:
+        times.check_stored(text, "use_time")
+    else:
+        with pytest.raises(InvalidParam) as refused:
+            times.check_stored(text, "use_time")
+        assert refused.value.message == expected

@@ -709,24 +709,34 @@ class Accounting:
     async def _charge(self, tx, ev, price, model, existing):
         """Debit and write the accounted record inside ``tx``. ``existing``: the pending or failed
         row of this request to complete, or None to insert a new one."""
-        refusal = self._refusal(price, (await self._currencies(tx, {ev.customer_id})).get(ev.customer_id))
-        if refusal is not None:
-            raise refusal
+        # The balance's currency is read first only where something else could refuse first (an
+        # unpriced factor, the quota hook): otherwise the debit's conditional update checks it, one
+        # round trip fewer, and a mismatch is named the same.
+        covered = ev.customer_id in await self._covered(tx, {ev.customer_id})
+        if covered or self._refusal(price, None) is not None:
+            refusal = self._refusal(price, (await self._currencies(tx, {ev.customer_id})).get(ev.customer_id))
+            if refusal is not None:
+                raise refusal
         now = clock.now_text()
         row = self._accounted_row(ev, now, price, model, existing)
-        if ev.customer_id in await self._covered(tx, {ev.customer_id}):
+        if covered:
             self._apply_quota(row, await self._take_quota(tx, ev, price, row["id"]))
         amount = row["amount"]
         if amount > 0:
             entry = await self.ledger.post(
                 tx, ev.customer_id, -amount, "usage", ev.request_id, ev.hash,
                 must_cover=not self.config.accounting.allow_arrears, refuse_suspended=True,
-                ref_type="accounting_records", ref_id=row["id"], want_balance=False)
+                ref_type="accounting_records", ref_id=row["id"], want_balance=False,
+                currency_is=(price.currency, lambda currency: self._refusal(price, currency)))
             row["ledger_entry_id"] = entry.id
         else:
-            acct = await tx.one("select status from customer_balance where id = ${c}$", {"c": ev.customer_id})
+            acct = await tx.one("select status, currency from customer_balance where id = ${c}$",
+                                {"c": ev.customer_id})
             if acct is None:
                 raise UnknownCustomer(f"customer {ev.customer_id} has no account")
+            refusal = self._refusal(price, acct.currency)
+            if refusal is not None:
+                raise refusal
         if existing is None:
             await tx.insert("accounting_records", row)
         else:

@@ -11,7 +11,14 @@ import sys
 import pytest
 
 from billing_module import clock
-from billing_module.errors import CurrencyMismatch, InvalidParam, ModelMismatch, NoPricing, UnpricedFactor
+from billing_module.errors import (
+    CurrencyMismatch,
+    InsufficientBalance,
+    InvalidParam,
+    ModelMismatch,
+    NoPricing,
+    UnpricedFactor,
+)
 from billing_module.ids import new_id
 from tests.conftest import make_config
 from tests.helpers import CHAT_A_PRICE, MODELS, PROGRAM, seed_pricing, units, usage
@@ -201,6 +208,19 @@ async def test_currency_mismatch_is_refused_and_kept_as_failed_on_every_path(cor
     for row in failed["rows"]:
         assert (await core.retries.retry(row["id"]))["amount"] == CHAT_A_PRICE
     assert (await core.ledger.balance("cust-1"))["balance"] == "0.982000"
+
+
+async def test_currency_mismatch_is_named_before_a_short_balance(core):
+    """The debit's conditional update checks the currency (no read first): a balance in another
+    currency that is also too small is still refused as currency_mismatch, and nothing moves."""
+    await _seed_usd_model(core)
+    await core.ledger.recharge("cust-1", units("0.000001"), "r1")           # CNY, far too little
+    with pytest.raises(CurrencyMismatch):
+        await core.accounting.post_usage(usage("usd-short", model="chat-a", llmid="llm-usd"))
+    assert (await core.ledger.balance("cust-1"))["balance"] == "0.000001"
+    assert (await _record(core, "usd-short")).error_code == "currency_mismatch"
+    with pytest.raises(InsufficientBalance):                                 # same currency: short
+        await core.accounting.post_usage(usage("cny-short"))
 
 
 async def test_a_hold_for_an_estimated_event_in_another_currency_is_refused(http):

@@ -19,8 +19,6 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any, Protocol, cast
 
-from appPublic.dictObject import DictObject
-
 from . import clock, metrics, provider_usage, validation
 from .budgets import BudgetExceeded, Budgets, Spender
 from .catalog import Catalog, price_for_model
@@ -132,17 +130,19 @@ def parse_event(raw: dict[str, Any], times: clock.TimeRange = _DEFAULT_TIMES) ->
 def record_view(rec: Row, duplicate: bool = False) -> dict[str, Any]:
     """The reply for an accounted (or failed / pending) record: built only from stored fields, so
     a replay returns exactly what the first call returned."""
-    stored = json.loads(rec.price_lines) if rec.price_lines else []
+    get = rec.get   # a Row is a dict: plain lookups (its attribute access is a Python call per column)
+    text = get("price_lines")
+    stored = json.loads(text) if text else []
     lines = [ln for ln in stored if not ln.get("unpriced")]
+    included = get("included_quantity")
     return {
-        "record_id": rec.id, "request_id": rec.request_id, "customer_id": rec.customer_id,
-        "status": rec.status, "amount": from_micro(int(rec.amount or 0)),
-        "original_amount": from_micro(int(rec.original_amount or 0)), "cost": from_micro(int(rec.cost or 0)),
-        "discount": rec.discount, "currency": rec.currency, "pricing_id": rec.pricing_id,
-        "price_version": rec.price_version, "lines": lines, "subscription_id": rec.subscription_id,
-        "included_quantity": (None if rec.included_quantity is None
-                              else format(Decimal(str(rec.included_quantity)).normalize(), "f")),
-        "ledger_entry_id": rec.ledger_entry_id, "use_time": rec.use_time, "duplicate": duplicate,
+        "record_id": get("id"), "request_id": get("request_id"), "customer_id": get("customer_id"),
+        "status": get("status"), "amount": from_micro(int(get("amount") or 0)),
+        "original_amount": from_micro(int(get("original_amount") or 0)), "cost": from_micro(int(get("cost") or 0)),
+        "discount": get("discount"), "currency": get("currency"), "pricing_id": get("pricing_id"),
+        "price_version": get("price_version"), "lines": lines, "subscription_id": get("subscription_id"),
+        "included_quantity": None if included is None else format(Decimal(str(included)).normalize(), "f"),
+        "ledger_entry_id": get("ledger_entry_id"), "use_time": get("use_time"), "duplicate": duplicate,
         "unpriced_factors": [ln["factor"] for ln in stored if ln.get("unpriced")],
     }
 
@@ -666,7 +666,7 @@ class Accounting:
         database error is no event's fault and passes through."""
         try:
             payload = json.loads(rec.payload)
-            self.times.parse(payload["use_time"], "use_time")
+            self.times.check_stored(payload["use_time"], "use_time")
             ev = await self.rebuild_event(payload, rec.payload_hash, memo)
             _ = ev.day   # the price is dated by it
             return ev
@@ -745,12 +745,17 @@ class Accounting:
     async def _charge(self, tx, ev, price, model, existing):
         """Debit and write the accounted record inside ``tx``. ``existing``: the pending or failed
         row of this request to complete, or None to insert a new one."""
-        refusal = self._refusal(price, (await self._currencies(tx, {ev.customer_id})).get(ev.customer_id))
-        if refusal is not None:
-            raise refusal
+        # The balance's currency is read first only where something else could refuse first (an
+        # unpriced factor, the quota hook): otherwise the debit's conditional update checks it, one
+        # round trip fewer, and a mismatch is named the same.
+        covered = ev.customer_id in await self._covered(tx, {ev.customer_id})
+        if covered or self._refusal(price, None) is not None:
+            refusal = self._refusal(price, (await self._currencies(tx, {ev.customer_id})).get(ev.customer_id))
+            if refusal is not None:
+                raise refusal
         now = clock.now_text()
         row = self._accounted_row(ev, now, price, model, existing)
-        if ev.customer_id in await self._covered(tx, {ev.customer_id}):
+        if covered:
             self._apply_quota(row, await self._take_quota(tx, ev, price, row["id"]))
         amount = row["amount"]
         await self._spend_budgets(tx, ev, amount)    # refused: the whole charge rolls back
@@ -758,12 +763,17 @@ class Accounting:
             entry = await self.ledger.post(
                 tx, ev.customer_id, -amount, "usage", ev.request_id, ev.hash,
                 must_cover=not self.config.accounting.allow_arrears, refuse_suspended=True,
-                ref_type="accounting_records", ref_id=row["id"], want_balance=False)
+                ref_type="accounting_records", ref_id=row["id"], want_balance=False,
+                currency_is=(price.currency, lambda currency: self._refusal(price, currency)))
             row["ledger_entry_id"] = entry.id
         else:
-            acct = await tx.one("select status from customer_balance where id = ${c}$", {"c": ev.customer_id})
+            acct = await tx.one("select status, currency from customer_balance where id = ${c}$",
+                                {"c": ev.customer_id})
             if acct is None:
                 raise UnknownCustomer(f"customer {ev.customer_id} has no account")
+            refusal = self._refusal(price, acct.currency)
+            if refusal is not None:
+                raise refusal
         if existing is None:
             await tx.insert("accounting_records", row)
         else:
@@ -772,7 +782,7 @@ class Accounting:
             await tx.execute(f"update accounting_records set {sets} where id = ${{id}}$", row)
             await self.failures.resolve_in(tx, existing.id, now)
         await self._link_usage(tx, [row])
-        return record_view(DictObject(**row))
+        return record_view(Row(row))
 
     async def _spend_budgets(self, tx: Tx, ev: Event, amount: int, memo: dict | None = None) -> list[Any]:
         """Spend a charge of ``amount`` from the event's budgets (BudgetExceeded when one is short);

@@ -25,8 +25,9 @@ class NamedCache:
         self._hit_counter, self._miss_counter = metrics.cache_counters(name)
 
     def get(self, key: Hashable) -> Any:
-        value = self._data.get(key, _MISSING)
-        if value is _MISSING:
+        try:  # one lookup (TTLCache.get would check expiry twice: ``in``, then ``[]``)
+            value = self._data[key]
+        except KeyError:
             self.misses += 1
             self._miss_counter.inc()
             return _MISSING

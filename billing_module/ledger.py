@@ -19,6 +19,7 @@ allowed) passes when ``balance - held - amount >= -credit_limit``.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from decimal import Decimal
 from typing import Any, Protocol
 
@@ -68,9 +69,10 @@ class BalanceWatch(Protocol):
     async def debited(self, tx: Tx, customer_id: str, amount_micros: int) -> None: ...
 
 
-def _balance_update(must_cover, refuse_suspended, guard=""):
+def _balance_update(must_cover, refuse_suspended, guard="", currency=False):
     """The conditional UPDATE behind every money movement (parameters c, amt, hd, now, et, maxb);
-    ``guard``: one more SQL condition the update must meet (a refund's limit)."""
+    ``guard``: one more SQL condition the update must meet (a refund's limit); ``currency``: the
+    balance must be in currency ``cur``."""
     # status comes first: MySQL evaluates SET left to right with the new values, SQLite with
     # the old ones; read before the balance changes, both see the old balance.
     sets = ("status = case when status = 'arrears' and balance + ${amt}$ >= -coalesce(credit_limit, 0) "
@@ -83,6 +85,8 @@ def _balance_update(must_cover, refuse_suspended, guard=""):
     cond = "id = ${c}$ and balance + ${amt}$ <= ${maxb}$ and balance + ${amt}$ >= -${maxb}$"
     if guard:
         cond += f" and {guard}"
+    if currency:
+        cond += " and currency = ${cur}$"
     if must_cover or refuse_suspended:
         cond += " and status <> 'suspended'"
     if must_cover:
@@ -194,24 +198,32 @@ class Ledger:
                    held_delta: int = 0, ref_type: str | None = None, ref_id: str | None = None,
                    reason: str | None = None, operator: str | None = None, create: bool = False,
                    currency: str | None = None,
-                   guard: tuple[str, dict[str, Any], BillingError | None] | None = None) -> Row:
+                   guard: tuple[str, dict[str, Any], BillingError | None] | None = None,
+                   currency_is: tuple[str, Callable[[str], BillingError]] | None = None) -> Row:
         """Apply ``amount`` (signed micro-units) to the balance and append its ledger entry, inside
         the caller's transaction. ``must_cover``: refuse with ``insufficient_balance`` when the
         debit would take ``balance - held`` below ``-credit_limit``. ``guard``: (SQL condition, its
-        parameters, the error when it fails). A debit is told to ``watch`` (low-balance alerts) in
-        this transaction, so an alert commits or rolls back with it. Returns the entry row."""
+        parameters, the error when it fails). ``currency_is``: (the currency the amount is in, the
+        error for a balance in another): checked by the update itself, one statement fewer than a
+        read first; the error is built only when the update refuses. A debit is told to ``watch``
+        (low-balance alerts) in this transaction, so an alert commits or rolls back with it.
+        Returns the entry row."""
         now = clock.now_text()
         ns = {"c": customer_id, "amt": amount, "hd": held_delta, "now": now, "et": entry_type,
               "maxb": self.max_balance_micros}
-        sql = _balance_update(must_cover, refuse_suspended, guard[0] if guard else "")
+        sql = _balance_update(must_cover, refuse_suspended, guard[0] if guard else "",
+                              currency_is is not None)
         if guard:
             ns.update(guard[1])
+        if currency_is is not None:
+            ns["cur"] = currency_is[0]
         n = await tx.execute(sql, ns)
         if n == 0 and create:
             await self._create_account(tx, customer_id, now, currency)
             n = await tx.execute(sql, ns)
         if n == 0:
-            await self._explain_refusal(tx, customer_id, amount, otherwise=guard[2] if guard else None)
+            await self._explain_refusal(tx, customer_id, amount, otherwise=guard[2] if guard else None,
+                                        currency_is=currency_is)
         entry = {
             "id": new_id(), "customer_id": customer_id, "entry_type": entry_type, "amount": amount,
             "request_id": request_id, "payload_hash": phash, "ref_type": ref_type, "ref_id": ref_id,
@@ -294,12 +306,14 @@ class Ledger:
             "${now}$, ${now}$, ${now}$)",
             {"c": customer_id, "cur": currency or self.config.currency, "now": now})
 
-    async def _explain_refusal(self, tx, customer_id, amount=0, otherwise=None):
+    async def _explain_refusal(self, tx, customer_id, amount=0, otherwise=None, currency_is=None):
         """Why a conditional balance update changed no row: raise the matching error."""
-        row = await tx.one("select balance, held, credit_limit, status from customer_balance where id = ${c}$",
-                           {"c": customer_id})
+        row = await tx.one("select balance, held, credit_limit, status, currency from customer_balance "
+                           "where id = ${c}$", {"c": customer_id})
         if row is None:
             raise UnknownCustomer(f"customer {customer_id} has no account")
+        if currency_is is not None and row.currency != currency_is[0]:
+            raise currency_is[1](row.currency)
         limit = self.max_balance_micros
         if not isinstance(row.balance, int) or abs(row.balance + amount) > limit:
             raise AmountOutOfRange(f"the balance of customer {customer_id} would leave the allowed range "

@@ -10,6 +10,10 @@ Rounding rule (the only one, shared with money.py): each priced line is
 computed exactly in Decimal, ``quantity * unit_price / unit_value`` (times the
 discount for the sell amount), then rounded once, half-up (``ROUND_HALF_UP``,
 .5 away from zero) to the micro-unit. Totals are sums of rounded lines.
+A whole-number count at a price whose per-unit value is exact (every decimal
+price per token, per K or per M) takes the same rule in integers (``_int_line``:
+the price as an exact fraction, one half-up division); tests/test_pricing.py
+proves the two paths equal.
 
 Parts follow the OpenAI convention: ``input_tokens`` includes ``cached_tokens``,
 the cache writes and the audio and image input tokens; ``output_tokens`` includes
@@ -51,6 +55,7 @@ PARTS = (
     ("audio_output_tokens", "output_tokens", False),
 )
 _PART_NAMES = frozenset(part for part, _, _ in PARTS)
+_PARTS_OF = {whole: tuple(part for part, of, _ in PARTS if of == whole) for whole in ("input_tokens", "output_tokens")}
 # Counts billed on their own line: characters, calls in the event, web-search calls.
 COUNTS = ("characters", "calls", "web_search_calls")
 # Every whole-number field of a usage event, in line order.
@@ -113,13 +118,13 @@ class Usage:
     def __post_init__(self):
         if not isinstance(self.quantity, Decimal):
             object.__setattr__(self, "quantity", parse_quantity(self.quantity, "quantity"))
-        for whole in ("input_tokens", "output_tokens"):
-            parts = [(part, getattr(self, part)) for part, of, _ in PARTS if of == whole and getattr(self, part)]
+        for whole, names in _PARTS_OF.items():
             total = getattr(self, whole)
-            if sum(n for _, n in parts) > total:
-                names = " + ".join(part for part, _ in parts)
+            if sum([getattr(self, part) for part in names]) > total:
+                parts = [(part, getattr(self, part)) for part in names if getattr(self, part)]
+                listed = " + ".join(part for part, _ in parts)
                 got = ", ".join(f"{part}={n}" for part, n in parts)
-                raise InvalidParam(f"{names}: must not exceed {whole} ({whole} includes them), "
+                raise InvalidParam(f"{listed}: must not exceed {whole} ({whole} includes them), "
                                    f"got {got} > {whole}={total}")
 
     @classmethod
@@ -240,6 +245,10 @@ class _Price:
     sell: Decimal
     cost: Decimal | None  # None when the cost price is 0
     div: Decimal | None
+    # sell and cost as exact fractions (numerator, denominator), for whole-number quantities
+    # (_int_line); None when div is set (that one division stays in Decimal).
+    sell_ratio: tuple[int, int] | None
+    cost_ratio: tuple[int, int] | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -420,12 +429,22 @@ def price_usage(program, usage, day, discount=_ONE):
 
 
 def _add_line(lines, rule, factor, qty, qty_str, input_tokens, disc):
-    """Append the line for ``rule``; return its undiscounted rounded amount.
+    """Append the line for ``rule``; return its undiscounted rounded amount."""
+    p = rule.prices_for(input_tokens)
+    if p.sell_ratio is not None and type(qty) is int:
+        original, amount, cost = _int_line(p, qty, disc)
+    else:
+        original, amount, cost = _decimal_line(p, qty, disc)
+    lines.append(PriceLine(factor, qty_str, rule.unit, p.price_str, amount, cost))
+    return original
+
+
+def _decimal_line(p, qty, disc):
+    """(undiscounted, discounted, cost) micro-units of ``qty`` at ``p``.
 
     Same rule as money.round_micro (half-up to the micro-unit), inlined on
     values already in micro-units.
     """
-    p = rule.prices_for(input_tokens)
     raw = CTX.multiply(p.sell, qty)
     if p.div is not None:
         raw = CTX.divide(raw, p.div)
@@ -440,8 +459,31 @@ def _add_line(lines, rule, factor, qty, qty_str, input_tokens, disc):
         if p.div is not None:
             raw = CTX.divide(raw, p.div)
         cost = int(raw.to_integral_value(ROUND_HALF_UP, CTX))
-    lines.append(PriceLine(factor, qty_str, rule.unit, p.price_str, amount, cost))
-    return original
+    return original, amount, cost
+
+
+def _int_line(p, qty, disc):
+    """``_decimal_line`` for a whole-number ``qty`` and a price without ``div``, in exact
+    integers: quantity * numerator / denominator, rounded once, half-up (n + 1/2, floored;
+    every value here is >= 0)."""
+    num, den = p.sell_ratio
+    raw = qty * num
+    original = (2 * raw + den) // (2 * den)
+    if disc is _ONE:
+        amount = original
+    else:
+        disc_num, disc_den = _ratio(disc)
+        den *= disc_den
+        amount = (2 * raw * disc_num + den) // (2 * den)
+    cost = 0
+    if p.cost_ratio is not None:
+        num, den = p.cost_ratio
+        cost = (2 * qty * num + den) // (2 * den)
+    return original, amount, cost
+
+
+# A customer base uses few distinct discounts: each one's exact fraction, computed once.
+_ratio = functools.lru_cache(maxsize=1024)(Decimal.as_integer_ratio)
 
 
 # A customer base uses few distinct discounts. typed=True keeps True, 1 and
@@ -524,7 +566,10 @@ def _parse_prices(raw, where, above, divisor):
         # One divisor per price: if either division is inexact, keep both undivided.
         sell, div = price.scaleb(PLACES, CTX), divisor
         cost_micro = cost.scaleb(PLACES, CTX) if cost else None
-    return _Price(above, text, sell, cost_micro, div)
+    if div is not None:
+        return _Price(above, text, sell, cost_micro, div, None, None)
+    cost_ratio = None if cost_micro is None else cost_micro.as_integer_ratio()
+    return _Price(above, text, sell, cost_micro, div, sell.as_integer_ratio(), cost_ratio)
 
 
 def _parse_filters(raw, where):

@@ -11,7 +11,14 @@ import sys
 import pytest
 
 from billing_module import clock
-from billing_module.errors import CurrencyMismatch, InvalidParam, ModelMismatch, NoPricing, UnpricedFactor
+from billing_module.errors import (
+    CurrencyMismatch,
+    InsufficientBalance,
+    InvalidParam,
+    ModelMismatch,
+    NoPricing,
+    UnpricedFactor,
+)
 from billing_module.ids import new_id
 from tests.conftest import make_config
 from tests.helpers import CHAT_A_PRICE, MODELS, PROGRAM, seed_pricing, units, usage
@@ -203,6 +210,19 @@ async def test_currency_mismatch_is_refused_and_kept_as_failed_on_every_path(cor
     assert (await core.ledger.balance("cust-1"))["balance"] == "0.982000"
 
 
+async def test_currency_mismatch_is_named_before_a_short_balance(core):
+    """The debit's conditional update checks the currency (no read first): a balance in another
+    currency that is also too small is still refused as currency_mismatch, and nothing moves."""
+    await _seed_usd_model(core)
+    await core.ledger.recharge("cust-1", units("0.000001"), "r1")           # CNY, far too little
+    with pytest.raises(CurrencyMismatch):
+        await core.accounting.post_usage(usage("usd-short", model="chat-a", llmid="llm-usd"))
+    assert (await core.ledger.balance("cust-1"))["balance"] == "0.000001"
+    assert (await _record(core, "usd-short")).error_code == "currency_mismatch"
+    with pytest.raises(InsufficientBalance):                                 # same currency: short
+        await core.accounting.post_usage(usage("cny-short"))
+
+
 async def test_a_hold_for_an_estimated_event_in_another_currency_is_refused(http):
     core = http.core
     await _seed_usd_model(core)
@@ -346,3 +366,25 @@ async def test_an_admin_retry_of_a_poison_row_is_an_answer_not_a_500(http):
         status, body = await http.post("api/failed_accounting_retry.dspy", http.admin_key, json={"id": row["id"]})
         assert status < 500, body
         assert status == 200 or body["code"] in ("invalid_event", "invalid_param"), body
+
+
+STORED_TIMES = ["2026-11-22 10:00:00", "2026-11-22 10+05:00", "2026-11-22T10:00:00", "1999-12-31 23:59:59",
+                "2000-01-01 00:00:00", "2999-01-01 00:00:00", "2026-02-30 10:00:00", "2026-11-22 24:00:00",
+                "2026-11-22 10:00:0Z", " 2026-11-22 10:00:", "2026-11-22 10:00", "", None, 20261122, "x" * 19]
+
+
+@pytest.mark.parametrize("text", STORED_TIMES)
+def test_stored_time_check_gives_the_parser_verdict(text):
+    """The accountant's quick re-check of a stored use_time accepts and refuses what parse does."""
+    times = clock.TimeRange()
+    try:
+        times.parse(text, "use_time")
+        expected = None
+    except InvalidParam as e:
+        expected = e.message
+    if expected is None:
+        times.check_stored(text, "use_time")
+    else:
+        with pytest.raises(InvalidParam) as refused:
+            times.check_stored(text, "use_time")
+        assert refused.value.message == expected

@@ -4,6 +4,7 @@ Every expected amount is worked out by hand in a comment (currency units,
 then micro-units); nothing is computed by calling the code under test.
 """
 
+import dataclasses
 import datetime
 import decimal
 from decimal import Decimal
@@ -11,7 +12,7 @@ from fractions import Fraction
 
 import pytest
 import yaml
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, seed, settings
 from hypothesis import strategies as st
 
 from billing_module import pricing
@@ -741,3 +742,90 @@ def test_version_describe_lists_sell_prices_for_a_model():
          "filters": {"size": "720P"}},
     ]
     assert version.describe("nobody") == []
+
+
+# ---- the integer fast path (_int_line) against the Decimal path (_decimal_line) ----
+# Random programs (factors, units, prices with up to 9 places, cost prices, tiers, a unit value that
+# makes a division inexact) and random events and discounts; the program is priced as compiled (whole
+# counts take the integer path) and with the integer fractions taken away (every line in Decimal).
+
+TOKEN_FACTORS = ("input_tokens", "output_tokens", "cached_tokens", "reasoning_tokens", "characters", "calls",
+                 "web_search_calls", "audio_input_tokens", "cache_write_tokens")
+UNITS = (None, "token", "K", "M", "百万", "万", "10k", "three", "per7")
+
+
+@st.composite
+def decimal_strings(draw, max_units=1000):
+    whole = draw(st.integers(0, max_units))
+    places = draw(st.integers(0, 9))
+    frac = draw(st.integers(0, 10**places - 1)) if places else 0
+    text = f"{whole}.{frac:0{places}d}" if places else str(whole)
+    return text if Decimal(text) else "0.5"
+
+
+@st.composite
+def random_programs(draw):
+    rules = []
+    for factor in draw(st.lists(st.sampled_from(TOKEN_FACTORS), min_size=1, max_size=6, unique=True)):
+        rule = {"price_factors": factor, "unit_prices": draw(decimal_strings())}
+        unit = draw(st.sampled_from(UNITS))
+        if unit is not None:
+            rule["unit"] = unit
+        if draw(st.booleans()):
+            rule["cost_prices"] = draw(decimal_strings())
+        thresholds = draw(st.lists(st.integers(0, 10**7), max_size=3, unique=True))
+        if thresholds:
+            rule["tiers"] = [{"above_input_tokens": t, "unit_prices": draw(decimal_strings()),
+                              **({"cost_prices": draw(decimal_strings())} if draw(st.booleans()) else {})}
+                             for t in thresholds]
+        rules.append(rule)
+    data = {"unit_values": {"three": 3, "per7": "7.5"}, "pricings": rules}
+    return Program.from_payload({"id": "pp-rand", "currency": "CNY",
+                                 "versions": [{"id": "v", "enabled_date": "2026-01-01", "pricing_data": data}]})
+
+
+@st.composite
+def random_usages(draw):
+    big = st.one_of(st.integers(0, 10**4), st.integers(0, 10**9), st.integers(0, 10**15))
+    input_tokens, output_tokens = draw(big), draw(big)
+    cached = draw(st.integers(0, input_tokens))
+    audio = draw(st.integers(0, input_tokens - cached))
+    write = draw(st.integers(0, input_tokens - cached - audio))
+    return Usage("m", input_tokens=input_tokens, output_tokens=output_tokens, cached_tokens=cached,
+                 audio_input_tokens=audio, cache_write_tokens=write,
+                 reasoning_tokens=draw(st.integers(0, output_tokens)),
+                 characters=draw(big), calls=draw(st.integers(0, 1000)), web_search_calls=draw(st.integers(0, 50)))
+
+
+def _decimal_only(program):
+    """The program with the integer fractions taken away: every line goes through _decimal_line."""
+    def strip(p):
+        return dataclasses.replace(p, sell_ratio=None, cost_ratio=None)
+    versions = []
+    for v in program.versions:
+        rules = tuple(dataclasses.replace(r, base=strip(r.base), tiers=tuple(strip(t) for t in r.tiers))
+                      for r in v.rules)
+        versions.append(dataclasses.replace(v, rules=rules, index=pricing._build_index(rules)))
+    return dataclasses.replace(program, versions=tuple(versions))
+
+
+@seed(15)
+@settings(max_examples=1500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(random_programs(), random_usages(), st.one_of(st.just("1"), decimal_strings(max_units=9)))
+def test_property_integer_path_equals_decimal_path(program, usage, discount):
+    disc = Decimal(discount) if Decimal(discount) else Decimal(1)
+    reference = _decimal_only(program)
+    try:
+        expected = price_usage(reference, usage, DAY, disc)
+    except (InvalidParam, NoPricing) as refused:  # over MAX_MICRO, nothing priced: both paths refuse
+        with pytest.raises(type(refused)):
+            price_usage(program, usage, DAY, disc)
+        return
+    assert price_usage(program, usage, DAY, disc) == expected
+    # and line by line, on every price of every rule (tiers included), where the fast path applies
+    for rule in program.versions[0].rules:
+        for p in (rule.base, *rule.tiers):
+            assert (p.sell_ratio is None) == (p.div is not None)
+            if p.sell_ratio is not None:
+                for qty in (1, usage.input_tokens, usage.output_tokens, usage.characters):
+                    assert pricing._int_line(p, qty, disc) == pricing._decimal_line(p, qty, disc)

@@ -257,8 +257,13 @@ class Budgets:
                                  "updated_at = ${now}$ where id = ${b}$",
                                  {"lim": limit, "op": (operator or "")[:64] or None, "now": now, "b": existing.id})
             return None
-        # a concurrent first set of the same budget hits the unique index: it is run again as an update
-        removed = await self.db.run(work)
+        try:
+            removed = await self.db.run(work)
+        except Exception as e:
+            if not dialects.is_unique_violation(e):
+                raise
+            # a concurrent first set of the same budget won the unique index: ours is an update of it
+            removed = await self.db.run(work)
         if removed is not None:
             return removed
         async with self.db.read() as tx:

@@ -330,6 +330,15 @@ async def test_fifty_concurrent_holds_and_batch_posts_never_overspend_a_budget(c
     assert (await spent(core))[("user", "u1", "day")] == "7.000000"
 
 
+async def test_concurrent_first_sets_of_one_budget_all_succeed_as_one_budget(core):
+    limits = [units(str(i)) for i in range(1, 11)]
+    results = await asyncio.gather(*[core.budgets.set_budget("c1", "user", "u9", "week", lim) for lim in limits],
+                                   return_exceptions=True)
+    assert all(isinstance(r, dict) for r in results), results
+    rows = (await core.budgets.list_budgets("c1"))["rows"]
+    assert len(rows) == 1 and units(rows[0]["limit"]) in limits
+
+
 # --- HTTP -------------------------------------------------------------------------------------------------
 async def test_the_http_api_sets_lists_and_refuses_with_402(http, fixed_clock):
     core = http.core

@@ -16,6 +16,7 @@ gives it back, all in the hold's own period.
 from __future__ import annotations
 
 import datetime
+import logging
 import zoneinfo
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -24,9 +25,11 @@ from . import clock, validation
 from .config import Config
 from .db import dialect as dialects
 from .db.database import Database, Row, Tx, where
-from .errors import BillingError, InvalidParam, NotFound
+from .errors import BillingError, DatabaseUnavailable, InvalidParam, NotFound
 from .ids import new_id
 from .money import from_micro
+
+log = logging.getLogger("billing_module.budgets")
 
 SCOPES = ("org", "user", "key")
 PERIODS = ("day", "week", "month")
@@ -171,37 +174,47 @@ class Budgets:
             await tx.execute("update billing_budget_hold set amount = ${amt}$ where hold_id = ${h}$",
                              {"h": hold_id, "amt": settled_amount})
 
-    async def _open_period(self, tx: Tx, budget_id: str, start: str) -> None:
-        """The period's row, at 0 (a concurrent first insert is ignored)."""
-        await tx.execute(f"{dialects.insert_ignore(tx.dialect)} into billing_budget_spend "
-                         "(id, budget_id, period_start, spent, alert_level, updated_at) "
-                         "values (${id}$, ${b}$, ${ps}$, 0, 0, ${now}$)",
-                         {"id": new_id(), "b": budget_id, "ps": start, "now": clock.now_text()})
+    async def _open_period(self, tx: Tx, budget_id: str, start: str, alert_level: int = 0) -> bool:
+        """The period's row, at 0 spent (a concurrent first insert is ignored): True when this
+        call made it."""
+        return await tx.execute(f"{dialects.insert_ignore(tx.dialect)} into billing_budget_spend "
+                                "(id, budget_id, period_start, spent, alert_level, updated_at) "
+                                "values (${id}$, ${b}$, ${ps}$, 0, ${lvl}$, ${now}$)",
+                                {"id": new_id(), "b": budget_id, "ps": start, "lvl": alert_level,
+                                 "now": clock.now_text()}) == 1
 
     async def refused(self, error: BudgetExceeded) -> None:
         """After a refusal rolled its transaction back: ``budget_100`` for the refused budget, in a
         transaction of its own, unless this period has had it (a refusal changes no spend, so the
-        period's ``alert_level`` says whether it was sent)."""
+        period's ``alert_level`` says whether it was sent). The refusal is the caller's answer:
+        a database that fails here is logged, never turned into another error."""
         if self.alerts is None:
             return
         view = error.details["budget"]
+        data = dict(view, subject=view["subject_id"])
 
         async def work(tx):
-            await self._open_period(tx, view["budget_id"], view["period_start"])
-            await self._raise_level(tx, view["customer_id"], view["budget_id"], view["period_start"], 100,
-                                    dict(view, subject=view["subject_id"]))
-        await self.db.run(work)
+            # the update first, the insert only for a period without a row (the refused spend
+            # was its first): an insert's shared lock on the row, then the update's exclusive
+            # one, deadlocked concurrent refusals on MariaDB
+            if await self._raise_level(tx, view["budget_id"], view["period_start"], 100) or \
+                    await self._open_period(tx, view["budget_id"], view["period_start"], alert_level=100):
+                await self._emit(tx, view["customer_id"], 100, data)
+        try:
+            await self.db.run(work)
+        except DatabaseUnavailable:
+            log.exception("budget %s: the 100 %% alert of a refusal could not be written", view["budget_id"])
 
-    async def _raise_level(self, tx: Tx, customer_id: str, budget_id: str, start: str, percent: int,
-                           data: dict[str, Any]) -> None:
-        """Emit the alert of ``percent`` unless the period has had it or a higher one: one per
-        crossing and period, even when spend falls back (a released hold) and rises again."""
+    async def _raise_level(self, tx: Tx, budget_id: str, start: str, percent: int) -> bool:
+        """Mark the period as alerted at ``percent``; False when it has had that alert or a higher
+        one: one per crossing and period, even when spend falls back (a released hold) and rises."""
+        return await tx.execute("update billing_budget_spend set alert_level = ${lvl}$ where budget_id = ${b}$ "
+                                "and period_start = ${ps}$ and alert_level < ${lvl}$",
+                                {"lvl": percent, "b": budget_id, "ps": start}) == 1
+
+    async def _emit(self, tx: Tx, customer_id: str, percent: int, data: dict[str, Any]) -> None:
         assert self.alerts is not None
-        n = await tx.execute("update billing_budget_spend set alert_level = ${lvl}$ where budget_id = ${b}$ "
-                             "and period_start = ${ps}$ and alert_level < ${lvl}$",
-                             {"lvl": percent, "b": budget_id, "ps": start})
-        if n == 1:
-            await self.alerts.emit(tx, dict(ALERT_LEVELS)[percent], customer_id, data)
+        await self.alerts.emit(tx, dict(ALERT_LEVELS)[percent], customer_id, data)
 
     async def _spent(self, tx: Tx, budget_id: str, start: str) -> int | None:
         value = await tx.scalar("select spent from billing_budget_spend where budget_id = ${b}$ "
@@ -215,9 +228,8 @@ class Budgets:
             return
         limit = int(b.limit_amount)
         was, now = _level(before, limit), _level(after, limit)
-        if now > was:
-            await self._raise_level(tx, b.customer_id, b.id, start, now,
-                                    dict(budget_view(b, after, start, end), subject=b.subject_id))
+        if now > was and await self._raise_level(tx, b.id, start, now):
+            await self._emit(tx, b.customer_id, now, dict(budget_view(b, after, start, end), subject=b.subject_id))
 
     # --- administration --------------------------------------------------------------------------
     async def set_budget(self, customer_id: str, scope: str, subject_id: str, period: str, limit: int | None,

@@ -442,6 +442,11 @@ class Ledger:
                     raise Conflict(f"request_id {request_id} was used for a different hold")
                 return hold_view(existing, duplicate=True)
             now = clock.now_text()
+            hold_id = new_id()
+            # budget rows before the balance row, in every path: a hold and a charge never
+            # wait on each other's locks in opposite orders (a deadlock on MariaDB)
+            if self.budgets is not None:
+                await self.budgets.reserve_hold(tx, hold_id, Spender(customer_id, user_id, key_id), amount)
             n = await tx.execute(
                 "update customer_balance set held = held + ${amt}$, version = version + 1, updated_at = ${now}$ "
                 "where id = ${c}$ and status <> 'suspended' "
@@ -449,9 +454,6 @@ class Ledger:
                 {"c": customer_id, "amt": amount, "now": now})
             if n == 0:
                 await self._explain_refusal(tx, customer_id)
-            hold_id = new_id()
-            if self.budgets is not None:
-                await self.budgets.reserve_hold(tx, hold_id, Spender(customer_id, user_id, key_id), amount)
             hold = {"id": hold_id, "customer_id": customer_id, "request_id": request_id, "amount": amount,
                     "status": "open", "payload_hash": phash, "note": (note or "")[:255] or None,
                     "created_scope": scope, "created_by": (created_by or "")[:64] or None,
@@ -550,11 +552,11 @@ class Ledger:
         n = await tx.execute("update billing_hold set status = ${st}$, updated_at = ${now}$, closed_at = ${now}$ "
                              "where id = ${h}$ and status = 'open'", {"st": status, "now": now, "h": hold.id})
         if n == 1:
+            if self.budgets is not None:     # budget rows before the balance row (see hold)
+                await self.budgets.close_hold(tx, hold.id)
             await tx.execute("update customer_balance set held = held - ${amt}$, version = version + 1, "
                              "updated_at = ${now}$ where id = ${c}$",
                              {"amt": int(hold.amount), "now": now, "c": hold.customer_id})
-            if self.budgets is not None:
-                await self.budgets.close_hold(tx, hold.id)
         return n
 
     async def expire_holds(self, limit: int = 500) -> int:

@@ -39,6 +39,14 @@ ALTER TABLE api_nonce MODIFY `id` VARCHAR(32) COLLATE utf8mb4_bin NOT NULL  comm
 ALTER TABLE appcodes MODIFY `id` VARCHAR(32) COLLATE utf8mb4_bin NOT NULL  comment '代码表标识';
 ALTER TABLE appcodes_kv MODIFY `id` VARCHAR(32) COLLATE utf8mb4_bin NOT NULL  comment '主键';
 ALTER TABLE appcodes_kv MODIFY `parentid` VARCHAR(32) COLLATE utf8mb4_bin NOT NULL  comment '代码表标识';
+ALTER TABLE billing_budget MODIFY `id` VARCHAR(32) COLLATE utf8mb4_bin NOT NULL  comment '主键';
+ALTER TABLE billing_budget MODIFY `customer_id` VARCHAR(32) COLLATE utf8mb4_bin NOT NULL  comment '客户ID (the organisation)';
+ALTER TABLE billing_budget MODIFY `subject_id` VARCHAR(32) COLLATE utf8mb4_bin NOT NULL  comment '对象 (the customer id, user id or key prefix)';
+ALTER TABLE billing_budget_hold MODIFY `id` VARCHAR(32) COLLATE utf8mb4_bin NOT NULL  comment '主键';
+ALTER TABLE billing_budget_hold MODIFY `hold_id` VARCHAR(32) COLLATE utf8mb4_bin NOT NULL  comment '冻结ID';
+ALTER TABLE billing_budget_hold MODIFY `budget_id` VARCHAR(32) COLLATE utf8mb4_bin NOT NULL  comment '预算ID';
+ALTER TABLE billing_budget_spend MODIFY `id` VARCHAR(32) COLLATE utf8mb4_bin NOT NULL  comment '主键';
+ALTER TABLE billing_budget_spend MODIFY `budget_id` VARCHAR(32) COLLATE utf8mb4_bin NOT NULL  comment '预算ID';
 ALTER TABLE billing_hold MODIFY `id` VARCHAR(32) COLLATE utf8mb4_bin NOT NULL  comment '主键';
 ALTER TABLE billing_hold MODIFY `customer_id` VARCHAR(32) COLLATE utf8mb4_bin NOT NULL  comment '客户ID';
 ALTER TABLE billing_hold MODIFY `request_id` VARCHAR(64) COLLATE utf8mb4_bin NOT NULL  comment '请求ID(幂等键)';

@@ -157,8 +157,9 @@ async def test_no_node_answering_is_database_unavailable_in_bounded_time(probe_d
     db.failover_seconds = 2
     for p in proxies:
         p.freeze()
-    with pytest.raises(DatabaseUnavailable):
+    with pytest.raises(DatabaseUnavailable) as err:
         await asyncio.wait_for(db.run(lambda tx: tx.scalar("select 1"), write=False), HANG_SECONDS)
+    assert isinstance(err.value.__cause__, NodeTimeout), repr(err.value.__cause__)
     assert not db._idle                            # no connection of unknown state went back to the pool
 
 

@@ -394,3 +394,82 @@ async def test_two_servers_a_node_killed_under_load(tmp_path, galera_database):
                                    overrides={"server": {"data_dir": dirs[1]}})
             report = await crashtest.verify(node_cfg, dirs[1], load)
             assert report["problems"] == [] and report["acknowledged"] > 0, (node.address, report)
+
+
+STOPPED_TIMEOUT_SECONDS = 2.0
+# a post that has not ended by then hangs (without the statement timeout it never ends): generous,
+# failover_seconds (8) + handshakes and timeouts on the way + a group commit queued ahead of it
+HANG_SECONDS = 60
+
+
+@needs_cluster
+@pytest.mark.skipif(not CLUSTER_DIR, reason="BILLING_TEST_GALERA_DIR (set by tests/galera.py run) is needed")
+async def test_a_stopped_node_under_load(tmp_path, galera_database):
+    """SIGSTOP of the node one instance uses, under 16 clients, statement timeout 2 s: the node
+    answers nothing and breaks no connection (as a hung process or a partition that drops
+    packets). No post hangs: each is charged (on another node) or ends with DatabaseUnavailable
+    (and is sent again); the instance leaves the node; every request_id is charged at most once
+    and every acknowledged one exactly once; after SIGCONT the node rejoins, and the books
+    reconcile from every node."""
+    cluster = GaleraCluster.attach(CLUSTER_DIR)
+    victim = len(cluster.nodes) - 1          # instance A starts on the last node, B on node 1
+    config = make_config(tmp_path, database={"statement_timeout_seconds": STOPPED_TIMEOUT_SECONDS})
+    a = BillingCore(config=config, db_desc=node_desc(galera_database, victim), data_dir=str(tmp_path),
+                    instance_id="instance-a")
+    b = BillingCore(config=config, db_desc=node_desc(galera_database, 0), data_dir=str(tmp_path),
+                    instance_id="instance-b")
+    await b.create_schema()
+    await _empty_tables(b)
+    await seed_pricing(b)
+    await b.ledger.recharge("cust-1", units("1000"), "r1")
+    acknowledged, answers, stop = set(), {"ok": 0, "503": 0}, asyncio.Event()
+
+    async def client(n):
+        i = 0
+        while not stop.is_set():
+            rid, i = f"s{n}-{i}", i + 1
+            while True:                                   # a 503 is answered by sending again
+                try:
+                    await asyncio.wait_for((a if n % 2 else b).accounting.post_usage(usage(rid)), HANG_SECONDS)
+                except DatabaseUnavailable:
+                    answers["503"] += 1
+                    await asyncio.sleep(0.05)
+                    continue
+                except BillingError as e:
+                    assert e.status < 500, e
+                    raise
+                acknowledged.add(rid)
+                answers["ok"] += 1
+                break
+    paused = False
+    try:
+        clients = [asyncio.create_task(client(n)) for n in range(16)]
+        await asyncio.sleep(2)
+        assert (await a.health())["db_node"] == cluster.nodes[victim].address
+        cluster.pause(victim)
+        paused, stopped_at = True, time.monotonic()
+        recovered_after = await _answers_again(a, deadline_seconds=HANG_SECONDS)
+        await asyncio.sleep(2)
+        stop.set()
+        await asyncio.wait_for(asyncio.gather(*clients), HANG_SECONDS)
+        health = await a.health()
+        assert health["db"] == "ok" and health["db_node"] != cluster.nodes[victim].address, health
+        print(f"\nstopped node: instance A charged again {recovered_after:.2f} s after SIGSTOP; "
+              f"{answers['ok']} events acknowledged, {answers['503']} answers 503")
+        cluster.resume(victim)
+        paused = False
+        print(f"stopped node: the node rejoined (Synced) {time.monotonic() - stopped_at:.1f} s after SIGSTOP")
+        await _assert_each_acknowledged_event_charged_once(b, acknowledged)
+        for i in range(len(cluster.nodes)):
+            checker = BillingCore(config=config, db_desc=node_desc(galera_database, i)
+                                  | {"hosts": [cluster.nodes[i].address]}, data_dir=str(tmp_path))
+            try:
+                assert (await checker.ledger.reconcile())["mismatches"] == [], i
+            finally:
+                await checker.close()
+    finally:
+        stop.set()
+        if paused:
+            cluster.resume(victim)      # leave the cluster whole for the tests that follow
+        await a.close()
+        await b.close()

@@ -445,8 +445,9 @@ async def test_a_stopped_node_under_load(tmp_path, galera_database):
                 answers["ok"] += 1
                 break
     paused = False
+    clients: list[asyncio.Task] = []
     try:
-        clients = [asyncio.create_task(client(n)) for n in range(16)]
+        clients += [asyncio.create_task(client(n)) for n in range(16)]
         await asyncio.sleep(2)
         assert (await a.health())["db_node"] == cluster.nodes[victim].address
         cluster.pause(victim)
@@ -472,6 +473,8 @@ async def test_a_stopped_node_under_load(tmp_path, galera_database):
                 await checker.close()
     finally:
         stop.set()
+        for c in clients:
+            c.cancel()             # a hung post fails the test; it must not outlive it
         if paused:
             cluster.resume(victim)      # leave the cluster whole for the tests that follow
         await a.close()

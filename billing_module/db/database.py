@@ -450,18 +450,20 @@ class Database:
                     await self._discard(sor)
 
     @asynccontextmanager
-    async def transaction(self, write: bool = True, latest: bool = False):
+    async def transaction(self, write: bool = True, latest: bool = False, bounded: bool = True):
         """One transaction. Exceptions roll back and propagate; nothing is swallowed.
         ``latest``: on Galera, its reads see every transaction committed anywhere in the cluster
         before they run (``wsrep_sync_wait``); elsewhere one server is always up to date.
-        A connection that breaks during COMMIT raises ``CommitUnknown``."""
+        A connection that breaks during COMMIT, or whose COMMIT gets no answer within the
+        statement timeout, raises ``CommitUnknown``. ``bounded=False``: no statement timeout,
+        for DDL (an index built on a large table takes as long as it takes)."""
         self._ensure_loop_state()
         lock = self._write_lock if (write and self.dialect == dialects.SQLITE) else None
         if lock is not None:
             await lock.acquire()
         try:
             async with self._connection() as sor:
-                tx = Tx(sor, self.dialect, self.statement_timeout_seconds)
+                tx = Tx(sor, self.dialect, self.statement_timeout_seconds if bounded else None)
                 causal = latest and self.galera
                 if getattr(sor, "billing_sync_wait", False) != causal:
                     # set here, not reset after COMMIT: nothing may fail after a COMMIT succeeded

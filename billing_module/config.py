@@ -199,6 +199,9 @@ SCHEMA = {
         "name": ("billing", _str),
         "pool_size": (10, _positive_int),
         "busy_timeout_ms": (10000, _positive_int),
+        # MySQL: a statement or COMMIT the server has not answered in this time fails its node
+        # (a stopped or cut-off node never breaks the connection); a lock wait ends before it
+        "statement_timeout_seconds": (30.0, _positive_float),
     },
     "server": {
         "host": ("127.0.0.1", _str),

@@ -77,7 +77,8 @@ class BillingCore:
     @property
     def db(self) -> Database:
         if self._db is None:
-            self._db = Database(self._resolve_db_desc(), pool_size=self.config.database.pool_size)
+            self._db = Database(self._resolve_db_desc(), pool_size=self.config.database.pool_size,
+                                statement_timeout_seconds=self.config.database.statement_timeout_seconds)
         return self._db
 
     @property

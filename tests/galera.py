@@ -107,10 +107,19 @@ class Node:
             self.process.wait()
         self.process = None
 
+    def pause(self) -> None:
+        """SIGSTOP: the node answers nothing and breaks no connection (a hung process, or a
+        network partition that drops every packet); the kernel still accepts new connections."""
+        os.kill(self.process.pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        os.kill(self.process.pid, signal.SIGCONT)
+
     def stop(self, timeout_seconds: float = 30) -> None:
         if self.process is None:
             return
         if self.process.poll() is None:
+            self.resume()                 # a paused node would not see SIGTERM before SIGKILL
             self.process.terminate()
             try:
                 self.process.wait(timeout_seconds)
@@ -182,7 +191,8 @@ class _Adopted:
 
 class GaleraCluster:
     """``with GaleraCluster() as cluster:`` three Synced nodes; ``cluster.addresses`` are their
-    ``host:port``; ``kill(i)`` / ``restart(i)`` for failover tests. Leaving the block stops them."""
+    ``host:port``; ``kill(i)`` / ``restart(i)`` and ``pause(i)`` / ``resume(i)`` for failover
+    tests. Leaving the block stops them."""
 
     def __init__(self, root: str | None = None, node_count: int = NODE_COUNT):
         self.own_root = root is None
@@ -223,6 +233,14 @@ class GaleraCluster:
 
     def kill(self, index: int) -> None:
         self.nodes[index].kill()
+
+    def pause(self, index: int) -> None:
+        self.nodes[index].pause()
+
+    def resume(self, index: int) -> None:
+        """SIGCONT to a paused node, and wait until it has rejoined (it was evicted meanwhile)."""
+        self.nodes[index].resume()
+        self.nodes[index].wait_synced()
 
     def restart(self, index: int) -> None:
         """Start a node that died and wait until it has rejoined (IST or SST) and is Synced."""
@@ -291,6 +309,7 @@ def stop_saved(root: str) -> None:
         pids = [pid for pid in json.load(f)["pids"] if pid is not None]
     for pid in pids:
         try:
+            os.kill(pid, signal.SIGCONT)      # a paused node (a test's SIGSTOP) handles SIGTERM only then
             os.kill(pid, signal.SIGTERM)
         except ProcessLookupError:
             continue

@@ -17,6 +17,14 @@ rolls it back), or during the COMMIT when the caller says the work is idempotent
 raises ``DatabaseUnavailable`` (503) otherwise and when no node answers. A Galera certification
 conflict is error 1213 at COMMIT, retried like a deadlock; the retry reads causally
 (``wsrep_sync_wait``) so that it sees the transaction that won.
+
+A node that stops answering (a stopped process, a network that drops packets, a Galera node
+blocked without quorum) never breaks its connections: aiomysql would wait for its reply forever.
+So every statement, COMMIT and ROLLBACK waits at most ``statement_timeout_seconds`` (a new
+connection, handshake included, ``connect_timeout``); then the connection is closed, never pooled
+again, and the node is failed like a broken one: ``NodeTimeout`` before COMMIT (``run`` runs the
+work again on the next node), ``CommitUnknown`` during it. SQLite has no such bound
+(``dialect.statement_timeout`` says why).
 """
 import asyncio
 import datetime
@@ -40,6 +48,7 @@ _PING_AFTER_IDLE_SECONDS = 30
 _DEADLOCK_RETRIES = 10
 _CONFLICT_RETRIES_GALERA = 30     # certification conflicts are frequent on a hot row across nodes
 _CONNECT_TIMEOUT_SECONDS = 3
+_STATEMENT_TIMEOUT_SECONDS = 30.0   # database.statement_timeout_seconds
 _FAILOVER_SECONDS = 8             # how long run() keeps trying other nodes before answering 503
 
 
@@ -47,11 +56,40 @@ class NodeFailed(DatabaseUnavailable):
     """The connection's node failed before COMMIT (the server rolled the transaction back)."""
 
 
+class NodeTimeout(NodeFailed):
+    """The node did not answer a statement in time; the connection was closed before any COMMIT
+    (the server rolls the transaction back when it sees that, or never commits it)."""
+
+    def __init__(self, seconds: float):
+        super().__init__(f"the database node did not answer within {seconds:g} s; try again later")
+
+
 class CommitUnknown(DatabaseUnavailable):
     """The connection broke while COMMIT was under way: the transaction may have committed."""
 
     def __init__(self):
         super().__init__("the database connection broke during a commit; send the request again")
+
+
+_timeout = getattr(asyncio, "timeout", None)   # Python 3.11+; wait_for (a task per call) on 3.10
+
+
+async def _answer(sor, aw, seconds):
+    """``await aw``, a round trip on ``sor``'s connection, for at most ``seconds`` (None: no
+    bound). Past it, the connection's state is unknown (the statement may still run, its reply
+    may still come), so it is closed here, and ``NodeTimeout`` tells the pool its node failed."""
+    if seconds is None:
+        return await aw
+    try:
+        if _timeout is None:
+            return await asyncio.wait_for(aw, seconds)
+        async with _timeout(seconds):
+            return await aw
+    except asyncio.TimeoutError:
+        conn = getattr(sor, "conn", None)
+        if conn is not None:
+            conn.close()
+        raise NodeTimeout(seconds) from None
 
 
 def _py_value(v):
@@ -101,9 +139,13 @@ class Row(dict):
 class Tx:
     """One open transaction. All SQL uses sqlor's ``${name}$`` placeholders."""
 
-    def __init__(self, sor, dialect):
+    def __init__(self, sor, dialect, timeout_seconds=None):
         self.sor = sor
         self.dialect = dialect
+        self.timeout_seconds = timeout_seconds     # per statement; None on SQLite
+
+    async def _answer(self, aw):
+        return await _answer(self.sor, aw, self.timeout_seconds)
 
     def _mask(self, sql, ns):
         marked, names = _compile(sql, self.dialect)
@@ -121,7 +163,7 @@ class Tx:
             rows = await self.sor.conn.execute_fetchall(marked, data)
             return [Row(zip(r.keys(), r, strict=True)) for r in rows]
         cur = self.sor.cur
-        await cur.execute(marked, data)
+        await self._answer(cur.execute(marked, data))
         rows = await cur.fetchall()
         names = [d[0].lower() for d in cur.description]
         return [Row({n: _py_value(v) for n, v in zip(names, row, strict=True)}) for row in rows]
@@ -139,7 +181,7 @@ class Tx:
         MySQL, because the connection is opened with CLIENT.FOUND_ROWS)."""
         marked, data = self._mask(sql, ns or {})
         cur = self.sor.cur
-        await cur.execute(marked, data)
+        await self._answer(cur.execute(marked, data))
         return cur.rowcount
 
     async def execute_many(self, sql, rows):
@@ -149,7 +191,7 @@ class Tx:
         marked, _ = self._mask(sql, rows[0])
         params = [self._mask(sql, r)[1] for r in rows]
         cur = self.sor.cur
-        await cur.executemany(marked, params)
+        await self._answer(cur.executemany(marked, params))
         return cur.rowcount
 
     async def insert(self, table, record):
@@ -221,10 +263,11 @@ class Database:
     ``desc`` is a sqlor database description: ``{"driver": ..., "kwargs": {...}}``.
     """
 
-    def __init__(self, desc, pool_size=10):
+    def __init__(self, desc, pool_size=10, statement_timeout_seconds=_STATEMENT_TIMEOUT_SECONDS):
         self.desc = DictObject(**desc)
         self.driver = self.desc.driver
         self.dialect = dialects.dialect_of(self.driver)
+        self.statement_timeout_seconds = dialects.statement_timeout(self.dialect, statement_timeout_seconds)
         self.nodes = _nodes_of(desc) if self.dialect == dialects.MYSQL else []
         self._node = 0            # index in nodes of the node new connections go to
         self.failover_seconds = _FAILOVER_SECONDS
@@ -266,7 +309,7 @@ class Database:
             try:
                 sor = await self._connect_node(index)
             except Exception as e:
-                if not dialects.is_node_unavailable(e):
+                if not (isinstance(e, NodeFailed) or dialects.is_node_unavailable(e)):
                     raise
                 log.warning("database node %s:%s does not answer: %s", *self.nodes[index], e)
                 last_error = e
@@ -293,28 +336,37 @@ class Database:
         if plain_password is not None:
             sor.dbdesc["password"] = plain_password
         sor.dbdesc.pop("plain_password", None)
-        await sor.connect()
         sor.billing_node = index
         try:
-            await self._check_node(sor)
+            # aiomysql's connect_timeout bounds the TCP connect only: a stopped node's kernel
+            # still accepts it, and the handshake would then wait forever
+            await _answer(sor, self._open(sor), float(kwargs["connect_timeout"]))
         except BaseException:
-            sor.conn.close()
+            if getattr(sor, "conn", None) is not None:
+                sor.conn.close()
             raise
         return sor
 
+    async def _open(self, sor):
+        await sor.connect()
+        await self._check_node(sor)
+
     async def _check_node(self, sor):
         """Learn whether the server is a Galera node; a node that is not ready (outside the
-        primary component, still joining) refuses here, as it would refuse the first query."""
+        primary component, joining, a donor) refuses here, as it would refuse the first query
+        or block it. A connection that is already open finds out at its next statement: 1047
+        outside the primary component, the statement timeout when the node blocks."""
         import pymysql
         async with sor.conn.cursor() as cur:
             await cur.execute("show variables like 'wsrep_on'")
             row = await cur.fetchone()
             self.galera = bool(row) and str(row[1]).upper() == "ON"
             if self.galera:
-                await cur.execute("show status like 'wsrep_ready'")
-                row = await cur.fetchone()
-                if not row or str(row[1]).upper() != "ON":
+                await cur.execute(dialects.GALERA_NODE_STATE)
+                if not dialects.galera_node_ready(dict(await cur.fetchall())):
                     raise pymysql.err.OperationalError(1047, "WSREP has not yet prepared node for application use")
+            if self.statement_timeout_seconds is not None:
+                await cur.execute(dialects.lock_wait_timeout(self.statement_timeout_seconds))
         await sor.conn.commit()
 
     async def _node_failed(self, index):
@@ -351,9 +403,11 @@ class Database:
             sor, last = self._idle.pop()
             if self.dialect == dialects.MYSQL and time.monotonic() - last > _PING_AFTER_IDLE_SECONDS:
                 try:
-                    await sor.conn.ping(reconnect=False)
-                except Exception:
+                    await _answer(sor, sor.conn.ping(reconnect=False), self.statement_timeout_seconds)
+                except Exception as e:
                     await self._discard(sor)
+                    if isinstance(e, NodeTimeout):     # its other idle connections would hang too
+                        await self._node_failed(sor.billing_node)
                     continue
             return sor
         return await self._connect()
@@ -371,7 +425,11 @@ class Database:
                 yield sor
                 healthy = True
             except BaseException as e:
-                if not self.nodes or not (isinstance(e, CommitUnknown) or dialects.is_node_unavailable(e)):
+                # a connection a timeout closed fails whatever the work did next with it (a caller
+                # that caught NodeTimeout gets "not connected" from its next statement)
+                lost = isinstance(e, Exception) and self.nodes and sor.conn.closed
+                if not self.nodes or not (lost or isinstance(e, (NodeFailed, CommitUnknown))
+                                          or dialects.is_node_unavailable(e)):
                     raise
                 # the node failed, not the statement: move the pool on, and let every caller see
                 # one error (503 at the API), which run() answers by running the work again
@@ -380,7 +438,9 @@ class Database:
                     raise
                 raise NodeFailed() from e
             finally:
-                if healthy and not self.closed:
+                if healthy and not self.closed and getattr(sor, "billing_node", None) in (None, self._node):
+                    # a connection to a node the pool has left (it failed meanwhile) is not kept:
+                    # the next caller would wait a statement timeout to learn that again
                     try:
                         await sor.exit()
                         self._idle.append((sor, time.monotonic()))
@@ -390,42 +450,47 @@ class Database:
                     await self._discard(sor)
 
     @asynccontextmanager
-    async def transaction(self, write: bool = True, latest: bool = False):
+    async def transaction(self, write: bool = True, latest: bool = False, bounded: bool = True):
         """One transaction. Exceptions roll back and propagate; nothing is swallowed.
         ``latest``: on Galera, its reads see every transaction committed anywhere in the cluster
         before they run (``wsrep_sync_wait``); elsewhere one server is always up to date.
-        A connection that breaks during COMMIT raises ``CommitUnknown``."""
+        A connection that breaks during COMMIT, or whose COMMIT gets no answer within the
+        statement timeout, raises ``CommitUnknown``. ``bounded=False``: no statement timeout,
+        for DDL (an index built on a large table takes as long as it takes)."""
         self._ensure_loop_state()
         lock = self._write_lock if (write and self.dialect == dialects.SQLITE) else None
         if lock is not None:
             await lock.acquire()
         try:
             async with self._connection() as sor:
-                tx = Tx(sor, self.dialect)
+                tx = Tx(sor, self.dialect, self.statement_timeout_seconds if bounded else None)
                 causal = latest and self.galera
                 if getattr(sor, "billing_sync_wait", False) != causal:
                     # set here, not reset after COMMIT: nothing may fail after a COMMIT succeeded
-                    await sor.cur.execute(dialects.sync_wait(causal))
+                    await tx._answer(sor.cur.execute(dialects.sync_wait(causal)))
                     sor.billing_sync_wait = causal
                 begin = dialects.begin_statement(self.dialect, write)
                 if begin:
-                    await sor.cur.execute(begin)
+                    await tx._answer(sor.cur.execute(begin))
                 try:
                     yield tx
-                except BaseException:
-                    try:
-                        await sor.conn.rollback()
-                    except Exception as e:
-                        # e.g. a statement cancelled mid-flight closes an aiomysql connection; the
-                        # connection is discarded (the server rolls back) and the original
-                        # exception, a cancellation included, goes on
-                        log.warning("rollback failed (%s); the connection is discarded", e)
+                except BaseException as e:
+                    if not isinstance(e, NodeTimeout):    # its connection is closed: nothing to roll back
+                        try:
+                            await tx._answer(sor.conn.rollback())
+                        except Exception as rollback_error:
+                            # e.g. a statement cancelled mid-flight closes an aiomysql connection; the
+                            # connection is discarded (the server rolls back) and the original
+                            # exception, a cancellation included, goes on
+                            log.warning("rollback failed (%s); the connection is discarded", rollback_error)
                     raise
                 if write or dialects.read_needs_commit(self.dialect):
                     try:
-                        await sor.conn.commit()
+                        await tx._answer(sor.conn.commit())
                     except Exception as e:
-                        if dialects.is_node_unavailable(e) and self.dialect == dialects.MYSQL:
+                        # no answer to the COMMIT is no more an answer than a broken connection
+                        if isinstance(e, NodeTimeout) or (dialects.is_node_unavailable(e)
+                                                          and self.dialect == dialects.MYSQL):
                             raise CommitUnknown() from e
                         raise
         finally:

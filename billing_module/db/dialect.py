@@ -164,3 +164,32 @@ def sync_wait(on: bool) -> str:
     """Galera: make this session's reads wait until the node has applied every transaction the
     cluster committed before them (a causal read), or stop waiting."""
     return f"set session wsrep_sync_wait = {1 if on else 0}"
+
+
+def statement_timeout(dialect: str, seconds: float | None) -> float | None:
+    """How long a statement or a COMMIT waits for the server's answer before its node is taken as
+    failed (None: no bound). None on SQLite: it runs in this process on a local file, so there is
+    no node to stop or network to cut; a statement waits on another writer only up to the busy
+    timeout (then "database is locked", which run() retries), by design; and aiosqlite cannot stop
+    a statement its thread runs, so a timeout would abandon it there, still holding the write lock."""
+    return None if dialect == SQLITE else seconds
+
+
+def lock_wait_timeout(statement_timeout_seconds: float) -> str:
+    """MySQL: a row-lock wait ends with error 1205 (retried like a deadlock) well before the
+    statement timeout, so a long lock wait on a healthy node is never taken for a node that
+    stopped answering."""
+    return f"set session innodb_lock_wait_timeout = {max(1, int(statement_timeout_seconds // 2))}"
+
+
+# Galera: a node serves only when it is in the primary component (wsrep_ready ON) and Synced
+# (wsrep_local_state 4). A Joiner, a Joined node still applying its backlog, or a Donor (an
+# rsync SST blocks its writes) is taken as failed, as the usual clustercheck script does.
+GALERA_NODE_STATE = "show status where variable_name in ('wsrep_ready', 'wsrep_local_state')"
+_GALERA_SYNCED = "4"
+
+
+def galera_node_ready(status: dict[str, str]) -> bool:
+    """``status``: the rows of GALERA_NODE_STATE as {name: value}."""
+    state = {str(k).lower(): str(v) for k, v in status.items()}
+    return state.get("wsrep_ready", "").upper() == "ON" and state.get("wsrep_local_state") == _GALERA_SYNCED

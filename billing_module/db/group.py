@@ -20,6 +20,7 @@ import asyncio
 import logging
 from typing import Any
 
+from ..errors import DatabaseUnavailable
 from . import dialect as dialects
 
 log = logging.getLogger("billing_module.db")
@@ -90,8 +91,8 @@ class GroupCommit:
             try:
                 result = await self.single(tx, item)
             except Exception as e:
-                if dialects.is_retryable(e):
-                    raise                        # the database aborted the whole transaction
+                if dialects.is_retryable(e) or isinstance(e, DatabaseUnavailable):
+                    raise                        # the database aborted the whole transaction, or its node failed
                 await tx.execute("rollback to savepoint bm_group")
                 outcomes.append((None, e))
                 continue

@@ -165,8 +165,8 @@ async def create_schema(db, models=None):
         tables = await existing_tables(tx)
     for name, model in models.items():
         create, indexes = table_statements(model, db.dialect)
-        # DDL commits implicitly on MySQL; each statement stands alone
-        async with db.transaction() as tx:
+        # DDL commits implicitly on MySQL; each statement stands alone, and may run long
+        async with db.transaction(bounded=False) as tx:
             if name not in tables:
                 await tx.execute(create)
                 created.append(name)

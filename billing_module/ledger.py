@@ -23,8 +23,6 @@ from collections.abc import Callable
 from decimal import Decimal
 from typing import Any, Protocol
 
-from appPublic.dictObject import DictObject
-
 from . import clock
 from .budgets import BudgetExceeded, Budgets, Spender
 from .config import Config
@@ -262,7 +260,7 @@ class Ledger:
         if amount < 0 and self.watch is not None and (self.watch.every_debit or
                                                       (flagged is not None and flagged.low_balance_set)):
             await self.watch.debited(tx, customer_id, amount)
-        entry = DictObject(**entry)
+        entry = Row(entry)
         if want_balance:
             row = await tx.one("select balance, currency from customer_balance where id = ${c}$", ns)
             entry.update(balance_after=int(row.balance), currency=row.currency)
@@ -499,7 +497,7 @@ class Ledger:
                     "created_scope": scope, "created_by": (created_by or "")[:64] or None,
                     "expires_at": clock.now_text(ttl), "created_at": now, "updated_at": now}
             await tx.insert("billing_hold", hold)
-            return hold_view(DictObject(**dict(hold, settled_amount=None)))
+            return hold_view(Row(hold, settled_amount=None))
         try:
             result, existing = await self.db.run_or_existing(work, lambda tx: self._hold_by_request(tx, request_id),
                                                              refused_check=True)

@@ -7,7 +7,10 @@ so it starts at 0 with no reset job that could be missed. Every debit of a custo
 charge, a product use's overage, a hold) calls ``spend`` inside the transaction of the debit: one
 conditional UPDATE per applicable budget, ``spent + amt <= limit``, whose row count is checked
 (the balance's pattern, never a read-check-write). A refusal raises ``BudgetExceeded`` and the
-caller's transaction rolls back, the debit with it.
+caller's transaction rolls back, the debit with it. A customer without budgets pays nothing for
+them: its balance row's ``budget_count`` (recounted by ``set_budget`` in its transaction) is 0,
+and the debit's own conditional update checks that (``Ledger.post``; a batch reads it with its
+accounts), so ``spend`` runs only for customers that have budgets.
 
 Holds reserve: ``spend`` at authorize (its charges remembered in ``billing_budget_hold``),
 ``settle_hold`` moves the reservation to the settled amount, ``release_hold`` (release, expiry)

@@ -170,6 +170,11 @@ class QuotaSource(Protocol):
     async def link_ledger(self, tx: Tx, record_ids: list[str]) -> None: ...
 
 
+def _currency(accounts: dict[str, Row], customer_id: str) -> str | None:
+    account = accounts.get(customer_id)
+    return None if account is None else account.currency
+
+
 class Accounting:
     def __init__(self, db: Database, config: Config, *, catalog: Catalog, ledger: Ledger, failures: FailureStore,
                  quota: QuotaSource | None = None, budgets: Budgets | None = None) -> None:
@@ -252,8 +257,8 @@ class Accounting:
         ns: dict[str, Any] = {}
         known = {r.request_id for r in await tx.select(
             f"select request_id from accounting_records where request_id in {tx.in_list(ids, ns)}", ns)}
-        currencies = await self._currencies(tx, {ev.customer_id for ev, _, _ in items})
-        if any(self._refusal(price, currencies.get(ev.customer_id)) for ev, price, _ in items):
+        accounts = await self._accounts(tx, {ev.customer_id for ev, _, _ in items})
+        if any(self._refusal(price, _currency(accounts, ev.customer_id)) for ev, price, _ in items):
             raise Fallback()      # charged one by one, where the refusal is that event's alone
         now = clock.now_text()
         outcomes: list[Any] = [None] * len(items)
@@ -275,7 +280,7 @@ class Accounting:
         for customer_id, group in by_customer.items():
             for _, row, ev in group:
                 try:
-                    await self._spend_budgets(tx, ev, row["amount"], budget_memo)
+                    await self._spend_budgets(tx, ev, row["amount"], budget_memo, accounts.get(customer_id))
                 except BudgetExceeded:
                     raise Fallback() from None     # that event's refusal alone
             charged = [{"amount": -row["amount"], "request_id": ev.request_id, "payload_hash": ev.hash,
@@ -497,14 +502,14 @@ class Accounting:
             by_customer: dict[str, list[Any]] = {}
             now = clock.now_text()
             covered = await self._covered(tx, {rec.customer_id for rec in claimed})
-            currencies = await self._currencies(tx, {rec.customer_id for rec in claimed})
+            accounts = await self._accounts(tx, {rec.customer_id for rec in claimed})
             for rec in claimed:
                 # one event's problem is that event's alone: it goes to failed accounting with its
                 # code and the batch goes on (only a database error stops the batch)
                 try:
                     ev = await self.rebuild_stored(rec, memo)
                     price, model = await self._quote_memo(ev, memo)
-                    refusal = self._refusal(price, currencies.get(ev.customer_id))
+                    refusal = self._refusal(price, _currency(accounts, ev.customer_id))
                 except Exception as e:
                     if dialects.is_database_error(e) or isinstance(e, DatabaseUnavailable):
                         raise          # no event's fault: the batch stops and its rows stay pending
@@ -521,7 +526,8 @@ class Accounting:
                         failed.append((rec, e, price))
                         continue
                 try:
-                    spent = await self._spend_budgets(tx, ev, row["amount"], budget_memo)
+                    spent = await self._spend_budgets(tx, ev, row["amount"], budget_memo,
+                                                      accounts.get(ev.customer_id))
                 except BudgetExceeded as e:
                     failed.append((rec, e, price))
                     if self.quota is not None:
@@ -715,6 +721,16 @@ class Accounting:
         return None if self.quota is None else await self.quota.quota_hook(tx, ev, price, record_id)
 
     @staticmethod
+    async def _accounts(tx, customer_ids):
+        """customer id -> its balance row's currency and budget_count, for those that have an
+        account. A locking read (MySQL), like the debits that follow in the batch: a budget set
+        meanwhile waits for the batch to commit rather than miss its charges."""
+        ns: dict[str, Any] = {}
+        rows = await tx.select("select id, currency, budget_count from customer_balance where id in "
+                               f"{tx.in_list(sorted(customer_ids), ns)}{tx.for_update()}", ns)
+        return {r.id: r for r in rows}
+
+    @staticmethod
     async def _currencies(tx, customer_ids):
         """customer id -> the currency of its balance, for those that have an account."""
         ns: dict[str, Any] = {}
@@ -758,13 +774,13 @@ class Accounting:
         if covered:
             self._apply_quota(row, await self._take_quota(tx, ev, price, row["id"]))
         amount = row["amount"]
-        await self._spend_budgets(tx, ev, amount)    # refused: the whole charge rolls back
-        if amount > 0:
+        if amount > 0:    # its budgets are spent by the debit (refused: the whole charge rolls back)
             entry = await self.ledger.post(
                 tx, ev.customer_id, -amount, "usage", ev.request_id, ev.hash,
                 must_cover=not self.config.accounting.allow_arrears, refuse_suspended=True,
                 ref_type="accounting_records", ref_id=row["id"], want_balance=False,
-                currency_is=(price.currency, lambda currency: self._refusal(price, currency)))
+                currency_is=(price.currency, lambda currency: self._refusal(price, currency)),
+                spender=ev.spender)
             row["ledger_entry_id"] = entry.id
         else:
             acct = await tx.one("select status, currency from customer_balance where id = ${c}$",
@@ -784,10 +800,11 @@ class Accounting:
         await self._link_usage(tx, [row])
         return record_view(Row(row))
 
-    async def _spend_budgets(self, tx: Tx, ev: Event, amount: int, memo: dict | None = None) -> list[Any]:
-        """Spend a charge of ``amount`` from the event's budgets (BudgetExceeded when one is short);
-        ``memo``: one per batch transaction, so each spender's budgets are looked up once."""
-        if self.budgets is None or amount <= 0:
+    async def _spend_budgets(self, tx: Tx, ev: Event, amount: int, memo: dict, account: Row | None) -> list[Any]:
+        """Spend a batch's charge of ``amount`` from the event's budgets (BudgetExceeded when one
+        is short); ``memo``: one per batch transaction, so each spender's budgets are looked up
+        once; ``account``: the customer's row from ``_accounts`` (its budget_count)."""
+        if self.budgets is None or amount <= 0 or (account is not None and not account.budget_count):
             return []
         return await self.budgets.spend(tx, ev.spender, amount, memo)
 

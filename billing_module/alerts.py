@@ -34,6 +34,7 @@ from .auth import SecretBox
 from .config import Config
 from .db import dialect as dialects
 from .db.database import Database, Row, Tx, where
+from .db.schema import refresh_derived
 from .errors import InvalidParam, NotFound
 from .ids import new_id
 from .money import from_micro, to_micro
@@ -315,6 +316,10 @@ class Alerts:
                         sets.setdefault(other, None)
             names = ", ".join(f"{k} = ${{{k}}}$" for k in sets)
             await tx.execute(f"update alert_webhook set {names} where customer_id = ${{c}}$", dict(sets, c=customer_id))
+            # whether the customer has its own threshold, on the balance row a debit updates anyway
+            # (LowBalanceWatch.every_debit): set in this transaction, under that row's lock
+            await tx.execute(refresh_derived("customer_balance", ["low_balance_set"], "id = ${c}$"),
+                             {"c": customer_id})
             return await tx.one("select * from alert_webhook where customer_id = ${c}$", {"c": customer_id})
         return webhook_view(await self.db.run(work), customer_id)
 
@@ -329,6 +334,9 @@ class LowBalanceWatch:
         self.alerts = alerts
         amount = config.alerts.low_balance_amount
         self.default_micros: int | None = to_micro(amount, "alerts.low_balance_amount") if amount else None
+        # without a deployment threshold only customers with their own are watched: the ledger
+        # calls ``debited`` for those alone (their balance row has low_balance_set)
+        self.every_debit = self.default_micros is not None
 
     async def debited(self, tx: Tx, customer_id: str, amount_micros: int) -> None:
         row = await tx.one("select b.balance, b.currency, w.low_balance_amount, w.low_balance_percent "

@@ -7,7 +7,10 @@ so it starts at 0 with no reset job that could be missed. Every debit of a custo
 charge, a product use's overage, a hold) calls ``spend`` inside the transaction of the debit: one
 conditional UPDATE per applicable budget, ``spent + amt <= limit``, whose row count is checked
 (the balance's pattern, never a read-check-write). A refusal raises ``BudgetExceeded`` and the
-caller's transaction rolls back, the debit with it.
+caller's transaction rolls back, the debit with it. A customer without budgets pays nothing for
+them: its balance row's ``budget_count`` (recounted by ``set_budget`` in its transaction) is 0,
+and the debit's own conditional update checks that (``Ledger.post``; a batch reads it with its
+accounts), so ``spend`` runs only for customers that have budgets.
 
 Holds reserve: ``spend`` at authorize (its charges remembered in ``billing_budget_hold``),
 ``settle_hold`` moves the reservation to the settled amount, ``release_hold`` (release, expiry)
@@ -25,6 +28,7 @@ from . import clock, validation
 from .config import Config
 from .db import dialect as dialects
 from .db.database import Database, Row, Tx, where
+from .db.schema import refresh_derived
 from .errors import BillingError, DatabaseUnavailable, InvalidParam, NotFound
 from .ids import new_id
 from .money import from_micro
@@ -258,12 +262,14 @@ class Budgets:
                     raise NotFound(f"no {period} budget for {scope} {subject_id} of {customer_id}")
                 await tx.execute("delete from billing_budget_spend where budget_id = ${b}$", {"b": existing.id})
                 await tx.execute("delete from billing_budget where id = ${b}$", {"b": existing.id})
+                await self._count(tx, customer_id)
                 return {"removed": True, "budget_id": existing.id}
             if existing is None:
                 await tx.insert("billing_budget", {
                     "id": new_id(), "customer_id": customer_id, "scope": scope, "subject_id": subject_id,
                     "period": period, "limit_amount": limit, "operator": (operator or "")[:64] or None,
                     "created_at": now, "updated_at": now})
+                await self._count(tx, customer_id)
             else:
                 await tx.execute("update billing_budget set limit_amount = ${lim}$, operator = ${op}$, "
                                  "updated_at = ${now}$ where id = ${b}$",
@@ -281,6 +287,13 @@ class Budgets:
         async with self.db.read() as tx:
             row = await tx.one(find, key)
         return (await self._views([row]))[0]
+
+    @staticmethod
+    async def _count(tx: Tx, customer_id: str) -> None:
+        """The customer's budget count on its balance row, which tells a debit whether to look its
+        budgets up (``Ledger.post``): recounted in the transaction that adds or removes one, so it
+        takes the balance row's lock and a concurrent debit sees the budget or comes before it."""
+        await tx.execute(refresh_derived("customer_balance", ["budget_count"], "id = ${c}$"), {"c": customer_id})
 
     async def list_budgets(self, customer_id: str | None = None, scope: str | None = None, page: int = 1,
                    rows: int = 20) -> dict[str, Any]:

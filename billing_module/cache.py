@@ -3,6 +3,13 @@
 Pricing and authorisation read through these, so they answer from memory (and, on a miss,
 from the local cache tables) while the central platform is down. A sync that changes a table
 invalidates its cache.
+
+Hits and misses are counted in plain ints and moved into the Prometheus counters in batches
+(``flush``): a counter's ``inc`` takes a lock, and with ``serve --workers N`` writes a shared
+memory-mapped file, which would cost more than the lookup itself on the pricing path. A batch
+is moved every ``FLUSH_EVERY`` lookups of a cache, by the scrape that this process answers, and
+every ``FLUSH_SECONDS`` by a background job (so a scrape answered by another worker lags this
+one's counts by at most that).
 """
 from __future__ import annotations
 
@@ -14,6 +21,8 @@ from cachetools import TTLCache
 from . import metrics
 
 _MISSING = object()
+FLUSH_EVERY = 256
+FLUSH_SECONDS = 5.0
 
 
 class NamedCache:
@@ -23,17 +32,30 @@ class NamedCache:
         self.hits = 0
         self.misses = 0
         self._hit_counter, self._miss_counter = metrics.cache_counters(name)
+        self._flushed_hits = self._flushed_misses = 0
+        self._until_flush = FLUSH_EVERY
 
     def get(self, key: Hashable) -> Any:
+        self._until_flush -= 1
+        if not self._until_flush:
+            self.flush()
         try:  # one lookup (TTLCache.get would check expiry twice: ``in``, then ``[]``)
             value = self._data[key]
         except KeyError:
             self.misses += 1
-            self._miss_counter.inc()
             return _MISSING
         self.hits += 1
-        self._hit_counter.inc()
         return value
+
+    def flush(self) -> None:
+        """Move the hits and misses counted since the last flush into the Prometheus counters."""
+        self._until_flush = FLUSH_EVERY
+        hits, misses = self.hits - self._flushed_hits, self.misses - self._flushed_misses
+        if hits:
+            self._hit_counter.inc(hits)
+        if misses:
+            self._miss_counter.inc(misses)
+        self._flushed_hits, self._flushed_misses = self.hits, self.misses
 
     def put(self, key: Hashable, value: Any) -> None:
         self._data[key] = value
@@ -74,6 +96,14 @@ class CacheManager:
 
     def stats(self) -> dict[str, dict[str, float]]:
         return {n: c.stats() for n, c in sorted(self._caches.items())}
+
+    def flush(self) -> None:
+        """Every cache's counts into the Prometheus counters (see the module docstring)."""
+        for c in list(self._caches.values()):
+            c.flush()
+
+    async def flush_job(self) -> None:
+        self.flush()
 
 
 MISSING = _MISSING

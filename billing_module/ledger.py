@@ -23,13 +23,12 @@ from collections.abc import Callable
 from decimal import Decimal
 from typing import Any, Protocol
 
-from appPublic.dictObject import DictObject
-
 from . import clock
 from .budgets import BudgetExceeded, Budgets, Spender
 from .config import Config
 from .db import dialect as dialects
 from .db.database import Database, Row, Tx, where
+from .db.schema import refresh_derived
 from .errors import (
     AccountSuspended,
     AmountOutOfRange,
@@ -63,16 +62,20 @@ Refusals = list[tuple[dict[str, Any], "BillingError | None"]]
 
 
 class BalanceWatch(Protocol):
-    """Told of every debit inside its transaction, after the balance row changed (and while
-    that change holds the row): alerts.LowBalanceWatch."""
+    """Told of debits inside their transaction, after the balance row changed (and while that
+    change holds the row): alerts.LowBalanceWatch. ``every_debit``: of every debit (a threshold
+    for all customers), else only of those whose balance row has ``low_balance_set``."""
+
+    every_debit: bool
 
     async def debited(self, tx: Tx, customer_id: str, amount_micros: int) -> None: ...
 
 
-def _balance_update(must_cover, refuse_suspended, guard="", currency=False):
+def _balance_update(must_cover, refuse_suspended, guard="", currency=False, unflagged=()):
     """The conditional UPDATE behind every money movement (parameters c, amt, hd, now, et, maxb);
     ``guard``: one more SQL condition the update must meet (a refund's limit); ``currency``: the
-    balance must be in currency ``cur``."""
+    balance must be in currency ``cur``; ``unflagged``: flag columns of the row that must be 0
+    (a debit that nothing else applies to, see ``Ledger.post``)."""
     # status comes first: MySQL evaluates SET left to right with the new values, SQLite with
     # the old ones; read before the balance changes, both see the old balance.
     sets = ("status = case when status = 'arrears' and balance + ${amt}$ >= -coalesce(credit_limit, 0) "
@@ -91,8 +94,13 @@ def _balance_update(must_cover, refuse_suspended, guard="", currency=False):
         cond += " and status <> 'suspended'"
     if must_cover:
         cond += " and balance - held + ${amt}$ - ${hd}$ >= -coalesce(credit_limit, 0)"
+    for flag in unflagged:
+        cond += f" and {flag} = 0"
     return f"update customer_balance set {sets} where {cond}"
 
+
+_HOLD = ("update customer_balance set held = held + ${amt}$, version = version + 1, updated_at = ${now}$ "
+         "where id = ${c}$ and status <> 'suspended' and balance - held - ${amt}$ >= -coalesce(credit_limit, 0)")
 
 # What a refund may still return, as conditions on the balance row being updated (correlated, so
 # they are evaluated under that row's lock: two refunds of one customer are serialised by it, and
@@ -199,28 +207,45 @@ class Ledger:
                    reason: str | None = None, operator: str | None = None, create: bool = False,
                    currency: str | None = None,
                    guard: tuple[str, dict[str, Any], BillingError | None] | None = None,
-                   currency_is: tuple[str, Callable[[str], BillingError]] | None = None) -> Row:
+                   currency_is: tuple[str, Callable[[str], BillingError]] | None = None,
+                   spender: Spender | None = None) -> Row:
         """Apply ``amount`` (signed micro-units) to the balance and append its ledger entry, inside
         the caller's transaction. ``must_cover``: refuse with ``insufficient_balance`` when the
         debit would take ``balance - held`` below ``-credit_limit``. ``guard``: (SQL condition, its
         parameters, the error when it fails). ``currency_is``: (the currency the amount is in, the
         error for a balance in another): checked by the update itself, one statement fewer than a
-        read first; the error is built only when the update refuses. A debit is told to ``watch``
-        (low-balance alerts) in this transaction, so an alert commits or rolls back with it.
-        Returns the entry row."""
+        read first; the error is built only when the update refuses. ``spender``: a charge that is
+        also spent from the budgets of the customer, user and key (``budget_exceeded`` before
+        any refusal of the balance). A debit is told to ``watch`` (low-balance alerts). Budgets
+        and alerts act in this transaction, so they commit or roll back with the debit.
+        Returns the entry row.
+
+        Budgets and low-balance overrides are rare, so the debit first assumes that none apply:
+        the update also requires the balance row's flags for them to be 0 (kept by the budget and
+        alert settings in their own transactions, so no instance ever decides from a stale copy).
+        Only when that update refuses are the flags read, under the row's lock, and the debit
+        made again after the budgets took their part."""
         now = clock.now_text()
         ns = {"c": customer_id, "amt": amount, "hd": held_delta, "now": now, "et": entry_type,
               "maxb": self.max_balance_micros}
-        sql = _balance_update(must_cover, refuse_suspended, guard[0] if guard else "",
-                              currency_is is not None)
+        shape = (must_cover, refuse_suspended, guard[0] if guard else "", currency_is is not None)
+        flags = self._flags(amount, spender)
         if guard:
             ns.update(guard[1])
         if currency_is is not None:
             ns["cur"] = currency_is[0]
-        n = await tx.execute(sql, ns)
+        n = await tx.execute(_balance_update(*shape, unflagged=flags), ns)
         if n == 0 and create:
             await self._create_account(tx, customer_id, now, currency)
-            n = await tx.execute(sql, ns)
+            n = await tx.execute(_balance_update(*shape, unflagged=flags), ns)
+        flagged = None
+        if n == 0 and flags:
+            flagged = await tx.one(f"select {', '.join(flags)} from customer_balance where id = ${{c}}$"
+                                   f"{tx.for_update()}", ns)
+            if flagged is not None and any(flagged[f] for f in flags):
+                if spender is not None and self.budgets is not None and flagged.budget_count:
+                    await self.budgets.spend(tx, spender, -amount)
+                n = await tx.execute(_balance_update(*shape), ns)
         if n == 0:
             await self._explain_refusal(tx, customer_id, amount, otherwise=guard[2] if guard else None,
                                         currency_is=currency_is)
@@ -232,9 +257,10 @@ class Ledger:
         # balance_after and currency come from the row this transaction has just changed (and
         # holds locked): one statement instead of a read and a write
         await tx.execute(_INSERT_ENTRY, entry)
-        if amount < 0 and self.watch is not None:
+        if amount < 0 and self.watch is not None and (self.watch.every_debit or
+                                                      (flagged is not None and flagged.low_balance_set)):
             await self.watch.debited(tx, customer_id, amount)
-        entry = DictObject(**entry)
+        entry = Row(entry)
         if want_balance:
             row = await tx.one("select balance, currency from customer_balance where id = ${c}$", ns)
             entry.update(balance_after=int(row.balance), currency=row.currency)
@@ -270,7 +296,7 @@ class Ledger:
                     refused.append((item, e))
         if not accepted:
             return [], refused
-        row = await tx.one("select balance, currency from customer_balance where id = ${c}$", ns)
+        row = await tx.one("select balance, currency, low_balance_set from customer_balance where id = ${c}$", ns)
         running = int(row.balance) - sum(i["amount"] for i in accepted)
         entries = []
         for item in accepted:
@@ -282,7 +308,7 @@ class Ledger:
                             "operator": None, "created_at": now})
         await tx.insert_many("ledger_entry", entries)
         debited = sum(i["amount"] for i in accepted)
-        if debited < 0 and self.watch is not None:
+        if debited < 0 and self.watch is not None and (self.watch.every_debit or row.low_balance_set):
             await self.watch.debited(tx, customer_id, debited)   # the batch crosses once at most
         return entries, refused
 
@@ -299,12 +325,24 @@ class Ledger:
             return True
         return acct.status != "suspended" and (allow_arrears or int(acct.spendable) >= amount)
 
+    def _flags(self, amount: int, spender: Spender | None) -> tuple[str, ...]:
+        """The balance row's flags that would give a debit of ``amount`` more to do: its budgets
+        (a charge of a spender), its own low-balance threshold (unless the watch sees every debit)."""
+        if amount >= 0:
+            return ()
+        flags: tuple[str, ...] = ("budget_count",) if spender is not None and self.budgets is not None else ()
+        if self.watch is not None and not self.watch.every_debit:
+            flags += ("low_balance_set",)
+        return flags
+
     async def _create_account(self, tx, customer_id, now, currency=None):
-        await tx.execute(
+        n = await tx.execute(
             f"{dialects.insert_ignore(tx.dialect)} into customer_balance (id, balance, held, currency, credit_limit, "
-            "status, version, cached_at, created_at, updated_at) values (${c}$, 0, 0, ${cur}$, 0, 'active', 0, "
-            "${now}$, ${now}$, ${now}$)",
+            "status, version, budget_count, low_balance_set, cached_at, created_at, updated_at) values (${c}$, 0, 0, "
+            "${cur}$, 0, 'active', 0, 0, 0, ${now}$, ${now}$, ${now}$)",
             {"c": customer_id, "cur": currency or self.config.currency, "now": now})
+        if n == 1:     # budgets and alert settings may have been made before the account
+            await tx.execute(refresh_derived("customer_balance", where="id = ${c}$"), {"c": customer_id})
 
     async def _explain_refusal(self, tx, customer_id, amount=0, otherwise=None, currency_is=None):
         """Why a conditional balance update changed no row: raise the matching error."""
@@ -442,24 +480,24 @@ class Ledger:
                     raise Conflict(f"request_id {request_id} was used for a different hold")
                 return hold_view(existing, duplicate=True)
             now = clock.now_text()
-            hold_id = new_id()
-            # budget rows before the balance row, in every path: a hold and a charge never
-            # wait on each other's locks in opposite orders (a deadlock on MariaDB)
-            if self.budgets is not None:
-                await self.budgets.reserve_hold(tx, hold_id, Spender(customer_id, user_id, key_id), amount)
-            n = await tx.execute(
-                "update customer_balance set held = held + ${amt}$, version = version + 1, updated_at = ${now}$ "
-                "where id = ${c}$ and status <> 'suspended' "
-                "and balance - held - ${amt}$ >= -coalesce(credit_limit, 0)",
-                {"c": customer_id, "amt": amount, "now": now})
+            ns = {"c": customer_id, "amt": amount, "now": now}
+            # as in post: first as if the customer had no budgets, the flag read only when refused
+            n = await tx.execute(_HOLD + (" and budget_count = 0" if self.budgets is not None else ""), ns)
+            has_budgets = n == 0 and self.budgets is not None and bool(await tx.scalar(
+                f"select budget_count from customer_balance where id = ${{c}}${tx.for_update()}", ns))
+            if has_budgets:
+                n = await tx.execute(_HOLD, ns)
             if n == 0:
                 await self._explain_refusal(tx, customer_id)
+            hold_id = new_id()
+            if has_budgets and self.budgets is not None:
+                await self.budgets.reserve_hold(tx, hold_id, Spender(customer_id, user_id, key_id), amount)
             hold = {"id": hold_id, "customer_id": customer_id, "request_id": request_id, "amount": amount,
                     "status": "open", "payload_hash": phash, "note": (note or "")[:255] or None,
                     "created_scope": scope, "created_by": (created_by or "")[:64] or None,
                     "expires_at": clock.now_text(ttl), "created_at": now, "updated_at": now}
             await tx.insert("billing_hold", hold)
-            return hold_view(DictObject(**dict(hold, settled_amount=None)))
+            return hold_view(Row(hold, settled_amount=None))
         try:
             result, existing = await self.db.run_or_existing(work, lambda tx: self._hold_by_request(tx, request_id),
                                                              refused_check=True)
@@ -509,12 +547,12 @@ class Ledger:
                 {"amt": amount, "now": clock.now_text(), "h": hold.id, "st": hold.status})
             if n != 1:
                 raise Conflict(f"hold {hold.id} changed while settling; send it again")
-            if self.budgets is not None:
-                await self.budgets.close_hold(tx, hold.id, amount)
             phash = payload_hash({"op": "settle", "hold": hold.id, "amount": amount})
             entry = await self.post(tx, hold.customer_id, -amount, "settle", hold.request_id, phash,
                                     held_delta=-int(hold.amount) if was_open else 0,
                                     ref_type="billing_hold", ref_id=hold.id, operator=operator)
+            if self.budgets is not None:     # after the balance row, as in every path
+                await self.budgets.close_hold(tx, hold.id, amount)
             hold.status, hold.settled_amount = "settled", amount
             return dict(hold_view(hold), entry=entry_view(entry))
         return await self.db.run(work)
@@ -552,11 +590,11 @@ class Ledger:
         n = await tx.execute("update billing_hold set status = ${st}$, updated_at = ${now}$, closed_at = ${now}$ "
                              "where id = ${h}$ and status = 'open'", {"st": status, "now": now, "h": hold.id})
         if n == 1:
-            if self.budgets is not None:     # budget rows before the balance row (see hold)
-                await self.budgets.close_hold(tx, hold.id)
             await tx.execute("update customer_balance set held = held - ${amt}$, version = version + 1, "
                              "updated_at = ${now}$ where id = ${c}$",
                              {"amt": int(hold.amount), "now": now, "c": hold.customer_id})
+            if self.budgets is not None:     # the balance row before budget rows, as in every path
+                await self.budgets.close_hold(tx, hold.id)
         return n
 
     async def expire_holds(self, limit: int = 500) -> int:

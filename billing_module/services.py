@@ -16,7 +16,7 @@ from .alerts import Alerts, LowBalanceWatch
 from .apikeys import ApiKeys
 from .auth import Auth, SecretBox
 from .budgets import Budgets
-from .cache import CacheManager
+from .cache import FLUSH_SECONDS, CacheManager
 from .catalog import Catalog
 from .config import Config
 from .db.database import Database
@@ -89,5 +89,6 @@ def background_jobs(services: Services, config: Config) -> list[Job]:
         ("session-purge", services.sessions.purge, 300.0),
         ("statement-close", services.statements.close_due, config.statements.close_interval_seconds),
         ("alert-delivery", services.alerts.deliver_due, config.alerts.delivery_interval_seconds),
+        ("cache-metrics", services.caches.flush_job, FLUSH_SECONDS),
     ]
     return jobs + services.sync.background_jobs() + services.auth.background_jobs()

@@ -167,6 +167,39 @@ async def test_two_instances_racing_deliver_each_alert_once(acore, receiver, tmp
         await other.close()
 
 
+async def test_without_a_deployment_threshold_only_a_customers_own_one_alerts_on_every_instance(
+        acore, receiver, tmp_path, db_desc):
+    """The ledger asks the watch only about customers whose balance row says they have their own
+    threshold: set on one instance, it applies at once to debits on another (no cached copy), on
+    the single and the batch path, and once removed no debit is watched any more."""
+    cfg = make_config(tmp_path, alerts={"webhook_url": receiver.url, "webhook_secret": SECRET})
+    plain = BillingCore(config=cfg, db_desc=db_desc, data_dir=str(tmp_path))
+    other = BillingCore(config=cfg, db_desc=db_desc, data_dir=str(tmp_path))
+    try:
+        await seed_pricing(plain)
+        await plain.ledger.recharge("c1", to_micro("150"), "r1")
+        await plain.ledger.adjust("c1", to_micro("-100"), "a1", "use")          # 50: nothing to cross
+        assert await alerts_of(plain) == []
+        await other.alerts.set_webhook("c1", {"low_balance_amount": to_micro("40")}, "admin")
+        await plain.ledger.adjust("c1", to_micro("-20"), "a2", "use")           # 30: below 40
+        assert [a["data"]["threshold"] for a in await alerts_of(plain)] == ["40.000000"]
+        await plain.ledger.recharge("c1", to_micro("20"), "r2")                  # 50: armed again
+        await other.alerts.set_webhook("c1", {"low_balance_amount": to_micro("49.995")}, "admin")
+        # each event costs 0.006: the batch takes the balance from 50 to 49.988
+        results = await plain.accounting.post_usage_batch([usage(f"u{i}", customer="c1") for i in range(2)])
+        assert all(r["outcome"] == "accounted" for r in results), results
+        await other.alerts.set_webhook("c1", {"low_balance_amount": to_micro("49.985")}, "admin")
+        await plain.accounting.post_usage(usage("u-single", customer="c1"))      # 49.988 -> 49.982
+        assert sorted(a["data"]["threshold"] for a in await alerts_of(plain)) == ["40.000000", "49.985000", "49.995000"]
+        await other.alerts.set_webhook("c1", {"low_balance_amount": None}, "admin")
+        await plain.ledger.recharge("c1", to_micro("100"), "r3")
+        await plain.ledger.adjust("c1", to_micro("-140"), "a3", "use")          # no threshold any more
+        assert len(await alerts_of(plain, type="low_balance")) == 3
+    finally:
+        await plain.close()
+        await other.close()
+
+
 async def test_a_delivery_gives_up_after_max_attempts_and_an_admin_redelivers(acore, receiver, fixed_clock):
     from billing_module import metrics
     core = acore

@@ -304,6 +304,24 @@ async def test_a_refusal_alerts_budget_100_once_per_period_and_a_refused_charge_
     assert len(await budget_alerts(core)) == 2                # and no alert for it
 
 
+async def test_a_budget_set_before_the_account_exists_applies_from_the_first_charge(core, fixed_clock):
+    """A debit looks budgets up only when the balance row counts some: the count is taken when
+    the account is created, and kept by every budget added or removed."""
+    await seed_pricing(core)
+    await core.budgets.set_budget("c1", "org", "c1", "day", units("1.5"))
+    await core.ledger.recharge("c1", units("100"), "r-c1")
+    await core.accounting.post_usage(flat("a1"))
+    with pytest.raises(BudgetExceeded):
+        await core.accounting.post_usage(flat("a2"))
+    with pytest.raises(BudgetExceeded):
+        await core.ledger.hold("c1", units("1"), "h1")
+    await core.budgets.set_budget("c1", "org", "c1", "day", 0)
+    await core.accounting.post_usage(flat("a2"))
+    await core.ledger.hold("c1", units("1"), "h1")
+    async with core.db.read() as tx:
+        assert await tx.scalar("select budget_count from customer_balance where id = 'c1'") == 0
+
+
 # --- concurrency -------------------------------------------------------------------------------------------
 async def test_fifty_concurrent_posts_never_overspend_a_budget(core, fixed_clock):
     await setup(core)

@@ -141,6 +141,25 @@ async def test_initdb_recreates_a_missing_index_without_touching_the_table(core)
     assert await create_schema(core.db) == ["customer_balance.customer_balance_idx_balance"]
 
 
+async def test_initdb_adds_a_missing_column_and_fills_a_derived_one(core):
+    """A table made by an older version gains the model's new columns; a column derived from
+    other tables (db/schema.py DERIVED_COLUMNS) is filled from them for the existing rows."""
+    await core.ledger.recharge("c1", 10_000_000, "r1")
+    await core.ledger.recharge("c2", 10_000_000, "r2")
+    await core.budgets.set_budget("c1", "org", "c1", "day", 5_000_000)
+    await core.budgets.set_budget("c1", "user", "u1", "week", 5_000_000)
+    await core.alerts.set_webhook("c1", {"low_balance_amount": 1_000_000}, "admin")
+    async with core.db.transaction() as tx:
+        for column in ("budget_count", "low_balance_set"):
+            await tx.execute(f"alter table customer_balance drop column {column}")
+    assert await create_schema(core.db) == ["customer_balance.budget_count", "customer_balance.low_balance_set"]
+    assert await create_schema(core.db) == []
+    async with core.db.read() as tx:
+        rows = await tx.select("select id, budget_count, low_balance_set from customer_balance order by id")
+    assert [(r.id, int(r.budget_count), int(r.low_balance_set)) for r in rows] == [("c1", 2, 1), ("c2", 0, 0)]
+    await core.ledger.recharge("c3", 10_000_000, "r3")       # a new row after the migration
+
+
 def test_ddl_has_no_drop_and_uses_bigint_for_money():
     for dialect in ("mysql", "sqlite"):
         ddl = ddl_script(dialect)

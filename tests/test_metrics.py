@@ -3,6 +3,7 @@ may read it; the same totals from every worker of ``serve --workers 2``."""
 import json
 import os
 import signal
+import time
 import urllib.request
 
 import pytest
@@ -102,6 +103,19 @@ def test_workers_share_their_counters(tmp_path):
             assert value(parsed, "billing_events_accounted_total", path="post") == 30
             seen.add(value(parsed, "billing_accounting_seconds_count", path="post"))
         assert seen == {30}
+        # cache lookups are counted in each worker and moved into the shared counters in batches:
+        # at the latest by a worker's periodic flush (cache.FLUSH_SECONDS), then every scrape agrees
+        lookups = []
+        for _ in range(40):
+            req = urllib.request.Request(f"{base}/metrics", headers={"Authorization": f"Bearer {key}"})
+            with urllib.request.urlopen(req, timeout=5) as r:
+                parsed = samples(r.read().decode())
+            lookups.append(sum(value(parsed, "billing_cache_requests_total", cache="llmage:name", result=result)
+                               for result in ("hit", "miss")))
+            if len(lookups) > 3 and lookups[-1] >= 30 and len(set(lookups[-3:])) == 1:
+                break
+            time.sleep(0.5)
+        assert lookups[-1] >= 30 and len(set(lookups[-3:])) == 1, lookups   # a lookup per event at least
         assert os.listdir(tmp_path / "prometheus-multiproc")   # the workers' files
     finally:
         proc.send_signal(signal.SIGTERM)

@@ -286,6 +286,7 @@ async def metrics(core, caller, p, request):
     scheme, _, given = request.headers.get("Authorization", "").partition(" ")
     if not (token and scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), token.encode())):
         (await authenticate(core, request)).require_admin()
+    core.caches.flush()     # this process's cache counts (other workers flush on their own)
     body = metrics_module.render(await metrics_module.database_families(core.db))
     return web.Response(body=body, headers={"Content-Type": metrics_module.CONTENT_TYPE})
 

@@ -3,7 +3,8 @@
 MySQL DDL comes from the framework's generator (xls2ddl's ``json2ddl``); SQLite DDL from
 sqlor's SQLite template (the generator has no SQLite dialect). Both templates start with
 ``drop table if exists``: that statement is removed, and ``create_schema`` only creates the
-tables and indexes that do not exist yet. It never drops or alters anything.
+tables, columns and indexes that do not exist yet (a column added to an existing table gets its
+model default, or its derived value). It never drops or changes anything that exists.
 """
 import copy
 import json
@@ -20,6 +21,29 @@ from . import dialect as dialects
 # accounting_records older than a cut-off move here (failures.backup_accounted); the history
 # table is the live table plus the time of the move, so it is derived, not written twice.
 HISTORY_TABLES = {"accounting_records_history": ("accounting_records", "记账记录历史")}
+
+
+# Columns derived from other tables, kept on the balance row that every debit updates anyway, so
+# that the debit knows without a query whether anything more applies to it. Each is the SQL that
+# computes it for a ``customer_balance`` row: the writes of its source recompute it in their own
+# transaction (budgets.set_budget, alerts.set_webhook), a new balance row starts from it
+# (Ledger._create_account), and the column added to an existing table is filled with it.
+DERIVED_COLUMNS = {
+    "customer_balance": {
+        "budget_count": "(select count(*) from billing_budget where billing_budget.customer_id = customer_balance.id)",
+        "low_balance_set": ("(select count(*) from alert_webhook where alert_webhook.customer_id = customer_balance.id "
+                            "and (alert_webhook.low_balance_amount is not null "
+                            "or alert_webhook.low_balance_percent is not null))"),
+    },
+}
+
+
+def refresh_derived(table, columns=None, where=""):
+    """UPDATE that recomputes derived ``columns`` (all of the table's when None) of the rows of
+    ``table`` that ``where`` (an SQL condition) selects, or of every row."""
+    derived = DERIVED_COLUMNS[table]
+    sets = ", ".join(f"{c} = {derived[c]}" for c in (columns or derived))
+    return f"update {table} set {sets}" + (f" where {where}" if where else "")
 
 
 def models_dir():
@@ -122,6 +146,25 @@ def table_statements(model, dialect):
     return create, indexes
 
 
+def add_column_statement(model, dialect, column):
+    """ALTER TABLE that adds ``column`` of ``model`` to an existing table, defined as the table's
+    rendered DDL defines it. SQLite's template writes no DEFAULT, and SQLite refuses a NOT NULL
+    column without one, so the model's default is added there."""
+    create, _ = table_statements(model, dialect)
+    found = re.search(rf"^\s*(`{column}` .*?)$", create, re.M)
+    assert found is not None, f"{column}: not in the generated DDL of {model['summary'][0]['name']}"
+    line = found.group(1)
+    if dialect == dialects.SQLITE:
+        line = line.split("--", 1)[0]
+    line = line.strip().rstrip(",").strip()
+    field = next(f for f in model["fields"] if f["name"] == column)
+    if dialect == dialects.SQLITE and "DEFAULT" not in line.upper() and field.get("default") is not None:
+        line += " DEFAULT '" + str(field["default"]).replace("'", "''") + "'"
+    elif dialect == dialects.SQLITE and "NOT NULL" in line.upper() and field.get("default") is None:
+        raise ValueError(f"{column}: a NOT NULL column needs a default to be added to an existing table")
+    return f"ALTER TABLE {model['summary'][0]['name']} ADD COLUMN {line}"
+
+
 def ddl_script(dialect, models=None):
     """The whole schema as a script that is safe to run on a database that has some of it."""
     models = models or load_models()
@@ -156,11 +199,21 @@ async def existing_indexes(tx, table):
     return {r.name for r in rows}
 
 
+async def existing_columns(tx, table):
+    if tx.dialect == dialects.SQLITE:
+        rows = await tx.select(f"select lower(name) as name from pragma_table_info('{table}')")
+    else:
+        rows = await tx.select("select lower(column_name) as name from information_schema.columns "
+                               "where table_schema = database() and table_name = ${t}$", {"t": table})
+    return {r.name for r in rows}
+
+
 async def create_schema(db, models=None):
-    """Create missing tables and indexes. Returns the list of what it created (empty when the
-    schema is complete, so a second run changes nothing)."""
+    """Create missing tables, columns and indexes. Returns the list of what it created (empty
+    when the schema is complete, so a second run changes nothing)."""
     models = models or load_models()
     created = []
+    added: dict[str, list[str]] = {}
     async with db.transaction() as tx:
         tables = await existing_tables(tx)
     for name, model in models.items():
@@ -170,9 +223,22 @@ async def create_schema(db, models=None):
             if name not in tables:
                 await tx.execute(create)
                 created.append(name)
+            else:
+                have_columns = await existing_columns(tx, name)
+                for field in model["fields"]:
+                    if field["name"].lower() not in have_columns:
+                        await tx.execute(add_column_statement(model, db.dialect, field["name"]))
+                        created.append(f"{name}.{field['name']}")
+                        added.setdefault(name, []).append(field["name"])
             have = await existing_indexes(tx, name)
             for idx_name, stmt in indexes:
                 if idx_name not in have:
                     await tx.execute(stmt)
                     created.append(f"{name}.{idx_name}")
+    # added derived columns are filled once every table they are derived from exists
+    for name, columns in added.items():
+        derived = [c for c in columns if c in DERIVED_COLUMNS.get(name, {})]
+        if derived:
+            async with db.transaction() as tx:
+                await tx.execute(refresh_derived(name, derived))
     return created

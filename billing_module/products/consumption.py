@@ -109,7 +109,7 @@ class Consumption:
     def __init__(self, db, ledger, catalogue: Catalogue, suppliers: Suppliers, subscriptions: Subscriptions,
                  budgets: Budgets | None = None):
         self.db = db
-        self.budgets = budgets      # the overage charge is spent from the budgets (None: none enforced)
+        self.budgets = budgets      # its refusal alerts (the overage is spent from the budgets by the ledger)
         self.ledger = ledger
         self.catalogue = catalogue
         self.suppliers = suppliers
@@ -174,11 +174,11 @@ class Consumption:
             currency=product.currency)
         if charge > 0:
             await check_currency(tx, use["customer_id"], product.currency)
-            if self.budgets is not None:     # refused: the whole use rolls back
-                await self.budgets.spend(tx, Spender(use["customer_id"], use["user_id"]), charge)
+            # its budgets are spent by the debit (refused: the whole use rolls back)
             entry = await self.ledger.post(
                 tx, use["customer_id"], -charge, "overage", ledger_key(use["key"]), use["phash"], must_cover=True,
                 refuse_suspended=True, ref_type="product_usage_log", ref_id=row.id,
+                spender=Spender(use["customer_id"], use["user_id"]),
                 reason=f"{product.code} {qtext(over)} {product.quantity_unit}" + (" past quota" if locked else ""))
             row = replace(row, ledger_entry_id=entry.id)
         supply = Supply.routed(supplier)

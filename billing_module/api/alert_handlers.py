@@ -6,6 +6,7 @@ from typing import Any
 from .. import validation
 from ..alerts import ALERT_TYPES, SECRET_MAX_LEN, SECRET_MIN_LEN, STATUSES
 from ..errors import InvalidParam
+from .callers import named_customer
 from .registry import endpoint
 
 READ, WRITE = ("GET",), ("POST",)
@@ -24,8 +25,7 @@ async def alerts(core, caller, p, request):
 
 @endpoint("alert_webhook", methods=READ)
 async def alert_webhook(core, caller, p, request):
-    customer_id = p.ident("customer_id", required=True)
-    caller.check_customer(customer_id)
+    customer_id = named_customer(p, caller)
     return await core.alerts.webhook(customer_id)
 
 

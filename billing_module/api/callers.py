@@ -1,5 +1,7 @@
 """Who is calling: an API key, a signed request or a host session, as a ``Caller``. Apart from
 ``handle`` so that a handler that authenticates for itself (``metrics``) imports no cycle."""
+from typing import Any, Literal, overload
+
 from .. import auth
 from ..errors import Forbidden, Unauthorized
 from .registry import Caller
@@ -40,3 +42,16 @@ async def check_user_of(core, caller: Caller, customer_id: str | None, user_id: 
     org = await core.catalog.user_org(user_id)
     if org is not None and org != customer_id:
         raise Forbidden(f"user {user_id} is not a user of {customer_id}")
+
+
+@overload
+def named_customer(p: Any, caller: Caller, required: Literal[True] = True) -> str: ...
+@overload
+def named_customer(p: Any, caller: Caller, required: bool) -> str | None: ...
+def named_customer(p: Any, caller: Caller, required: bool = True) -> str | None:
+    """The ``customer_id`` a request names, checked against what this caller may touch. Not
+    ``required``: a platform caller may leave it out (every customer); a customer caller not."""
+    customer_id = p.ident("customer_id", required=required or not caller.is_admin)
+    if customer_id is not None:
+        caller.check_customer(customer_id)
+    return customer_id

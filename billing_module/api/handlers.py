@@ -7,7 +7,7 @@ from .. import clock
 from ..accounting import BATCH_MODES, batch_refusal, check_batch
 from ..budgets import PERIODS, SCOPES
 from ..errors import BillingError, Forbidden, InvalidParam
-from .callers import check_user_of
+from .callers import check_user_of, named_customer
 from .params import Params
 from .registry import endpoint
 
@@ -54,8 +54,7 @@ async def health(core, caller, p, request):
 # --- balances and money movements ---------------------------------------------------------------
 @endpoint("balance", methods=READ)
 async def balance(core, caller, p, request):
-    customer_id = p.ident("customer_id", required=True)
-    caller.check_customer(customer_id)
+    customer_id = named_customer(p, caller)
     return await core.ledger.balance(customer_id)
 
 
@@ -99,9 +98,7 @@ async def balances(core, caller, p, request):
 
 @endpoint("transactions", methods=READ)
 async def transactions(core, caller, p, request):
-    customer_id = p.ident("customer_id", required=not caller.is_admin)
-    if customer_id is not None:
-        caller.check_customer(customer_id)
+    customer_id = named_customer(p, caller, required=False)
     page, rows = p.page()
     return await core.ledger.entries(customer_id, page, rows, entry_type=p.ident("entry_type"))
 
@@ -110,8 +107,7 @@ async def transactions(core, caller, p, request):
 @endpoint("authorize", methods=WRITE)
 async def authorize(core, caller, p, request):
     """Hold an amount, or the price of an estimated usage event (same fields as accounting)."""
-    customer_id = p.ident("customer_id", required=True)
-    caller.check_customer(customer_id)
+    customer_id = named_customer(p, caller)
     amount = p.amount(required=False)
     if amount is None:
         amount = await core.accounting.hold_amount(await _event(core, p, caller))
@@ -306,8 +302,6 @@ async def budget_set(core, caller, p, request):
 @endpoint("budgets", methods=READ)
 async def budgets(core, caller, p, request):
     """Budgets with their spend in the current period; a customer caller sees its organisation's."""
-    customer_id = p.ident("customer_id", required=not caller.is_admin)
-    if customer_id is not None:
-        caller.check_customer(customer_id)
+    customer_id = named_customer(p, caller, required=False)
     page, rows = p.page()
     return await core.budgets.list_budgets(customer_id, p.str("scope", choices=SCOPES), page, rows)

@@ -3,6 +3,7 @@ customer_key_revoke.dspy``): listed, created (the key shown once) and revoked by
 organisation's ``customer.admin`` (a session) or by the platform; a customer API key cannot
 mint keys. ``Caller.scope`` has put the caller's own customer in the parameters."""
 from ..errors import Forbidden
+from .callers import named_customer
 from .registry import endpoint
 
 KEY_ADMIN_ROLE = "customer.admin"
@@ -11,9 +12,7 @@ KEY_ADMIN_ROLE = "customer.admin"
 def _key_admin_customer(caller, p) -> str:
     if not (caller.is_admin or (caller.kind == "customer" and caller.has_role(KEY_ADMIN_ROLE))):
         raise Forbidden(f"managing an organisation's API keys needs the {KEY_ADMIN_ROLE} role")
-    customer_id = p.ident("customer_id", required=True)
-    caller.check_customer(customer_id)
-    return customer_id
+    return named_customer(p, caller)
 
 
 def _key_view(row) -> dict:

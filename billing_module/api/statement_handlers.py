@@ -4,6 +4,7 @@ from aiohttp import web
 
 from ..statement_export import FORMATS, file_name, to_csv, to_html, to_pdf
 from ..statements import Statements
+from .callers import named_customer
 from .registry import endpoint
 
 READ = ("GET",)
@@ -18,8 +19,7 @@ def book(core) -> Statements:
 async def statements(core, caller, p, request):
     """With ``month``: that month's statement (closed, or the month so far as ``open``); without:
     the customer's closed statements, newest first."""
-    customer_id = p.ident("customer_id", required=True)
-    caller.check_customer(customer_id)
+    customer_id = named_customer(p, caller)
     month = p.month()
     if month is not None:
         return await book(core).statement(customer_id, month)

@@ -213,14 +213,7 @@ async def test_a_node_killed_under_load(tmp_path, galera_database):
     cluster = GaleraCluster.attach(CLUSTER_DIR)
     victim = len(cluster.nodes) - 1          # instance A starts on the last node, B on node 1
     config = make_config(tmp_path)
-    a = BillingCore(config=config, db_desc=node_desc(galera_database, victim), data_dir=str(tmp_path),
-                    instance_id="instance-a")
-    b = BillingCore(config=config, db_desc=node_desc(galera_database, 0), data_dir=str(tmp_path),
-                    instance_id="instance-b")
-    await b.create_schema()
-    await _empty_tables(b)
-    await seed_pricing(b)
-    await b.ledger.recharge("cust-1", units("1000"), "r1")
+    a, b = await _two_instances(config, galera_database, victim, tmp_path)
     acknowledged, answers, stop = set(), {"ok": 0, "503": 0}, asyncio.Event()
 
     async def client(n):
@@ -308,6 +301,20 @@ async def _empty_tables(core):
 
 
 @needs_cluster
+async def _two_instances(config, galera_database, victim, tmp_path):
+    """Instance A on node ``victim``, B on node 0, over an empty schema with prices and a
+    customer holding 1,000."""
+    a = BillingCore(config=config, db_desc=node_desc(galera_database, victim), data_dir=str(tmp_path),
+                    instance_id="instance-a")
+    b = BillingCore(config=config, db_desc=node_desc(galera_database, 0), data_dir=str(tmp_path),
+                    instance_id="instance-b")
+    await b.create_schema()
+    await _empty_tables(b)
+    await seed_pricing(b)
+    await b.ledger.recharge("cust-1", units("1000"), "r1")
+    return a, b
+
+
 async def test_every_table_has_a_primary_key_and_no_code_locks_tables(pair):
     """Galera replicates only InnoDB tables with a primary key, and LOCK TABLES does not
     replicate at all."""
@@ -425,14 +432,7 @@ async def test_a_stopped_node_under_load(tmp_path, galera_database):
     cluster = GaleraCluster.attach(CLUSTER_DIR)
     victim = len(cluster.nodes) - 1          # instance A starts on the last node, B on node 1
     config = make_config(tmp_path, database={"statement_timeout_seconds": STOPPED_TIMEOUT_SECONDS})
-    a = BillingCore(config=config, db_desc=node_desc(galera_database, victim), data_dir=str(tmp_path),
-                    instance_id="instance-a")
-    b = BillingCore(config=config, db_desc=node_desc(galera_database, 0), data_dir=str(tmp_path),
-                    instance_id="instance-b")
-    await b.create_schema()
-    await _empty_tables(b)
-    await seed_pricing(b)
-    await b.ledger.recharge("cust-1", units("1000"), "r1")
+    a, b = await _two_instances(config, galera_database, victim, tmp_path)
     acknowledged, answers, stop = set(), {"ok": 0, "503": 0}, asyncio.Event()
 
     async def client(n):

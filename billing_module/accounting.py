@@ -499,6 +499,7 @@ class Accounting:
             failed: list[Any] = []
             memo: dict[Any, Any] = {}
             budget_memo: dict[Any, Any] = {}
+            budget_alerts: dict[Any, Any] = {}     # alerted after the debits, for the spends kept
             by_customer: dict[str, list[Any]] = {}
             now = clock.now_text()
             covered = await self._covered(tx, {rec.customer_id for rec in claimed})
@@ -527,7 +528,7 @@ class Accounting:
                         continue
                 try:
                     spent = await self._spend_budgets(tx, ev, row["amount"], budget_memo,
-                                                      accounts.get(ev.customer_id))
+                                                      accounts.get(ev.customer_id), budget_alerts)
                 except BudgetExceeded as e:
                     failed.append((rec, e, price))
                     if self.quota is not None:
@@ -558,6 +559,8 @@ class Accounting:
                     else:
                         row["ledger_entry_id"] = entry_of.get(row["id"])
                         rows.append(row)
+            if budget_alerts and self.budgets is not None:    # now that the batch knows what it keeps
+                await self.budgets.alert_reached(tx, budget_alerts)
             await tx.update_many("accounting_records", rows)
             await self._link_usage(tx, rows)
             return len(rows), failed
@@ -800,13 +803,14 @@ class Accounting:
         await self._link_usage(tx, [row])
         return record_view(Row(row))
 
-    async def _spend_budgets(self, tx: Tx, ev: Event, amount: int, memo: dict, account: Row | None) -> list[Any]:
+    async def _spend_budgets(self, tx: Tx, ev: Event, amount: int, memo: dict, account: Row | None,
+                             deferred: dict | None = None) -> list[Any]:
         """Spend a batch's charge of ``amount`` from the event's budgets (BudgetExceeded when one
         is short); ``memo``: one per batch transaction, so each spender's budgets are looked up
         once; ``account``: the customer's row from ``_accounts`` (its budget_count)."""
         if self.budgets is None or amount <= 0 or (account is not None and not account.budget_count):
             return []
-        return await self.budgets.spend(tx, ev.spender, amount, memo)
+        return await self.budgets.spend(tx, ev.spender, amount, memo, deferred)
 
     async def _budget_refused(self, error: BaseException) -> None:
         """A budget refused a charge (its transaction is over): its 100 % alert, once per period."""

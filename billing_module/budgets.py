@@ -111,12 +111,15 @@ class Budgets:
         self.alerts = alerts
 
     # --- enforcement (inside the debit's transaction) -------------------------------------------
-    async def spend(self, tx: Tx, who: Spender, amount: int, memo: dict[Spender, list[Row]] | None = None) -> Charges:
+    async def spend(self, tx: Tx, who: Spender, amount: int, memo: dict[Spender, list[Row]] | None = None,
+                    deferred: dict[tuple[str, str], tuple[Row, str, str]] | None = None) -> Charges:
         """Add ``amount`` (micro-units, > 0) to every budget that applies to ``who`` in its current
         period, or raise ``BudgetExceeded`` naming the first budget it would overspend, having given
         back what the others took (a batch transaction that goes on, the accountant's, keeps no
         part of a refused spend; a single debit's transaction rolls back anyway). Returns what was
-        charged. ``memo``: the budgets looked up once per spender for a batch in one transaction."""
+        charged. ``memo``: the budgets looked up once per spender for a batch in one transaction;
+        ``deferred``: collects the budgets spent instead of alerting now, for ``alert_reached``
+        once the batch knows which spends it keeps."""
         assert amount > 0, "a budget is spent by debits only"
         charges: Charges = []
         budgets = None if memo is None else memo.get(who)
@@ -148,9 +151,18 @@ class Budgets:
                     budget=budget_view(b, spent, start, end))
             charges.append((b.id, start, amount))
             crossings.append((b, spent - amount, spent, start, end))
+        if deferred is not None:
+            deferred.update({(b.id, start): (b, start, end) for b, _, _, start, end in crossings})
+            return charges
         for crossing in crossings:      # alerts only for a spend that went through
             await self._alert(tx, *crossing)
         return charges
+
+    async def alert_reached(self, tx: Tx, deferred: dict[tuple[str, str], tuple[Row, str, str]]) -> None:
+        """The alerts of the levels the ``deferred`` budgets' spend has reached, after a batch's
+        spends and give-backs: a spend the batch gave back (its debit refused) alerts nothing."""
+        for b, start, end in deferred.values():
+            await self._alert(tx, b, 0, await self._spent(tx, b.id, start) or 0, start, end)
 
     async def undo(self, tx: Tx, charges: Charges) -> None:
         """Give back what ``spend`` charged (a debit refused after its budgets took it, in a

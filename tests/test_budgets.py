@@ -348,6 +348,23 @@ async def test_fifty_concurrent_holds_and_batch_posts_never_overspend_a_budget(c
     assert (await spent(core))[("user", "u1", "day")] == "7.000000"
 
 
+async def test_the_accountant_alerts_only_for_the_spend_it_keeps(no_alerts, fixed_clock):
+    """A queued event that would cross 80 % but that the balance refuses gives its spend back and
+    alerts nothing; the spend the batch keeps alerts once."""
+    core = no_alerts
+    await setup(core, balance="1.5")
+    await core.budgets.set_budget("c1", "org", "c1", "day", units("2.5"))
+    for i in range(2):
+        await core.accounting.submit_usage(flat(f"q{i}"))
+    assert await core.accounting.account_pending() == 1          # 1.0 of 2.5 (40 %), the second refused
+    assert (await spent(core))[("org", "c1", "day")] == "1.000000"
+    assert await budget_alerts(core) == []
+    await core.ledger.recharge("c1", units("10"), "r-more")
+    await core.accounting.submit_usage(flat("q2"))
+    assert await core.accounting.account_pending() == 1          # 2.0 of 2.5: 80 %
+    assert [a[:3] for a in await budget_alerts(core)] == [("budget_80", "c1", "2.000000")]
+
+
 async def test_concurrent_first_sets_of_one_budget_all_succeed_as_one_budget(core):
     limits = [units(str(i)) for i in range(1, 11)]
     results = await asyncio.gather(*[core.budgets.set_budget("c1", "user", "u9", "week", lim) for lim in limits],

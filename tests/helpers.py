@@ -1,4 +1,6 @@
 """Seed data shared by the tests."""
+import asyncio
+
 from billing_module.accounting import Accounting
 from billing_module.money import to_micro
 
@@ -78,3 +80,55 @@ def other_node(desc):
     if not hosts or len(hosts) < 2:
         return desc
     return dict(desc, hosts=hosts[1:] + hosts[:1])
+
+
+class UsageLoad:
+    """Clients posting usage events through ``cores`` (client n through ``cores[n % len]``) until
+    ``stop``: a 503 (DatabaseUnavailable) is answered by sending the same event again, so every
+    acknowledged request_id is known; a caller's 4xx fails the client; ``hang_seconds`` bounds each
+    post (a hung post fails the test). After ``stop`` an event still refused is given up."""
+
+    def __init__(self, cores, prefix, hang_seconds=None):
+        self.cores, self.prefix, self.hang_seconds = list(cores), prefix, hang_seconds
+        self.acknowledged: set[str] = set()
+        self.answers = {"ok": 0, "503": 0}
+        self.stop = asyncio.Event()
+        self.tasks: list[asyncio.Task] = []
+
+    def start(self, clients):
+        self.tasks += [asyncio.create_task(self._client(n)) for n in range(clients)]
+
+    async def _client(self, n):
+        from billing_module.errors import BillingError, DatabaseUnavailable
+        core, i = self.cores[n % len(self.cores)], 0
+        while not self.stop.is_set():
+            rid, i = f"{self.prefix}{n}-{i}", i + 1
+            while True:
+                try:
+                    await asyncio.wait_for(core.accounting.post_usage(usage(rid)), self.hang_seconds)
+                except DatabaseUnavailable:
+                    self.answers["503"] += 1
+                    if self.stop.is_set():
+                        break
+                    await asyncio.sleep(0.05)
+                    continue
+                except BillingError as e:
+                    assert e.status < 500, e
+                    raise
+                self.acknowledged.add(rid)
+                self.answers["ok"] += 1
+                break
+
+    async def finish(self, timeout=None):
+        """Stop the clients and wait for them (their failures raise here)."""
+        self.stop.set()
+        await asyncio.wait_for(asyncio.gather(*self.tasks), timeout)
+
+    def cancel(self):
+        """Stop and cancel every client: a hung post must not outlive its test."""
+        self.stop.set()
+        for t in self.tasks:
+            t.cancel()
+
+    def summary(self):
+        return f"{self.answers['ok']} events acknowledged, {self.answers['503']} answers 503"

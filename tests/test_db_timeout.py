@@ -12,9 +12,9 @@ import pytest
 from billing_module.config import load_config
 from billing_module.core import BillingCore
 from billing_module.db.database import CommitUnknown, Database, NodeTimeout, mysql_desc, sqlite_desc
-from billing_module.errors import BillingError, ConfigError, DatabaseUnavailable
+from billing_module.errors import ConfigError, DatabaseUnavailable
 from tests.conftest import MYSQL_URL, _mysql_schema_ready, make_config
-from tests.helpers import seed_pricing, units, usage
+from tests.helpers import UsageLoad, seed_pricing, units
 from tests.tcp_proxy import TcpProxy
 
 needs_mysql = pytest.mark.skipif(not MYSQL_URL, reason="BILLING_TEST_MYSQL names no MariaDB")
@@ -208,55 +208,34 @@ async def test_a_frozen_node_under_load(tmp_path, mysql_database, proxies):
     _mysql_schema_ready.add(mysql_database["name"])
     await seed_pricing(core)
     await core.ledger.recharge("cust-1", units("1000"), "r1")
-    acknowledged, answers, stop = set(), {"ok": 0, "503": 0}, asyncio.Event()
-
-    async def client(n):
-        i = 0
-        while not stop.is_set():
-            rid, i = f"f{n}-{i}", i + 1
-            while True:                          # a 503 is answered by sending again
-                try:
-                    await asyncio.wait_for(core.accounting.post_usage(usage(rid)), HANG_SECONDS)
-                except DatabaseUnavailable:
-                    answers["503"] += 1
-                    await asyncio.sleep(0.05)
-                    continue
-                except BillingError as e:
-                    assert e.status < 500, e
-                    raise
-                acknowledged.add(rid)
-                answers["ok"] += 1
-                break
-    clients: list[asyncio.Task] = []
+    load = UsageLoad((core,), "f", hang_seconds=HANG_SECONDS)
     try:
-        clients += [asyncio.create_task(client(n)) for n in range(12)]
+        load.start(12)
         await asyncio.sleep(1)
-        assert core.db.node == proxies[0].address and answers["ok"] > 0
+        assert core.db.node == proxies[0].address and load.answers["ok"] > 0
         proxies[0].freeze()
-        before = answers["ok"]
+        before = load.answers["ok"]
 
         async def answered_again():
-            while answers["ok"] == before:
+            while load.answers["ok"] == before:
                 await asyncio.sleep(0.05)
         await asyncio.wait_for(answered_again(), HANG_SECONDS)
         await asyncio.sleep(1)
-        stop.set()
-        await asyncio.gather(*clients)
+        await load.finish()
         assert (await core.health())["db_node"] == proxies[1].address
         proxies[0].thaw()
-        print(f"\nfrozen node: {answers['ok']} events acknowledged, {answers['503']} answers 503")
+        print(f"\nfrozen node: {load.summary()}")
         async with core.db.read() as tx:
             rows = await tx.select(
                 "select r.request_id, r.status, count(e.id) as entries from accounting_records r "
                 "left join ledger_entry e on e.request_id = r.request_id and e.entry_type = 'usage' "
                 "group by r.request_id, r.status")
         by_request = {r.request_id: r for r in rows}
-        assert not [rid for rid in acknowledged if rid not in by_request]
-        assert all(by_request[rid].status == "accounted" and int(by_request[rid].entries) == 1 for rid in acknowledged)
+        assert not [rid for rid in load.acknowledged if rid not in by_request]
+        assert all(by_request[rid].status == "accounted" and int(by_request[rid].entries) == 1
+                   for rid in load.acknowledged)
         assert all(int(r.entries) == (1 if r.status == "accounted" else 0) for r in rows)
         assert (await core.ledger.reconcile())["mismatches"] == []
     finally:
-        stop.set()
-        for c in clients:
-            c.cancel()             # a hung post fails the test; it must not outlive it
+        load.cancel()
         await core.close()

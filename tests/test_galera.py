@@ -12,10 +12,10 @@ import pytest
 
 from billing_module.core import BillingCore
 from billing_module.db.database import Database, mysql_desc
-from billing_module.errors import BillingError, DatabaseUnavailable, InsufficientBalance
+from billing_module.errors import DatabaseUnavailable, InsufficientBalance
 from tests.conftest import GALERA_NODES, make_config
 from tests.galera import GaleraCluster
-from tests.helpers import seed_pricing, units, usage
+from tests.helpers import UsageLoad, seed_pricing, units, usage
 
 CLUSTER_DIR = os.environ.get("BILLING_TEST_GALERA_DIR", "")
 needs_cluster = pytest.mark.skipif(not GALERA_NODES, reason="BILLING_TEST_GALERA names no Galera cluster")
@@ -214,51 +214,25 @@ async def test_a_node_killed_under_load(tmp_path, galera_database):
     victim = len(cluster.nodes) - 1          # instance A starts on the last node, B on node 1
     config = make_config(tmp_path)
     a, b = await _two_instances(config, galera_database, victim, tmp_path)
-    acknowledged, answers, stop = set(), {"ok": 0, "503": 0}, asyncio.Event()
-
-    async def client(n):
-        i = 0
-        while not stop.is_set():
-            rid, i = f"k{n}-{i}", i + 1
-            while not stop.is_set():                      # a 503 is answered by sending again
-                try:
-                    await (a if n % 2 else b).accounting.post_usage(usage(rid))
-                except DatabaseUnavailable:
-                    answers["503"] += 1
-                    await asyncio.sleep(0.05)
-                    continue
-                except BillingError as e:
-                    assert e.status < 500, e
-                    raise
-                acknowledged.add(rid)
-                answers["ok"] += 1
-                break
+    load = UsageLoad((b, a), "k")
     try:
-        clients = [asyncio.create_task(client(n)) for n in range(16)]
+        load.start(16)
         await asyncio.sleep(2)
         assert (await a.health())["db_node"] == cluster.nodes[victim].address
         cluster.kill(victim)
         killed_at = time.monotonic()
         recovered_after = await _answers_again(a, deadline_seconds=REJOIN_SECONDS)
         await asyncio.sleep(2)
-        stop.set()
-        await asyncio.gather(*clients)
+        await load.finish()
         health = await a.health()
         assert health["db"] == "ok" and health["db_node"] != cluster.nodes[victim].address, health
-        print(f"\nnode kill: instance A answered again {recovered_after:.2f} s after the kill; "
-              f"{answers['ok']} events acknowledged, {answers['503']} answers 503")
+        print(f"\nnode kill: instance A answered again {recovered_after:.2f} s after the kill; {load.summary()}")
         cluster.restart(victim)
         print(f"node kill: the killed node rejoined (Synced) {time.monotonic() - killed_at:.1f} s after the kill")
-        await _assert_each_acknowledged_event_charged_once(b, acknowledged)
-        for i in range(len(cluster.nodes)):
-            checker = BillingCore(config=config, db_desc=node_desc(galera_database, i)
-                                  | {"hosts": [cluster.nodes[i].address]}, data_dir=str(tmp_path))
-            try:
-                assert (await checker.ledger.reconcile())["mismatches"] == [], i
-            finally:
-                await checker.close()
+        await _assert_each_acknowledged_event_charged_once(b, load.acknowledged)
+        await _reconcile_from_every_node(cluster, config, galera_database, tmp_path)
     finally:
-        stop.set()
+        load.cancel()
         await a.close()
         await b.close()
         if cluster.nodes[victim].process is None or cluster.nodes[victim].process.poll() is not None:
@@ -301,6 +275,16 @@ async def _empty_tables(core):
 
 
 @needs_cluster
+async def _reconcile_from_every_node(cluster, config, galera_database, tmp_path):
+    for i in range(len(cluster.nodes)):
+        checker = BillingCore(config=config, db_desc=node_desc(galera_database, i)
+                              | {"hosts": [cluster.nodes[i].address]}, data_dir=str(tmp_path))
+        try:
+            assert (await checker.ledger.reconcile())["mismatches"] == [], i
+        finally:
+            await checker.close()
+
+
 async def _two_instances(config, galera_database, victim, tmp_path):
     """Instance A on node ``victim``, B on node 0, over an empty schema with prices and a
     customer holding 1,000."""
@@ -433,56 +417,27 @@ async def test_a_stopped_node_under_load(tmp_path, galera_database):
     victim = len(cluster.nodes) - 1          # instance A starts on the last node, B on node 1
     config = make_config(tmp_path, database={"statement_timeout_seconds": STOPPED_TIMEOUT_SECONDS})
     a, b = await _two_instances(config, galera_database, victim, tmp_path)
-    acknowledged, answers, stop = set(), {"ok": 0, "503": 0}, asyncio.Event()
-
-    async def client(n):
-        i = 0
-        while not stop.is_set():
-            rid, i = f"s{n}-{i}", i + 1
-            while True:                                   # a 503 is answered by sending again
-                try:
-                    await asyncio.wait_for((a if n % 2 else b).accounting.post_usage(usage(rid)), HANG_SECONDS)
-                except DatabaseUnavailable:
-                    answers["503"] += 1
-                    await asyncio.sleep(0.05)
-                    continue
-                except BillingError as e:
-                    assert e.status < 500, e
-                    raise
-                acknowledged.add(rid)
-                answers["ok"] += 1
-                break
+    load = UsageLoad((b, a), "s", hang_seconds=HANG_SECONDS)
     paused = False
-    clients: list[asyncio.Task] = []
     try:
-        clients += [asyncio.create_task(client(n)) for n in range(16)]
+        load.start(16)
         await asyncio.sleep(2)
         assert (await a.health())["db_node"] == cluster.nodes[victim].address
         cluster.pause(victim)
         paused, stopped_at = True, time.monotonic()
         recovered_after = await _answers_again(a, deadline_seconds=HANG_SECONDS)
         await asyncio.sleep(2)
-        stop.set()
-        await asyncio.wait_for(asyncio.gather(*clients), HANG_SECONDS)
+        await load.finish(HANG_SECONDS)
         health = await a.health()
         assert health["db"] == "ok" and health["db_node"] != cluster.nodes[victim].address, health
-        print(f"\nstopped node: instance A charged again {recovered_after:.2f} s after SIGSTOP; "
-              f"{answers['ok']} events acknowledged, {answers['503']} answers 503")
+        print(f"\nstopped node: instance A charged again {recovered_after:.2f} s after SIGSTOP; {load.summary()}")
         cluster.resume(victim)
         paused = False
         print(f"stopped node: the node rejoined (Synced) {time.monotonic() - stopped_at:.1f} s after SIGSTOP")
-        await _assert_each_acknowledged_event_charged_once(b, acknowledged)
-        for i in range(len(cluster.nodes)):
-            checker = BillingCore(config=config, db_desc=node_desc(galera_database, i)
-                                  | {"hosts": [cluster.nodes[i].address]}, data_dir=str(tmp_path))
-            try:
-                assert (await checker.ledger.reconcile())["mismatches"] == [], i
-            finally:
-                await checker.close()
+        await _assert_each_acknowledged_event_charged_once(b, load.acknowledged)
+        await _reconcile_from_every_node(cluster, config, galera_database, tmp_path)
     finally:
-        stop.set()
-        for c in clients:
-            c.cancel()             # a hung post fails the test; it must not outlive it
+        load.cancel()
         if paused:
             cluster.resume(victim)      # leave the cluster whole for the tests that follow
         await a.close()

@@ -117,6 +117,21 @@ def local_date(dialect, column, segments, month=False):
     return f"(case {whens} else {shifted(segments[-1][1])} end)"
 
 
+def catalog_query(dialect, what, table=None):
+    """(SQL, parameters) listing, as ``name`` in lower case, the database's ``tables``, or the
+    ``indexes`` or ``columns`` of ``table`` (a model's name, never a caller's)."""
+    if dialect == SQLITE:
+        return {"tables": "select lower(name) as name from sqlite_master where type = 'table'",
+                "indexes": f"select lower(name) as name from pragma_index_list('{table}')",
+                "columns": f"select lower(name) as name from pragma_table_info('{table}')"}[what], {}
+    return {"tables": "select lower(table_name) as name from information_schema.tables "
+                      "where table_schema = database()",
+            "indexes": "select distinct lower(index_name) as name from information_schema.statistics "
+                       "where table_schema = database() and table_name = ${t}$",
+            "columns": "select lower(column_name) as name from information_schema.columns "
+                       "where table_schema = database() and table_name = ${t}$"}[what], {"t": table}
+
+
 def insert_ignore(dialect):
     """INSERT that does nothing when the row's unique key exists."""
     return "insert or ignore" if dialect == SQLITE else "insert ignore"

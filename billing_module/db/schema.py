@@ -181,31 +181,21 @@ def ddl_script(dialect, models=None):
     return "\n".join(out)
 
 
+async def _catalog_names(tx, what, table=None):
+    sql, ns = dialects.catalog_query(tx.dialect, what, table)
+    return {r.name for r in await tx.select(sql, ns)}
+
+
 async def existing_tables(tx):
-    if tx.dialect == dialects.SQLITE:
-        rows = await tx.select("select lower(name) as name from sqlite_master where type = 'table'")
-    else:
-        rows = await tx.select("select lower(table_name) as name from information_schema.tables "
-                               "where table_schema = database()")
-    return {r.name for r in rows}
+    return await _catalog_names(tx, "tables")
 
 
 async def existing_indexes(tx, table):
-    if tx.dialect == dialects.SQLITE:
-        rows = await tx.select(f"select lower(name) as name from pragma_index_list('{table}')")
-    else:
-        rows = await tx.select("select distinct lower(index_name) as name from information_schema.statistics "
-                               "where table_schema = database() and table_name = ${t}$", {"t": table})
-    return {r.name for r in rows}
+    return await _catalog_names(tx, "indexes", table)
 
 
 async def existing_columns(tx, table):
-    if tx.dialect == dialects.SQLITE:
-        rows = await tx.select(f"select lower(name) as name from pragma_table_info('{table}')")
-    else:
-        rows = await tx.select("select lower(column_name) as name from information_schema.columns "
-                               "where table_schema = database() and table_name = ${t}$", {"t": table})
-    return {r.name for r in rows}
+    return await _catalog_names(tx, "columns", table)
 
 
 async def create_schema(db, models=None):

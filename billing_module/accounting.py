@@ -37,7 +37,7 @@ from .errors import (
     UnpricedFactor,
 )
 from .ids import new_id, payload_hash
-from .ledger import Ledger
+from .ledger import FlagSet, Ledger
 from .money import from_micro
 from .pricing import COUNT_FIELDS, PriceResult, Usage
 
@@ -159,13 +159,12 @@ class FailureStore(Protocol):
 
 class QuotaSource(Protocol):
     """Subscriptions' quota (``products.hook.QuotaHook``): taken first, inside the charge's
-    transaction; given back when a batch refuses the charge."""
+    transaction; given back when a batch refuses the charge. Consulted only for customers whose
+    balance row counts active subscriptions (``subscription_count``, kept by the subscription writes)."""
 
     async def quota_hook(self, tx: Tx, ev: Event, price: PriceResult, record_id: str) -> Any: ...
 
     async def release_quota(self, tx: Tx, record_id: str) -> bool: ...
-
-    async def subscribed_customers(self, tx: Tx, customer_ids: set[str]) -> set[str]: ...
 
     async def link_ledger(self, tx: Tx, record_ids: list[str]) -> None: ...
 
@@ -185,6 +184,8 @@ class Accounting:
         self.failures = failures
         # subscriptions take quota first (None: every event is charged in full)
         self.quota = quota
+        # the balance-row flag that sends a customer's charges to the quota hook first
+        self._subscribed_flag: tuple[str, ...] = ("subscription_count",) if quota is not None else ()
         # every charge is also spent from the budgets that apply (None: no budgets are enforced)
         self.budgets = budgets
         self.times = clock.TimeRange.from_config(self.config.accounting)
@@ -264,7 +265,7 @@ class Accounting:
         outcomes: list[Any] = [None] * len(items)
         by_customer: dict[str, list[Any]] = {}
         records = []
-        covered = await self._covered(tx, {ev.customer_id for ev, _, _ in items})
+        covered = self._covered(accounts)
         for i, (ev, price, model) in enumerate(items):
             if ev.request_id in known:
                 outcomes[i] = (_HAS_RECORD, None)     # a replay or a stored event: handled alone
@@ -502,8 +503,8 @@ class Accounting:
             budget_alerts: dict[Any, Any] = {}     # alerted after the debits, for the spends kept
             by_customer: dict[str, list[Any]] = {}
             now = clock.now_text()
-            covered = await self._covered(tx, {rec.customer_id for rec in claimed})
             accounts = await self._accounts(tx, {rec.customer_id for rec in claimed})
+            covered = self._covered(accounts)
             for rec in claimed:
                 # one event's problem is that event's alone: it goes to failed accounting with its
                 # code and the batch goes on (only a database error stops the batch)
@@ -584,11 +585,12 @@ class Accounting:
             except Exception:
                 log.exception("could not record the failure of accounting record %s", rec.id)
 
-    async def _covered(self, tx, customer_ids):
-        """The customers of a batch whose events the quota hook must see."""
+    def _covered(self, accounts: dict[str, Row]) -> set[str]:
+        """The customers of a batch whose events the quota hook must see: those with subscriptions
+        (``accounts``: their balance rows, from ``_accounts``)."""
         if self.quota is None:
             return set()
-        return await self.quota.subscribed_customers(tx, customer_ids)
+        return {customer_id for customer_id, acct in accounts.items() if acct.subscription_count}
 
     async def _quote_memo(self, ev, memo):
         """catalog.quote with the model, program and discount looked up once per batch."""
@@ -725,12 +727,12 @@ class Accounting:
 
     @staticmethod
     async def _accounts(tx, customer_ids):
-        """customer id -> its balance row's currency and budget_count, for those that have an
-        account. A locking read (MySQL), like the debits that follow in the batch: a budget set
-        meanwhile waits for the batch to commit rather than miss its charges."""
+        """customer id -> its balance row's currency, budget_count and subscription_count, for those
+        that have an account. A locking read (MySQL), like the debits that follow in the batch: a
+        budget or subscription made meanwhile waits for the batch to commit rather than miss its charges."""
         ns: dict[str, Any] = {}
-        rows = await tx.select("select id, currency, budget_count from customer_balance where id in "
-                               f"{tx.in_list(sorted(customer_ids), ns)}{tx.for_update()}", ns)
+        rows = await tx.select("select id, currency, budget_count, subscription_count from customer_balance "
+                               f"where id in {tx.in_list(sorted(customer_ids), ns)}{tx.for_update()}", ns)
         return {r.id: r for r in rows}
 
     @staticmethod
@@ -764,35 +766,26 @@ class Accounting:
     async def _charge(self, tx, ev, price, model, existing):
         """Debit and write the accounted record inside ``tx``. ``existing``: the pending or failed
         row of this request to complete, or None to insert a new one."""
-        # The balance's currency is read first only where something else could refuse first (an
-        # unpriced factor, the quota hook): otherwise the debit's conditional update checks it, one
-        # round trip fewer, and a mismatch is named the same.
-        covered = ev.customer_id in await self._covered(tx, {ev.customer_id})
-        if covered or self._refusal(price, None) is not None:
-            refusal = self._refusal(price, (await self._currencies(tx, {ev.customer_id})).get(ev.customer_id))
-            if refusal is not None:
-                raise refusal
+        if self._refusal(price, None) is not None:   # an unpriced factor: refused, under its currency's name first
+            raise self._refusal(price, (await self._currencies(tx, {ev.customer_id})).get(ev.customer_id))
         now = clock.now_text()
         row = self._accounted_row(ev, now, price, model, existing)
-        if covered:
-            self._apply_quota(row, await self._take_quota(tx, ev, price, row["id"]))
-        amount = row["amount"]
-        if amount > 0:    # its budgets are spent by the debit (refused: the whole charge rolls back)
-            entry = await self.ledger.post(
-                tx, ev.customer_id, -amount, "usage", ev.request_id, ev.hash,
-                must_cover=not self.config.accounting.allow_arrears, refuse_suspended=True,
-                ref_type="accounting_records", ref_id=row["id"], want_balance=False,
-                currency_is=(price.currency, lambda currency: self._refusal(price, currency)),
-                spender=ev.spender)
-            row["ledger_entry_id"] = entry.id
+        if row["amount"] > 0:
+            # The debit assumes the customer has no subscription (the balance row's flag, checked by
+            # the update itself: no query for the common case); one that has gets the quota hook's
+            # part taken first, and the rest debited.
+            try:
+                row["ledger_entry_id"] = await self._debit(tx, ev, price, row, defer_to=self._subscribed_flag)
+            except FlagSet as flagged:
+                await self._take_covered(tx, ev, price, row, flagged.row)
+                if row["amount"] > 0:
+                    row["ledger_entry_id"] = await self._debit(tx, ev, price, row)
         else:
-            acct = await tx.one("select status, currency from customer_balance where id = ${c}$",
-                                {"c": ev.customer_id})
+            acct = await tx.one("select status, currency, subscription_count from customer_balance "
+                                "where id = ${c}$", {"c": ev.customer_id})
             if acct is None:
                 raise UnknownCustomer(f"customer {ev.customer_id} has no account")
-            refusal = self._refusal(price, acct.currency)
-            if refusal is not None:
-                raise refusal
+            await self._take_covered(tx, ev, price, row, acct)
         if existing is None:
             await tx.insert("accounting_records", row)
         else:
@@ -802,6 +795,28 @@ class Accounting:
             await self.failures.resolve_in(tx, existing.id, now)
         await self._link_usage(tx, [row])
         return record_view(Row(row))
+
+    async def _debit(self, tx: Tx, ev: Event, price: PriceResult, row: dict[str, Any],
+                     defer_to: tuple[str, ...] = ()) -> str:
+        """The usage debit of ``row["amount"]`` (its budgets are spent by it: refused, the whole
+        charge rolls back); the ledger entry's id."""
+        entry = await self.ledger.post(
+            tx, ev.customer_id, -row["amount"], "usage", ev.request_id, ev.hash,
+            must_cover=not self.config.accounting.allow_arrears, refuse_suspended=True,
+            ref_type="accounting_records", ref_id=row["id"], want_balance=False,
+            currency_is=(price.currency, lambda currency: self._refusal(price, currency)),
+            spender=ev.spender, defer_to=defer_to)
+        return entry.id
+
+    async def _take_covered(self, tx: Tx, ev: Event, price: PriceResult, row: dict[str, Any],
+                            account: Row) -> None:
+        """For a customer with subscriptions (``account``: its locked balance row): the currency is
+        checked first, then the quota hook takes its part of ``row``'s charge."""
+        refusal = self._refusal(price, account.currency)
+        if refusal is not None:
+            raise refusal
+        if self._subscribed_flag and account.subscription_count:
+            self._apply_quota(row, await self._take_quota(tx, ev, price, row["id"]))
 
     async def _spend_budgets(self, tx: Tx, ev: Event, amount: int, memo: dict, account: Row | None,
                              deferred: dict | None = None) -> list[Any]:

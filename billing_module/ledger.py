@@ -61,6 +61,15 @@ _BALANCE_COLUMNS = ("id, balance, held, credit_limit, currency, status, last_rec
 Refusals = list[tuple[dict[str, Any], "BillingError | None"]]
 
 
+class FlagSet(Exception):
+    """A debit told to ``defer_to`` a flag found it set: nothing was written; ``row`` is the
+    balance row (its currency and flags), locked for the caller's transaction."""
+
+    def __init__(self, row: Row) -> None:
+        super().__init__("the balance row has a flag set")
+        self.row = row
+
+
 class BalanceWatch(Protocol):
     """Told of debits inside their transaction, after the balance row changed (and while that
     change holds the row): alerts.LowBalanceWatch. ``every_debit``: of every debit (a threshold
@@ -208,7 +217,7 @@ class Ledger:
                    currency: str | None = None,
                    guard: tuple[str, dict[str, Any], BillingError | None] | None = None,
                    currency_is: tuple[str, Callable[[str], BillingError]] | None = None,
-                   spender: Spender | None = None) -> Row:
+                   spender: Spender | None = None, defer_to: tuple[str, ...] = ()) -> Row:
         """Apply ``amount`` (signed micro-units) to the balance and append its ledger entry, inside
         the caller's transaction. ``must_cover``: refuse with ``insufficient_balance`` when the
         debit would take ``balance - held`` below ``-credit_limit``. ``guard``: (SQL condition, its
@@ -218,6 +227,8 @@ class Ledger:
         also spent from the budgets of the customer, user and key (``budget_exceeded`` before
         any refusal of the balance). A debit is told to ``watch`` (low-balance alerts). Budgets
         and alerts act in this transaction, so they commit or roll back with the debit.
+        ``defer_to``: balance-row flags of the caller's own (a debit's subscriptions): when one is
+        set, nothing is written and ``FlagSet`` hands the caller the locked row to act first.
         Returns the entry row.
 
         Budgets and low-balance overrides are rare, so the debit first assumes that none apply:
@@ -229,7 +240,7 @@ class Ledger:
         ns = {"c": customer_id, "amt": amount, "hd": held_delta, "now": now, "et": entry_type,
               "maxb": self.max_balance_micros}
         shape = (must_cover, refuse_suspended, guard[0] if guard else "", currency_is is not None)
-        flags = self._flags(amount, spender)
+        flags = self._flags(amount, spender) + (defer_to if amount < 0 else ())
         if guard:
             ns.update(guard[1])
         if currency_is is not None:
@@ -240,8 +251,10 @@ class Ledger:
             n = await tx.execute(_balance_update(*shape, unflagged=flags), ns)
         flagged = None
         if n == 0 and flags:
-            flagged = await tx.one(f"select {', '.join(flags)} from customer_balance where id = ${{c}}$"
+            flagged = await tx.one(f"select currency, {', '.join(flags)} from customer_balance where id = ${{c}}$"
                                    f"{tx.for_update()}", ns)
+            if flagged is not None and any(flagged[f] for f in defer_to if f in flags):
+                raise FlagSet(flagged)
             if flagged is not None and any(flagged[f] for f in flags):
                 if spender is not None and self.budgets is not None and flagged.budget_count:
                     await self.budgets.spend(tx, spender, -amount)
@@ -338,8 +351,8 @@ class Ledger:
     async def _create_account(self, tx, customer_id, now, currency=None):
         n = await tx.execute(
             f"{dialects.insert_ignore(tx.dialect)} into customer_balance (id, balance, held, currency, credit_limit, "
-            "status, version, budget_count, low_balance_set, cached_at, created_at, updated_at) values (${c}$, 0, 0, "
-            "${cur}$, 0, 'active', 0, 0, 0, ${now}$, ${now}$, ${now}$)",
+            "status, version, budget_count, low_balance_set, subscription_count, cached_at, created_at, updated_at) "
+            "values (${c}$, 0, 0, ${cur}$, 0, 'active', 0, 0, 0, 0, ${now}$, ${now}$, ${now}$)",
             {"c": customer_id, "cur": currency or self.config.currency, "now": now})
         if n == 1:     # budgets and alert settings may have been made before the account
             await tx.execute(refresh_derived("customer_balance", where="id = ${c}$"), {"c": customer_id})

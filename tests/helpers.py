@@ -50,8 +50,9 @@ def usage(request_id, customer="cust-1", model="chat-a", **kw):
 CHAT_A_PRICE = "0.006000"   # 1,000 x 2.0/1e6 + 500 x 8.0/1e6
 
 
-class _EveryCustomer:
-    """A quota source whose hook sees every customer's events (``accounting.QuotaSource``)."""
+class _HookOnly:
+    """A quota source made of a hook (``accounting.QuotaSource``): it sees the events of the
+    customers whose balance row counts a subscription (``mark_subscribed``)."""
 
     def __init__(self, hook):
         self.quota_hook = hook
@@ -59,18 +60,22 @@ class _EveryCustomer:
     async def release_quota(self, tx, record_id):
         return False
 
-    async def subscribed_customers(self, tx, customer_ids):
-        return set(customer_ids)
-
     async def link_ledger(self, tx, record_ids):
         return None
 
 
 def accounting_with_quota(core, hook):
     """An Accounting on the core's database and services (as services.build_services builds it)
-    whose quota hook is ``hook(tx, event, price, record_id)``, for every customer."""
+    whose quota hook is ``hook(tx, event, price, record_id)``, for the customers ``mark_subscribed``."""
     return Accounting(core.db, core.config, catalog=core.catalog, ledger=core.ledger, failures=core.failures,
-                      quota=_EveryCustomer(hook))
+                      quota=_HookOnly(hook))
+
+
+async def mark_subscribed(core, customer_id):
+    """The customer's balance row counts a subscription, as subscribing makes it: its charges go
+    to the quota hook first."""
+    async with core.db.transaction() as tx:
+        await tx.execute("update customer_balance set subscription_count = 1 where id = ${c}$", {"c": customer_id})
 
 
 def other_node(desc):

@@ -8,7 +8,16 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 from billing_module.core import BillingCore
 from billing_module.errors import Conflict, InsufficientBalance, InvalidParam, NoPricing, UnknownCustomer
-from tests.helpers import CHAT_A_PRICE, PROGRAM, accounting_with_quota, other_node, seed_pricing, units, usage
+from tests.helpers import (
+    CHAT_A_PRICE,
+    PROGRAM,
+    accounting_with_quota,
+    mark_subscribed,
+    other_node,
+    seed_pricing,
+    units,
+    usage,
+)
 
 
 async def _ledger_sum(core, customer):
@@ -204,6 +213,7 @@ async def test_a_crashed_accountants_rows_are_taken_over(core):
     the next accountant accounts every event of that batch exactly once."""
     await seed_pricing(core)
     await core.ledger.recharge("cust-1", units("1"), "r1")
+    await mark_subscribed(core, "cust-1")      # so that the dying hook is called
     for i in range(5):
         await core.accounting.submit_usage(usage(f"c{i}"))
 
@@ -236,6 +246,7 @@ async def test_subscriptions_hook_is_consulted(core):
     """The quota hook (filled by the products module) decides what part is charged."""
     await seed_pricing(core)
     await core.ledger.recharge("cust-1", units("1"), "r1")
+    await mark_subscribed(core, "cust-1")
 
     class Quota:
         charge_amount, cost, subscription_id, included = 0, 0, "sub-1", 1

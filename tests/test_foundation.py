@@ -149,14 +149,18 @@ async def test_initdb_adds_a_missing_column_and_fills_a_derived_one(core):
     await core.budgets.set_budget("c1", "org", "c1", "day", 5_000_000)
     await core.budgets.set_budget("c1", "user", "u1", "week", 5_000_000)
     await core.alerts.set_webhook("c1", {"low_balance_amount": 1_000_000}, "admin")
+    product = await core.products.save_product(code="p", product_name="p", quantity_unit="call",
+                                               included_quantity="1", list_price="1")
+    await core.products.subscribe("c2", product["product_id"], "s1")
+    derived = ("budget_count", "low_balance_set", "subscription_count")
     async with core.db.transaction() as tx:
-        for column in ("budget_count", "low_balance_set"):
+        for column in derived:
             await tx.execute(f"alter table customer_balance drop column {column}")
-    assert await create_schema(core.db) == ["customer_balance.budget_count", "customer_balance.low_balance_set"]
+    assert await create_schema(core.db) == [f"customer_balance.{column}" for column in derived]
     assert await create_schema(core.db) == []
     async with core.db.read() as tx:
-        rows = await tx.select("select id, budget_count, low_balance_set from customer_balance order by id")
-    assert [(r.id, int(r.budget_count), int(r.low_balance_set)) for r in rows] == [("c1", 2, 1), ("c2", 0, 0)]
+        rows = await tx.select(f"select id, {', '.join(derived)} from customer_balance order by id")
+    assert [(r.id, *(int(r[c]) for c in derived)) for r in rows] == [("c1", 2, 1, 0), ("c2", 0, 0, 1)]
     await core.ledger.recharge("c3", 10_000_000, "r3")       # a new row after the migration
 
 

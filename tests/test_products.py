@@ -9,7 +9,7 @@ import pytest
 from billing_module.core import BillingCore
 from billing_module.errors import Conflict, InsufficientBalance, InvalidParam, NotFound
 from billing_module.products import NotSubscribed, QuotaExceeded
-from tests.helpers import other_node, seed_pricing, units, usage
+from tests.helpers import CHAT_A_PRICE, other_node, seed_pricing, units, usage
 
 
 def wire(core):
@@ -191,6 +191,48 @@ async def test_cancel_now_or_at_the_period_end(core, pm, fixed_clock):
     assert (await use(pm, "t1", 1, product=pid))["billing_mode"] == "3"
     with pytest.raises(Conflict):
         await pm.cancel(sub["subscription_id"])     # expired
+    await books_clean(core)
+
+
+async def subscription_count(core, customer):
+    return await count(core, "select subscription_count from customer_balance where id = ${c}$", {"c": customer})
+
+
+async def test_the_balance_row_counts_active_subscriptions(core, pm, fixed_clock):
+    """A charge consults the quota hook only when the customer's balance row counts an active
+    subscription: every write that starts or ends one keeps the count, in its transaction."""
+    fixed_clock.now = datetime.datetime(2026, 11, 22, 9, 0, 0)     # the events are used at 10:00
+    await seed_pricing(core)
+    chat = await make_product(pm, "chat", unit="token", included="1000000", list_price="1", overage=None)
+    binding = await pm.bind(chat["product_id"], "llm", "llm-a", "chat-a")
+    await pm.add_supplier(binding["product_resource_id"], "sup-1", "0.000001")
+    other = (await make_product(pm, "other"))["product_id"]
+    await core.ledger.recharge("cust-1", units("20"), "r1")
+    assert await subscription_count(core, "cust-1") == 0
+    sub = await pm.subscribe("cust-1", chat["product_id"], "s1")
+    assert await subscription_count(core, "cust-1") == 1
+    assert (await core.accounting.post_usage(usage("e1")))["amount"] == "0.000000"      # covered
+    await core.accounting.submit_usage(usage("e2"))
+    assert await core.accounting.account_pending() == 1
+    assert (await core.accounting.record(request_id="e2")).amount == 0                 # the accountant too
+    second = await pm.subscribe("cust-1", other, "s2")
+    assert await subscription_count(core, "cust-1") == 2
+    await pm.cancel(sub["subscription_id"], at_period_end=True)      # still active until its period ends
+    assert await subscription_count(core, "cust-1") == 2
+    await pm.cancel(second["subscription_id"])
+    assert await subscription_count(core, "cust-1") == 1
+    assert (await pm.cancel(second["subscription_id"]))["duplicate"] is True
+    assert await subscription_count(core, "cust-1") == 1
+    fixed_clock.advance(31 * 86400)
+    assert await pm.renew_due() == {"renewed": 0, "expired": 1}
+    assert await subscription_count(core, "cust-1") == 0
+    fixed_clock.advance(-31 * 86400)
+    assert (await core.accounting.post_usage(usage("e3")))["amount"] == CHAT_A_PRICE   # no longer covered
+    # a subscription bought (free) before the customer has an account: the account starts counting it
+    free = (await make_product(pm, "free", list_price="0"))["product_id"]
+    await pm.subscribe("cust-new", free, "s3")
+    await core.ledger.recharge("cust-new", units("1"), "r-new")
+    assert await subscription_count(core, "cust-new") == 1
     await books_clean(core)
 
 

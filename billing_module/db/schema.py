@@ -26,7 +26,7 @@ HISTORY_TABLES = {"accounting_records_history": ("accounting_records", "记账�
 # Columns derived from other tables, kept on the balance row that every debit updates anyway, so
 # that the debit knows without a query whether anything more applies to it. Each is the SQL that
 # computes it for a ``customer_balance`` row: the writes of its source recompute it in their own
-# transaction (budgets.set_budget, alerts.set_webhook), a new balance row starts from it
+# transaction (budgets.set_budget, alerts.set_webhook, the subscription writes), a new balance row starts from it
 # (Ledger._create_account), and the column added to an existing table is filled with it.
 DERIVED_COLUMNS = {
     "customer_balance": {
@@ -34,6 +34,8 @@ DERIVED_COLUMNS = {
         "low_balance_set": ("(select count(*) from alert_webhook where alert_webhook.customer_id = customer_balance.id "
                             "and (alert_webhook.low_balance_amount is not null "
                             "or alert_webhook.low_balance_percent is not null))"),
+        "subscription_count": ("(select count(*) from product_subscription where product_subscription.customer_id = "
+                               "customer_balance.id and product_subscription.status = 'active')"),
     },
 }
 

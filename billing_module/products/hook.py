@@ -48,9 +48,6 @@ class QuotaHook:
         self.subscriptions = subscriptions
         self.accounting_config = accounting_config   # allow_arrears: what the accountant's charges may leave
 
-    async def subscribed_customers(self, tx: Tx, customer_ids: set[str]) -> set[str]:
-        return await quota.subscribed_customers(tx, customer_ids)
-
     async def quota_hook(self, tx: Tx, ev: Any, price: PriceResult, record_id: str) -> QuotaResult | None:
         """An LLM event covered by an active subscription of its customer (through an 'llm' binding
         of its model, or its product_id) consumes quota first; the returned charge is the overage

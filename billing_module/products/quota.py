@@ -70,15 +70,3 @@ def split(locked: Row | None, q: int) -> tuple[int, int]:
         return 0, q
     included = min(q, max(0, int(locked.included_quantity) - int(locked.used_quantity)))
     return included, q - included
-
-
-async def subscribed_customers(tx: Tx, customer_ids: set[str]) -> set[str]:
-    """Which of ``customer_ids`` have an active subscription at all: one query for a whole batch,
-    so the accountant calls the quota hook only for events that may be covered."""
-    ids = sorted(set(customer_ids))
-    if not ids:
-        return set()
-    ns: dict[str, object] = {}
-    rows = await tx.select(f"select distinct customer_id from product_subscription where status = 'active' "
-                           f"and customer_id in {tx.in_list(ids, ns)}", ns)
-    return {r.customer_id for r in rows}

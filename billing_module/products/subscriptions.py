@@ -13,6 +13,7 @@ from appPublic.dictObject import DictObject
 
 from .. import clock, validation
 from ..db.database import Tx
+from ..db.schema import refresh_derived
 from ..errors import Conflict, NotFound
 from ..ids import new_id, payload_hash
 from ..money import from_micro
@@ -44,6 +45,12 @@ async def check_currency(tx: Tx, customer_id: str, currency: str) -> None:
     if acct is not None and acct.currency != currency:
         raise Conflict(f"the product is priced in {currency}, the account of {customer_id} in {acct.currency}",
                        code="currency_mismatch")
+
+
+async def recount(tx: Tx, customer_id: str) -> None:
+    """The balance row's count of active subscriptions, in the transaction that changed one: a
+    charge consults the quota hook only when it is > 0 (``Accounting._charge``)."""
+    await tx.execute(refresh_derived("customer_balance", ["subscription_count"], "id = ${c}$"), {"c": customer_id})
 
 
 class Subscriptions:
@@ -105,6 +112,7 @@ class Subscriptions:
                     reason=f"subscribe {product.code} {self._label(start, end)}", operator=operator)
                 sub["ledger_entry_id"] = entry.id
             await tx.insert("product_subscription", sub)
+            await recount(tx, customer_id)
             return subscription_view(DictObject(**sub))
         # a concurrent subscribe may commit first: the same request (a replay) or another one
         result, existing = await self.db.run_or_existing(
@@ -145,7 +153,7 @@ class Subscriptions:
         return await self._transition(
             subscription_id, sql, {"why": reason},
             repeat=lambda sub: bool(sub.status == "cancelled" or (at_period_end and sub.status == "active")),
-            refusal=lambda sub: f"subscription {sub.id} is {sub.status}")
+            refusal=lambda sub: f"subscription {sub.id} is {sub.status}", ends=not at_period_end)
 
     async def resume(self, subscription_id: object) -> dict[str, Any]:
         """Undo a cancel at the period end while the period lasts: the subscription renews again.
@@ -160,9 +168,11 @@ class Subscriptions:
                                 "it cannot be resumed")
 
     async def _transition(self, subscription_id: object, update_sql: str, values: dict[str, Any],
-                          repeat: Callable[[Row], bool], refusal: Callable[[Row], str]) -> dict[str, Any]:
+                          repeat: Callable[[Row], bool], refusal: Callable[[Row], str],
+                          ends: bool = False) -> dict[str, Any]:
         """Run one state change of a subscription: ``update_sql`` matched no row and ``repeat(sub)``
-        holds -> the change was made before (``duplicate: true``); otherwise a 409."""
+        holds -> the change was made before (``duplicate: true``); otherwise a 409. ``ends``: the
+        change ends the subscription (its customer's count of active ones changes)."""
         subscription_id = ident(subscription_id, "subscription_id")
 
         async def work(tx):
@@ -172,6 +182,8 @@ class Subscriptions:
                 raise NotFound(f"no subscription {subscription_id}")
             if n == 0 and not repeat(sub):
                 raise Conflict(refusal(sub), code="subscription_closed")
+            if n and ends:
+                await recount(tx, sub.customer_id)
             return subscription_view(sub, duplicate=n == 0)
         return await self.db.run(work)
 
@@ -263,6 +275,7 @@ class Subscriptions:
         await tx.execute("update product_subscription set status = 'expired', active_key = null, "
                          "status_reason = ${why}$, updated_at = ${now}$ where id = ${s}$",
                          {"s": sub.id, "why": reason[:255], "now": now})
+        await recount(tx, sub.customer_id)
         return "expired"
 
     # --- quota -----------------------------------------------------------------------------------------

@@ -23,6 +23,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 PLANTED = "tests/test_planted_bugs.py"
 RECOVERY = "tests/test_recovery.py"
+PRODUCTS = "tests/test_products.py"
 
 
 @dataclass(frozen=True)
@@ -75,6 +76,20 @@ MUTANTS = [
            "        if not model_name and llmid:\n            model = await self._model_by_id(llmid, memo)\n",
            "        if False:\n            model = await self._model_by_id(llmid, memo)\n",
            (f"{RECOVERY}::test_issue_reproduction_llmid_only_event_is_recovered_and_charged_once",)),
+    # a subscriber's charges must reach the quota hook: the balance row's count, and the debit's check of it
+    Mutant("subscribe_keeps_no_count", "billing_module/products/subscriptions.py",
+           '            await tx.insert("product_subscription", sub)\n            await recount(tx, customer_id)\n',
+           '            await tx.insert("product_subscription", sub)\n',
+           (f"{PRODUCTS}::test_the_balance_row_counts_active_subscriptions",
+            f"{PRODUCTS}::test_post_usage_spends_the_quota_first_and_charges_only_the_overage")),
+    Mutant("expiry_keeps_the_count", "billing_module/products/subscriptions.py",
+           '{"s": sub.id, "why": reason[:255], "now": now})\n        await recount(tx, sub.customer_id)\n',
+           '{"s": sub.id, "why": reason[:255], "now": now})\n',
+           (f"{PRODUCTS}::test_the_balance_row_counts_active_subscriptions",)),
+    Mutant("debit_ignores_subscriptions", "billing_module/accounting.py",
+           "row, defer_to=self._subscribed_flag)", "row, defer_to=())",
+           (f"{PRODUCTS}::test_the_balance_row_counts_active_subscriptions",
+            f"{PRODUCTS}::test_post_usage_spends_the_quota_first_and_charges_only_the_overage")),
 ]
 
 

@@ -229,7 +229,7 @@ class Accounting:
         shared by the single and the batch endpoint: a request that already had a record is
         replayed or completed, an accounting failure is stored (unless it is a replay)."""
         if error is None:
-            return await self._complete_existing(ev, price, model) if result is _HAS_RECORD else result
+            return result
         if isinstance(error, BillingError):
             if error.code in STORED_FAILURES:
                 replay = await self._replay_if_done(ev)   # a replay is refused by a short balance too
@@ -248,16 +248,14 @@ class Accounting:
         return await self._charge(tx, ev, price, model, None)
 
     async def _charge_batch(self, tx, items):
-        """Charge a group of new events with a few multi-row statements: one existence check,
-        one conditional debit per customer, one insert of ledger entries per customer, one insert
-        of records. Anything unusual (a refusal, a repeated request_id within the group) makes
-        the whole group run event by event instead (``Fallback``)."""
+        """Charge a group of new events with a few multi-row statements: one conditional debit
+        per customer, one insert of ledger entries per customer, one insert of records. No lookup
+        first: a request that has a record already (a replay, a stored event) is a duplicate key,
+        and the group writer then runs the group event by event, like anything unusual (a
+        refusal, a repeated request_id within the group: ``Fallback``)."""
         ids = [ev.request_id for ev, _, _ in items]
         if len(set(ids)) != len(ids):
             raise Fallback()
-        ns: dict[str, Any] = {}
-        known = {r.request_id for r in await tx.select(
-            f"select request_id from accounting_records where request_id in {tx.in_list(ids, ns)}", ns)}
         accounts = await self._accounts(tx, {ev.customer_id for ev, _, _ in items})
         if any(self._refusal(price, _currency(accounts, ev.customer_id)) for ev, price, _ in items):
             raise Fallback()      # charged one by one, where the refusal is that event's alone
@@ -267,9 +265,6 @@ class Accounting:
         records = []
         covered = self._covered(accounts)
         for i, (ev, price, model) in enumerate(items):
-            if ev.request_id in known:
-                outcomes[i] = (_HAS_RECORD, None)     # a replay or a stored event: handled alone
-                continue
             row = self._accounted_row(ev, now, price, model)
             if ev.customer_id in covered:
                 try:
@@ -290,14 +285,13 @@ class Accounting:
             if charged:
                 entries, refused = await self.ledger.post_many(
                     tx, customer_id, charged, "usage", must_cover=not self.config.accounting.allow_arrears,
-                    refuse_suspended=True, all_or_nothing=True)
+                    refuse_suspended=True, all_or_nothing=True, locked=accounts.get(customer_id))
                 if refused:
                     raise Fallback()
             else:
                 entries = []
-                if not await tx.scalar("select count(*) as n from customer_balance where id = ${c}$",
-                                       {"c": customer_id}):
-                    raise Fallback()
+                if customer_id not in accounts:
+                    raise Fallback()      # no account: refused one by one
             entry_of = {e["ref_id"]: e["id"] for e in entries}
             for i, row, _ in group:
                 row["ledger_entry_id"] = entry_of.get(row["id"])
@@ -374,38 +368,44 @@ class Accounting:
                 continue
             (repeats if ev.request_id in seen else firsts).append((i, ev))
             seen.add(ev.request_id)
-        fresh = await self._replays(firsts, results, mode)
+        fresh, stored = await self._replays(firsts, results, mode)
         if mode == "now":
             await self._account_batch(fresh, results)
         else:
             await self._queue_batch(fresh, results)
-        for i, ev in repeats:     # the same request_id again in the batch: a replay or a conflict
+        # a pending or failed record is completed on its own (in a group, its duplicate key would
+        # send the whole group the careful way); the same request_id again in the batch: a
+        # replay or a conflict
+        for i, ev in stored + repeats:
             results[i] = await _batch_result(self._post_prepared(ev) if mode == "now" else self._submit_prepared(ev))
         done = [r for r in results if r is not None]
         assert len(done) == len(events), "every event has its result"
         metrics.batch_outcomes(done)
         return done
 
-    async def _replays(self, items: list[tuple[int, Event]], results: list[Any], mode: str) -> list[tuple[int, Event]]:
+    async def _replays(self, items: list[tuple[int, Event]], results: list[Any],
+                       mode: str) -> tuple[list[tuple[int, Event]], list[tuple[int, Event]]]:
         """Fill in the events whose request_id has a record already (one read for the batch);
-        returns the others, and in ``now`` mode the pending or failed ones (to be accounted)."""
+        returns the others, and in ``now`` mode apart the pending or failed ones (to be accounted)."""
         if not items:
-            return []
+            return [], []
         ns: dict[str, Any] = {}
         async with self.db.read() as tx:
             rows = await tx.select("select * from accounting_records where request_id in "
                                    f"{tx.in_list([ev.request_id for _, ev in items], ns)}", ns)
         existing = {r.request_id: r for r in rows}
-        fresh = []
+        fresh, stored = [], []
         for i, ev in items:
             rec = existing.get(ev.request_id)
-            if rec is None or (mode == "now" and rec.status != "accounted" and rec.payload_hash == ev.hash):
+            if rec is None:
                 fresh.append((i, ev))
+            elif mode == "now" and rec.status != "accounted" and rec.payload_hash == ev.hash:
+                stored.append((i, ev))
             elif rec.payload_hash != ev.hash:
                 results[i] = batch_refusal(_reused(ev))
             else:
                 results[i] = _with_outcome(dict(record_view(rec, duplicate=True)))
-        return fresh
+        return fresh, stored
 
     async def _account_batch(self, items: list[tuple[int, Event]], results: list[Any]) -> None:
         """Price every event (model, program and discount looked up once per batch), then charge
@@ -864,8 +864,6 @@ def record_row(ev: Event, now: str, status: str, currency: str, price: PriceResu
     }
     return row
 
-
-_HAS_RECORD = object()   # a grouped request whose request_id already has a record
 
 BATCH_MODES = ("now", "queue")
 

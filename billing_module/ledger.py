@@ -57,6 +57,9 @@ _INSERT_ENTRY = (f"insert into ledger_entry ({', '.join(_ENTRY_COLUMNS)}, balanc
 _BALANCE_COLUMNS = ("id, balance, held, credit_limit, currency, status, last_recharge, "
                     "last_consumption, version, updated_at")
 
+# what post_many needs of a balance row its caller read under the row's lock
+_LOCKED_COLUMNS = ("balance", "currency", "low_balance_set")
+
 # the items of a batch refused by post_many, each with its error (None: refused with the batch)
 Refusals = list[tuple[dict[str, Any], "BillingError | None"]]
 
@@ -281,21 +284,32 @@ class Ledger:
 
     async def post_many(self, tx: Tx, customer_id: str, items: list[dict[str, Any]], entry_type: str, *,
                         must_cover: bool = False, refuse_suspended: bool = False,
-                        all_or_nothing: bool = False) -> tuple[list[dict[str, Any]], Refusals]:
+                        all_or_nothing: bool = False,
+                        locked: Row | None = None) -> tuple[list[dict[str, Any]], Refusals]:
         """Debit a batch of one customer's items inside the caller's transaction: one conditional
         update for their total when it is covered, else item by item in order until the balance
         runs out (``all_or_nothing``: refuse them all instead). ``items``: dicts with amount (signed
         micro), request_id, payload_hash, ref_type, ref_id. Returns (entries, refused) where refused
         is [(item, BillingError or None)]. Entries are
-        written with one multi-row insert, each with its exact running balance_after."""
+        written with one multi-row insert, each with its exact running balance_after.
+
+        ``locked``: the customer's balance row (balance, currency, low_balance_set) as the caller
+        read it under its lock in this transaction. The update then also requires that balance,
+        so the balance after it is known without reading the row again; when the balance moved
+        meanwhile (this transaction changed it), the update is made the ordinary way."""
         now = clock.now_text()
         sql = _balance_update(must_cover, refuse_suspended)
         total = sum(i["amount"] for i in items)
         ns = {"c": customer_id, "hd": 0, "now": now, "et": entry_type, "amt": total, "maxb": self.max_balance_micros}
         accepted: list[dict[str, Any]] = list(items)
         refused: Refusals = []
+        row = None      # the balance row after the debit, when known without reading it again
+        if locked is not None and all(c in locked for c in _LOCKED_COLUMNS) and abs(total) <= MAX_MICRO:
+            guarded = _balance_update(must_cover, refuse_suspended, guard="balance = ${b0}$")
+            if await tx.execute(guarded, dict(ns, b0=int(locked.balance))) == 1:
+                row = Row(locked, balance=int(locked.balance) + total)
         # a total past the bounds is not bound as one parameter (it may not fit 64 bits): item by item
-        if abs(total) > MAX_MICRO or await tx.execute(sql, ns) == 0:
+        if row is None and (abs(total) > MAX_MICRO or await tx.execute(sql, ns) == 0):
             if all_or_nothing:
                 return [], [(item, None) for item in items]
             accepted = []
@@ -309,7 +323,8 @@ class Ledger:
                     refused.append((item, e))
         if not accepted:
             return [], refused
-        row = await tx.one("select balance, currency, low_balance_set from customer_balance where id = ${c}$", ns)
+        if row is None:
+            row = await tx.one("select balance, currency, low_balance_set from customer_balance where id = ${c}$", ns)
         running = int(row.balance) - sum(i["amount"] for i in accepted)
         entries = []
         for item in accepted:

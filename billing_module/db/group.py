@@ -7,8 +7,10 @@ the whole group with a few multi-row statements instead of a few statements per 
 
 Two ways to run a group of several requests:
 - ``batch(tx, items) -> [(result, error)]``, the fast path. It may raise ``Fallback`` when the
-  group needs per-request treatment (a refusal, a duplicate key); the transaction then rolls
-  back and the group runs the careful way.
+  group needs per-request treatment (a refusal); the transaction then rolls back and the group
+  runs the careful way. A duplicate key does the same: the batch need not look its keys up
+  first, the unique indexes find a repeated request, and the careful way gives that request
+  its own answer.
 - ``single(tx, item) -> result``, each request in its own SAVEPOINT, so one request's failure
   rolls back only that request.
 A request alone in its group runs ``single`` in the transaction itself.
@@ -82,6 +84,9 @@ class GroupCommit:
                 return await self.db.run(lambda tx: self.batch(tx, items))
             except Fallback:
                 pass
+            except Exception as e:
+                if not dialects.is_unique_violation(e):
+                    raise
         return await self.db.run(lambda tx: self._each(tx, items))
 
     async def _each(self, tx, items):

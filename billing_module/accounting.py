@@ -543,10 +543,9 @@ class Accounting:
                            for row, rec, _, _ in items if row["amount"] > 0]
                 entries, refusals = (await self.ledger.post_many(
                     tx, customer_id, charged, "usage", must_cover=not self.config.accounting.allow_arrears,
-                    refuse_suspended=True)) if charged else ([], [])
+                    refuse_suspended=True, locked=accounts.get(customer_id))) if charged else ([], [])
                 no = {item["ref_id"]: e for item, e in refusals}
-                if any(row["amount"] == 0 for row, _, _, _ in items) and not await tx.scalar(
-                        "select count(*) as n from customer_balance where id = ${c}$", {"c": customer_id}):
+                if any(row["amount"] == 0 for row, _, _, _ in items) and customer_id not in accounts:
                     no.update({row["id"]: UnknownCustomer(f"customer {customer_id} has no account")
                                for row, _, _, _ in items if row["amount"] == 0})
                 entry_of = {e["ref_id"]: e["id"] for e in entries}
@@ -727,11 +726,13 @@ class Accounting:
 
     @staticmethod
     async def _accounts(tx, customer_ids):
-        """customer id -> its balance row's currency, budget_count and subscription_count, for those
-        that have an account. A locking read (MySQL), like the debits that follow in the batch: a
-        budget or subscription made meanwhile waits for the batch to commit rather than miss its charges."""
+        """customer id -> its balance row (balance, currency and flags), for those that have an
+        account. A locking read (MySQL), like the debits that follow in the batch: a budget or
+        subscription made meanwhile waits for the batch to commit rather than miss its charges, and
+        ``post_many`` knows the balance its debit starts from (``locked``)."""
         ns: dict[str, Any] = {}
-        rows = await tx.select("select id, currency, budget_count, subscription_count from customer_balance "
+        rows = await tx.select("select id, balance, currency, budget_count, subscription_count, low_balance_set "
+                               "from customer_balance "
                                f"where id in {tx.in_list(sorted(customer_ids), ns)}{tx.for_update()}", ns)
         return {r.id: r for r in rows}
 

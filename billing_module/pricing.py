@@ -340,14 +340,16 @@ class Version:
 @dataclass(frozen=True, slots=True, eq=False)
 class _Plan:
     """Every lookup ``price_usage`` makes for one model in one version, made once: the rule of
-    each factor (None: unpriced), in line order. Only for a model none of whose rules has a filter
-    besides the model, so that no attribute of an event can change a lookup."""
-    # ((factor, rule), ...) in line order: the two wholes, the parts billed apart from their whole
-    # when present (those with a rule, and those without one that do not fall back: see PARTS),
-    # the COUNTS
-    steps: tuple
-    quantities: Callable[[Usage], tuple]  # the quantities of the steps' factors, from an event
-    part_wholes: tuple  # ((step of a part, step of its whole), ...)
+    each factor, in line order. Only for a model none of whose rules has a filter besides the
+    model, so that no attribute of an event can change a lookup."""
+    # The quantities of an event's whole-number factors, in line order: the two wholes, the parts
+    # billed apart from their whole when present (those with a rule, and those without one that
+    # do not fall back: see PARTS), the COUNTS. A part that falls back to its whole is not there.
+    quantities: Callable[[Usage], tuple]
+    parts_end: int  # the parts are quantities[2:parts_end]
+    part_wholes: tuple  # ((position of a part, position of its whole), ...)
+    priced: tuple  # ((position, factor, rule), ...) of the factors with a rule
+    unpriced: tuple  # ((position, factor), ...) of the others
     quantity: dict  # event unit -> rule
     flat: Rule | None
     any_rule: bool  # some rule applies to the model (Version.matches_any)
@@ -364,9 +366,11 @@ class _Plan:
         parts = [(part, whole) for part, whole, falls_back in PARTS if rule(part) is not None or not falls_back]
         factors = wholes + tuple(part for part, _ in parts) + COUNTS
         return cls(
-            tuple((factor, rule(factor)) for factor in factors),
             operator.attrgetter(*factors),
+            2 + len(parts),
             tuple((2 + i, wholes.index(whole)) for i, (_, whole) in enumerate(parts)),
+            tuple((i, factor, rule(factor)) for i, factor in enumerate(factors) if rule(factor) is not None),
+            tuple((i, factor) for i, factor in enumerate(factors) if rule(factor) is None),
             {key[1]: rule(key) for key in version.index if isinstance(key, tuple)},
             rule("flat"),
             bool(rules),
@@ -496,19 +500,18 @@ def _price_planned(plan, usage, disc):
     """``_price_by_rules`` with the rules the plan looked up in advance."""
     input_tokens = usage.input_tokens
     lines: list[PriceLine] = []
-    unpriced = []
     original = 0
 
-    quantities = list(plan.quantities(usage))
-    for part, whole in plan.part_wholes:  # a part billed apart comes out of its whole
-        quantities[whole] -= quantities[part]
-    for (factor, rule), qty in zip(plan.steps, quantities, strict=True):
-        if not qty:
-            continue
-        if rule is None:
-            unpriced.append(factor)
-        else:
+    quantities = plan.quantities(usage)
+    if any(quantities[2:plan.parts_end]):  # a part billed apart comes out of its whole
+        quantities = list(quantities)
+        for part, whole in plan.part_wholes:
+            quantities[whole] -= quantities[part]
+    for i, factor, rule in plan.priced:
+        qty = quantities[i]
+        if qty:
             original += _add_line(lines, rule, factor, qty, str(qty), input_tokens, disc)
+    unpriced = [factor for i, factor in plan.unpriced if quantities[i]]
 
     if usage.quantity:
         rule = plan.quantity.get(usage.unit)

@@ -838,7 +838,7 @@ def test_property_integer_path_equals_decimal_path(program, usage, discount):
 # result is the result of ``price_usage(..., planned=False)``, refusals included.
 
 PLAN_FACTORS = tuple(f for f in pricing.FACTORS if f != "quantity")
-QUANTITY_UNITS = ("second", "image", "char")
+PLAN_EVENT_UNITS = ("second", "image", "char")
 
 
 @st.composite
@@ -848,7 +848,7 @@ def planned_programs(draw):
         factor = draw(st.sampled_from(PLAN_FACTORS + ("quantity",)))
         rule = {"price_factors": factor, "unit_prices": draw(decimal_strings())}
         if factor == "quantity":
-            rule["quantity_unit"] = draw(st.sampled_from(QUANTITY_UNITS))
+            rule["quantity_unit"] = draw(st.sampled_from(PLAN_EVENT_UNITS))
         unit = draw(st.sampled_from(UNITS)) if factor != "flat" else None
         if unit is not None:
             rule["unit"] = unit
@@ -884,7 +884,7 @@ def planned_usages(draw):
         counts[factor] = draw(st.one_of(st.just(0), big))
     quantity = draw(st.one_of(st.just(Decimal(0)), st.decimals(0, 10**6, places=4, allow_nan=False,
                                                                 allow_infinity=False)))
-    unit = draw(st.sampled_from(QUANTITY_UNITS + ("call",)))
+    unit = draw(st.sampled_from(PLAN_EVENT_UNITS + ("call",)))
     attributes = draw(st.sampled_from([{}, {}, {"size": "720P"}, {"size": "4K"}]))
     return Usage("m", quantity=quantity, unit=unit, attributes=attributes, **counts)
 

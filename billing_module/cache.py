@@ -64,8 +64,14 @@ class NamedCache:
         """``loader()`` is awaited on a miss; ``None`` results are cached too (a known miss)."""
         value = self.get(key)
         if value is _MISSING:
-            value = await loader()
-            self._data[key] = value
+            value = await self.load(key, loader)
+        return value
+
+    async def load(self, key: Hashable, loader: Callable[[], Awaitable[Any]]) -> Any:
+        """``loader()``'s value, cached under ``key``: what ``get_or_load`` does on a miss, for a
+        caller that looked ``key`` up with ``get`` itself (to stay synchronous on a hit)."""
+        value = await loader()
+        self._data[key] = value
         return value
 
     def invalidate(self, key: Any = _MISSING) -> None:

@@ -59,6 +59,9 @@ def _item_row(entity, item, version, now):
     return row
 
 
+_NO_DISCOUNT = Decimal(1)
+
+
 def _discount(text, customer_id):
     try:
         d = Decimal(str(text))
@@ -67,6 +70,13 @@ def _discount(text, customer_id):
     if not d.is_finite() or not Decimal(0) < d <= Decimal(10):
         raise InvalidParam(f"customer {customer_id}: discount must be in (0, 10]")
     return d
+
+
+def _same_model(row, llmid, model_name):
+    """``row`` (the model of ``llmid``), or ModelMismatch when the caller named another model."""
+    if row is not None and model_name and row.name != model_name:
+        raise ModelMismatch(f"llmid {llmid} is model {row.name}, not {model_name}", llmid=llmid, model_name=row.name)
+    return row
 
 
 def price_for_model(program: Program, model: Row, usage: Usage, day: datetime.date, discount: Decimal) -> PriceResult:
@@ -81,6 +91,11 @@ class Catalog:
     def __init__(self, db: Database, caches: CacheManager) -> None:
         self.db = db
         self.caches = caches
+        # the caches a quote reads, held here: a warm quote looks them up without awaiting
+        self._models_by_id = caches.cache("llmage:id")
+        self._models_by_name = caches.cache("llmage:name")
+        self._programs = caches.cache("pricing")
+        self._discounts = caches.cache("users:discount")
 
     # --- writes (sync, demo, admin) --------------------------------------------------------------
     async def apply(self, tx: Tx, entity: str, items: Iterable[dict[str, Any]] = (), deleted: Collection[str] = (),
@@ -109,6 +124,8 @@ class Catalog:
         self.caches.invalidate(entity)
 
     # --- reads ----------------------------------------------------------------------------------
+    # Each read is a synchronous lookup in its cache (``get``: the value or MISSING) and, on a
+    # miss, a load from the cache table; ``quote`` makes the lookups itself and awaits only a miss.
     async def _row(self, table, condition, ns):
         async with self.db.read() as tx:
             return await tx.one(f"select * from {table} where {condition}", ns)
@@ -117,20 +134,31 @@ class Catalog:
         """The cached LLM model row by id, else by name; None if unknown. Given both, the id
         decides, and a name that is not that model's is refused (``model_mismatch``): an event
         must not be priced as a model of the caller's choosing while recorded as another."""
+        row = self._cached_model(llmid, model_name)
+        return await self._load_model(llmid, model_name) if row is MISSING else row
+
+    def _cached_model(self, llmid, model_name):
         if llmid:
-            row = await self.caches.cache("llmage:id").get_or_load(
-                llmid, lambda: self._row("llmage_cache", "id = ${k}$", {"k": llmid}))
-            if row is not None and model_name and row.name != model_name:
-                raise ModelMismatch(f"llmid {llmid} is model {row.name}, not {model_name}",
-                                    llmid=llmid, model_name=row.name)
-            return row
+            row = self._models_by_id.get(llmid)
+            return row if row is MISSING else _same_model(row, llmid, model_name)
         if model_name:
-            return await self.caches.cache("llmage:name").get_or_load(
-                model_name, lambda: self._row("llmage_cache", "name = ${k}$ order by id limit 1", {"k": model_name}))
+            return self._models_by_name.get(model_name)
         return None
+
+    async def _load_model(self, llmid, model_name):
+        if llmid:
+            row = await self._models_by_id.load(
+                llmid, lambda: self._row("llmage_cache", "id = ${k}$", {"k": llmid}))
+            return _same_model(row, llmid, model_name)
+        return await self._models_by_name.load(
+            model_name, lambda: self._row("llmage_cache", "name = ${k}$ order by id limit 1", {"k": model_name}))
 
     async def program(self, ppid: str) -> Program | None:
         """The compiled pricing program (parsed once per cache lifetime), or None."""
+        program = self._programs.get(ppid)
+        return await self._load_program(ppid) if program is MISSING else program
+
+    async def _load_program(self, ppid):
         async def load():
             row = await self._row("pricing_cache", "id = ${k}$", {"k": ppid})
             if row is None:
@@ -141,13 +169,17 @@ class Catalog:
                 # a row written around the sync (which validates) prices nothing, for nobody
                 message = e.message if isinstance(e, InvalidParam) else f"{type(e).__name__}: {e}"
                 raise NoPricing(f"pricing program {ppid} in the cache cannot be read: {message}"[:500]) from None
-        return await self.caches.cache("pricing").get_or_load(ppid, load)
+        return await self._programs.load(ppid, load)
 
     async def discount(self, customer_id: str) -> Decimal:
+        discount = self._discounts.get(customer_id)
+        return await self._load_discount(customer_id) if discount is MISSING else discount
+
+    async def _load_discount(self, customer_id):
         async def load():
             row = await self._row("users_cache", "id = ${k}$ and entity_kind = 'org'", {"k": customer_id})
-            return _discount(row.discount, customer_id) if row and row.discount else Decimal(1)
-        return await self.caches.cache("users:discount").get_or_load(customer_id, load)
+            return _discount(row.discount, customer_id) if row and row.discount else _NO_DISCOUNT
+        return await self._discounts.load(customer_id, load)
 
     async def org(self, customer_id: str) -> Row | None:
         return await self.caches.cache("users:org").get_or_load(
@@ -163,15 +195,26 @@ class Catalog:
                     customer_id: str | None = None, day: datetime.date | None = None) -> tuple[PriceResult, Row]:
         """Price a usage without charging. Returns (PriceResult, model row). ``model_name`` is the
         name the caller sent (compared with ``llmid``'s model), not one derived from the id."""
-        model = await self.model(llmid, model_name or (None if llmid else usage.model_name))
+        # Warm, this awaits nothing: each lookup is tried in memory first (see "reads").
+        model_name = model_name or (None if llmid else usage.model_name)
+        model = self._cached_model(llmid, model_name)
+        if model is MISSING:
+            model = await self._load_model(llmid, model_name)
         if model is None:
-            raise NoPricing(f"unknown model {llmid or model_name or usage.model_name}")
-        if not model.ppid:
+            raise NoPricing(f"unknown model {llmid or model_name}")
+        ppid = model.ppid
+        if not ppid:
             raise NoPricing(f"model {model.name} has no pricing program")
-        program = await self.program(model.ppid)
+        program = self._programs.get(ppid)
+        if program is MISSING:
+            program = await self._load_program(ppid)
         if program is None:
-            raise NoPricing(f"pricing program {model.ppid} of model {model.name} is not in the pricing cache")
-        discount = await self.discount(customer_id) if customer_id else Decimal(1)
+            raise NoPricing(f"pricing program {ppid} of model {model.name} is not in the pricing cache")
+        discount = _NO_DISCOUNT
+        if customer_id:
+            discount = self._discounts.get(customer_id)
+            if discount is MISSING:
+                discount = await self._load_discount(customer_id)
         return price_for_model(program, model, usage, day or clock.today(), discount), model
 
     async def priced_models(self) -> list[dict[str, Any]]:

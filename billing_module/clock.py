@@ -5,6 +5,7 @@ People read days and months in the deployment's time zone (config ``timezone``):
 naive time is wall time there, and a report's day is the local day (``offset_segments``)."""
 import datetime
 import functools
+import time
 import zoneinfo
 from dataclasses import dataclass
 
@@ -39,7 +40,25 @@ def fmt(dt):
 
 
 def today():
-    return utcnow().date()
+    if _now is not None:
+        return _now().date()
+    t = time.time()
+    day_start, day = _today
+    if not day_start <= t < day_start + 86400:
+        day_start, day = _day_of(t)
+    return day
+
+
+def _day_of(t):
+    """(the epoch second the UTC day of ``t`` began, that day), kept for the next ``today``."""
+    global _today
+    day = datetime.datetime.fromtimestamp(t, datetime.timezone.utc).date()
+    _today = datetime.datetime.combine(day, datetime.time(), datetime.timezone.utc).timestamp(), day
+    return _today
+
+
+# Pricing asks for today on every event: comparing one float is cheaper than building a datetime.
+_today = (0.0, datetime.date(1970, 1, 1))
 
 
 def parse(text, field="time", zone: datetime.tzinfo | None = None):

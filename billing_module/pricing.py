@@ -24,6 +24,8 @@ its whole when it falls back (cached, reasoning) and is unpriced otherwise.
 
 import datetime as _dt
 import functools
+import operator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from decimal import ROUND_HALF_UP, Decimal, Inexact
 from typing import Any
@@ -84,8 +86,11 @@ DEFAULT_UNIT_VALUES = {
     "次": 1,
 }
 MAX_DISCOUNT = Decimal(10)
+# Plans kept per version (one per model priced): past this, a model is priced by looking its rules up.
+MAX_PLANS = 4096
 
 _ONE = Decimal(1)
+_UNPLANNED = object()
 _ZERO = Decimal(0)
 _MICRO_EXP = Decimal(1).scaleb(-PLACES)
 # What a line's unit_price is "per" when the rule names no unit.
@@ -287,6 +292,8 @@ class Version:
     # (model -> rules that may apply to it, rules without a model filter);
     # each tuple is ordered most specific first, then by list position.
     index: dict = field(repr=False)
+    # model -> its _Plan (None: its prices depend on the event's attributes), made on first use
+    plans: dict = field(default_factory=dict, init=False, repr=False)
 
     def valid_on(self, day):
         return self.enabled_date <= day and (self.expired_date is None or day < self.expired_date)
@@ -300,6 +307,15 @@ class Version:
             if not rule.filters or rule.matches(attributes):
                 return rule
         return None
+
+    def plan(self, model):
+        """The model's _Plan, or None when an attribute filter can change its prices."""
+        plan = self.plans.get(model, _UNPLANNED)
+        if plan is _UNPLANNED:
+            plan = _Plan.of(self, model)
+            if len(self.plans) < MAX_PLANS:  # model names come from events: keep the memory bounded
+                self.plans[model] = plan
+        return plan
 
     def matches_any(self, model, attributes):
         return any((r.model is None or r.model == model) and r.matches(attributes) for r in self.rules)
@@ -319,6 +335,46 @@ class Version:
                 item["tiers"] = [{"above_input_tokens": t.above, "unit_price": t.price_str} for t in reversed(r.tiers)]
             out.append(item)
         return out
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class _Plan:
+    """Every lookup ``price_usage`` makes for one model in one version, made once: the rule of
+    each factor, in line order. Only for a model none of whose rules has a filter besides the
+    model, so that no attribute of an event can change a lookup."""
+    # The quantities of an event's whole-number factors, in line order: the two wholes, the parts
+    # billed apart from their whole when present (those with a rule, and those without one that
+    # do not fall back: see PARTS), the COUNTS. A part that falls back to its whole is not there.
+    quantities: Callable[[Usage], tuple]
+    parts_end: int  # the parts are quantities[2:parts_end]
+    part_wholes: tuple  # ((position of a part, position of its whole), ...)
+    priced: tuple  # ((position, factor, rule), ...) of the factors with a rule
+    unpriced: tuple  # ((position, factor), ...) of the others
+    quantity: dict  # event unit -> rule
+    flat: Rule | None
+    any_rule: bool  # some rule applies to the model (Version.matches_any)
+
+    @classmethod
+    def of(cls, version, model):
+        rules = [r for r in version.rules if r.model is None or r.model == model]
+        if any(r.filters for r in rules):
+            return None
+
+        def rule(key):
+            return version.match(key, model, {})
+        wholes = ("input_tokens", "output_tokens")
+        parts = [(part, whole) for part, whole, falls_back in PARTS if rule(part) is not None or not falls_back]
+        factors = wholes + tuple(part for part, _ in parts) + COUNTS
+        return cls(
+            operator.attrgetter(*factors),
+            2 + len(parts),
+            tuple((2 + i, wholes.index(whole)) for i, (_, whole) in enumerate(parts)),
+            tuple((i, factor, rule(factor)) for i, factor in enumerate(factors) if rule(factor) is not None),
+            tuple((i, factor) for i, factor in enumerate(factors) if rule(factor) is None),
+            {key[1]: rule(key) for key in version.index if isinstance(key, tuple)},
+            rule("flat"),
+            bool(rules),
+        )
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -361,8 +417,9 @@ class Program:
 # -------------------------------------------------------------- pricing ----
 
 
-def price_usage(program, usage, day, discount=_ONE):
-    """Price one usage event with the program version valid on ``day``."""
+def price_usage(program, usage, day, discount=_ONE, *, planned=True):
+    """Price one usage event with the program version valid on ``day``. ``planned=False`` looks
+    every rule up for the event (the reference the version's plans are tested against)."""
     version = program.version_on(day)
     if discount is _ONE:
         disc, disc_str = _ONE, "1"
@@ -371,6 +428,29 @@ def price_usage(program, usage, day, discount=_ONE):
             disc, disc_str = _discount(discount)
         except TypeError:  # unhashable: let the parser report it
             disc, disc_str = _discount.__wrapped__(discount)
+    plan = version.plan(usage.model_name) if planned else None
+    if plan is not None:
+        lines, unpriced, original = _price_planned(plan, usage, disc)
+        priced_any = plan.any_rule
+    else:
+        lines, unpriced, original = _price_by_rules(version, usage, disc)
+        priced_any = lines or version.matches_any(usage.model_name, usage.attributes)
+    if not lines and (unpriced or not priced_any):
+        raise NoPricing(f"no pricing rule for model {usage.model_name} in program {program.id} version {version.id}")
+
+    amount = cost = 0
+    for line in lines:
+        amount += line.amount
+        cost += line.cost
+    if max(amount, cost, original) > MAX_MICRO:
+        raise InvalidParam(f"usage: priced amount exceeds {from_micro(MAX_MICRO)} {program.currency}")
+    return PriceResult(
+        amount, cost, original, disc_str, program.currency, program.id, version.id, lines, tuple(unpriced)
+    )
+
+
+def _price_by_rules(version, usage, disc):
+    """(lines, unpriced factors, undiscounted total) of ``usage``, every rule looked up."""
     model = usage.model_name
     attributes = usage.attributes
     input_tokens = usage.input_tokens
@@ -413,19 +493,37 @@ def price_usage(program, usage, day, discount=_ONE):
     rule = version.match("flat", model, attributes)
     if rule is not None:
         original += _add_line(lines, rule, "flat", 1, "1", input_tokens, disc)
+    return lines, unpriced, original
 
-    if not lines and (unpriced or not version.matches_any(model, attributes)):
-        raise NoPricing(f"no pricing rule for model {model} in program {program.id} version {version.id}")
 
-    amount = cost = 0
-    for line in lines:
-        amount += line.amount
-        cost += line.cost
-    if max(amount, cost, original) > MAX_MICRO:
-        raise InvalidParam(f"usage: priced amount exceeds {from_micro(MAX_MICRO)} {program.currency}")
-    return PriceResult(
-        amount, cost, original, disc_str, program.currency, program.id, version.id, lines, tuple(unpriced)
-    )
+def _price_planned(plan, usage, disc):
+    """``_price_by_rules`` with the rules the plan looked up in advance."""
+    input_tokens = usage.input_tokens
+    lines: list[PriceLine] = []
+    original = 0
+
+    quantities = plan.quantities(usage)
+    if any(quantities[2:plan.parts_end]):  # a part billed apart comes out of its whole
+        quantities = list(quantities)
+        for part, whole in plan.part_wholes:
+            quantities[whole] -= quantities[part]
+    for i, factor, rule in plan.priced:
+        qty = quantities[i]
+        if qty:
+            original += _add_line(lines, rule, factor, qty, str(qty), input_tokens, disc)
+    unpriced = [factor for i, factor in plan.unpriced if quantities[i]]
+
+    if usage.quantity:
+        rule = plan.quantity.get(usage.unit)
+        if rule is None:
+            unpriced.append("quantity")
+        else:
+            qty_str = format(usage.quantity, "f")
+            original += _add_line(lines, rule, "quantity", usage.quantity, qty_str, input_tokens, disc)
+
+    if plan.flat is not None:
+        original += _add_line(lines, plan.flat, "flat", 1, "1", input_tokens, disc)
+    return lines, unpriced, original
 
 
 def _add_line(lines, rule, factor, qty, qty_str, input_tokens, disc):
@@ -496,6 +594,8 @@ def _discount(discount):
     d = parse_quantity(discount, "discount", places=None)
     if not _ZERO < d <= MAX_DISCOUNT:
         raise InvalidParam(f"discount: must be greater than 0 and at most {MAX_DISCOUNT}, got {discount}")
+    if d == _ONE:  # 1 in any form: the lines skip the discount step (same result)
+        return _ONE, "1"
     return d, format(d.normalize(CTX), "f")
 
 

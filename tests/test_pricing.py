@@ -829,3 +829,97 @@ def test_property_integer_path_equals_decimal_path(program, usage, discount):
             if p.sell_ratio is not None:
                 for qty in (1, usage.input_tokens, usage.output_tokens, usage.characters):
                     assert pricing._int_line(p, qty, disc) == pricing._decimal_line(p, qty, disc)
+
+
+# ---- the plans (a version's lookups made once per model) against looking every rule up ----
+# Random programs over every factor (tiers, units, costs, model filters for this model and for
+# another, now and then an attribute filter, quantity rules per event unit, flat), random events
+# (parts, counts, quantities in known and unknown units, huge counts) and discounts: the plan's
+# result is the result of ``price_usage(..., planned=False)``, refusals included.
+
+PLAN_FACTORS = tuple(f for f in pricing.FACTORS if f != "quantity")
+PLAN_EVENT_UNITS = ("second", "image", "char")
+
+
+@st.composite
+def planned_programs(draw):
+    rules = []
+    for _ in range(draw(st.integers(1, 8))):
+        factor = draw(st.sampled_from(PLAN_FACTORS + ("quantity",)))
+        rule = {"price_factors": factor, "unit_prices": draw(decimal_strings())}
+        if factor == "quantity":
+            rule["quantity_unit"] = draw(st.sampled_from(PLAN_EVENT_UNITS))
+        unit = draw(st.sampled_from(UNITS)) if factor != "flat" else None
+        if unit is not None:
+            rule["unit"] = unit
+        if draw(st.booleans()):
+            rule["cost_prices"] = draw(decimal_strings())
+        thresholds = draw(st.lists(st.integers(0, 10**7), max_size=3, unique=True))
+        if thresholds:
+            rule["tiers"] = [{"above_input_tokens": t, "unit_prices": draw(decimal_strings())} for t in thresholds]
+        filters = []
+        model = draw(st.sampled_from([None, None, "m", "other"]))
+        if model is not None:
+            filters.append({"model": model})
+        if draw(st.integers(0, 9)) == 0:
+            filters.append({"size": draw(st.sampled_from(["720P", "1080P"]))})
+        if filters:
+            rule["filters"] = filters
+        rules.append(rule)
+    data = {"unit_values": {"three": 3, "per7": "7.5"}, "pricings": rules}
+    return Program.from_payload({"id": "pp-plan", "currency": "CNY",
+                                 "versions": [{"id": "v", "enabled_date": "2026-01-01", "pricing_data": data}]})
+
+
+@st.composite
+def planned_usages(draw):
+    big = st.one_of(st.just(0), st.integers(0, 10**4), st.integers(0, 10**9), st.integers(0, 10**15))
+    counts = {"input_tokens": draw(big), "output_tokens": draw(big)}
+    for whole in ("input_tokens", "output_tokens"):
+        left = counts[whole]
+        for part in pricing._PARTS_OF[whole]:
+            counts[part] = draw(st.one_of(st.just(0), st.integers(0, left)))
+            left -= counts[part]
+    for factor in pricing.COUNTS:
+        counts[factor] = draw(st.one_of(st.just(0), big))
+    quantity = draw(st.one_of(st.just(Decimal(0)), st.decimals(0, 10**6, places=4, allow_nan=False,
+                                                                allow_infinity=False)))
+    unit = draw(st.sampled_from(PLAN_EVENT_UNITS + ("call",)))
+    attributes = draw(st.sampled_from([{}, {}, {"size": "720P"}, {"size": "4K"}]))
+    return Usage("m", quantity=quantity, unit=unit, attributes=attributes, **counts)
+
+
+@seed(15)
+@settings(max_examples=2000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(planned_programs(), planned_usages(), st.one_of(st.just("1"), st.just("1.0"), decimal_strings(max_units=9)))
+def test_property_plan_equals_looking_every_rule_up(program, usage, discount):
+    disc = Decimal(discount) if Decimal(discount) else Decimal(1)
+    version = program.versions[0]
+    filtered = any(r.filters for r in version.rules if r.model in (None, "m"))
+    assert (version.plan("m") is None) == filtered     # a plan wherever no attribute can change a lookup
+    try:
+        expected = price_usage(program, usage, DAY, disc, planned=False)
+    except (InvalidParam, NoPricing) as refused:
+        with pytest.raises(type(refused)) as raised:
+            price_usage(program, usage, DAY, disc)
+        assert raised.value.message == refused.message
+        return
+    assert price_usage(program, usage, DAY, disc) == expected
+
+
+def test_plan_is_per_model_and_kept_per_version():
+    program = make_program([
+        rule("input_tokens", "2", unit="M", filters=[{"model": "a"}]),
+        rule("input_tokens", "3", unit="M"),
+        rule("output_tokens", "5", unit="M", filters=[{"model": "b"}, {"tier": "pro"}]),
+    ])
+    version = program.versions[0]
+    # 1,000,000 input tokens: model a at 2.0/M, any other model at 3.0/M
+    assert price_usage(program, Usage("a", input_tokens=10**6), DAY).amount == 2_000_000
+    assert price_usage(program, Usage("c", input_tokens=10**6), DAY).amount == 3_000_000
+    assert version.plan("a") is version.plan("a") is version.plans["a"] is not None
+    # model b has a rule with an attribute filter: it is priced by looking its rules up
+    assert version.plan("b") is None
+    assert price_usage(program, Usage("b", output_tokens=10**6, attributes={"tier": "pro"}), DAY).amount == 5_000_000
+    result = price_usage(program, Usage("b", input_tokens=10**6, output_tokens=10**6), DAY)
+    assert (result.amount, result.unpriced) == (3_000_000, ("output_tokens",))

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any, Protocol, cast
 
-from . import clock, metrics, provider_usage, validation
+from . import clock, jsontext, metrics, provider_usage, validation
 from .budgets import BudgetExceeded, Budgets, Spender
 from .catalog import Catalog, price_for_model
 from .config import Config
@@ -680,7 +680,7 @@ class Accounting:
         or outside the range the API accepts) must not stop the accountant for everyone else. A
         database error is no event's fault and passes through."""
         try:
-            payload = json.loads(rec.payload)
+            payload = jsontext.loads(rec.payload)
             self.times.check_stored(payload["use_time"], "use_time")
             ev = await self.rebuild_event(payload, rec.payload_hash, memo)
             _ = ev.day   # the price is dated by it

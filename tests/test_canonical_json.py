@@ -9,7 +9,7 @@ import orjson
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from billing_module import accounting, ids
+from billing_module import accounting, ids, jsontext
 from billing_module.api.registry import reply
 from billing_module.pricing import PriceLine, PriceResult
 
@@ -108,3 +108,55 @@ def test_plain_reply_leaves_what_orjson_writes_otherwise_to_json():
         assert reply(one, plain=True).text == reply(one).text == json.dumps(one, ensure_ascii=False, default=str)
     assert orjson.loads(reply({"a": "é"}, plain=True).body) == {"a": "é"}
     assert reply({"a": 1}, plain=True).content_type == "application/json"
+
+
+json_values = st.recursive(st.one_of(texts, ints, st.none(), st.booleans(),
+                                     st.floats(allow_nan=True, allow_infinity=True)),
+                           lambda inner: st.one_of(st.lists(inner, max_size=4),
+                                                   st.dictionaries(texts, inner, max_size=4)),
+                           max_leaves=16)
+
+
+def same(a, b):
+    """Equal values of equal types all the way down (1 == 1.0 == True would hide a change); NaN is NaN."""
+    if type(a) is not type(b):
+        return False
+    if isinstance(a, dict):
+        return list(a) == list(b) and all(same(a[k], b[k]) for k in a)
+    if isinstance(a, list):
+        return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b, strict=True))
+    if isinstance(a, float) and a != a:
+        return b != b
+    return a == b
+
+
+@settings(max_examples=500, deadline=None)
+@given(json_values, st.booleans())
+def test_loads_reads_what_json_reads(value, ascii_text):
+    text = json.dumps(value, ensure_ascii=ascii_text)
+    assert same(jsontext.loads(text), json.loads(text))
+    assert same(jsontext.loads(text.encode("utf-8")), json.loads(text.encode("utf-8")))
+
+
+def test_loads_of_texts_orjson_reads_otherwise():
+    for text in ('{"n": 123456789012345678901234567890}', '{"n": -9223372036854775809}', '[18446744073709551616]',
+                 '{"x": NaN, "y": -Infinity}', '[1e400]', '"\\ud800"', '{"a": 1, "a": 2}',
+                 '{"s": "12345678901234567890"}'):
+        assert same(jsontext.loads(text), json.loads(text)), text
+    for bad in ('{"a": 1,}', "", "[1] x", "\ufeff[1]"):
+        for loader in (json.loads, jsontext.loads):
+            try:
+                loader(bad)
+            except ValueError:
+                continue
+            raise AssertionError(f"{bad!r} is not JSON")
+
+
+def test_stored_payload_rebuilds_the_same_event():
+    raw = {"request_id": "r-2", "customer_id": "c-1", "model_name": "m", "input_tokens": 7,
+           "use_time": "2026-01-02 03:04:05",
+           "attributes": {"big": 2**70, "f": 0.1, "neg": -2**63 - 1, "ü": ["é", None, True]}}
+    ev = accounting.parse_event(raw)
+    text = accounting._payload_text(ev.payload)
+    assert text == json.dumps(ev.payload, ensure_ascii=False)
+    assert same(jsontext.loads(text), json.loads(text))

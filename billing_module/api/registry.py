@@ -8,9 +8,9 @@ import json
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-import orjson
 from aiohttp import web
 
+from .. import jsontext
 from ..errors import Forbidden, InvalidParam
 
 # a handler: (core, caller, params, request) -> reply dict (or a StreamResponse)
@@ -132,16 +132,10 @@ def endpoint(name: str, methods: tuple[str, ...] = ("GET", "POST"), open: bool =
 
 
 def reply(data: Any, status: int = 200, headers: dict[str, str] | None = None, plain: bool = False) -> web.Response:
-    """The JSON reply; ``plain``: ``data`` is plain data, written by orjson. What orjson does not
-    write as ``json.dumps`` would (a date, a dataclass, an integer past 64 bits, a non-string key)
-    it refuses here, and ``json.dumps`` writes the reply."""
-    if plain:
-        try:
-            body = orjson.dumps(data, option=orjson.OPT_PASSTHROUGH_DATETIME | orjson.OPT_PASSTHROUGH_DATACLASS)
-        except orjson.JSONEncodeError:
-            pass
-        else:
-            return web.Response(body=body, status=status, content_type="application/json", charset="utf-8",
-                                headers=headers)
+    """The JSON reply; ``plain``: ``data`` is plain data (``jsontext.plain``)."""
+    body = jsontext.plain(data) if plain else None
+    if body is not None:
+        return web.Response(body=body, status=status, content_type="application/json", charset="utf-8",
+                            headers=headers)
     return web.Response(text=json.dumps(data, ensure_ascii=False, default=str), status=status,
                         content_type="application/json", charset="utf-8", headers=headers)

@@ -40,7 +40,8 @@ def loads(text: str | bytes) -> Any:
     given twice keeps its last value in both). What orjson refuses (NaN, a number past a float's
     range, a lone surrogate) and long runs of digits go to json, which reads or refuses them as
     it always did."""
-    if not (_LONG_DIGITS if isinstance(text, str) else _LONG_DIGITS_BYTES).search(text):
+    long_digits = _LONG_DIGITS.search(text) if isinstance(text, str) else _LONG_DIGITS_BYTES.search(text)
+    if not long_digits:
         try:
             return orjson.loads(text)
         except orjson.JSONDecodeError:

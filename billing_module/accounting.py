@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any, Protocol, cast
 
-from . import clock, metrics, provider_usage, validation
+from . import clock, jsontext, metrics, provider_usage, validation
 from .budgets import BudgetExceeded, Budgets, Spender
 from .catalog import Catalog, price_for_model
 from .config import Config
@@ -39,7 +39,7 @@ from .errors import (
 from .ids import new_id, payload_hash
 from .ledger import FlagSet, Ledger
 from .money import from_micro
-from .pricing import COUNT_FIELDS, PriceResult, Usage
+from .pricing import COUNT_FIELDS, PriceResult, Usage, json_text
 
 log = logging.getLogger("billing_module.accounting")
 
@@ -127,13 +127,19 @@ def parse_event(raw: dict[str, Any], times: clock.TimeRange = _DEFAULT_TIMES) ->
                  payload_hash(hashed), key_id)
 
 
-def record_view(rec: Row, duplicate: bool = False) -> dict[str, Any]:
+def record_view(rec: dict[str, Any], duplicate: bool = False, price: PriceResult | None = None) -> dict[str, Any]:
     """The reply for an accounted (or failed / pending) record: built only from stored fields, so
-    a replay returns exactly what the first call returned."""
+    a replay returns exactly what the first call returned. ``price``: the price the record's
+    ``price_lines`` were just written from, read instead of parsing them back (the same values)."""
     get = rec.get   # a Row is a dict: plain lookups (its attribute access is a Python call per column)
-    text = get("price_lines")
-    stored = json.loads(text) if text else []
-    lines = [ln for ln in stored if not ln.get("unpriced")]
+    if price is not None:
+        lines = [ln.to_dict() for ln in price.lines]
+        unpriced = list(price.unpriced)
+    else:
+        text = get("price_lines")
+        stored = json.loads(text) if text else []
+        lines = [ln for ln in stored if not ln.get("unpriced")]
+        unpriced = [ln["factor"] for ln in stored if ln.get("unpriced")]
     included = get("included_quantity")
     return {
         "record_id": get("id"), "request_id": get("request_id"), "customer_id": get("customer_id"),
@@ -143,7 +149,7 @@ def record_view(rec: Row, duplicate: bool = False) -> dict[str, Any]:
         "price_version": get("price_version"), "lines": lines, "subscription_id": get("subscription_id"),
         "included_quantity": None if included is None else format(Decimal(str(included)).normalize(), "f"),
         "ledger_entry_id": get("ledger_entry_id"), "use_time": get("use_time"), "duplicate": duplicate,
-        "unpriced_factors": [ln["factor"] for ln in stored if ln.get("unpriced")],
+        "unpriced_factors": unpriced,
     }
 
 
@@ -296,7 +302,7 @@ class Accounting:
             for i, row, _ in group:
                 row["ledger_entry_id"] = entry_of.get(row["id"])
                 records.append(row)
-                outcomes[i] = (record_view(Row(row)), None)
+                outcomes[i] = (record_view(row, price=items[i][1]), None)   # items[i]: (ev, price, model)
         await tx.insert_many("accounting_records", records)
         await self._link_usage(tx, records)
         return outcomes
@@ -561,7 +567,7 @@ class Accounting:
                         rows.append(row)
             if budget_alerts and self.budgets is not None:    # now that the batch knows what it keeps
                 await self.budgets.alert_reached(tx, budget_alerts)
-            await tx.update_many("accounting_records", rows)
+            await tx.update_many("accounting_records", rows, keep=_UPSERT_ONLY)
             await self._link_usage(tx, rows)
             return len(rows), failed
 
@@ -675,7 +681,7 @@ class Accounting:
         or outside the range the API accepts) must not stop the accountant for everyone else. A
         database error is no event's fault and passes through."""
         try:
-            payload = json.loads(rec.payload)
+            payload = jsontext.loads(rec.payload)
             self.times.check_stored(payload["use_time"], "use_time")
             ev = await self.rebuild_event(payload, rec.payload_hash, memo)
             _ = ev.day   # the price is dated by it
@@ -795,7 +801,7 @@ class Accounting:
             await tx.execute(f"update accounting_records set {sets} where id = ${{id}}$", row)
             await self.failures.resolve_in(tx, existing.id, now)
         await self._link_usage(tx, [row])
-        return record_view(Row(row))
+        return record_view(row, price=price)
 
     async def _debit(self, tx: Tx, ev: Event, price: PriceResult, row: dict[str, Any],
                      defer_to: tuple[str, ...] = ()) -> str:
@@ -858,13 +864,16 @@ def record_row(ev: Event, now: str, status: str, currency: str, price: PriceResu
         "currency": price.currency if price else currency,
         "request_id": ev.request_id, "transno": ev.transno, "status": status, "user_id": ev.user_id,
         "product_id": ev.product_id, "use_time": ev.use_time,
-        "payload": json.dumps(ev.payload, ensure_ascii=False), "payload_hash": ev.hash,
+        "payload": _payload_text(ev.payload), "payload_hash": ev.hash,
         "attempts": 0, "created_at": now, "updated_at": now,
         # every row has the same columns: a multi-row insert takes its columns from the first
         "subscription_id": None, "included_quantity": None,
     }
     return row
 
+
+# json.dumps(payload, ensure_ascii=False) without building an encoder per call (the same text)
+_payload_text = json.JSONEncoder(ensure_ascii=False).encode
 
 BATCH_MODES = ("now", "queue")
 
@@ -916,6 +925,10 @@ def _event_error(exc, rec):
     return InvalidEvent(f"stored event {rec.request_id} cannot be priced: {type(exc).__name__}: {exc}"[:500])
 
 
+# the NOT NULL columns in _accounted_update's rows for MySQL's upsert only: the record keeps them
+_UPSERT_ONLY = ("customer_id", "created_at")
+
+
 def _accounted_update(rec, price, model, now):
     """The columns that change when a stored record is accounted (plus the NOT NULL ones an
     upsert needs on MySQL)."""
@@ -931,8 +944,11 @@ def _accounted_update(rec, price, model, now):
 
 def _price_lines_json(price: PriceResult) -> str:
     """The stored price lines; a factor of the event that had no price is kept as
-    ``{"factor": ..., "unpriced": true}`` so the record says what was not charged."""
-    return json.dumps([ln.to_dict() for ln in price.lines] + [{"factor": f, "unpriced": True} for f in price.unpriced])
+    ``{"factor": ..., "unpriced": true}`` so the record says what was not charged. The text is
+    ``json.dumps`` of that list, written without building it (``PriceLine.to_json``)."""
+    parts = [ln.to_json() for ln in price.lines]
+    parts += [f'{{"factor": {json_text(f)}, "unpriced": true}}' for f in price.unpriced]
+    return "[" + ", ".join(parts) + "]"
 
 
 def parse_event_or_none(rec: Row) -> Event | None:

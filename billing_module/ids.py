@@ -1,6 +1,7 @@
 import hashlib
-import json
 import uuid
+
+from .jsontext import canonical
 
 
 def new_id():
@@ -10,5 +11,4 @@ def new_id():
 
 def payload_hash(payload):
     """sha256 of a canonical JSON form: the same request sent again hashes the same."""
-    text = json.dumps(payload, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+    return hashlib.sha256(canonical(payload)).hexdigest()

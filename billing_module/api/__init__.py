@@ -22,7 +22,7 @@ from . import (  # noqa: F401  (each registers its endpoints)
 )
 from .callers import authenticate, signed_caller
 from .params import Params
-from .registry import HANDLERS, Caller, endpoint, reply
+from .registry import HANDLERS, PLAIN_REPLIES, Caller, endpoint, reply
 
 __all__ = ["HANDLERS", "Caller", "Params", "authenticate", "endpoint", "handle", "reply", "signed_caller"]
 
@@ -49,7 +49,7 @@ async def handle(core, request, params_kw, name):
         status = result.pop("_status", 200) if isinstance(result, dict) else 200
         if caller is not None:
             result = caller.unscope(result)
-        return reply({"success": True, **result}, status)
+        return reply({"success": True, **result}, status, plain=name in PLAIN_REPLIES)
     except BillingError as e:
         return reply(e.to_reply(), e.status, getattr(e, "headers", None))
     except Exception as e:

@@ -153,7 +153,7 @@ async def accounting_submit(core, caller, p, request):
     return result
 
 
-@endpoint("accounting_batch", methods=WRITE)
+@endpoint("accounting_batch", methods=WRITE, plain=True)
 async def accounting_batch(core, caller, p, request):
     """Many usage events (``events``, a JSON list) in one request; ``mode`` ``now`` or ``queue``.
     Each event is read as the single endpoint reads it, with the caller's scope applied to it

@@ -10,11 +10,16 @@ from typing import Any
 
 from aiohttp import web
 
+from .. import jsontext
 from ..errors import Forbidden, InvalidParam
 
 # a handler: (core, caller, params, request) -> reply dict (or a StreamResponse)
 Handler = Callable[..., Awaitable[Any]]
 HANDLERS: dict[str, tuple[Handler, tuple[str, ...], bool, bool]] = {}
+# endpoints whose replies hold only strings, whole numbers, booleans, nulls, lists and objects
+# (money as decimal strings): written by orjson, which parses back to the same values as
+# json.dumps's text (a reply of 1,000 batch results: ~1 ms instead of ~20 ms)
+PLAIN_REPLIES: set[str] = set()
 
 
 # Idempotency keys a customer-scoped caller sends, and the longest value each may be once
@@ -115,14 +120,22 @@ class Caller:
 
 
 def endpoint(name: str, methods: tuple[str, ...] = ("GET", "POST"), open: bool = False,
-             admin: bool = False) -> Callable[[Handler], Handler]:
-    """Register ``func(core, caller, params, request)`` as the handler of ``api/<name>.dspy``."""
+             admin: bool = False, plain: bool = False) -> Callable[[Handler], Handler]:
+    """Register ``func(core, caller, params, request)`` as the handler of ``api/<name>.dspy``;
+    ``plain``: its replies are plain data (``PLAIN_REPLIES``)."""
     def register(func: Handler) -> Handler:
         HANDLERS[name] = (func, tuple(methods), open, admin)
+        if plain:
+            PLAIN_REPLIES.add(name)
         return func
     return register
 
 
-def reply(data: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
+def reply(data: Any, status: int = 200, headers: dict[str, str] | None = None, plain: bool = False) -> web.Response:
+    """The JSON reply; ``plain``: ``data`` is plain data (``jsontext.plain``)."""
+    body = jsontext.plain(data) if plain else None
+    if body is not None:
+        return web.Response(body=body, status=status, content_type="application/json", charset="utf-8",
+                            headers=headers)
     return web.Response(text=json.dumps(data, ensure_ascii=False, default=str), status=status,
                         content_type="application/json", charset="utf-8", headers=headers)

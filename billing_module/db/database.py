@@ -30,6 +30,7 @@ import asyncio
 import datetime
 import functools
 import logging
+import operator
 import random
 import re
 import time
@@ -124,6 +125,18 @@ def _compile(sql, dialect):
     return "".join(parts), tuple(names)
 
 
+@functools.lru_cache(maxsize=256)
+def _picker(names):
+    """row dict -> the tuple of its values for ``names`` (a statement's parameters, in order),
+    in C: ``execute_many`` builds a thousand of these per batch."""
+    if len(names) == 1:
+        name = names[0]
+        return lambda row: (row[name],)
+    if not names:
+        return lambda row: ()
+    return operator.itemgetter(*names)
+
+
 class Row(dict):
     """A result row: a dict whose columns also read as attributes (``row.balance``). appPublic's
     DictObject does the same but re-wraps every value on construction (tens of microseconds a row)."""
@@ -161,7 +174,10 @@ class Tx:
             # one hand-off to the connection's thread instead of two (execute, then fetchall);
             # SQLite returns only int / float / str / bytes / None, nothing to convert
             rows = await self.sor.conn.execute_fetchall(marked, data)
-            return [Row(zip(r.keys(), r, strict=True)) for r in rows]
+            if not rows:
+                return []
+            names = rows[0].keys()      # one result set: the same columns in every row
+            return [Row(zip(names, r, strict=True)) for r in rows]
         cur = self.sor.cur
         await self._answer(cur.execute(marked, data))
         rows = await cur.fetchall()
@@ -188,8 +204,12 @@ class Tx:
         """One statement for many parameter sets (a list of dicts with the same keys)."""
         if not rows:
             return 0
-        marked, _ = self._mask(sql, rows[0])
-        params = [self._mask(sql, r)[1] for r in rows]
+        marked, names = _compile(sql, self.dialect)
+        pick = _picker(names)
+        try:
+            params = [pick(r) for r in rows]
+        except KeyError as e:
+            raise KeyError(f"SQL parameter ${{{e.args[0]}}}$ has no value") from None
         cur = self.sor.cur
         await self._answer(cur.executemany(marked, params))
         return cur.rowcount
@@ -208,18 +228,19 @@ class Tx:
                f"({', '.join('${' + c + '}$' for c in cols)})")
         return await self.execute_many(sql, records)
 
-    async def update_many(self, table, rows, key="id"):
+    async def update_many(self, table, rows, key="id", keep=()):
         """Update many rows by key with one statement: executemany UPDATE on SQLite (one hand-off),
         a multi-row INSERT ... ON DUPLICATE KEY UPDATE on MySQL (one round trip; pymysql sends an
         UPDATE executemany row by row). Rows must exist and, for MySQL, carry the table's NOT NULL
-        columns."""
+        columns; ``keep``: columns the rows carry only for that, never set (SQLite rewrites the
+        index entries of every column it sets, even to the same value)."""
         if not rows:
             return 0
         cols = list(rows[0])
         if self.dialect == dialects.SQLITE:
-            sets = ", ".join(f"{c} = ${{{c}}}$" for c in cols if c != key)
+            sets = ", ".join(f"{c} = ${{{c}}}$" for c in cols if c != key and c not in keep)
             return await self.execute_many(f"update {table} set {sets} where {key} = ${{{key}}}$", rows)
-        return await self.execute_many(dialects.upsert(self.dialect, table, cols, key), rows)
+        return await self.execute_many(dialects.upsert(self.dialect, table, cols, key, keep), rows)
 
     async def page(self, sql, ns, order_by, page, rows):
         """``{"total", "rows"}`` for one page; ``order_by`` is code-controlled text."""

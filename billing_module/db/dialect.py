@@ -137,11 +137,11 @@ def insert_ignore(dialect):
     return "insert or ignore" if dialect == SQLITE else "insert ignore"
 
 
-def upsert(dialect, table, columns, key="id"):
-    """INSERT ... that updates the non-key columns when the key exists."""
+def upsert(dialect, table, columns, key="id", keep=()):
+    """INSERT ... that updates the non-key columns when the key exists (but those in ``keep``)."""
     cols = ", ".join(columns)
     values = ", ".join("${" + c + "}$" for c in columns)
-    rest = [c for c in columns if c != key]
+    rest = [c for c in columns if c != key and c not in keep]
     if dialect == SQLITE:
         sets = ", ".join(f"{c} = excluded.{c}" for c in rest)
         return f"insert into {table} ({cols}) values ({values}) on conflict({key}) do update set {sets}"

@@ -500,9 +500,11 @@ class Accounting:
         limit = limit or self.config.accounting.batch_size
 
         async def work(tx):
+            # oldest first, read in the order of the (status, created_at) index: a tie-break on id
+            # would sort every pending row of the same second (SQLite's index ends with the rowid)
             claimed = await tx.select(
                 f"select {_CLAIM_COLUMNS} from accounting_records where status = 'pending' "
-                "order by created_at, id limit ${n}$" + tx.skip_locked(), {"n": limit})
+                "order by created_at limit ${n}$" + tx.skip_locked(), {"n": limit})
             failed: list[Any] = []
             memo: dict[Any, Any] = {}
             budget_memo: dict[Any, Any] = {}

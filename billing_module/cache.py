@@ -84,20 +84,30 @@ class NamedCache:
         return {"hits": self.hits, "misses": self.misses, "size": len(self._data), "maxsize": self._data.maxsize}
 
 
+def _under(cache_name: str, name: str) -> bool:
+    """Whether ``cache_name`` is ``name`` or one of its caches (``name:...``)."""
+    return cache_name == name or cache_name.startswith(name + ":")
+
+
 class CacheManager:
     def __init__(self, size: int = 10000, ttl: float = 300.0) -> None:
         self.size, self.ttl = size, ttl
         self._caches: dict[str, NamedCache] = {}
+        self._depends: dict[str, tuple[str, ...]] = {}
 
-    def cache(self, name: str) -> NamedCache:
+    def cache(self, name: str, depends_on: tuple[str, ...] = ()) -> NamedCache:
+        """The cache ``name``; ``depends_on``: the names whose invalidation clears it too (a cache
+        of values derived from several entities)."""
         c = self._caches.get(name)
         if c is None:
             c = self._caches[name] = NamedCache(name, self.size, self.ttl)
+        if depends_on:
+            self._depends[name] = depends_on
         return c
 
     def invalidate(self, name: str | None = None) -> None:
         for n, c in self._caches.items():
-            if name is None or n == name or n.startswith(name + ":"):
+            if name is None or _under(n, name) or any(_under(d, name) for d in self._depends.get(n, ())):
                 c.invalidate()
 
     def stats(self) -> dict[str, dict[str, float]]:

@@ -110,7 +110,7 @@ def test_workers_share_their_counters(tmp_path):
             req = urllib.request.Request(f"{base}/metrics", headers={"Authorization": f"Bearer {key}"})
             with urllib.request.urlopen(req, timeout=5) as r:
                 parsed = samples(r.read().decode())
-            lookups.append(sum(value(parsed, "billing_cache_requests_total", cache="llmage:name", result=result)
+            lookups.append(sum(value(parsed, "billing_cache_requests_total", cache="quote:priced", result=result)
                                for result in ("hit", "miss")))
             if len(lookups) > 3 and lookups[-1] >= 30 and len(set(lookups[-3:])) == 1:
                 break

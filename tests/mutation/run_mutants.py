@@ -90,6 +90,11 @@ MUTANTS = [
            "row, defer_to=self._subscribed_flag)", "row, defer_to=())",
            (f"{PRODUCTS}::test_the_balance_row_counts_active_subscriptions",
             f"{PRODUCTS}::test_post_usage_spends_the_quota_first_and_charges_only_the_overage")),
+    # a quote's (model, program) memo must go with a pricing sync: else the old price is charged
+    Mutant("priced_memo_outlives_pricing_sync", "billing_module/catalog.py",
+           'depends_on=("llmage", "pricing")', 'depends_on=("llmage",)',
+           ("tests/test_sync.py::test_incremental_sync_applies_changes_deletions_and_drops_caches",
+            "tests/test_sync.py::test_no_pricing_after_the_program_is_deleted_at_the_centre")),
 ]
 
 

@@ -511,15 +511,16 @@ class Accounting:
             budget_alerts: dict[Any, Any] = {}     # alerted after the debits, for the spends kept
             by_customer: dict[str, list[Any]] = {}
             now = clock.now_text()
-            accounts = await self._accounts(tx, {rec.customer_id for rec in claimed})
+            accounts = await self._accounts(tx, {rec["customer_id"] for rec in claimed})
+            currencies = {customer_id: acct["currency"] for customer_id, acct in accounts.items()}
             covered = self._covered(accounts)
-            for rec in claimed:
+            for rec in claimed:     # rows read as dicts here: an attribute read is a Python call
                 # one event's problem is that event's alone: it goes to failed accounting with its
                 # code and the batch goes on (only a database error stops the batch)
                 try:
                     ev = await self.rebuild_stored(rec, memo)
                     price, model = await self._quote_memo(ev, memo)
-                    refusal = self._refusal(price, _currency(accounts, ev.customer_id))
+                    refusal = self._refusal(price, currencies.get(ev.customer_id))
                 except Exception as e:
                     if dialects.is_database_error(e) or isinstance(e, DatabaseUnavailable):
                         raise          # no event's fault: the batch stops and its rows stay pending
@@ -531,7 +532,7 @@ class Accounting:
                 row = _accounted_update(rec, price, model, now)
                 if ev.customer_id in covered:
                     try:
-                        self._apply_quota(row, await self._take_quota(tx, ev, price, rec.id))
+                        self._apply_quota(row, await self._take_quota(tx, ev, price, rec["id"]))
                     except BillingError as e:      # the product refused it (no_supplier) before writing
                         failed.append((rec, e, price))
                         continue
@@ -541,13 +542,13 @@ class Accounting:
                 except BudgetExceeded as e:
                     failed.append((rec, e, price))
                     if self.quota is not None:
-                        await self.quota.release_quota(tx, rec.id)
+                        await self.quota.release_quota(tx, rec["id"])
                     continue
                 by_customer.setdefault(ev.customer_id, []).append((row, rec, price, spent))
             rows = []
             for customer_id, items in by_customer.items():
-                charged = [{"amount": -row["amount"], "request_id": rec.request_id, "payload_hash": rec.payload_hash,
-                            "ref_type": "accounting_records", "ref_id": rec.id}
+                charged = [{"amount": -row["amount"], "request_id": rec["request_id"],
+                            "payload_hash": rec["payload_hash"], "ref_type": "accounting_records", "ref_id": row["id"]}
                            for row, rec, _, _ in items if row["amount"] > 0]
                 entries, refusals = (await self.ledger.post_many(
                     tx, customer_id, charged, "usage", must_cover=not self.config.accounting.allow_arrears,
@@ -561,7 +562,7 @@ class Accounting:
                     if row["id"] in no:
                         failed.append((rec, no[row["id"]], price))
                         if self.quota is not None:   # the batch commits: give back what the hook took
-                            await self.quota.release_quota(tx, rec.id)
+                            await self.quota.release_quota(tx, row["id"])
                         if spent and self.budgets is not None:     # and what its budgets took
                             await self.budgets.undo(tx, spent)
                     else:
@@ -683,9 +684,9 @@ class Accounting:
         or outside the range the API accepts) must not stop the accountant for everyone else. A
         database error is no event's fault and passes through."""
         try:
-            payload = jsontext.loads(rec.payload)
-            self.times.check_stored(payload["use_time"], "use_time")
-            ev = await self.rebuild_event(payload, rec.payload_hash, memo)
+            payload = jsontext.loads(rec["payload"])
+            self._check_use_time(payload["use_time"], memo)
+            ev = await self.rebuild_event(payload, rec["payload_hash"], memo)
             _ = ev.day   # the price is dated by it
             return ev
         except Exception as e:
@@ -695,6 +696,18 @@ class Accounting:
                 raise
             raise InvalidEvent(
                 f"stored event {rec.request_id} cannot be rebuilt: {type(e).__name__}: {e}"[:500]) from None
+
+    def _check_use_time(self, text: Any, memo: dict | None) -> None:
+        """``check_stored`` of a stored event's use_time, once per batch (``memo``) for each time:
+        a batch's events share few, and a time that passed stays valid for the batch (the range
+        only widens as the clock moves on)."""
+        if memo is None or type(text) is not str:
+            self.times.check_stored(text, "use_time")
+            return
+        key = ("use_time", text)
+        if key not in memo:
+            self.times.check_stored(text, "use_time")
+            memo[key] = True
 
     async def _model_by_id(self, llmid, memo):
         if memo is None:
@@ -931,16 +944,16 @@ def _event_error(exc, rec):
 _UPSERT_ONLY = ("customer_id", "created_at")
 
 
-def _accounted_update(rec, price, model, now):
+def _accounted_update(rec: Row, price: PriceResult, model: Row, now: str) -> dict[str, Any]:
     """The columns that change when a stored record is accounted (plus the NOT NULL ones an
-    upsert needs on MySQL)."""
+    upsert needs on MySQL). Per event of every batch: the rows are read as the dicts they are."""
     return {
-        "id": rec.id, "customer_id": rec.customer_id, "created_at": rec.created_at, "status": "accounted",
+        "id": rec["id"], "customer_id": rec["customer_id"], "created_at": rec["created_at"], "status": "accounted",
         "amount": price.amount, "original_amount": price.original_amount, "cost": price.cost,
         "discount": price.discount, "currency": price.currency, "pricing_id": price.program_id,
         "price_version": price.version_id, "price_lines": _price_lines_json(price),
-        "llmid": model.id, "model_name": model.name, "ledger_entry_id": None, "subscription_id": None,
-        "included_quantity": None, "attempts": int(rec.attempts or 0) + 1, "accounted_at": now, "updated_at": now,
+        "llmid": model["id"], "model_name": model["name"], "ledger_entry_id": None, "subscription_id": None,
+        "included_quantity": None, "attempts": int(rec["attempts"] or 0) + 1, "accounted_at": now, "updated_at": now,
     }
 
 

@@ -38,15 +38,31 @@ def canonical(payload: Any) -> bytes:
 def loads(text: str | bytes) -> Any:
     """``json.loads(text)``: the same values (floats are read correctly rounded by both; a key
     given twice keeps its last value in both). What orjson refuses (NaN, a number past a float's
-    range, a lone surrogate) and long runs of digits go to json, which reads or refuses them as
-    it always did."""
+    range, a lone surrogate) goes to json, which reads or refuses it as it always did; so does
+    text that orjson read a float from and that has a long run of digits (an integer past 64
+    bits, which orjson reads as a float). Text without floats, the usual event, is read once."""
+    try:
+        value = orjson.loads(text)
+    except orjson.JSONDecodeError:
+        return json.loads(text)
+    if not _has_float(value):
+        return value
     long_digits = _LONG_DIGITS.search(text) if isinstance(text, str) else _LONG_DIGITS_BYTES.search(text)
-    if not long_digits:
-        try:
-            return orjson.loads(text)
-        except orjson.JSONDecodeError:
-            pass
-    return json.loads(text)
+    return json.loads(text) if long_digits else value
+
+
+def _has_float(value: Any) -> bool:
+    kind = type(value)
+    if kind is float:
+        return True
+    if kind is dict:
+        return any(_has_float(v) for v in value.values() if type(v) in _NESTED)
+    if kind is list:
+        return any(_has_float(v) for v in value if type(v) in _NESTED)
+    return False
+
+
+_NESTED = (float, dict, list)
 
 
 def plain(data: Any) -> bytes | None:

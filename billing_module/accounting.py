@@ -500,11 +500,7 @@ class Accounting:
         limit = limit or self.config.accounting.batch_size
 
         async def work(tx):
-            # oldest first, read in the order of the (status, created_at) index: a tie-break on id
-            # would sort every pending row of the same second (SQLite's index ends with the rowid)
-            claimed = await tx.select(
-                f"select {_CLAIM_COLUMNS} from accounting_records where status = 'pending' "
-                "order by created_at limit ${n}$" + tx.skip_locked(), {"n": limit})
+            claimed = await tx.select(CLAIM_PENDING + tx.skip_locked(), {"n": limit})
             failed: list[Any] = []
             memo: dict[Any, Any] = {}
             budget_memo: dict[Any, Any] = {}
@@ -927,8 +923,12 @@ def _queued_view(row):
 def _reused(ev):
     return Conflict(f"request_id {ev.request_id} was already used with a different payload")
 
-# the event itself is rebuilt from the payload (rebuild_event); the rest is what the update needs
-_CLAIM_COLUMNS = "id, request_id, customer_id, payload, payload_hash, attempts, created_at, status"
+# The accountant's claim of up to ${n}$ pending records (plus the dialect's SKIP LOCKED). The event
+# itself is rebuilt from the payload (rebuild_event); the other columns are what the update needs.
+# Oldest first, in the order of the (status, created_at) index: a tie-break on id would sort every
+# pending row of the same second (SQLite's index ends with the rowid, not the id).
+CLAIM_PENDING = ("select id, request_id, customer_id, payload, payload_hash, attempts, created_at, status "
+                 "from accounting_records where status = 'pending' order by created_at limit ${n}$")
 
 
 def _event_error(exc, rec):

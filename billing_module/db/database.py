@@ -35,6 +35,7 @@ import random
 import re
 import time
 from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING, Any
 
 from appPublic.dictObject import DictObject
 
@@ -142,8 +143,11 @@ class Row(dict):
     DictObject does the same but re-wraps every value on construction (tens of microseconds a row)."""
     __slots__ = ()
 
-    def __getattr__(self, name):
-        return self.get(name)
+    if TYPE_CHECKING:
+        def __getattr__(self, name: str) -> Any: ...
+    else:
+        # dict.get itself, not a Python method calling it: read on every hot path (~0.3 vs ~0.45 us)
+        __getattr__ = dict.get
 
     def __setattr__(self, name, value):
         self[name] = value

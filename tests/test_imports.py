@@ -139,7 +139,7 @@ def test_the_cycle_finder_finds_a_cycle():
 FOUNDATION, DB, DOMAIN, SERVICES, ROOT, EDGES = range(6)
 LAYERS = {
     # used by every layer, importing nothing above: errors, ids, time, files of the package
-    "errors": FOUNDATION, "ids": FOUNDATION, "clock": FOUNDATION, "resources": FOUNDATION,
+    "errors": FOUNDATION, "ids": FOUNDATION, "jsontext": FOUNDATION, "clock": FOUNDATION, "resources": FOUNDATION,
     "datadir": FOUNDATION, "version": FOUNDATION,
     "db": DB,
     "money": DOMAIN, "pricing": DOMAIN, "provider_usage": DOMAIN, "validation": DOMAIN, "config": DOMAIN,

@@ -241,6 +241,8 @@ async def test_issue_reproduction_llmid_only_event_is_recovered_and_charged_once
     assert status == 200, body
     _, failed = await http.get("api/failed_accounting_list.dspy", key, customer_id="rt-cust")
     assert failed["total"] == 1
+    # the event named only the id: the failed row names the model as the catalogue does
+    assert (failed["rows"][0]["llmid"], failed["rows"][0]["model_name"]) == ("demo-llm-chat", "demo-chat")
     status, body = await http.post("api/failed_accounting_retry.dspy", key, json={"id": failed["rows"][0]["id"]})
     assert status == 200 and body["status"] == "accounted" and body["amount"] == "0.002940", body
     assert body["price_version"] == "demo-ppt-1" and body["pricing_id"] == "demo-pp-chat"

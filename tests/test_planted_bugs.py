@@ -195,3 +195,20 @@ async def test_reconcile_reports_a_broken_running_balance_per_customer(core):
     problem = report["mismatches"][0]
     assert problem["balance"] == problem["ledger_total"] == "15.000000"
     assert "running_balance" in problem
+
+
+def test_every_planted_bug_still_matches_the_code():
+    """A mutant whose snippet moved away is reported ``stale`` by the campaign and tests nothing:
+    each snippet must occur exactly once in its file, and each killing test must exist."""
+    import importlib.util
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("run_mutants", root / "tests" / "mutation" / "run_mutants.py")
+    runner = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(runner)
+    for m in runner.MUTANTS:
+        assert (root / m.path).read_text(encoding="utf-8").count(m.original) == 1, m.name
+        for test in m.tests:
+            path, name = test.split("::")
+            assert f"def {name}(" in (root / path).read_text(encoding="utf-8"), (m.name, test)

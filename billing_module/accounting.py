@@ -127,6 +127,14 @@ def parse_event(raw: dict[str, Any], times: clock.TimeRange = _DEFAULT_TIMES) ->
                  payload_hash(hashed), key_id)
 
 
+def _rebuilds_as_parsed(ev: Event) -> bool:
+    """Whether ``rebuild_event`` of a just parsed event's payload gives that event itself: its
+    model is named (no lookup by llmid to make) and its quantity reads back from the payload's
+    text as the same Decimal (``1.50`` is stored as ``1.5``, and the record shows the rebuilt one).
+    Every other field of the payload was written from the parsed event's own values."""
+    return bool(ev.payload["model_name"]) and str(ev.usage.quantity) == ev.payload["quantity"]
+
+
 def record_view(rec: dict[str, Any], duplicate: bool = False, price: PriceResult | None = None) -> dict[str, Any]:
     """The reply for an accounted (or failed / pending) record: built only from stored fields, so
     a replay returns exactly what the first call returned. ``price``: the price the record's
@@ -410,7 +418,7 @@ class Accounting:
             elif rec.payload_hash != ev.hash:
                 results[i] = batch_refusal(_reused(ev))
             else:
-                results[i] = _with_outcome(dict(record_view(rec, duplicate=True)))
+                results[i] = _with_outcome(record_view(rec, duplicate=True))
         return fresh, stored
 
     async def _account_batch(self, items: list[tuple[int, Event]], results: list[Any]) -> None:
@@ -646,6 +654,8 @@ class Accounting:
     # --- internals -----------------------------------------------------------------------------
     async def _prepare(self, raw):
         checked = parse_event(raw, self.times)
+        if _rebuilds_as_parsed(checked):
+            return checked      # what rebuild_event gives for it, without building it twice
         return await self.rebuild_event(checked.payload, checked.hash)
 
     async def rebuild_event(self, payload: dict, phash: str, memo: dict | None = None) -> Event:
@@ -901,11 +911,13 @@ def batch_refusal(error: BillingError) -> dict:
 
 
 def _with_outcome(view: dict) -> dict:
+    """``view`` (a reply built for this batch alone: taken over, not copied) with its outcome."""
     if view.get("status") == "pending" and not view.get("duplicate"):
         outcome = "queued"
     else:
         outcome = "duplicate" if view.get("duplicate") else "accounted"
-    return dict(view, success=True, outcome=outcome)
+    view["success"], view["outcome"] = True, outcome
+    return view
 
 
 async def _batch_result(reply) -> dict:

@@ -5,6 +5,7 @@ People read days and months in the deployment's time zone (config ``timezone``):
 naive time is wall time there, and a report's day is the local day (``offset_segments``)."""
 import datetime
 import functools
+import re
 import time
 import zoneinfo
 from dataclasses import dataclass
@@ -12,6 +13,8 @@ from dataclasses import dataclass
 from .errors import InvalidParam
 
 FMT = "%Y-%m-%d %H:%M:%S"
+# ``fmt``'s output, digit for digit ([0-9], not \d: \d also takes other scripts' digits)
+_STORED_FORM = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2} [0-9]{2}:[0-9]{2}:[0-9]{2}")
 _now = None
 
 
@@ -144,6 +147,14 @@ class TimeRange:
 
     def parse(self, text, field: str) -> str:
         """``text`` as stored time text, or InvalidParam when it is not a time within the range."""
+        if type(text) is str and _STORED_FORM.fullmatch(text):
+            # already ``fmt``'s form (what clients mostly send): only its range is checked
+            try:
+                dt = datetime.datetime.fromisoformat(text)
+            except ValueError:      # e.g. month 13: the general parser says why
+                dt = None
+            if dt is not None and self.earliest <= dt <= utcnow() + datetime.timedelta(seconds=self.ahead_seconds):
+                return text
         dt = parse(text, field)
         latest = utcnow() + datetime.timedelta(seconds=self.ahead_seconds)
         if not self.earliest <= dt <= latest:

@@ -138,7 +138,11 @@ async def check_body(request, config):
 
 
 def _json_but_not_an_object(body: bytes) -> bool:
-    """Valid JSON that is not an object; what does not parse is left to the parser's refusal."""
+    """Valid JSON that is not an object; what does not parse is left to the parser's refusal.
+    A text that starts with ``{`` is an object or no JSON at all: not parsed here (a batch's
+    body is parsed once, by the endpoint)."""
+    if body.lstrip(b" \t\n\r")[:1] == b"{":
+        return False
     try:
         return not isinstance(json.loads(body), dict)
     except ValueError:

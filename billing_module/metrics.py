@@ -63,10 +63,9 @@ def webhook_failed(target: str, outcome: str) -> None:
 
 def batch_outcomes(results: list[dict]) -> None:
     """The events of one ``accounting_batch`` call: accounted ones and refusals by code."""
+    accounted("batch", sum(1 for result in results if result.get("outcome") == "accounted"))   # one inc
     for result in results:
-        if result.get("outcome") == "accounted":
-            accounted("batch")
-        elif result.get("outcome") == "refused":
+        if result.get("outcome") == "refused":
             failed("batch", str(result.get("code") or "error"))
 
 

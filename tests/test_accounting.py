@@ -313,6 +313,26 @@ def test_event_json_round_trip_keeps_quantities_exact():
     assert again.hash == ev.hash and again.usage.quantity == ev.usage.quantity
 
 
+async def test_a_fresh_event_is_the_event_its_payload_rebuilds(core):
+    """The posting paths take a just validated event as it is where ``rebuild_event`` of its
+    payload would give the same: the same fields, the quantity with the same digits."""
+    from billing_module.accounting import _rebuilds_as_parsed, parse_event
+    await seed_pricing(core)
+    events = [usage("f1"), usage("f2", quantity="1.50", unit="second"), usage("f3", quantity=100, unit="second"),
+              usage("f4", quantity=0.5, unit="second"), usage("f5", quantity="0.00", unit="second"),
+              usage("f6", attributes={"region": "eu", "n": [1, 2]}, user_id="u-1", transno="t-1"),
+              usage("f7", reasoning_tokens=100, cached_tokens=10, web_search_calls=2, key_id="k-1"),
+              usage("f8", model=None, llmid="llm-a"), usage("f9", model=" chat-a ", use_time=None),
+              usage("f10", prompt_tokens=5, input_tokens=None, unit=" call ", quantity="2")]
+    taken = 0
+    for raw in events:
+        ev = await core.accounting._prepare(raw)
+        rebuilt = await core.accounting.rebuild_event(ev.payload, ev.hash)
+        assert repr(ev) == repr(rebuilt), raw
+        taken += _rebuilds_as_parsed(parse_event(raw, core.accounting.times))
+    assert 0 < taken < len(events)       # both ways are exercised
+
+
 def test_program_fixture_is_valid():
     from billing_module.pricing import Program
     assert Program.from_payload(PROGRAM).id == "pp-chat"

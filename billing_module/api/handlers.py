@@ -180,7 +180,8 @@ async def accounting_batch(core, caller, p, request):
     for i, result in enumerate(results):
         assert result is not None, "every event has its result"
         counts[result["outcome"]] += 1
-        replies.append(dict(result, index=i))
+        result["index"] = i       # each result is this request's own: no copy
+        replies.append(result)
     return {"mode": mode, "total": len(replies), "counts": counts, "results": replies}
 
 

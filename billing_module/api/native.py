@@ -10,10 +10,10 @@ grant them like the ``.dspy`` paths, scripts/setup_billing_perms.sh does).
 Parameters are merged the way ahserver merges them for a ``.dspy``: the query, then for a POST
 its form fields, or the JSON body when there are none.
 """
-import json
-
 from aiohttp import web
 from appPublic.dictObject import multiDict2Dict
+
+from .. import jsontext
 
 FAST_ENDPOINTS = ("accounting", "accounting_batch", "authorize", "settle", "release", "balance", "quote")
 
@@ -28,7 +28,7 @@ async def read_params(request: web.Request) -> dict:
     posted = multiDict2Dict(await request.post())
     if not posted and request.can_read_body:
         try:
-            posted = json.loads(await request.read())
+            posted = jsontext.loads(await request.read())     # json.loads's values, by orjson
         except ValueError:
             posted = {}          # not JSON: no parameters, as ahserver does
     params.update(posted)

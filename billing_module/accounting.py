@@ -104,10 +104,12 @@ def parse_event(raw: dict[str, Any], times: clock.TimeRange = _DEFAULT_TIMES) ->
         raise InvalidParam("model_name: a string of at most 128 characters")
     if not (model_name or llmid or product_id):
         raise InvalidParam("one of model_name, llmid or product_id is required")
-    raw = provider_usage.merged_event(raw)
-    usage = Usage.from_event(dict(raw, model_name=model_name or llmid or product_id))
+    raw = provider_usage.merged_event(raw)      # a new dict: the name to price by is set in it
+    raw["model_name"] = model_name or llmid or product_id
+    usage = Usage.from_event(raw)
     use_time = raw.get("use_time")
-    use_time = times.parse(use_time, "use_time") if use_time not in (None, "") else clock.now_text()
+    time_given = use_time not in (None, "")
+    use_time = times.parse(use_time, "use_time") if time_given else clock.now_text()
     payload = {
         "request_id": request_id, "customer_id": customer_id, "user_id": user_id, "llmid": llmid,
         "product_id": product_id, "model_name": model_name, "input_tokens": usage.input_tokens,
@@ -122,7 +124,7 @@ def parse_event(raw: dict[str, Any], times: clock.TimeRange = _DEFAULT_TIMES) ->
     if raw.get("usage") is not None:   # the provider's object, kept as sent
         payload.update(usage=raw["usage"], usage_format=raw["usage_format"])
     # the hash covers what is charged; use_time defaults to "now" and must not make a retry differ
-    hashed = {k: v for k, v in payload.items() if k != "use_time" or raw.get("use_time") not in (None, "")}
+    hashed = payload if time_given else {k: v for k, v in payload.items() if k != "use_time"}
     return Event(request_id, customer_id, usage, user_id, llmid, product_id, use_time, transno, payload,
                  payload_hash(hashed), key_id)
 
@@ -135,19 +137,15 @@ def _rebuilds_as_parsed(ev: Event) -> bool:
     return bool(ev.payload["model_name"]) and str(ev.usage.quantity) == ev.payload["quantity"]
 
 
-def record_view(rec: dict[str, Any], duplicate: bool = False, price: PriceResult | None = None) -> dict[str, Any]:
+def record_view(rec: dict[str, Any], duplicate: bool = False) -> dict[str, Any]:
     """The reply for an accounted (or failed / pending) record: built only from stored fields, so
-    a replay returns exactly what the first call returned. ``price``: the price the record's
-    ``price_lines`` were just written from, read instead of parsing them back (the same values)."""
+    a replay returns exactly what the first call returned (the lines too: read back from their
+    text by orjson, faster than building them again from the price)."""
     get = rec.get   # a Row is a dict: plain lookups (its attribute access is a Python call per column)
-    if price is not None:
-        lines = [ln.to_dict() for ln in price.lines]
-        unpriced = list(price.unpriced)
-    else:
-        text = get("price_lines")
-        stored = json.loads(text) if text else []
-        lines = [ln for ln in stored if not ln.get("unpriced")]
-        unpriced = [ln["factor"] for ln in stored if ln.get("unpriced")]
+    text = get("price_lines")
+    stored = jsontext.loads(text) if text else []
+    lines = [ln for ln in stored if not ln.get("unpriced")]
+    unpriced = [ln["factor"] for ln in stored if ln.get("unpriced")]
     included = get("included_quantity")
     return {
         "record_id": get("id"), "request_id": get("request_id"), "customer_id": get("customer_id"),
@@ -310,7 +308,7 @@ class Accounting:
             for i, row, _ in group:
                 row["ledger_entry_id"] = entry_of.get(row["id"])
                 records.append(row)
-                outcomes[i] = (record_view(row, price=items[i][1]), None)   # items[i]: (ev, price, model)
+                outcomes[i] = (record_view(row), None)
         await tx.insert_many("accounting_records", records)
         await self._link_usage(tx, records)
         return outcomes
@@ -822,7 +820,7 @@ class Accounting:
             await tx.execute(f"update accounting_records set {sets} where id = ${{id}}$", row)
             await self.failures.resolve_in(tx, existing.id, now)
         await self._link_usage(tx, [row])
-        return record_view(row, price=price)
+        return record_view(row)
 
     async def _debit(self, tx: Tx, ev: Event, price: PriceResult, row: dict[str, Any],
                      defer_to: tuple[str, ...] = ()) -> str:

@@ -63,9 +63,10 @@ MAX_USAGE_CHARS = 8192
 
 
 def merged_event(raw: Mapping) -> dict:
-    """The event with its ``usage`` object read as factors (``usage_factors``). An event sending
-    both the object and a factor of its own is refused: which one to charge would be a guess.
-    A ``usage`` sent as a JSON string (a form post) is read as the object it encodes."""
+    """The event with its ``usage`` object read as factors (``usage_factors``), as a new dict (the
+    caller's to change). An event sending both the object and a factor of its own is refused:
+    which one to charge would be a guess. A ``usage`` sent as a JSON string (a form post) is read
+    as the object it encodes."""
     usage, usage_format = raw.get("usage"), raw.get("usage_format")
     if usage is None:
         if usage_format is not None:

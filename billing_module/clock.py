@@ -21,7 +21,15 @@ _now = None
 def utcnow():
     if _now is not None:
         return _now()
-    return datetime.datetime.now(datetime.timezone.utc).replace(tzinfo=None, microsecond=0)
+    global _second
+    t = int(time.time())
+    if t != _second[0]:    # a new second: its datetime, kept for the calls within it (one per event)
+        _second = t, datetime.datetime.fromtimestamp(t, datetime.timezone.utc).replace(tzinfo=None)
+    return _second[1]
+
+
+# (epoch second, its naive UTC datetime): comparing an int is cheaper than building a datetime
+_second: tuple[int, datetime.datetime] = (-1, datetime.datetime(1970, 1, 1))
 
 
 def set_clock(func):

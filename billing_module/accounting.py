@@ -17,6 +17,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 from decimal import Decimal
+from json.encoder import c_make_encoder, encode_basestring  # type: ignore[attr-defined]
 from typing import Any, Protocol, cast
 
 from . import clock, jsontext, metrics, provider_usage, validation
@@ -57,7 +58,10 @@ EXTRA_COUNTS = tuple(name for name in COUNT_FIELDS if name not in ("input_tokens
 
 
 def _ident(raw, name, required=False, max_len=32):
-    return validation.ident(raw.get(name), name, required=required, max_len=max_len)
+    value = raw.get(name)
+    if value is None and not required:
+        return None       # not given (validation.ident's answer, without the calls: most fields are absent)
+    return validation.ident(value, name, required=required, max_len=max_len)
 
 
 @dataclass
@@ -891,8 +895,18 @@ def record_row(ev: Event, now: str, status: str, currency: str, price: PriceResu
     return row
 
 
-# json.dumps(payload, ensure_ascii=False) without building an encoder per call (the same text)
-_payload_text = json.JSONEncoder(ensure_ascii=False).encode
+def _payload_encoder() -> Any:
+    """``json.dumps(payload, ensure_ascii=False)``, the same text, by json's C encoder built once
+    (``json.dumps`` builds one per call). No cycle check: a payload was read from JSON, or written
+    by ``payload_hash`` first, whose encoders refuse a cycle."""
+    plain = json.JSONEncoder(ensure_ascii=False)
+    if c_make_encoder is None:         # a Python without json's C speedups
+        return plain.encode
+    encode = c_make_encoder(None, plain.default, encode_basestring, None, ": ", ", ", False, False, True)
+    return lambda payload: "".join(encode(payload, 0))
+
+
+_payload_text = _payload_encoder()
 
 BATCH_MODES = ("now", "queue")
 

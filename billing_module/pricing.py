@@ -60,6 +60,20 @@ PARTS = (
 )
 _PART_NAMES = frozenset(part for part, _, _ in PARTS)
 _PARTS_OF = {whole: tuple(part for part, of, _ in PARTS if of == whole) for whole in ("input_tokens", "output_tokens")}
+
+
+def _values_of(names: tuple[str, ...]) -> Callable[[Any], tuple]:
+    """The values of the attributes ``names`` as a tuple, read in C (attrgetter gives a single
+    attribute's value bare)."""
+    if len(names) > 1:
+        return operator.attrgetter(*names)
+    return lambda obj: tuple(getattr(obj, name) for name in names)
+
+
+# what every Usage checks: (whole, its parts, the whole's value, the parts' values)
+_PART_CHECKS = tuple((whole, names, operator.attrgetter(whole), _values_of(names))
+                     for whole, names in _PARTS_OF.items())
+
 # Counts billed on their own line: characters, calls in the event, web-search calls.
 COUNTS = ("characters", "calls", "web_search_calls")
 # Every whole-number field of a usage event, in line order.
@@ -125,9 +139,9 @@ class Usage:
     def __post_init__(self):
         if not isinstance(self.quantity, Decimal):
             object.__setattr__(self, "quantity", parse_quantity(self.quantity, "quantity"))
-        for whole, names in _PARTS_OF.items():
-            total = getattr(self, whole)
-            if sum([getattr(self, part) for part in names]) > total:
+        for whole, names, read_total, read_parts in _PART_CHECKS:
+            total = read_total(self)
+            if sum(read_parts(self)) > total:
                 parts = [(part, getattr(self, part)) for part in names if getattr(self, part)]
                 listed = " + ".join(part for part, _ in parts)
                 got = ", ".join(f"{part}={n}" for part, n in parts)
@@ -143,10 +157,8 @@ class Usage:
         model = event.get("model_name")
         if not isinstance(model, str) or not model.strip():
             raise InvalidParam("model_name: required, a non-empty string")
-        counts = {}
-        for name in COUNT_FIELDS:
-            value = event.get(name)
-            counts[name] = 0 if value is None else parse_count(value, name)
+        # the counts given (the others are 0, the fields' default)
+        counts = {name: parse_count(value, name) for name in COUNT_FIELDS if (value := event.get(name)) is not None}
         value = event.get("quantity")
         quantity = _ZERO if value is None else parse_quantity(value, "quantity")
         unit = event.get("unit")

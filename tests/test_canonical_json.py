@@ -160,3 +160,20 @@ def test_stored_payload_rebuilds_the_same_event():
     text = accounting._payload_text(ev.payload)
     assert text == json.dumps(ev.payload, ensure_ascii=False)
     assert same(jsontext.loads(text), json.loads(text))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.dictionaries(texts, nested, max_size=8))
+def test_payload_text_is_json_dumps(payload):
+    assert accounting._payload_text(payload) == json.dumps(payload, ensure_ascii=False)
+    try:
+        json.dumps({"x": object()})
+    except TypeError as e:
+        refused = str(e)
+    try:
+        accounting._payload_text({"x": object()})
+    except TypeError as e:
+        assert str(e) == refused
+    else:
+        raise AssertionError("an object json cannot write is refused")
+

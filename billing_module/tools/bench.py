@@ -7,6 +7,7 @@ exact command that produced it.
 """
 import argparse
 import asyncio
+import gc
 import json
 import os
 import shlex
@@ -378,6 +379,13 @@ def check(all_results):
     return missed
 
 
+async def settled(aw):
+    """``aw`` awaited after a full collection, so that the garbage of the figure before is not
+    collected on this one's clock (pyperf does the same; the server tunes its collector itself)."""
+    gc.collect()
+    return await aw
+
+
 async def run_one(dialect, scale, mysql_url, skip=(), workers=1, only_growth=False):
     n, n_acc, n_auth, n_price, n_http, sizes, samples = SCALES[scale]
     b = Bench(dialect, scale, mysql_url)
@@ -387,17 +395,18 @@ async def run_one(dialect, scale, mysql_url, skip=(), workers=1, only_growth=Fal
             core = await b.fresh_core("main")
             try:
                 for w in (1, 8):
-                    r[f"floor_tps_{w}"] = await b.floor(core, n, w)
-                    r[f"post_usage_tps_{w}"] = await b.usage_rate(core, n, w, f"w{w}")
+                    r[f"floor_tps_{w}"] = await settled(b.floor(core, n, w))
+                    r[f"post_usage_tps_{w}"] = await settled(b.usage_rate(core, n, w, f"w{w}"))
                     r[f"post_usage_vs_floor_{w}"] = r[f"post_usage_tps_{w}"] / r[f"floor_tps_{w}"]
-                r.update(await b.authorize_settle(core, n_auth))
-                r["pricing_hit_us"] = await b.pricing_hit(core, n_price)
-                r["floor_batch_rows_per_s"] = await b.floor_batch(core, n_acc, core.config.accounting.batch_size)
+                r.update(await settled(b.authorize_settle(core, n_auth)))
+                r["pricing_hit_us"] = await settled(b.pricing_hit(core, n_price))
+                batch = core.config.accounting.batch_size
+                r["floor_batch_rows_per_s"] = await settled(b.floor_batch(core, n_acc, batch))
             finally:
                 await core.close()
             core = await b.fresh_core("accountant")
             try:
-                r["accountant_eps"] = await b.accountant(core, n_acc)
+                r["accountant_eps"] = await settled(b.accountant(core, n_acc))
             finally:
                 await core.close()
             r["accountant_vs_floor_batch"] = r["accountant_eps"] / r["floor_batch_rows_per_s"]

@@ -18,7 +18,7 @@ from .cache import MISSING, CacheManager
 from .db import dialect as dialects
 from .db.database import Database, Row, Tx, where
 from .errors import InvalidParam, ModelMismatch, NoPricing
-from .pricing import PriceResult, Program, Usage, price_usage
+from .pricing import NO_DISCOUNT, PriceResult, Program, Usage, price_usage
 
 # entity -> (table, columns taken from an item besides id / payload / version / cached_at)
 ENTITIES = {
@@ -57,9 +57,6 @@ def _item_row(entity, item, version, now):
     row["version"] = str(item.get("version", version) or "")[:32]
     row["cached_at"] = now
     return row
-
-
-_NO_DISCOUNT = Decimal(1)
 
 
 def _discount(text, customer_id):
@@ -180,7 +177,7 @@ class Catalog:
     async def _load_discount(self, customer_id):
         async def load():
             row = await self._row("users_cache", "id = ${k}$ and entity_kind = 'org'", {"k": customer_id})
-            return _discount(row.discount, customer_id) if row and row.discount else _NO_DISCOUNT
+            return _discount(row.discount, customer_id) if row and row.discount else NO_DISCOUNT
         return await self._discounts.load(customer_id, load)
 
     async def org(self, customer_id: str) -> Row | None:
@@ -203,7 +200,7 @@ class Catalog:
         if priced is MISSING:
             priced = await self._priced_model(llmid, model_name)
         model, program = priced
-        discount = _NO_DISCOUNT
+        discount = NO_DISCOUNT
         if customer_id:
             discount = self._discounts.get(customer_id)
             if discount is MISSING:

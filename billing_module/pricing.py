@@ -106,6 +106,8 @@ MAX_DISCOUNT = Decimal(10)
 MAX_PLANS = 4096
 
 _ONE = Decimal(1)
+# the discount of a customer without one: passed as this very object, it skips the discount step
+NO_DISCOUNT = _ONE
 _UNPLANNED = object()
 _ZERO = Decimal(0)
 _MICRO_EXP = Decimal(1).scaleb(-PLACES)

@@ -763,24 +763,34 @@ def decimal_strings(draw, max_units=1000):
     return text if Decimal(text) else "0.5"
 
 
+def _draw_unit_costs_and_tiers(draw, rule, unit, tier_costs):
+    """A random rule's unit, cost price and up to three tiers (each with a cost when ``tier_costs``)."""
+    if unit is not None:
+        rule["unit"] = unit
+    if draw(st.booleans()):
+        rule["cost_prices"] = draw(decimal_strings())
+    thresholds = draw(st.lists(st.integers(0, 10**7), max_size=3, unique=True))
+    if thresholds:
+        rule["tiers"] = [{"above_input_tokens": t, "unit_prices": draw(decimal_strings()),
+                          **({"cost_prices": draw(decimal_strings())} if tier_costs and draw(st.booleans()) else {})}
+                         for t in thresholds]
+
+
 @st.composite
 def random_programs(draw):
     rules = []
     for factor in draw(st.lists(st.sampled_from(TOKEN_FACTORS), min_size=1, max_size=6, unique=True)):
         rule = {"price_factors": factor, "unit_prices": draw(decimal_strings())}
         unit = draw(st.sampled_from(UNITS))
-        if unit is not None:
-            rule["unit"] = unit
-        if draw(st.booleans()):
-            rule["cost_prices"] = draw(decimal_strings())
-        thresholds = draw(st.lists(st.integers(0, 10**7), max_size=3, unique=True))
-        if thresholds:
-            rule["tiers"] = [{"above_input_tokens": t, "unit_prices": draw(decimal_strings()),
-                              **({"cost_prices": draw(decimal_strings())} if draw(st.booleans()) else {})}
-                             for t in thresholds]
+        _draw_unit_costs_and_tiers(draw, rule, unit, tier_costs=True)
         rules.append(rule)
+    return _random_program("pp-rand", rules)
+
+
+def _random_program(program_id, rules):
+    """One version from 2026-01-01 with the random strategies' unit values."""
     data = {"unit_values": {"three": 3, "per7": "7.5"}, "pricings": rules}
-    return Program.from_payload({"id": "pp-rand", "currency": "CNY",
+    return Program.from_payload({"id": program_id, "currency": "CNY",
                                  "versions": [{"id": "v", "enabled_date": "2026-01-01", "pricing_data": data}]})
 
 
@@ -850,13 +860,7 @@ def planned_programs(draw):
         if factor == "quantity":
             rule["quantity_unit"] = draw(st.sampled_from(PLAN_EVENT_UNITS))
         unit = draw(st.sampled_from(UNITS)) if factor != "flat" else None
-        if unit is not None:
-            rule["unit"] = unit
-        if draw(st.booleans()):
-            rule["cost_prices"] = draw(decimal_strings())
-        thresholds = draw(st.lists(st.integers(0, 10**7), max_size=3, unique=True))
-        if thresholds:
-            rule["tiers"] = [{"above_input_tokens": t, "unit_prices": draw(decimal_strings())} for t in thresholds]
+        _draw_unit_costs_and_tiers(draw, rule, unit, tier_costs=False)
         filters = []
         model = draw(st.sampled_from([None, None, "m", "other"]))
         if model is not None:
@@ -866,9 +870,7 @@ def planned_programs(draw):
         if filters:
             rule["filters"] = filters
         rules.append(rule)
-    data = {"unit_values": {"three": 3, "per7": "7.5"}, "pricings": rules}
-    return Program.from_payload({"id": "pp-plan", "currency": "CNY",
-                                 "versions": [{"id": "v", "enabled_date": "2026-01-01", "pricing_data": data}]})
+    return _random_program("pp-plan", rules)
 
 
 @st.composite

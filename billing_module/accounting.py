@@ -535,7 +535,7 @@ class Accounting:
                 if refusal is not None:
                     failed.append((rec, refusal, price))
                     continue
-                row = _accounted_update(rec, price, model, now)
+                row = accounted_update(rec, price, model, now)
                 if ev.customer_id in covered:
                     try:
                         self._apply_quota(row, await self._take_quota(tx, ev, price, rec["id"]))
@@ -576,7 +576,7 @@ class Accounting:
                         rows.append(row)
             if budget_alerts and self.budgets is not None:    # now that the batch knows what it keeps
                 await self.budgets.alert_reached(tx, budget_alerts)
-            await tx.update_many("accounting_records", rows, keep=_UPSERT_ONLY)
+            await tx.update_many("accounting_records", rows, keep=UPSERT_ONLY)
             await self._link_usage(tx, rows)
             return len(rows), failed
 
@@ -964,11 +964,11 @@ def _event_error(exc, rec):
     return InvalidEvent(f"stored event {rec.request_id} cannot be priced: {type(exc).__name__}: {exc}"[:500])
 
 
-# the NOT NULL columns in _accounted_update's rows for MySQL's upsert only: the record keeps them
-_UPSERT_ONLY = ("customer_id", "created_at")
+# the NOT NULL columns in accounted_update's rows for MySQL's upsert only: the record keeps them
+UPSERT_ONLY = ("customer_id", "created_at")
 
 
-def _accounted_update(rec: Row, price: PriceResult, model: Row, now: str) -> dict[str, Any]:
+def accounted_update(rec: Row, price: PriceResult, model: Row, now: str) -> dict[str, Any]:
     """The columns that change when a stored record is accounted (plus the NOT NULL ones an
     upsert needs on MySQL). Per event of every batch: the rows are read as the dicts they are."""
     return {

@@ -442,7 +442,7 @@ async def run_one(dialect, scale, mysql_url, skip=(), workers=1, only_growth=Fal
                 r["accountant_eps"] = await settled(b.accountant(core, n_acc))
             finally:
                 await core.close()
-            core = await b.fresh_core("accountant-writes")
+            core = await b.fresh_core("writes")
             try:
                 r["accountant_writes_eps"] = await settled(b.accountant_writes(core, n_acc))
             finally:

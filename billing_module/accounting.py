@@ -11,10 +11,12 @@ twice, and a crashed instance's claims vanish with its rolled-back transaction.
 """
 from __future__ import annotations
 
+import asyncio
 import datetime
 import json
 import logging
 import time
+from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass, field
 from decimal import Decimal
 from json.encoder import c_make_encoder, encode_basestring  # type: ignore[attr-defined]
@@ -223,7 +225,7 @@ class Accounting:
         # first: the unique keys on the ledger entry and the record turn a repeated request
         # into a duplicate-key error, handled by _after_charge.
         try:
-            result = await self.group.run((ev, price, model))
+            result = await self.group.run(self._charge_item(ev, price, model, clock.now_text()))
         except Exception as e:
             return await self._after_charge(ev, price, model, None, e)
         return await self._after_charge(ev, price, model, result, None)
@@ -241,11 +243,11 @@ class Accounting:
 
     async def _after_charge(self, ev: Event, price: PriceResult, model: Any, result: Any,
                             error: BaseException | None) -> dict[str, Any]:
-        """The reply for one charge's outcome from the group writer (``result`` or ``error``),
-        shared by the single and the batch endpoint: a request that already had a record is
-        replayed or completed, an accounting failure is stored (unless it is a replay)."""
+        """The reply for one charge's outcome from the group writer (``result``, the record as
+        written, or ``error``), shared by the single and the batch endpoint: a request that already
+        had a record is replayed or completed, an accounting failure is stored (unless it is a replay)."""
         if error is None:
-            return result
+            return record_view(result)     # built after the commit: not in the writer's lock
         if isinstance(error, BillingError):
             if error.code in STORED_FAILURES:
                 replay = await self._replay_if_done(ev)   # a replay is refused by a short balance too
@@ -259,9 +261,16 @@ class Accounting:
             raise error
         return await self._complete_existing(ev, price, model)
 
+    def _charge_item(self, ev: Event, price: PriceResult, model: Any, now: str) -> tuple:
+        """What the group writer charges: the event with its accounted row built now, before the
+        transaction, so that the writer's transaction holds only its statements (on SQLite every
+        other writer waits for it). The row is the writer's template, copied by each run of the
+        transaction: a run again (a deadlock, a group gone the careful way) starts from it as built."""
+        return ev, price, model, self._accounted_row(ev, now, price, model)
+
     async def _charge_new(self, tx, item):
-        ev, price, model = item
-        return await self._charge(tx, ev, price, model, None)
+        ev, price, model, row = item
+        return await self._charge_row(tx, ev, price, model, None, dict(row))
 
     async def _charge_batch(self, tx, items):
         """Charge a group of new events with a few multi-row statements: one conditional debit
@@ -269,19 +278,18 @@ class Accounting:
         first: a request that has a record already (a replay, a stored event) is a duplicate key,
         and the group writer then runs the group event by event, like anything unusual (a
         refusal, a repeated request_id within the group: ``Fallback``)."""
-        ids = [ev.request_id for ev, _, _ in items]
+        ids = [item[0].request_id for item in items]
         if len(set(ids)) != len(ids):
             raise Fallback()
-        accounts = await self._accounts(tx, {ev.customer_id for ev, _, _ in items})
-        if any(self._refusal(price, _currency(accounts, ev.customer_id)) for ev, price, _ in items):
+        accounts = await self._accounts(tx, {item[0].customer_id for item in items})
+        if any(self._refusal(price, _currency(accounts, ev.customer_id)) for ev, price, _, _ in items):
             raise Fallback()      # charged one by one, where the refusal is that event's alone
-        now = clock.now_text()
         outcomes: list[Any] = [None] * len(items)
         by_customer: dict[str, list[Any]] = {}
         records = []
         covered = self._covered(accounts)
-        for i, (ev, price, model) in enumerate(items):
-            row = self._accounted_row(ev, now, price, model)
+        for i, (ev, price, _, built) in enumerate(items):
+            row = dict(built)       # the template stays as built (_charge_item)
             if ev.customer_id in covered:
                 try:
                     self._apply_quota(row, await self._take_quota(tx, ev, price, row["id"]))
@@ -312,8 +320,8 @@ class Accounting:
             for i, row, _ in group:
                 row["ledger_entry_id"] = entry_of.get(row["id"])
                 records.append(row)
-                outcomes[i] = (record_view(row), None)
-        await tx.insert_many("accounting_records", records)
+                outcomes[i] = (row, None)
+        await tx.insert_many("accounting_records", records, later=True)
         await self._link_usage(tx, records)
         return outcomes
 
@@ -376,7 +384,7 @@ class Accounting:
         firsts: list[tuple[int, Event]] = []
         repeats: list[tuple[int, Event]] = []
         seen: set[str] = set()
-        for i, raw in enumerate(events):
+        async for i, raw in in_turns(enumerate(events)):
             try:
                 ev = await self._prepare(raw)
             except BillingError as e:
@@ -427,19 +435,22 @@ class Accounting:
         """Price every event (model, program and discount looked up once per batch), then charge
         them in groups through the group writer's multi-row path (``_charge_batch``)."""
         memo: dict[Any, Any] = {}
-        priced = []
-        for i, ev in items:
+        priced, charges = [], []
+        now = clock.now_text()
+        async for i, ev in in_turns(items):
             try:
                 price, model = await self._quote_memo(ev, memo)
             except BillingError as e:
                 results[i] = await _batch_result(self._unpriced(ev, e))
                 continue
-            priced.append((i, ev, price, model))
+            priced.append(i)
+            charges.append(self._charge_item(ev, price, model, now))
         size = self.config.accounting.batch_size
         for start in range(0, len(priced), size):
-            chunk = priced[start:start + size]
-            outcomes = await self.group.write([(ev, price, model) for _, ev, price, model in chunk])
-            for (i, ev, price, model), (result, error) in zip(chunk, outcomes, strict=True):
+            chunk = charges[start:start + size]
+            outcomes = await self.group.write(chunk)
+            async for i, (ev, price, model, _), (result, error) in in_turns(zip(priced[start:start + size], chunk,
+                                                                                outcomes, strict=True)):
                 results[i] = await _batch_result(self._after_charge(ev, price, model, result, error))
 
     async def _queue_batch(self, items: list[tuple[int, Event]], results: list[Any]) -> None:
@@ -794,12 +805,19 @@ class Accounting:
                        included_quantity=str(quota.included))
 
     async def _charge(self, tx, ev, price, model, existing):
-        """Debit and write the accounted record inside ``tx``. ``existing``: the pending or failed
-        row of this request to complete, or None to insert a new one."""
+        """Debit and write the accounted record inside ``tx``; its reply. ``existing``: the
+        pending or failed row of this request to complete, or None to insert a new one."""
+        return record_view(await self._charge_row(tx, ev, price, model, existing))
+
+    async def _charge_row(self, tx: Tx, ev: Event, price: PriceResult, model: Any, existing: Row | None,
+                          row: dict[str, Any] | None = None) -> dict[str, Any]:
+        """``_charge``'s work; returns the record as written. ``row``: the accounted row of a new
+        record built before the transaction (this run's own copy), or None to build it here."""
         if self._refusal(price, None) is not None:   # an unpriced factor: refused, under its currency's name first
             raise self._refusal(price, (await self._currencies(tx, {ev.customer_id})).get(ev.customer_id))
-        now = clock.now_text()
-        row = self._accounted_row(ev, now, price, model, existing)
+        if row is None:
+            row = self._accounted_row(ev, clock.now_text(), price, model, existing)
+        now = row["updated_at"]
         if row["amount"] > 0:
             # The debit assumes the customer has no subscription (the balance row's flag, checked by
             # the update itself: no query for the common case); one that has gets the quota hook's
@@ -817,14 +835,14 @@ class Accounting:
                 raise UnknownCustomer(f"customer {ev.customer_id} has no account")
             await self._take_covered(tx, ev, price, row, acct)
         if existing is None:
-            await tx.insert("accounting_records", row)
+            await tx.insert("accounting_records", row, later=True)   # its duplicate key raises at COMMIT
         else:
             keep = ("id", "request_id", "payload", "payload_hash", "created_at")
             sets = ", ".join(f"{k} = ${{{k}}}$" for k in row if k not in keep)
             await tx.execute(f"update accounting_records set {sets} where id = ${{id}}$", row)
             await self.failures.resolve_in(tx, existing.id, now)
         await self._link_usage(tx, [row])
-        return record_view(row)
+        return row
 
     async def _debit(self, tx: Tx, ev: Event, price: PriceResult, row: dict[str, Any],
                      defer_to: tuple[str, ...] = ()) -> str:
@@ -909,6 +927,18 @@ def _payload_encoder() -> Any:
 _payload_text = _payload_encoder()
 
 BATCH_MODES = ("now", "queue")
+TURN_EVENTS = 32    # a batch's events between two turns of the event loop (in_turns)
+
+
+async def in_turns(items: Iterable[Any]) -> AsyncIterator[Any]:
+    """``items`` one by one, with a turn of the event loop every ``TURN_EVENTS``. A batch's
+    per-event work takes about a millisecond per 32 events; done in one stretch it would hold the
+    loop for tens of milliseconds, and the transaction of another request, waiting to send its
+    next statement, would hold the SQLite write lock (every writer's) that much longer."""
+    for k, item in enumerate(items):
+        if k % TURN_EVENTS == TURN_EVENTS - 1:
+            await asyncio.sleep(0)
+        yield item
 
 
 def check_batch(events: Any, limit: int) -> None:

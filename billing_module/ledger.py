@@ -271,8 +271,8 @@ class Ledger:
             "reason": (reason or "")[:255] or None, "operator": (operator or "")[:64] or None, "created_at": now,
         }
         # balance_after and currency come from the row this transaction has just changed (and
-        # holds locked): one statement instead of a read and a write
-        await tx.execute(_INSERT_ENTRY, entry)
+        # holds locked): one statement instead of a read and a write; sent with the next one
+        await tx.execute(_INSERT_ENTRY, entry, later=True)
         if amount < 0 and self.watch is not None and (self.watch.every_debit or
                                                       (flagged is not None and flagged.low_balance_set)):
             await self.watch.debited(tx, customer_id, amount)
@@ -334,7 +334,7 @@ class Ledger:
                             "request_id": item["request_id"], "payload_hash": item["payload_hash"],
                             "ref_type": item.get("ref_type"), "ref_id": item.get("ref_id"), "reason": None,
                             "operator": None, "created_at": now})
-        await tx.insert_many("ledger_entry", entries)
+        await tx.insert_many("ledger_entry", entries, later=True)
         debited = sum(i["amount"] for i in accepted)
         if debited < 0 and self.watch is not None and (self.watch.every_debit or row.low_balance_set):
             await self.watch.debited(tx, customer_id, debited)   # the batch crosses once at most

@@ -4,7 +4,7 @@ the reply."""
 from typing import Any
 
 from .. import clock
-from ..accounting import BATCH_MODES, batch_refusal, check_batch
+from ..accounting import BATCH_MODES, batch_refusal, check_batch, in_turns
 from ..budgets import PERIODS, SCOPES
 from ..errors import BillingError, Forbidden, InvalidParam
 from .callers import check_user_of, named_customer
@@ -164,7 +164,7 @@ async def accounting_batch(core, caller, p, request):
     check_batch(events, core.config.accounting.batch_max_events)
     results: list[dict[str, Any] | None] = [None] * len(events)
     accepted = []
-    for i, raw in enumerate(events):
+    async for i, raw in in_turns(enumerate(events)):
         try:
             if not isinstance(raw, dict):
                 raise InvalidParam("event: must be an object")

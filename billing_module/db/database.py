@@ -138,6 +138,13 @@ def _picker(names):
     return operator.itemgetter(*names)
 
 
+@functools.lru_cache(maxsize=256)
+def _multi_row(single, rows):
+    """``single`` (a compiled INSERT of one row: ``... values (?, ?)``) for ``rows`` rows."""
+    values = single[single.rindex(" values ") + len(" values "):]
+    return single + (", " + values) * (rows - 1)
+
+
 class Row(dict):
     """A result row: a dict whose columns also read as attributes (``row.balance``). appPublic's
     DictObject does the same but re-wraps every value on construction (tens of microseconds a row)."""
@@ -154,12 +161,57 @@ class Row(dict):
 
 
 class Tx:
-    """One open transaction. All SQL uses sqlor's ``${name}$`` placeholders."""
+    """One open transaction. All SQL uses sqlor's ``${name}$`` placeholders.
+
+    On SQLite every statement runs on the connection's thread, and each hand-off to it costs
+    more than the statement. So a statement written ``later`` (an insert whose count nobody
+    reads and whose failure fails the transaction) is sent with the next statement, or with the
+    COMMIT, in the same hand-off; its error (a duplicate key) is raised there. On MySQL it runs
+    at once (one round trip per statement either way)."""
 
     def __init__(self, sor, dialect, timeout_seconds=None):
         self.sor = sor
         self.dialect = dialect
         self.timeout_seconds = timeout_seconds     # per statement; None on SQLite
+        self._later: list[tuple[str, Any]] = []     # SQLite: (sql, parameters) not sent yet
+
+    async def _sqlite(self, final=None):
+        """One hand-off: the statements written later, then ``final(connection)``'s result."""
+        later, self._later = self._later, []
+
+        def work(conn):
+            for sql, params in later:
+                conn.execute(sql, params)
+            return None if final is None else final(conn)
+        return await self.sor.call(work)
+
+    async def flush(self):
+        """Send the statements written ``later`` now (their errors raise here)."""
+        if self._later:
+            await self._sqlite()
+
+    async def commit(self):
+        """COMMIT, with the statements written later in the same hand-off on SQLite; one of them
+        failing rolls the transaction back there and raises."""
+        if self.dialect != dialects.SQLITE:
+            return await self._answer(self.sor.conn.commit())
+        later, self._later = self._later, []
+
+        def work(conn):
+            try:
+                for sql, params in later:
+                    conn.execute(sql, params)
+            except BaseException:
+                conn.rollback()
+                raise
+            conn.commit()
+        return await self.sor.call(work)
+
+    async def rollback(self):
+        self._later = []       # never sent: nothing to undo
+        if self.dialect != dialects.SQLITE:
+            return await self._answer(self.sor.conn.rollback())
+        return await self.sor.call(lambda conn: conn.rollback())
 
     async def _answer(self, aw):
         return await _answer(self.sor, aw, self.timeout_seconds)
@@ -175,9 +227,9 @@ class Tx:
     async def select(self, sql, ns=None):
         marked, data = self._mask(sql, ns or {})
         if self.dialect == dialects.SQLITE:
-            # one hand-off to the connection's thread instead of two (execute, then fetchall);
-            # SQLite returns only int / float / str / bytes / None, nothing to convert
-            rows = await self.sor.conn.execute_fetchall(marked, data)
+            # one hand-off to the connection's thread (execute and fetch, after what was written
+            # later); SQLite returns only int / float / str / bytes / None, nothing to convert
+            rows = await self._sqlite(lambda conn: conn.execute(marked, data).fetchall())
             if not rows:
                 return []
             names = rows[0].keys()      # one result set: the same columns in every row
@@ -196,10 +248,16 @@ class Tx:
         row = await self.one(sql, ns)
         return None if row is None else next(iter(row.values()))
 
-    async def execute(self, sql, ns=None):
+    async def execute(self, sql, ns=None, later=False):
         """Run one statement; returns the number of rows it changed (matched, for UPDATE on
-        MySQL, because the connection is opened with CLIENT.FOUND_ROWS)."""
+        MySQL, because the connection is opened with CLIENT.FOUND_ROWS). ``later``: no count;
+        on SQLite sent with the next hand-off (the class says when)."""
         marked, data = self._mask(sql, ns or {})
+        if self.dialect == dialects.SQLITE:
+            if later:
+                self._later.append((marked, data))
+                return None
+            return await self._sqlite(lambda conn: conn.execute(marked, data).rowcount)
         cur = self.sor.cur
         await self._answer(cur.execute(marked, data))
         return cur.rowcount
@@ -214,23 +272,42 @@ class Tx:
             params = [pick(r) for r in rows]
         except KeyError as e:
             raise KeyError(f"SQL parameter ${{{e.args[0]}}}$ has no value") from None
+        if self.dialect == dialects.SQLITE:
+            return await self._sqlite(lambda conn: conn.executemany(marked, params).rowcount)
         cur = self.sor.cur
         await self._answer(cur.executemany(marked, params))
         return cur.rowcount
 
-    async def insert(self, table, record):
+    async def insert(self, table, record, later=False):
         cols = list(record)
         sql = (f"insert into {table} ({', '.join(cols)}) values "
                f"({', '.join('${' + c + '}$' for c in cols)})")
-        return await self.execute(sql, record)
+        return await self.execute(sql, record, later=later)
 
-    async def insert_many(self, table, records):
+    async def insert_many(self, table, records, later=False):
+        """Insert ``records`` (dicts with the same keys) with multi-row INSERTs
+        (``dialect.insert_chunks`` says how many rows each); on SQLite all of them in one
+        hand-off, or with the next one when written ``later`` (then no count)."""
         if not records:
             return 0
         cols = list(records[0])
-        sql = (f"insert into {table} ({', '.join(cols)}) values "
-               f"({', '.join('${' + c + '}$' for c in cols)})")
-        return await self.execute_many(sql, records)
+        sql = f"insert into {table} ({', '.join(cols)}) values ({', '.join('${' + c + '}$' for c in cols)})"
+        sizes = dialects.insert_chunks(self.dialect, len(records), len(cols))
+        if sizes is None:
+            return await self.execute_many(sql, records)
+        marked, names = _compile(sql, self.dialect)
+        pick = _picker(names)
+        chunks, start = [], 0
+        try:
+            for size in sizes:
+                chunks.append((_multi_row(marked, size), [v for r in records[start:start + size] for v in pick(r)]))
+                start += size
+        except KeyError as e:
+            raise KeyError(f"SQL parameter ${{{e.args[0]}}}$ has no value") from None
+        if later:
+            self._later.extend(chunks)
+            return None
+        return await self._sqlite(lambda conn: sum(conn.execute(text, params).rowcount for text, params in chunks))
 
     async def update_many(self, table, rows, key="id", keep=()):
         """Update many rows by key with one statement: executemany UPDATE on SQLite (one hand-off),
@@ -502,7 +579,7 @@ class Database:
                 except BaseException as e:
                     if not isinstance(e, NodeTimeout):    # its connection is closed: nothing to roll back
                         try:
-                            await tx._answer(sor.conn.rollback())
+                            await tx.rollback()
                         except Exception as rollback_error:
                             # e.g. a statement cancelled mid-flight closes an aiomysql connection; the
                             # connection is discarded (the server rolls back) and the original
@@ -511,7 +588,7 @@ class Database:
                     raise
                 if write or dialects.read_needs_commit(self.dialect):
                     try:
-                        await tx._answer(sor.conn.commit())
+                        await tx.commit()
                     except Exception as e:
                         # no answer to the COMMIT is no more an answer than a broken connection
                         if isinstance(e, NodeTimeout) or (dialects.is_node_unavailable(e)

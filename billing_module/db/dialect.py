@@ -132,6 +132,30 @@ def catalog_query(dialect, what, table=None):
                        "where table_schema = database() and table_name = ${t}$"}[what], {"t": table}
 
 
+# SQLite's bound parameters per statement: 32766 from 3.32, 999 before
+_SQLITE_MAX_PARAMS = 32766 if sqlite3.sqlite_version_info >= (3, 32) else 999
+_SQLITE_MAX_ROWS = 256
+
+
+def insert_chunks(dialect, rows, columns):
+    """How ``insert_many`` splits ``rows`` rows of ``columns`` values into multi-row INSERTs:
+    None on MySQL (pymysql's executemany writes one multi-row INSERT itself). On SQLite, row counts
+    that are powers of two up to 256 (within its parameter limit), largest first: a few statement
+    texts, each prepared once and cached by the connection (preparing one costs more than running
+    it), instead of executemany, which needs the GIL back for every row: its thread then waits a
+    switch interval (5 ms) per row while the event loop is busy."""
+    if dialect != SQLITE:
+        return None
+    cap = min(_SQLITE_MAX_ROWS, max(1, _SQLITE_MAX_PARAMS // max(1, columns)))
+    cap = 1 << (cap.bit_length() - 1)
+    sizes = []
+    while rows:
+        size = min(cap, 1 << (rows.bit_length() - 1))
+        sizes.append(size)
+        rows -= size
+    return sizes
+
+
 def insert_ignore(dialect):
     """INSERT that does nothing when the row's unique key exists."""
     return "insert or ignore" if dialect == SQLITE else "insert ignore"

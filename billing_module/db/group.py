@@ -95,6 +95,7 @@ class GroupCommit:
             await tx.execute("savepoint bm_group")
             try:
                 result = await self.single(tx, item)
+                await tx.flush()      # this request's own writes fail here, not at the next one's
             except Exception as e:
                 if dialects.is_retryable(e) or isinstance(e, DatabaseUnavailable):
                     raise                        # the database aborted the whole transaction, or its node failed

@@ -587,7 +587,7 @@ class Accounting:
                         rows.append(row)
             if budget_alerts and self.budgets is not None:    # now that the batch knows what it keeps
                 await self.budgets.alert_reached(tx, budget_alerts)
-            await tx.update_many("accounting_records", rows, keep=UPSERT_ONLY)
+            await tx.update_many("accounting_records", rows, keep=UPSERT_ONLY, later=True)
             await self._link_usage(tx, rows)
             return len(rows), failed
 

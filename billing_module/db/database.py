@@ -138,6 +138,12 @@ def _picker(names):
     return operator.itemgetter(*names)
 
 
+def _send(conn, statements):
+    """Run statements written ``later`` on the sqlite3 connection (on its thread), in order."""
+    for sql, params, many in statements:
+        (conn.executemany if many else conn.execute)(sql, params)
+
+
 @functools.lru_cache(maxsize=256)
 def _multi_row(single, rows):
     """``single`` (a compiled INSERT of one row: ``... values (?, ?)``) for ``rows`` rows."""
@@ -173,15 +179,14 @@ class Tx:
         self.sor = sor
         self.dialect = dialect
         self.timeout_seconds = timeout_seconds     # per statement; None on SQLite
-        self._later: list[tuple[str, Any]] = []     # SQLite: (sql, parameters) not sent yet
+        self._later: list[tuple[str, Any, bool]] = []   # SQLite: (sql, parameters, many) not sent yet
 
     async def _sqlite(self, final=None):
         """One hand-off: the statements written later, then ``final(connection)``'s result."""
         later, self._later = self._later, []
 
         def work(conn):
-            for sql, params in later:
-                conn.execute(sql, params)
+            _send(conn, later)
             return None if final is None else final(conn)
         return await self.sor.call(work)
 
@@ -199,8 +204,7 @@ class Tx:
 
         def work(conn):
             try:
-                for sql, params in later:
-                    conn.execute(sql, params)
+                _send(conn, later)
             except BaseException:
                 conn.rollback()
                 raise
@@ -255,15 +259,16 @@ class Tx:
         marked, data = self._mask(sql, ns or {})
         if self.dialect == dialects.SQLITE:
             if later:
-                self._later.append((marked, data))
+                self._later.append((marked, data, False))
                 return None
             return await self._sqlite(lambda conn: conn.execute(marked, data).rowcount)
         cur = self.sor.cur
         await self._answer(cur.execute(marked, data))
         return cur.rowcount
 
-    async def execute_many(self, sql, rows):
-        """One statement for many parameter sets (a list of dicts with the same keys)."""
+    async def execute_many(self, sql, rows, later=False):
+        """One statement for many parameter sets (a list of dicts with the same keys); ``later``
+        as for ``execute``."""
         if not rows:
             return 0
         marked, names = _compile(sql, self.dialect)
@@ -273,6 +278,9 @@ class Tx:
         except KeyError as e:
             raise KeyError(f"SQL parameter ${{{e.args[0]}}}$ has no value") from None
         if self.dialect == dialects.SQLITE:
+            if later:
+                self._later.append((marked, params, True))
+                return None
             return await self._sqlite(lambda conn: conn.executemany(marked, params).rowcount)
         cur = self.sor.cur
         await self._answer(cur.executemany(marked, params))
@@ -294,22 +302,23 @@ class Tx:
         sql = f"insert into {table} ({', '.join(cols)}) values ({', '.join('${' + c + '}$' for c in cols)})"
         sizes = dialects.insert_chunks(self.dialect, len(records), len(cols))
         if sizes is None:
-            return await self.execute_many(sql, records)
+            return await self.execute_many(sql, records, later=later)
         marked, names = _compile(sql, self.dialect)
         pick = _picker(names)
         chunks, start = [], 0
         try:
             for size in sizes:
-                chunks.append((_multi_row(marked, size), [v for r in records[start:start + size] for v in pick(r)]))
+                params = [v for r in records[start:start + size] for v in pick(r)]
+                chunks.append((_multi_row(marked, size), params, False))
                 start += size
         except KeyError as e:
             raise KeyError(f"SQL parameter ${{{e.args[0]}}}$ has no value") from None
         if later:
             self._later.extend(chunks)
             return None
-        return await self._sqlite(lambda conn: sum(conn.execute(text, params).rowcount for text, params in chunks))
+        return await self._sqlite(lambda conn: sum(conn.execute(text, params).rowcount for text, params, _ in chunks))
 
-    async def update_many(self, table, rows, key="id", keep=()):
+    async def update_many(self, table, rows, key="id", keep=(), later=False):
         """Update many rows by key with one statement: executemany UPDATE on SQLite (one hand-off),
         a multi-row INSERT ... ON DUPLICATE KEY UPDATE on MySQL (one round trip; pymysql sends an
         UPDATE executemany row by row). Rows must exist and, for MySQL, carry the table's NOT NULL
@@ -320,8 +329,8 @@ class Tx:
         cols = list(rows[0])
         if self.dialect == dialects.SQLITE:
             sets = ", ".join(f"{c} = ${{{c}}}$" for c in cols if c != key and c not in keep)
-            return await self.execute_many(f"update {table} set {sets} where {key} = ${{{key}}}$", rows)
-        return await self.execute_many(dialects.upsert(self.dialect, table, cols, key, keep), rows)
+            return await self.execute_many(f"update {table} set {sets} where {key} = ${{{key}}}$", rows, later=later)
+        return await self.execute_many(dialects.upsert(self.dialect, table, cols, key, keep), rows, later=later)
 
     async def page(self, sql, ns, order_by, page, rows):
         """``{"total", "rows"}`` for one page; ``order_by`` is code-controlled text."""

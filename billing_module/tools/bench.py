@@ -185,7 +185,7 @@ class Bench:
                     "usage", must_cover=True, refuse_suspended=True)
                 for u, e in zip(updates, entries, strict=True):
                     u["ledger_entry_id"] = e["id"]
-                await tx.update_many("accounting_records", updates, keep=UPSERT_ONLY)
+                await tx.update_many("accounting_records", updates, keep=UPSERT_ONLY, later=True)
             done += len(claimed)
         return n / (time.perf_counter() - t)
 

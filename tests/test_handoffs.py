@@ -1,0 +1,145 @@
+"""Fewer hand-offs to SQLite's thread, on both databases: a statement written ``later`` fails its
+transaction where it is sent (the next statement, or the COMMIT) and leaves nothing behind;
+multi-row inserts split into cached power-of-two chunks insert every row; the group writer's
+rows are built before its transaction and stay as built when the group is run again; a batch
+gives the event loop turns while it works through its events."""
+import asyncio
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from billing_module import accounting
+from billing_module.db import dialect as dialects
+from billing_module.ids import new_id
+from tests.helpers import seed_pricing, units, usage
+
+
+def _nonce(nonce, app_key="k"):
+    return {"id": new_id(), "nonce": nonce, "app_key": app_key, "seen_at": "2026-12-01 00:00:00"}
+
+
+async def _nonces(core):
+    async with core.db.read() as tx:
+        return await tx.scalar("select count(*) from api_nonce")
+
+
+async def test_a_later_insert_that_fails_fails_its_transaction_at_commit_and_leaves_nothing(core):
+    await core.ledger.recharge("cust-1", units("1"), "r1")
+    reached = []
+
+    async def work(tx):
+        await tx.execute("update customer_balance set balance = balance + 1 where id = ${c}$", {"c": "cust-1"})
+        await tx.insert("api_nonce", _nonce("n1"), later=True)
+        await tx.insert("api_nonce", _nonce("n1"), later=True)     # the same (app_key, nonce)
+        reached.append(True)      # on SQLite nothing has failed yet: the two are sent with the COMMIT
+    with pytest.raises(Exception) as raised:
+        await core.db.run(work)
+    assert dialects.is_unique_violation(raised.value)
+    assert reached == ([True] if core.db.dialect == dialects.SQLITE else [])
+    assert await _nonces(core) == 0
+    assert (await core.ledger.balance("cust-1"))["balance"] == "1.000000"   # the update rolled back too
+    # the connection is not left inside a transaction: the next one writes and commits
+    await core.db.run(lambda tx: tx.insert("api_nonce", _nonce("n2"), later=True))
+    assert await _nonces(core) == 1
+
+
+async def test_a_later_insert_fails_at_the_next_statement_and_the_transaction_can_go_on(core):
+    """Sent with the next statement: its error is raised there, in order; a savepoint around it
+    (what the group writer does per request) keeps the rest of the transaction."""
+    async def work(tx):
+        await tx.insert("api_nonce", _nonce("a"), later=True)
+        await tx.execute("savepoint t1")
+        await tx.insert("api_nonce", _nonce("a"), later=True)
+        with pytest.raises(Exception) as raised:
+            await tx.flush()
+        assert dialects.is_unique_violation(raised.value)
+        await tx.execute("rollback to savepoint t1")
+        await tx.insert("api_nonce", _nonce("b"), later=True)
+        return await tx.scalar("select count(*) from api_nonce")   # sees the writes before it
+    assert await core.db.run(work) == 2
+    assert await _nonces(core) == 2
+
+
+@pytest.mark.parametrize("n", [1, 255, 256, 1000])
+async def test_insert_many_writes_every_row_in_chunks(core, n):
+    rows = [_nonce(f"m-{i}") for i in range(n)]
+    assert await core.db.run(lambda tx: tx.insert_many("api_nonce", rows)) == n
+    later = [_nonce(f"l-{i}") for i in range(n)]
+    assert await core.db.run(lambda tx: tx.insert_many("api_nonce", later, later=True)) is None
+    async with core.db.read() as tx:
+        stored = await tx.select("select id, nonce from api_nonce")
+    assert {(r.id, r.nonce) for r in stored} == {(r["id"], r["nonce"]) for r in rows + later}
+
+
+@given(st.integers(min_value=1, max_value=5000), st.integers(min_value=1, max_value=400))
+def test_insert_chunks_are_powers_of_two_within_the_parameter_limit(rows, columns):
+    sizes = dialects.insert_chunks(dialects.SQLITE, rows, columns)
+    assert sum(sizes) == rows
+    assert all(size & (size - 1) == 0 for size in sizes)                  # powers of two: few texts
+    assert all(size * columns <= max(columns, dialects._SQLITE_MAX_PARAMS) for size in sizes)
+    assert sizes == sorted(sizes, reverse=True)
+    assert dialects.insert_chunks(dialects.MYSQL, rows, columns) is None   # pymysql batches itself
+
+
+async def test_a_group_run_again_the_careful_way_writes_the_rows_as_built(core):
+    """The batch fills in ledger entry ids, then falls back (one event is short of balance):
+    each record then written carries the entry that charged it, none from the rolled-back try."""
+    await seed_pricing(core)
+    await core.ledger.recharge("cust-1", units("0.012"), "r1")      # two charges of 0.006, not three
+    results = await core.accounting.post_usage_batch([usage(f"g-{i}") for i in range(3)])
+    assert [r["outcome"] for r in results] == ["accounted", "accounted", "refused"]
+    async with core.db.read() as tx:
+        records = await tx.select("select id, request_id, ledger_entry_id from accounting_records "
+                                  "where status = 'accounted' order by request_id")
+        entries = await tx.select("select id, ref_id, request_id from ledger_entry where entry_type = 'usage'")
+    assert [r.request_id for r in records] == ["g-0", "g-1"]
+    assert {(r.ledger_entry_id, r.id) for r in records} == {(e.id, e.ref_id) for e in entries}
+    assert {r["ledger_entry_id"] for r in results[:2]} == {e.id for e in entries}
+
+
+@pytest.mark.parametrize("size", [1, 3])
+async def test_the_group_writer_leaves_its_rows_as_built(core, size):
+    """A transaction run again (a deadlock, the careful way after a refusal) starts from the row
+    as built before it: no run writes into it (a quota taken, an entry id of a rolled-back try)."""
+    await seed_pricing(core)
+    await core.ledger.recharge("cust-1", units("1"), "r1")
+    items = []
+    for i in range(size):
+        ev = await core.accounting._prepare(usage(f"b-{i}"))
+        price, model = await core.catalog.quote(ev.usage, ev.llmid, ev.payload["model_name"], ev.customer_id, ev.day)
+        items.append(core.accounting._charge_item(ev, price, model, "2026-12-01 00:00:00"))
+    built = [dict(item[3]) for item in items]
+    outcomes = await core.accounting.group.write(items)
+    assert [error for _, error in outcomes] == [None] * size
+    assert all(written["ledger_entry_id"] for written, _ in outcomes)
+    assert [item[3] for item in items] == built and all(b.get("ledger_entry_id") is None for b in built)
+
+
+async def test_a_batch_gives_the_event_loop_a_turn_every_few_events(core, monkeypatch):
+    """Another request's transaction waiting for its next statement is not held up by a whole
+    batch's parsing, pricing or replies: between two turns of the loop at most TURN_EVENTS events
+    are read (seen by a task that runs at every turn): 32, about a millisecond of work."""
+    await seed_pricing(core)
+    await core.ledger.recharge("cust-1", units("100"), "r1")
+    read = [0]
+    prepare = core.accounting._prepare
+
+    async def counted(raw):
+        read[0] += 1
+        return await prepare(raw)
+    monkeypatch.setattr(core.accounting, "_prepare", counted)
+    seen, done = [], False
+
+    async def every_turn():
+        while not done:
+            seen.append(read[0])
+            await asyncio.sleep(0)
+    watcher = asyncio.create_task(every_turn())
+    await asyncio.sleep(0)
+    results = await core.accounting.post_usage_batch([usage(f"t-{i}") for i in range(500)])
+    done = True
+    await watcher
+    assert [r["outcome"] for r in results] == ["accounted"] * 500
+    steps = [b - a for a, b in zip(seen, seen[1:], strict=False)]
+    assert read[0] == 500 and max(steps) <= 32 == accounting.TURN_EVENTS

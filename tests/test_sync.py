@@ -107,8 +107,7 @@ async def test_incremental_sync_applies_changes_deletions_and_drops_caches(core,
     await sync.sync()
     assert await quote(core, "org-1") == "0.005400"
     assert await quote(core, "org-1") == "0.005400"
-    hits_before = core.caches.stats()["users:discount"]["hits"]
-    assert hits_before >= 1
+    assert core.caches.stats()["quote:priced"]["hits"] >= 1      # the second quote: from memory
     v_users = centre.versions["users"]
     centre.put("users", [dict(USERS[0], discount="0.5")])
     centre.delete("users", ["u-2"])
@@ -553,6 +552,19 @@ async def test_sync_endpoints_and_health_counters(centre_http, centre):
     caches = body["caches"]
     assert status == 200 and caches["pricing"]["misses"] >= 1 and caches["quote:priced"]["misses"] >= 1
     assert caches["quote:priced"]["hits"] >= 1
+
+
+async def test_a_new_discount_is_used_at_once_after_a_users_sync(core, centre):
+    """Only the customer's discount changes at the centre: the quote memo that holds it goes
+    with the users sync, and the next charge has the new discount."""
+    sync = wire(core)
+    seed_centre(centre)
+    await sync.sync()
+    assert await quote(core, "org-1") == "0.005400"
+    assert await quote(core, "org-1") == "0.005400"      # warm
+    centre.put("users", [dict(USERS[0], discount="0.5")])
+    assert [r["status"] for r in await sync.sync("users")] == ["success"]     # that entity alone
+    assert await quote(core, "org-1") == "0.003000"       # (1,000 x 2.0/M + 500 x 8.0/M) x 0.5
 
 
 async def test_no_pricing_after_the_program_is_deleted_at_the_centre(core, centre):

@@ -92,9 +92,13 @@ MUTANTS = [
             f"{PRODUCTS}::test_post_usage_spends_the_quota_first_and_charges_only_the_overage")),
     # a quote's (model, program) memo must go with a pricing sync: else the old price is charged
     Mutant("priced_memo_outlives_pricing_sync", "billing_module/catalog.py",
-           'depends_on=("llmage", "pricing")', 'depends_on=("llmage",)',
+           'depends_on=("llmage", "pricing", "users")', 'depends_on=("llmage", "users")',
            ("tests/test_sync.py::test_incremental_sync_applies_changes_deletions_and_drops_caches",
             "tests/test_sync.py::test_no_pricing_after_the_program_is_deleted_at_the_centre")),
+    # and with a users sync: else the customer keeps its old discount
+    Mutant("priced_memo_outlives_users_sync", "billing_module/catalog.py",
+           'depends_on=("llmage", "pricing", "users")', 'depends_on=("llmage", "pricing")',
+           ("tests/test_sync.py::test_a_new_discount_is_used_at_once_after_a_users_sync",)),
 ]
 
 

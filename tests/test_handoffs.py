@@ -50,9 +50,9 @@ async def test_a_later_insert_fails_at_the_next_statement_and_the_transaction_ca
     async def work(tx):
         await tx.insert("api_nonce", _nonce("a"), later=True)
         await tx.execute("savepoint t1")
-        await tx.insert("api_nonce", _nonce("a"), later=True)
         with pytest.raises(Exception) as raised:
-            await tx.flush()
+            await tx.insert("api_nonce", _nonce("a"), later=True)     # MySQL: here
+            await tx.flush()                                         # SQLite: here
         assert dialects.is_unique_violation(raised.value)
         await tx.execute("rollback to savepoint t1")
         await tx.insert("api_nonce", _nonce("b"), later=True)
@@ -143,3 +143,54 @@ async def test_a_batch_gives_the_event_loop_a_turn_every_few_events(core, monkey
     assert [r["outcome"] for r in results] == ["accounted"] * 500
     steps = [b - a for a, b in zip(seen, seen[1:], strict=False)]
     assert read[0] == 500 and max(steps) <= 32 == accounting.TURN_EVENTS
+
+
+def _count_trips(core, monkeypatch):
+    """How many times a transaction waits for the database: hand-offs to SQLite's thread, round
+    trips to MySQL (a statement or a COMMIT)."""
+    trips = [0]
+    if core.db.dialect == dialects.SQLITE:
+        from billing_module.db.sqlite_driver import BillingSQLiteor
+        call = BillingSQLiteor.call
+
+        async def counted_call(self, fn):
+            trips[0] += 1
+            return await call(self, fn)
+        monkeypatch.setattr(BillingSQLiteor, "call", counted_call)
+    else:
+        import aiomysql
+        execute, commit = aiomysql.Cursor.execute, aiomysql.Connection.commit
+
+        async def counted_execute(self, *args, **kw):
+            trips[0] += 1
+            return await execute(self, *args, **kw)
+
+        async def counted_commit(self):
+            trips[0] += 1
+            return await commit(self)
+        monkeypatch.setattr(aiomysql.Cursor, "execute", counted_execute)
+        monkeypatch.setattr(aiomysql.Connection, "commit", counted_commit)
+    return trips
+
+
+async def test_a_charge_waits_for_the_database_as_few_times_as_an_insert(core, monkeypatch):
+    """SQLite: the BEGIN goes with the debit, the ledger entry and the record with the COMMIT:
+    two hand-offs, like a one-row insert's transaction. MySQL: the debit, the entry, the record
+    and the COMMIT (no BEGIN is sent: the first statement opens the transaction)."""
+    await seed_pricing(core)
+    await core.ledger.recharge("cust-1", units("1"), "r1")
+    await core.accounting.post_usage(usage("warm"))          # the caches filled
+    trips = _count_trips(core, monkeypatch)
+    await core.accounting.post_usage(usage("counted"))
+    charge, trips[0] = trips[0], 0
+    await core.db.run(lambda tx: tx.insert("api_nonce", _nonce("n1")))
+    insert, trips[0] = trips[0], 0
+    await core.db.run(lambda tx: tx.one("select 1 as one from customer_balance where id = 'nobody'"))
+    read, trips[0] = trips[0], 0
+    await core.db.run(lambda tx: asyncio.sleep(0))        # a write transaction that writes nothing
+    empty = trips[0]
+    if core.db.dialect == dialects.SQLITE:
+        assert (charge, insert, read, empty) == (2, 2, 2, 0)
+    else:
+        assert (charge, insert, read, empty) == (4, 2, 2, 1)
+    assert (await core.accounting.record(request_id="counted")).status == "accounted"

@@ -180,10 +180,21 @@ class Tx:
         self.dialect = dialect
         self.timeout_seconds = timeout_seconds     # per statement; None on SQLite
         self._later: list[tuple[str, Any, bool]] = []   # SQLite: (sql, parameters, many) not sent yet
+        self._sent = False        # SQLite: a hand-off has been made (the BEGIN, if any, has run)
+
+    async def begin(self, statement):
+        """Open the transaction: on SQLite ``BEGIN IMMEDIATE`` goes with the first statement, in
+        its hand-off (the write lock is still taken before that statement runs); a transaction
+        that sends none costs no hand-off at all."""
+        if self.dialect == dialects.SQLITE:
+            self._later.append((statement, (), False))
+        else:
+            await self._answer(self.sor.cur.execute(statement))
 
     async def _sqlite(self, final=None):
         """One hand-off: the statements written later, then ``final(connection)``'s result."""
         later, self._later = self._later, []
+        self._sent = True
 
         def work(conn):
             _send(conn, later)
@@ -201,6 +212,8 @@ class Tx:
         if self.dialect != dialects.SQLITE:
             return await self._answer(self.sor.conn.commit())
         later, self._later = self._later, []
+        if not self._sent and len(later) == 1 and later[0][0] == dialects.begin_statement(self.dialect, True):
+            return None       # nothing was written (only the BEGIN is pending): nothing to commit
 
         def work(conn):
             try:
@@ -215,6 +228,8 @@ class Tx:
         self._later = []       # never sent: nothing to undo
         if self.dialect != dialects.SQLITE:
             return await self._answer(self.sor.conn.rollback())
+        if not self._sent:
+            return None        # not even the BEGIN ran
         return await self.sor.call(lambda conn: conn.rollback())
 
     async def _answer(self, aw):
@@ -264,7 +279,7 @@ class Tx:
             return await self._sqlite(lambda conn: conn.execute(marked, data).rowcount)
         cur = self.sor.cur
         await self._answer(cur.execute(marked, data))
-        return cur.rowcount
+        return None if later else cur.rowcount
 
     async def execute_many(self, sql, rows, later=False):
         """One statement for many parameter sets (a list of dicts with the same keys); ``later``
@@ -284,7 +299,7 @@ class Tx:
             return await self._sqlite(lambda conn: conn.executemany(marked, params).rowcount)
         cur = self.sor.cur
         await self._answer(cur.executemany(marked, params))
-        return cur.rowcount
+        return None if later else cur.rowcount
 
     async def insert(self, table, record, later=False):
         cols = list(record)
@@ -582,7 +597,7 @@ class Database:
                     sor.billing_sync_wait = causal
                 begin = dialects.begin_statement(self.dialect, write)
                 if begin:
-                    await tx._answer(sor.cur.execute(begin))
+                    await tx.begin(begin)
                 try:
                     yield tx
                 except BaseException as e:

@@ -72,14 +72,26 @@ async def test_insert_many_writes_every_row_in_chunks(core, n):
     assert {(r.id, r.nonce) for r in stored} == {(r["id"], r["nonce"]) for r in rows + later}
 
 
+@pytest.mark.parametrize("n", [1, 300])
+async def test_update_many_sets_every_row_and_keeps_what_it_is_told(core, n):
+    rows = [_nonce(f"u-{i}") for i in range(n)]
+    await core.db.run(lambda tx: tx.insert_many("api_nonce", rows))
+    changed = [dict(r, seen_at=f"2026-12-02 10:{i % 60:02d}:00", app_key="other") for i, r in enumerate(rows)]
+    await core.db.run(lambda tx: tx.update_many("api_nonce", changed, keep=("nonce", "app_key")))
+    async with core.db.read() as tx:
+        stored = {r.id: r for r in await tx.select("select id, nonce, app_key, seen_at from api_nonce")}
+    assert {i: (r.nonce, r.app_key, r.seen_at) for i, r in stored.items()} == {
+        r["id"]: (r["nonce"], "k", r["seen_at"]) for r in changed}
+
+
 @given(st.integers(min_value=1, max_value=5000), st.integers(min_value=1, max_value=400))
-def test_insert_chunks_are_powers_of_two_within_the_parameter_limit(rows, columns):
-    sizes = dialects.insert_chunks(dialects.SQLITE, rows, columns)
+def test_row_chunks_are_powers_of_two_within_the_parameter_limit(rows, columns):
+    sizes = dialects.row_chunks(dialects.SQLITE, rows, columns)
     assert sum(sizes) == rows
     assert all(size & (size - 1) == 0 for size in sizes)                  # powers of two: few texts
     assert all(size * columns <= max(columns, dialects._SQLITE_MAX_PARAMS) for size in sizes)
     assert sizes == sorted(sizes, reverse=True)
-    assert dialects.insert_chunks(dialects.MYSQL, rows, columns) is None   # pymysql batches itself
+    assert dialects.row_chunks(dialects.MYSQL, rows, columns) is None   # pymysql batches itself
 
 
 async def test_a_group_run_again_the_careful_way_writes_the_rows_as_built(core):

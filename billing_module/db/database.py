@@ -309,13 +309,13 @@ class Tx:
 
     async def insert_many(self, table, records, later=False):
         """Insert ``records`` (dicts with the same keys) with multi-row INSERTs
-        (``dialect.insert_chunks`` says how many rows each); on SQLite all of them in one
+        (``dialect.row_chunks`` says how many rows each); on SQLite all of them in one
         hand-off, or with the next one when written ``later`` (then no count)."""
         if not records:
             return 0
         cols = list(records[0])
         sql = f"insert into {table} ({', '.join(cols)}) values ({', '.join('${' + c + '}$' for c in cols)})"
-        sizes = dialects.insert_chunks(self.dialect, len(records), len(cols))
+        sizes = dialects.row_chunks(self.dialect, len(records), len(cols))
         if sizes is None:
             return await self.execute_many(sql, records, later=later)
         marked, names = _compile(sql, self.dialect)
@@ -334,18 +334,34 @@ class Tx:
         return await self._sqlite(lambda conn: sum(conn.execute(text, params).rowcount for text, params, _ in chunks))
 
     async def update_many(self, table, rows, key="id", keep=(), later=False):
-        """Update many rows by key with one statement: executemany UPDATE on SQLite (one hand-off),
-        a multi-row INSERT ... ON DUPLICATE KEY UPDATE on MySQL (one round trip; pymysql sends an
-        UPDATE executemany row by row). Rows must exist and, for MySQL, carry the table's NOT NULL
-        columns; ``keep``: columns the rows carry only for that, never set (SQLite rewrites the
-        index entries of every column it sets, even to the same value)."""
+        """Update many rows by key: on SQLite multi-row UPDATE ... FROM (VALUES ...) statements
+        (``dialect.row_chunks``), all in one hand-off; on MySQL a multi-row INSERT ... ON DUPLICATE
+        KEY UPDATE (one round trip; pymysql sends an UPDATE executemany row by row). Rows must exist
+        and, for MySQL, carry the table's NOT NULL columns; ``keep``: columns the rows carry only for
+        that, never set (SQLite rewrites the index entries of every column it sets, even to the same
+        value). ``later`` as for ``execute``."""
         if not rows:
             return 0
         cols = list(rows[0])
-        if self.dialect == dialects.SQLITE:
-            sets = ", ".join(f"{c} = ${{{c}}}$" for c in cols if c != key and c not in keep)
-            return await self.execute_many(f"update {table} set {sets} where {key} = ${{{key}}}$", rows, later=later)
-        return await self.execute_many(dialects.upsert(self.dialect, table, cols, key, keep), rows, later=later)
+        if self.dialect != dialects.SQLITE:
+            return await self.execute_many(dialects.upsert(self.dialect, table, cols, key, keep), rows, later=later)
+        sets = tuple(c for c in cols if c != key and c not in keep)
+        if dialects.sqlite_update_rows(table, key, sets, 1) is None:     # an SQLite before 3.33
+            assign = ", ".join(f"{c} = ${{{c}}}$" for c in sets)
+            return await self.execute_many(f"update {table} set {assign} where {key} = ${{{key}}}$", rows, later=later)
+        pick = _picker((key,) + sets)
+        chunks, start = [], 0
+        try:
+            for size in dialects.row_chunks(self.dialect, len(rows), 1 + len(sets)):
+                params = [v for r in rows[start:start + size] for v in pick(r)]
+                chunks.append((dialects.sqlite_update_rows(table, key, sets, size), params, False))
+                start += size
+        except KeyError as e:
+            raise KeyError(f"SQL parameter ${{{e.args[0]}}}$ has no value") from None
+        if later:
+            self._later.extend(chunks)
+            return None
+        return await self._sqlite(lambda conn: sum(conn.execute(text, params).rowcount for text, params, _ in chunks))
 
     async def page(self, sql, ns, order_by, page, rows):
         """``{"total", "rows"}`` for one page; ``order_by`` is code-controlled text."""

@@ -1,4 +1,5 @@
 """Every difference between SQLite and MySQL/MariaDB that the module's SQL depends on."""
+import functools
 import sqlite3
 
 import pymysql
@@ -137,13 +138,13 @@ _SQLITE_MAX_PARAMS = 32766 if sqlite3.sqlite_version_info >= (3, 32) else 999
 _SQLITE_MAX_ROWS = 256
 
 
-def insert_chunks(dialect, rows, columns):
-    """How ``insert_many`` splits ``rows`` rows of ``columns`` values into multi-row INSERTs:
-    None on MySQL (pymysql's executemany writes one multi-row INSERT itself). On SQLite, row counts
-    that are powers of two up to 256 (within its parameter limit), largest first: a few statement
-    texts, each prepared once and cached by the connection (preparing one costs more than running
-    it), instead of executemany, which needs the GIL back for every row: its thread then waits a
-    switch interval (5 ms) per row while the event loop is busy."""
+def row_chunks(dialect, rows, columns):
+    """How ``insert_many`` and ``update_many`` split ``rows`` rows of ``columns`` values into
+    multi-row statements: None on MySQL (pymysql's executemany writes one multi-row INSERT itself).
+    On SQLite, row counts that are powers of two up to 256 (within its parameter limit), largest
+    first: a few statement texts, each prepared once and cached by the connection (preparing one
+    costs more than running it), instead of executemany, which needs the GIL back for every row:
+    its thread then waits a switch interval (5 ms) per row while the event loop is busy."""
     if dialect != SQLITE:
         return None
     cap = min(_SQLITE_MAX_ROWS, max(1, _SQLITE_MAX_PARAMS // max(1, columns)))
@@ -154,6 +155,22 @@ def insert_chunks(dialect, rows, columns):
         sizes.append(size)
         rows -= size
     return sizes
+
+
+_SQLITE_UPDATE_FROM = sqlite3.sqlite_version_info >= (3, 33)
+
+
+@functools.lru_cache(maxsize=256)
+def sqlite_update_rows(table, key, sets, rows):
+    """SQLite's UPDATE of ``rows`` rows by ``key`` in one statement (UPDATE ... FROM, SQLite
+    3.33+): the parameters are each row's key, then its values of ``sets``. None before 3.33
+    (then executemany)."""
+    if not _SQLITE_UPDATE_FROM:
+        return None
+    row = "(" + ", ".join("?" * (1 + len(sets))) + ")"
+    assign = ", ".join(f"{c} = v.column{i + 2}" for i, c in enumerate(sets))
+    return (f"update {table} set {assign} from (values {', '.join([row] * rows)}) as v "
+            f"where {table}.{key} = v.column1")
 
 
 def insert_ignore(dialect):

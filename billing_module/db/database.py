@@ -8,7 +8,9 @@ it swallows exceptions, commits *after* returning the connection to its pool (so
 task can run inside the same transaction), and opens a new connection per context.
 
 SQLite has one writer: write transactions take an in-process lock and ``BEGIN IMMEDIATE``
-(other processes wait on the busy timeout), so a transaction never fails half-way on a lock.
+(other processes wait on the busy timeout), so a transaction never fails half-way on a lock. Its
+statements run on the connection's thread; ``Tx`` sends them in as few hand-offs as it can (the
+BEGIN with the first statement, writes nobody reads a count of with the next one or the COMMIT).
 
 MySQL/MariaDB may list several nodes (``database.hosts``: a Galera cluster). The pool uses one
 node at a time and moves to the next that answers when a connection to it breaks. ``run``

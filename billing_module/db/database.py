@@ -321,19 +321,7 @@ class Tx:
         if sizes is None:
             return await self.execute_many(sql, records, later=later)
         marked, names = _compile(sql, self.dialect)
-        pick = _picker(names)
-        chunks, start = [], 0
-        try:
-            for size in sizes:
-                params = [v for r in records[start:start + size] for v in pick(r)]
-                chunks.append((_multi_row(marked, size), params, False))
-                start += size
-        except KeyError as e:
-            raise KeyError(f"SQL parameter ${{{e.args[0]}}}$ has no value") from None
-        if later:
-            self._later.extend(chunks)
-            return None
-        return await self._sqlite(lambda conn: sum(conn.execute(text, params).rowcount for text, params, _ in chunks))
+        return await self._chunked(records, names, sizes, lambda size: _multi_row(marked, size), later)
 
     async def update_many(self, table, rows, key="id", keep=(), later=False):
         """Update many rows by key: on SQLite multi-row UPDATE ... FROM (VALUES ...) statements
@@ -351,12 +339,20 @@ class Tx:
         if dialects.sqlite_update_rows(table, key, sets, 1) is None:     # an SQLite before 3.33
             assign = ", ".join(f"{c} = ${{{c}}}$" for c in sets)
             return await self.execute_many(f"update {table} set {assign} where {key} = ${{{key}}}$", rows, later=later)
-        pick = _picker((key,) + sets)
+        sizes = dialects.row_chunks(self.dialect, len(rows), 1 + len(sets))
+        return await self._chunked(rows, (key,) + sets, sizes,
+                                   lambda size: dialects.sqlite_update_rows(table, key, sets, size), later)
+
+    async def _chunked(self, rows, names, sizes, text_for, later):
+        """SQLite: ``rows`` as multi-row statements of ``sizes`` rows each (``text_for(size)``, whose
+        parameters are each row's ``names`` in order), all in one hand-off, or written ``later``;
+        the rows changed (None when later)."""
+        pick = _picker(tuple(names))
         chunks, start = [], 0
         try:
-            for size in dialects.row_chunks(self.dialect, len(rows), 1 + len(sets)):
+            for size in sizes:
                 params = [v for r in rows[start:start + size] for v in pick(r)]
-                chunks.append((dialects.sqlite_update_rows(table, key, sets, size), params, False))
+                chunks.append((text_for(size), params, False))
                 start += size
         except KeyError as e:
             raise KeyError(f"SQL parameter ${{{e.args[0]}}}$ has no value") from None

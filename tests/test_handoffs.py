@@ -1,4 +1,5 @@
-"""Fewer hand-offs to SQLite's thread, on both databases: a statement written ``later`` fails its
+"""Fewer waits for the database (hand-offs to SQLite's thread, round trips to MySQL), on both
+databases: a statement written ``later`` fails its
 transaction where it is sent (the next statement, or the COMMIT) and leaves nothing behind;
 multi-row inserts split into cached power-of-two chunks insert every row; the group writer's
 rows are built before its transaction and stay as built when the group is run again; a batch
@@ -32,11 +33,11 @@ async def test_a_later_insert_that_fails_fails_its_transaction_at_commit_and_lea
         await tx.execute("update customer_balance set balance = balance + 1 where id = ${c}$", {"c": "cust-1"})
         await tx.insert("api_nonce", _nonce("n1"), later=True)
         await tx.insert("api_nonce", _nonce("n1"), later=True)     # the same (app_key, nonce)
-        reached.append(True)      # on SQLite nothing has failed yet: the two are sent with the COMMIT
+        reached.append(True)      # nothing has failed yet: the two are sent with the COMMIT
     with pytest.raises(Exception) as raised:
         await core.db.run(work)
     assert dialects.is_unique_violation(raised.value)
-    assert reached == ([True] if core.db.dialect == dialects.SQLITE else [])
+    assert reached == [True]
     assert await _nonces(core) == 0
     assert (await core.ledger.balance("cust-1"))["balance"] == "1.000000"   # the update rolled back too
     # the connection is not left inside a transaction: the next one writes and commits
@@ -49,16 +50,43 @@ async def test_a_later_insert_fails_at_the_next_statement_and_the_transaction_ca
     (what the group writer does per request) keeps the rest of the transaction."""
     async def work(tx):
         await tx.insert("api_nonce", _nonce("a"), later=True)
-        await tx.execute("savepoint t1")
+        await tx.savepoint("t1")
+        await tx.insert("api_nonce", _nonce("a"), later=True)
+        await tx.insert("api_nonce", _nonce("c"), later=True)     # behind the failing one: never runs
         with pytest.raises(Exception) as raised:
-            await tx.insert("api_nonce", _nonce("a"), later=True)     # MySQL: here
-            await tx.flush()                                         # SQLite: here
+            await tx.flush()
         assert dialects.is_unique_violation(raised.value)
-        await tx.execute("rollback to savepoint t1")
+        await tx.rollback_to("t1")
         await tx.insert("api_nonce", _nonce("b"), later=True)
         return await tx.scalar("select count(*) from api_nonce")   # sees the writes before it
     assert await core.db.run(work) == 2
     assert await _nonces(core) == 2
+
+
+async def test_a_savepoint_not_sent_yet_is_rolled_back_by_dropping_what_follows_it(core):
+    async def work(tx):
+        await tx.insert("api_nonce", _nonce("kept"), later=True)
+        await tx.savepoint("t1")
+        await tx.insert("api_nonce", _nonce("dropped"), later=True)
+        await tx.rollback_to("t1")
+        return [r.nonce for r in await tx.select("select nonce from api_nonce")]
+    assert await core.db.run(work) == ["kept"]
+    assert await _nonces(core) == 1
+
+
+async def test_later_writes_past_the_send_size_go_in_several_texts_and_all_arrive(core, monkeypatch):
+    from billing_module.db import database
+    monkeypatch.setattr(database, "_MYSQL_SEND_BYTES", 300)
+    rows = [_nonce(f"big-{i}") for i in range(40)]
+
+    async def work(tx):
+        await tx.insert_many("api_nonce", rows[:20], later=True)
+        for row in rows[20:]:
+            await tx.insert("api_nonce", row, later=True)
+    await core.db.run(work)
+    async with core.db.read() as tx:
+        stored = await tx.select("select nonce from api_nonce")
+    assert sorted(r.nonce for r in stored) == sorted(r["nonce"] for r in rows)
 
 
 @pytest.mark.parametrize("n", [1, 255, 256, 1000])
@@ -186,9 +214,9 @@ def _count_trips(core, monkeypatch):
 
 
 async def test_a_charge_waits_for_the_database_as_few_times_as_an_insert(core, monkeypatch):
-    """SQLite: the BEGIN goes with the debit, the ledger entry and the record with the COMMIT:
-    two hand-offs, like a one-row insert's transaction. MySQL: the debit, the entry, the record
-    and the COMMIT (no BEGIN is sent: the first statement opens the transaction)."""
+    """The BEGIN (SQLite; on MySQL the first statement opens the transaction) goes with the
+    debit, the ledger entry and the record with the COMMIT: two waits, like a one-row insert's
+    transaction; a transaction that sends nothing waits for nothing."""
     await seed_pricing(core)
     await core.ledger.recharge("cust-1", units("1"), "r1")
     await core.accounting.post_usage(usage("warm"))          # the caches filled
@@ -204,5 +232,5 @@ async def test_a_charge_waits_for_the_database_as_few_times_as_an_insert(core, m
     if core.db.dialect == dialects.SQLITE:
         assert (charge, insert, read, empty) == (2, 2, 2, 0)
     else:
-        assert (charge, insert, read, empty) == (4, 2, 2, 1)
+        assert (charge, insert, read, empty) == (2, 2, 2, 0)
     assert (await core.accounting.record(request_id="counted")).status == "accounted"

@@ -54,6 +54,9 @@ _CONFLICT_RETRIES_GALERA = 30     # certification conflicts are frequent on a ho
 _CONNECT_TIMEOUT_SECONDS = 3
 _STATEMENT_TIMEOUT_SECONDS = 30.0   # database.statement_timeout_seconds
 _FAILOVER_SECONDS = 8             # how long run() keeps trying other nodes before answering 503
+# statements written later on MySQL go in one text up to about this size (pymysql's executemany
+# splits its multi-row INSERTs at the same size; the server refuses one past max_allowed_packet)
+_MYSQL_SEND_BYTES = 1_000_000
 
 
 class NodeFailed(DatabaseUnavailable):
@@ -146,6 +149,32 @@ def _send(conn, statements):
         (conn.executemany if many else conn.execute)(sql, params)
 
 
+def _mysql_texts(cur, marked, rows):
+    """The statement texts that run ``marked`` (``%s`` placeholders) once per parameter tuple in
+    ``rows``: an INSERT as multi-row INSERTs of up to ``_MYSQL_SEND_BYTES`` each (what pymysql's
+    executemany sends), any other statement once per row."""
+    m = _INSERT_VALUES.match(marked)
+    if m is None:
+        return [cur.mogrify(marked, row) for row in rows]
+    head, values, tail = m.group(1) % (), m.group(2), m.group(3) % ()
+    texts, parts, size = [], [], len(head) + len(tail)
+    for row in rows:
+        part = cur.mogrify(values, row)
+        if parts and size + len(part) + 1 > _MYSQL_SEND_BYTES:
+            texts.append(head + ",".join(parts) + tail)
+            parts, size = [], len(head) + len(tail)
+        parts.append(part)
+        size += len(part) + 1
+    texts.append(head + ",".join(parts) + tail)
+    return texts
+
+
+# the statements insert_many / update_many write: "insert into t (...) values (%s, ...)" and an
+# optional "on duplicate key update ..." with no parameters of its own
+_INSERT_VALUES = re.compile(r"(insert into .+? values )(\((?:%s, )*%s\))(( on duplicate key update .*)?)\Z",
+                            re.IGNORECASE | re.DOTALL)
+
+
 @functools.lru_cache(maxsize=256)
 def _multi_row(single, rows):
     """``single`` (a compiled INSERT of one row: ``... values (?, ?)``) for ``rows`` rows."""
@@ -171,27 +200,30 @@ class Row(dict):
 class Tx:
     """One open transaction. All SQL uses sqlor's ``${name}$`` placeholders.
 
-    On SQLite every statement runs on the connection's thread, and each hand-off to it costs
-    more than the statement. So a statement written ``later`` (an insert whose count nobody
-    reads and whose failure fails the transaction) is sent with the next statement, or with the
-    COMMIT, in the same hand-off; its error (a duplicate key) is raised there. On MySQL it runs
-    at once (one round trip per statement either way)."""
+    Each wait for the database (a hand-off to SQLite's thread, a round trip to MySQL) costs more
+    than a short statement. So a statement written ``later`` (a write whose count nobody reads
+    and whose failure fails the transaction) is not sent on its own: it goes with the next
+    statement, or with the COMMIT, in the same wait, and its error (a duplicate key) is raised
+    there. On MySQL they travel as one multi-statement text (aiomysql's connections allow
+    them); the server runs the statements in order and stops at the first that fails, so a
+    COMMIT sent behind a failed write never runs. Written later, the statements of a transaction
+    that writes a few rows take two waits: the first statement whose answer is read, and the
+    rest with the COMMIT."""
 
     def __init__(self, sor, dialect, timeout_seconds=None):
         self.sor = sor
         self.dialect = dialect
-        self.timeout_seconds = timeout_seconds     # per statement; None on SQLite
-        self._later: list[tuple[str, Any, bool]] = []   # SQLite: (sql, parameters, many) not sent yet
-        self._sent = False        # SQLite: a hand-off has been made (the BEGIN, if any, has run)
+        self.timeout_seconds = timeout_seconds     # per wait; None on SQLite
+        # not sent yet: SQLite (sql, parameters, many); MySQL (the statement's text, None, False)
+        self._later: list[tuple[str, Any, bool]] = []
+        self._later_bytes = 0     # MySQL: the length of those texts
+        self._sent = False        # a statement has gone to the database (the BEGIN, if any, has run)
 
     async def begin(self, statement):
-        """Open the transaction: on SQLite ``BEGIN IMMEDIATE`` goes with the first statement, in
-        its hand-off (the write lock is still taken before that statement runs); a transaction
-        that sends none costs no hand-off at all."""
-        if self.dialect == dialects.SQLITE:
-            self._later.append((statement, (), False))
-        else:
-            await self._answer(self.sor.cur.execute(statement))
+        """Open the transaction: the BEGIN goes with the first statement, in its wait (on SQLite
+        the write lock is still taken before that statement runs); a transaction that sends
+        none costs no wait at all."""
+        self._later.append((statement, (), False))
 
     async def _sqlite(self, final=None):
         """One hand-off: the statements written later, then ``final(connection)``'s result."""
@@ -203,19 +235,64 @@ class Tx:
             return None if final is None else final(conn)
         return await self.sor.call(work)
 
+    async def _mysql(self, texts):
+        """One round trip: the statements written later, then ``texts``; the rows ``texts``
+        changed (a SELECT's result is then the cursor's). The server stops at the first
+        statement that fails; its error raises here."""
+        later, self._later, self._later_bytes = self._later, [], 0
+        self._sent = True
+        cur = self.sor.cur
+        sent = [text for text, _, _ in later]
+        sent.extend(texts)
+
+        async def trip():
+            await cur.execute(";\n".join(sent))      # no parameters: the texts are escaped already
+            for _ in later[1:] if not texts else later:
+                await cur.nextset()
+            changed = cur.rowcount
+            for _ in texts[1:]:
+                await cur.nextset()
+                changed += cur.rowcount
+            return changed
+        return await self._answer(trip())
+
+    async def _defer(self, texts):
+        """MySQL: write ``texts`` later; a queue grown past ``_MYSQL_SEND_BYTES`` goes now."""
+        for text in texts:
+            self._later.append((text, None, False))
+            self._later_bytes += len(text)
+        if self._later_bytes > _MYSQL_SEND_BYTES:
+            await self._mysql([])
+
+    def _nothing_sent(self):
+        """No statement has gone, and none but the BEGIN waits: the transaction has done nothing."""
+        return not self._sent and all(sql == self._begin for sql, _, _ in self._later)
+
+    @property
+    def _begin(self):
+        return dialects.begin_statement(self.dialect, True)
+
     async def flush(self):
         """Send the statements written ``later`` now (their errors raise here)."""
-        if self._later:
+        if not self._later:
+            return
+        if self.dialect == dialects.SQLITE:
             await self._sqlite()
+        else:
+            await self._mysql([])
 
     async def commit(self):
-        """COMMIT, with the statements written later in the same hand-off on SQLite; one of them
-        failing rolls the transaction back there and raises."""
+        """COMMIT, with the statements written later in the same wait; one of them failing
+        raises here, and the transaction does not commit (the caller's connection is then
+        discarded, which rolls it back on MySQL)."""
+        if self._nothing_sent():
+            self._later = []
+            return None       # nothing was written: nothing to commit
         if self.dialect != dialects.SQLITE:
+            if self._later:
+                return await self._mysql(["commit"])
             return await self._answer(self.sor.conn.commit())
         later, self._later = self._later, []
-        if not self._sent and len(later) == 1 and later[0][0] == dialects.begin_statement(self.dialect, True):
-            return None       # nothing was written (only the BEGIN is pending): nothing to commit
 
         def work(conn):
             try:
@@ -227,12 +304,29 @@ class Tx:
         return await self.sor.call(work)
 
     async def rollback(self):
-        self._later = []       # never sent: nothing to undo
+        sent, self._later, self._later_bytes = self._sent, [], 0     # never sent: nothing to undo
+        if not sent:
+            return None        # not even the BEGIN ran
         if self.dialect != dialects.SQLITE:
             return await self._answer(self.sor.conn.rollback())
-        if not self._sent:
-            return None        # not even the BEGIN ran
         return await self.sor.call(lambda conn: conn.rollback())
+
+    async def savepoint(self, name):
+        """Mark a point ``rollback_to(name)`` returns to (written later: it goes with the next
+        statement)."""
+        await self.execute(f"savepoint {name}", later=True)
+
+    async def rollback_to(self, name):
+        """Undo what the transaction did since ``savepoint(name)``. Statements still waiting to
+        be sent were written after the savepoint (or with it): they are dropped, never run."""
+        mark = f"savepoint {name}"
+        for i, (sql, _, _) in enumerate(self._later):
+            if sql == mark:               # the savepoint itself was not sent: nothing after it ran
+                del self._later[i:]
+                self._later_bytes = sum(len(text) for text, _, _ in self._later)
+                return
+        self._later, self._later_bytes = [], 0
+        await self.execute(f"rollback to savepoint {name}")
 
     async def _answer(self, aw):
         return await _answer(self.sor, aw, self.timeout_seconds)
@@ -256,7 +350,7 @@ class Tx:
             names = rows[0].keys()      # one result set: the same columns in every row
             return [Row(zip(names, r, strict=True)) for r in rows]
         cur = self.sor.cur
-        await self._answer(cur.execute(marked, data))
+        await self._mysql([cur.mogrify(marked, data)])
         rows = await cur.fetchall()
         names = [d[0].lower() for d in cur.description]
         return [Row({n: _py_value(v) for n, v in zip(names, row, strict=True)}) for row in rows]
@@ -272,16 +366,17 @@ class Tx:
     async def execute(self, sql, ns=None, later=False):
         """Run one statement; returns the number of rows it changed (matched, for UPDATE on
         MySQL, because the connection is opened with CLIENT.FOUND_ROWS). ``later``: no count;
-        on SQLite sent with the next hand-off (the class says when)."""
+        sent with the next statement or the COMMIT (the class says when)."""
         marked, data = self._mask(sql, ns or {})
         if self.dialect == dialects.SQLITE:
             if later:
                 self._later.append((marked, data, False))
                 return None
             return await self._sqlite(lambda conn: conn.execute(marked, data).rowcount)
-        cur = self.sor.cur
-        await self._answer(cur.execute(marked, data))
-        return None if later else cur.rowcount
+        text = self.sor.cur.mogrify(marked, data)
+        if later:
+            return await self._defer([text])
+        return await self._mysql([text])
 
     async def execute_many(self, sql, rows, later=False):
         """One statement for many parameter sets (a list of dicts with the same keys); ``later``
@@ -299,9 +394,10 @@ class Tx:
                 self._later.append((marked, params, True))
                 return None
             return await self._sqlite(lambda conn: conn.executemany(marked, params).rowcount)
-        cur = self.sor.cur
-        await self._answer(cur.executemany(marked, params))
-        return None if later else cur.rowcount
+        texts = _mysql_texts(self.sor.cur, marked, params)
+        if later:
+            return await self._defer(texts)
+        return await self._mysql(texts)
 
     async def insert(self, table, record, later=False):
         cols = list(record)

@@ -92,16 +92,16 @@ class GroupCommit:
     async def _each(self, tx, items):
         outcomes: list[tuple[Any, Exception | None]] = []
         for item in items:
-            await tx.execute("savepoint bm_group")
+            await tx.savepoint("bm_group")
             try:
                 result = await self.single(tx, item)
+                await tx.execute("release savepoint bm_group", later=True)
                 await tx.flush()      # this request's own writes fail here, not at the next one's
             except Exception as e:
                 if dialects.is_retryable(e) or isinstance(e, DatabaseUnavailable):
                     raise                        # the database aborted the whole transaction, or its node failed
-                await tx.execute("rollback to savepoint bm_group")
+                await tx.rollback_to("bm_group")
                 outcomes.append((None, e))
                 continue
-            await tx.execute("release savepoint bm_group")
             outcomes.append((result, None))
         return outcomes

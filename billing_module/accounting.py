@@ -277,35 +277,63 @@ class Accounting:
         per customer, one insert of ledger entries per customer, one insert of records. No lookup
         first: a request that has a record already (a replay, a stored event) is a duplicate key,
         and the group writer then runs the group event by event, like anything unusual (a
-        refusal, a repeated request_id within the group: ``Fallback``)."""
+        refusal, a repeated request_id within the group: ``Fallback``).
+
+        A customer whose debits need nothing more (no budgets, subscriptions or low-balance
+        threshold: ``Ledger.post_many_unflagged``) is debited without reading its row first;
+        the others (and any that update refuses) after reading their rows under lock
+        (``_charge_flagged``)."""
         ids = [item[0].request_id for item in items]
         if len(set(ids)) != len(ids):
             raise Fallback()
-        accounts = await self._accounts(tx, {item[0].customer_id for item in items})
-        if any(self._refusal(price, _currency(accounts, ev.customer_id)) for ev, price, _, _ in items):
-            raise Fallback()      # charged one by one, where the refusal is that event's alone
-        outcomes: list[Any] = [None] * len(items)
+        if any(self._refusal(price, None) is not None for _, price, _, _ in items):
+            raise Fallback()      # an unpriced factor: refused one by one, that event's alone
         by_customer: dict[str, list[Any]] = {}
-        records = []
-        covered = self._covered(accounts)
         for i, (ev, price, _, built) in enumerate(items):
-            row = dict(built)       # the template stays as built (_charge_item)
-            if ev.customer_id in covered:
-                try:
-                    self._apply_quota(row, await self._take_quota(tx, ev, price, row["id"]))
-                except BillingError:
-                    raise Fallback() from None     # the product refused it (no_supplier): that event's alone
-            by_customer.setdefault(ev.customer_id, []).append((i, row, ev))
+            # the template stays as built (_charge_item)
+            by_customer.setdefault(ev.customer_id, []).append((i, dict(built), ev, price))
+        outcomes: list[Any] = [None] * len(items)
+        records: list[dict[str, Any]] = []
+        flagged: dict[str, list[Any]] = {}
+        for customer_id, group in by_customer.items():
+            currencies = {price.currency for _, _, _, price in group}
+            entries = None
+            if len(currencies) == 1 and all(row["amount"] > 0 for _, row, _, _ in group):
+                entries = await self.ledger.post_many_unflagged(
+                    tx, customer_id, _debits(group), "usage", currency=currencies.pop(),
+                    must_cover=not self.config.accounting.allow_arrears, refuse_suspended=True,
+                    defer_to=self._subscribed_flag)
+            if entries is None:
+                flagged[customer_id] = group
+            else:
+                _settled(group, entries, outcomes, records)
+        if flagged:
+            await self._charge_flagged(tx, flagged, outcomes, records)
+        await tx.insert_many("accounting_records", records, later=True)
+        await self._link_usage(tx, records)
+        return outcomes
+
+    async def _charge_flagged(self, tx, by_customer, outcomes, records):
+        """``_charge_batch`` for the customers whose rows are read first, under their lock: the
+        currency checked, the quota hook and the budgets given their part, then the debit."""
+        accounts = await self._accounts(tx, set(by_customer))
+        if any(self._refusal(price, _currency(accounts, ev.customer_id))
+               for group in by_customer.values() for _, _, ev, price in group):
+            raise Fallback()      # charged one by one, where the refusal is that event's alone
+        covered = self._covered(accounts)
         budget_memo: dict[Any, Any] = {}
         for customer_id, group in by_customer.items():
-            for _, row, ev in group:
+            for _, row, ev, price in group:
+                if customer_id in covered:
+                    try:
+                        self._apply_quota(row, await self._take_quota(tx, ev, price, row["id"]))
+                    except BillingError:
+                        raise Fallback() from None     # the product refused it (no_supplier): that event's alone
                 try:
                     await self._spend_budgets(tx, ev, row["amount"], budget_memo, accounts.get(customer_id))
                 except BudgetExceeded:
                     raise Fallback() from None     # that event's refusal alone
-            charged = [{"amount": -row["amount"], "request_id": ev.request_id, "payload_hash": ev.hash,
-                        "ref_type": "accounting_records", "ref_id": row["id"]}
-                       for _, row, ev in group if row["amount"] > 0]
+            charged = _debits(group)
             if charged:
                 entries, refused = await self.ledger.post_many(
                     tx, customer_id, charged, "usage", must_cover=not self.config.accounting.allow_arrears,
@@ -316,14 +344,7 @@ class Accounting:
                 entries = []
                 if customer_id not in accounts:
                     raise Fallback()      # no account: refused one by one
-            entry_of = {e["ref_id"]: e["id"] for e in entries}
-            for i, row, _ in group:
-                row["ledger_entry_id"] = entry_of.get(row["id"])
-                records.append(row)
-                outcomes[i] = (row, None)
-        await tx.insert_many("accounting_records", records, later=True)
-        await self._link_usage(tx, records)
-        return outcomes
+            _settled(group, entries, outcomes, records)
 
     async def _complete_existing(self, ev, price, model):
         """The request has a record: replay an accounted one, account a pending or failed one."""
@@ -885,6 +906,25 @@ class Accounting:
         charged = [r["id"] for r in rows if r.get("subscription_id") and r.get("ledger_entry_id")]
         if charged and self.quota is not None:
             await self.quota.link_ledger(tx, charged)
+
+
+def _debits(group: list[Any]) -> list[dict[str, Any]]:
+    """The ledger items of a batch's charges of one customer (``(i, row, ev, price)``), those with
+    an amount to debit."""
+    return [{"amount": -row["amount"], "request_id": ev.request_id, "payload_hash": ev.hash,
+             "ref_type": "accounting_records", "ref_id": row["id"]}
+            for _, row, ev, _ in group if row["amount"] > 0]
+
+
+def _settled(group: list[Any], entries: list[dict[str, Any]], outcomes: list[Any],
+             records: list[dict[str, Any]]) -> None:
+    """A batch's charges of one customer, debited: each record carries its ledger entry and is
+    written; its outcome is the record."""
+    entry_of = {e["ref_id"]: e["id"] for e in entries}
+    for i, row, _, _ in group:
+        row["ledger_entry_id"] = entry_of.get(row["id"])
+        records.append(row)
+        outcomes[i] = (row, None)
 
 
 def record_row(ev: Event, now: str, status: str, currency: str, price: PriceResult | None = None,

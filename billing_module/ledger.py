@@ -59,6 +59,8 @@ _BALANCE_COLUMNS = ("id, balance, held, credit_limit, currency, status, last_rec
 
 # what post_many needs of a balance row its caller read under the row's lock
 _LOCKED_COLUMNS = ("balance", "currency", "low_balance_set")
+# the balance row as a batch's debit left it (the entries' running balances start from it)
+_READ_AFTER_DEBIT = "select balance, currency, low_balance_set from customer_balance where id = ${c}$"
 
 # the items of a batch refused by post_many, each with its error (None: refused with the batch)
 Refusals = list[tuple[dict[str, Any], "BillingError | None"]]
@@ -243,7 +245,7 @@ class Ledger:
         ns = {"c": customer_id, "amt": amount, "hd": held_delta, "now": now, "et": entry_type,
               "maxb": self.max_balance_micros}
         shape = (must_cover, refuse_suspended, guard[0] if guard else "", currency_is is not None)
-        flags = self._flags(amount, spender) + (defer_to if amount < 0 else ())
+        flags = self._flags(amount, spender is not None) + (defer_to if amount < 0 else ())
         if guard:
             ns.update(guard[1])
         if currency_is is not None:
@@ -324,7 +326,37 @@ class Ledger:
         if not accepted:
             return [], refused
         if row is None:
-            row = await tx.one("select balance, currency, low_balance_set from customer_balance where id = ${c}$", ns)
+            row = await tx.one(_READ_AFTER_DEBIT, ns)
+        return await self._write_entries(tx, customer_id, accepted, entry_type, row, now), refused
+
+    async def post_many_unflagged(self, tx: Tx, customer_id: str, items: list[dict[str, Any]], entry_type: str, *,
+                                  currency: str, must_cover: bool = False, refuse_suspended: bool = False,
+                                  defer_to: tuple[str, ...] = ()) -> list[dict[str, Any]] | None:
+        """``post_many``'s common case in one wait, with no read first: one conditional update
+        of the items' total and the balance it left, together. It applies only when nothing more
+        is to be done for the customer's debits (none of the balance row's flags is set: budgets,
+        a low-balance threshold, the caller's ``defer_to``), the balance is in ``currency`` and
+        the update passes (the account exists, covers the total when ``must_cover``). Returns the
+        entries; None when the update refused: nothing was written, the caller takes the careful
+        way (``post_many`` after reading the row under its lock)."""
+        now = clock.now_text()
+        total = sum(i["amount"] for i in items)
+        if total >= 0 or abs(total) > MAX_MICRO:
+            return None
+        ns = {"c": customer_id, "hd": 0, "now": now, "et": entry_type, "amt": total, "cur": currency,
+              "maxb": self.max_balance_micros}
+        flags = self._flags(total, True) + defer_to
+        changed, rows = await tx.execute_then_select(
+            _balance_update(must_cover, refuse_suspended, currency=True, unflagged=flags), ns, _READ_AFTER_DEBIT, ns)
+        if changed != 1:
+            return None
+        return await self._write_entries(tx, customer_id, items, entry_type, rows[0], now)
+
+    async def _write_entries(self, tx: Tx, customer_id: str, accepted: list[dict[str, Any]], entry_type: str,
+                             row: Row, now: str) -> list[dict[str, Any]]:
+        """The ledger entries of ``accepted``, debited together and leaving the balance ``row``
+        (balance, currency, low_balance_set) as read after the debit: each with its exact running
+        balance_after, in one multi-row insert (written later); the watch is told of the debit."""
         running = int(row.balance) - sum(i["amount"] for i in accepted)
         entries = []
         for item in accepted:
@@ -338,7 +370,7 @@ class Ledger:
         debited = sum(i["amount"] for i in accepted)
         if debited < 0 and self.watch is not None and (self.watch.every_debit or row.low_balance_set):
             await self.watch.debited(tx, customer_id, debited)   # the batch crosses once at most
-        return entries, refused
+        return entries
 
     async def can_cover(self, tx: Tx, customer_id: str, amount: int, allow_arrears: bool = False) -> bool:
         """Whether a usage debit of ``amount`` would pass now: the account exists and, for a
@@ -353,12 +385,13 @@ class Ledger:
             return True
         return acct.status != "suspended" and (allow_arrears or int(acct.spendable) >= amount)
 
-    def _flags(self, amount: int, spender: Spender | None) -> tuple[str, ...]:
+    def _flags(self, amount: int, spends: bool) -> tuple[str, ...]:
         """The balance row's flags that would give a debit of ``amount`` more to do: its budgets
-        (a charge of a spender), its own low-balance threshold (unless the watch sees every debit)."""
+        (``spends``: a charge of a spender), its own low-balance threshold (unless the watch sees
+        every debit)."""
         if amount >= 0:
             return ()
-        flags: tuple[str, ...] = ("budget_count",) if spender is not None and self.budgets is not None else ()
+        flags: tuple[str, ...] = ("budget_count",) if spends and self.budgets is not None else ()
         if self.watch is not None and not self.watch.every_debit:
             flags += ("low_balance_set",)
         return flags

@@ -70,3 +70,81 @@ async def test_post_many_with_the_callers_locked_row(core):
         tx, "cust-1", big, "usage", must_cover=True, all_or_nothing=True, locked=short))
     assert entries == [] and len(refused) == 2     # no overdraft through the guarded update either
     assert (await core.ledger.balance("cust-1"))["balance"] == "0.700000"
+
+
+def _items(prefix, n, amount="0.1"):
+    return [{"amount": -units(amount), "request_id": f"{prefix}-{i}", "payload_hash": "h",
+             "ref_type": None, "ref_id": None} for i in range(n)]
+
+
+async def _unflagged(core, customer, items, currency="CNY", defer_to=()):
+    return await core.db.run(lambda tx: core.ledger.post_many_unflagged(
+        tx, customer, items, "usage", currency=currency, must_cover=True, refuse_suspended=True, defer_to=defer_to))
+
+
+async def test_post_many_unflagged_debits_with_exact_running_balances_without_a_read_first(core):
+    await core.ledger.recharge("cust-1", units("1"), "r1")
+    entries = await _unflagged(core, "cust-1", _items("u", 3))
+    assert [e["balance_after"] for e in entries] == [units("0.9"), units("0.8"), units("0.7")]
+    assert [e["currency"] for e in entries] == ["CNY"] * 3
+    stored = await _entries(core, "cust-1")
+    assert [(e.request_id, e.balance_after) for e in stored if e.amount < 0] == \
+        [("u-0", units("0.9")), ("u-1", units("0.8")), ("u-2", units("0.7"))]
+    assert (await core.ledger.balance("cust-1"))["balance"] == "0.700000"
+
+
+async def test_post_many_unflagged_writes_nothing_where_the_careful_way_has_work(core):
+    """Each refusal leaves the balance and the ledger as they were, and answers None (the caller
+    then reads the row under its lock and decides): another currency, a total the balance does not
+    cover, no account, a suspended account, a flag of the caller's, a low-balance threshold."""
+    await core.ledger.recharge("cust-1", units("1"), "r1")
+    before = (await core.ledger.balance("cust-1"))["balance"]
+    assert await _unflagged(core, "cust-1", _items("usd", 1), currency="USD") is None
+    assert await _unflagged(core, "cust-1", _items("short", 3, "0.4")) is None
+    assert await _unflagged(core, "nobody", _items("none", 1)) is None
+    await core.db.run(lambda tx: tx.execute("update customer_balance set subscription_count = 1 where id = 'cust-1'"))
+    assert await _unflagged(core, "cust-1", _items("sub", 1), defer_to=("subscription_count",)) is None
+    await core.db.run(lambda tx: tx.execute(
+        "update customer_balance set subscription_count = 0, low_balance_set = 1 where id = 'cust-1'"))
+    assert await _unflagged(core, "cust-1", _items("low", 1)) is None
+    await core.db.run(lambda tx: tx.execute(
+        "update customer_balance set low_balance_set = 0, status = 'suspended' where id = 'cust-1'"))
+    assert await _unflagged(core, "cust-1", _items("susp", 1)) is None
+    assert (await core.ledger.balance("cust-1"))["balance"] == before
+    assert [e for e in await _entries(core, "cust-1") if e.amount < 0] == []
+
+
+async def test_a_group_of_plain_charges_waits_twice_and_flagged_customers_keep_their_treatment(core, monkeypatch):
+    """One group, three customers: a plain one (its debit with no read first), one with a budget
+    (read under lock, the budget spent) and one with a low-balance threshold (the debit seen by the
+    watch). Each is charged exactly as alone; the plain group alone waits for the database twice."""
+    from tests.test_handoffs import _count_trips
+    await seed_pricing(core)
+    for c in ("c-plain", "c-budget", "c-low"):
+        await core.ledger.recharge(c, units("1"), f"top-{c}")
+    await core.budgets.set_budget("c-budget", "org", "c-budget", "day", units("0.5"))
+    await core.alerts.set_webhook("c-low", {"low_balance_amount": units("0.999")}, "admin")
+    await core.accounting.post_usage(usage("warm", customer="c-plain"))
+    prepared = [await core.accounting._prepare(usage(f"g-{i}", customer="c-plain")) for i in range(4)]
+
+    async def item(ev):
+        price, model = await core.catalog.quote(ev.usage, ev.llmid, ev.payload["model_name"], ev.customer_id, ev.day)
+        return core.accounting._charge_item(ev, price, model, "2026-12-03 09:00:00")
+    items = [await item(ev) for ev in prepared]
+    trips = _count_trips(core, monkeypatch)
+    outcomes = await core.accounting.group.write(items)
+    assert trips[0] == 2 and [e for _, e in outcomes] == [None] * 4
+    mixed = [await item(await core.accounting._prepare(usage(f"m-{c}-{i}", customer=c)))
+             for i in range(2) for c in ("c-plain", "c-budget", "c-low")]
+    outcomes = await core.accounting.group.write(mixed)
+    assert [e for _, e in outcomes] == [None] * 6
+    assert (await core.ledger.balance("c-plain"))["balance"] == "0.958000"     # warm + 4 + 2 charges of 0.006
+    assert (await core.ledger.balance("c-budget"))["balance"] == "0.988000"
+    assert (await core.ledger.balance("c-low"))["balance"] == "0.988000"
+    spent = (await core.budgets.list_budgets("c-budget", "org"))["rows"][0]
+    assert units(spent["spent"]) == units("0.012")
+    alerts = (await core.alerts.search(rows=100, type="low_balance"))["rows"]
+    assert [a["customer_id"] for a in alerts] == ["c-low"]
+    entries = await _entries(core, "c-plain")
+    assert [e.balance_after for e in entries] == sorted((e.balance_after for e in entries), reverse=True)
+    assert len({e.balance_after for e in entries}) == len(entries)

@@ -236,9 +236,9 @@ class Tx:
         return await self.sor.call(work)
 
     async def _mysql(self, texts):
-        """One round trip: the statements written later, then ``texts``; the rows ``texts``
-        changed (a SELECT's result is then the cursor's). The server stops at the first
-        statement that fails; its error raises here."""
+        """One round trip: the statements written later, then ``texts``; the rows each of
+        ``texts`` changed (a SELECT's rows are then the cursor's: the last statement's). The
+        server stops at the first statement that fails; its error raises here."""
         later, self._later, self._later_bytes = self._later, [], 0
         self._sent = True
         cur = self.sor.cur
@@ -249,10 +249,10 @@ class Tx:
             await cur.execute(";\n".join(sent))      # no parameters: the texts are escaped already
             for _ in later[1:] if not texts else later:
                 await cur.nextset()
-            changed = cur.rowcount
+            changed = [cur.rowcount]
             for _ in texts[1:]:
                 await cur.nextset()
-                changed += cur.rowcount
+                changed.append(cur.rowcount)
             return changed
         return await self._answer(trip())
 
@@ -340,20 +340,33 @@ class Tx:
             raise KeyError(f"SQL parameter ${{{e.args[0]}}}$ has no value") from None
 
     async def select(self, sql, ns=None):
-        marked, data = self._mask(sql, ns or {})
+        return (await self.execute_then_select(None, None, sql, ns))[1]
+
+    async def execute_then_select(self, statement, ns, sql, select_ns=None):
+        """``(rows changed, rows read)``: ``statement`` (None: nothing) and then the SELECT
+        ``sql``, in one wait (its answer is read only once both have run)."""
+        first = None if statement is None else self._mask(statement, ns or {})
+        marked, data = self._mask(sql, select_ns or {})
         if self.dialect == dialects.SQLITE:
             # one hand-off to the connection's thread (execute and fetch, after what was written
             # later); SQLite returns only int / float / str / bytes / None, nothing to convert
-            rows = await self._sqlite(lambda conn: conn.execute(marked, data).fetchall())
+            def both(conn):
+                changed = None if first is None else conn.execute(*first).rowcount
+                return changed, conn.execute(marked, data).fetchall()
+            changed, rows = await self._sqlite(both)
             if not rows:
-                return []
+                return changed, []
             names = rows[0].keys()      # one result set: the same columns in every row
-            return [Row(zip(names, r, strict=True)) for r in rows]
+            return changed, [Row(zip(names, r, strict=True)) for r in rows]
         cur = self.sor.cur
-        await self._mysql([cur.mogrify(marked, data)])
+        texts = [cur.mogrify(marked, data)]
+        if first is not None:
+            texts.insert(0, cur.mogrify(*first))
+        counts = await self._mysql(texts)
+        changed = counts[0] if first is not None else None
         rows = await cur.fetchall()
         names = [d[0].lower() for d in cur.description]
-        return [Row({n: _py_value(v) for n, v in zip(names, row, strict=True)}) for row in rows]
+        return changed, [Row({n: _py_value(v) for n, v in zip(names, row, strict=True)}) for row in rows]
 
     async def one(self, sql, ns=None):
         rows = await self.select(sql, ns)
@@ -376,7 +389,7 @@ class Tx:
         text = self.sor.cur.mogrify(marked, data)
         if later:
             return await self._defer([text])
-        return await self._mysql([text])
+        return (await self._mysql([text]))[0]
 
     async def execute_many(self, sql, rows, later=False):
         """One statement for many parameter sets (a list of dicts with the same keys); ``later``
@@ -397,7 +410,7 @@ class Tx:
         texts = _mysql_texts(self.sor.cur, marked, params)
         if later:
             return await self._defer(texts)
-        return await self._mysql(texts)
+        return sum(await self._mysql(texts))
 
     async def insert(self, table, record, later=False):
         cols = list(record)

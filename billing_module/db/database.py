@@ -40,6 +40,8 @@ from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any
 
 from appPublic.dictObject import DictObject
+from pymysql.constants import SERVER_STATUS
+from pymysql.converters import escape_string
 
 from ..errors import DatabaseUnavailable
 from . import dialect as dialects
@@ -149,17 +151,39 @@ def _send(conn, statements):
         (conn.executemany if many else conn.execute)(sql, params)
 
 
-def _mysql_texts(cur, marked, rows):
+# the characters pymysql's escape_string escapes (with backslash escapes, the server's default)
+_NEEDS_ESCAPE = re.compile("[\0\\\\\n\r\x1a'\"]").search
+
+
+def _mogrifier(conn):
+    """``mogrify(marked, values)``: the statement text with its values as SQL literals, exactly
+    as pymysql writes them (``Cursor.mogrify``). Escaping is most of the driver's own cost per
+    row, so the common values are written here without its per-value calls: a string with
+    nothing to escape is only quoted, an int is its digits; anything else, and every value on a
+    server in NO_BACKSLASH_ESCAPES mode, is escaped by pymysql itself."""
+    escape = conn.escape
+    if conn.server_status & SERVER_STATUS.SERVER_STATUS_NO_BACKSLASH_ESCAPES:
+        return lambda marked, values: marked % tuple([escape(v) for v in values])
+
+    def mogrify(marked, values):
+        return marked % tuple([
+            ("'" + escape_string(v) + "'" if _NEEDS_ESCAPE(v) else "'" + v + "'") if type(v) is str
+            else str(v) if type(v) is int else "NULL" if v is None else escape(v)
+            for v in values])
+    return mogrify
+
+
+def _mysql_texts(mogrify, marked, rows):
     """The statement texts that run ``marked`` (``%s`` placeholders) once per parameter tuple in
     ``rows``: an INSERT as multi-row INSERTs of up to ``_MYSQL_SEND_BYTES`` each (what pymysql's
     executemany sends), any other statement once per row."""
     m = _INSERT_VALUES.match(marked)
     if m is None:
-        return [cur.mogrify(marked, row) for row in rows]
+        return [mogrify(marked, row) for row in rows]
     head, values, tail = m.group(1) % (), m.group(2), m.group(3) % ()
     texts, parts, size = [], [], len(head) + len(tail)
     for row in rows:
-        part = cur.mogrify(values, row)
+        part = mogrify(values, row)
         if parts and size + len(part) + 1 > _MYSQL_SEND_BYTES:
             texts.append(head + ",".join(parts) + tail)
             parts, size = [], len(head) + len(tail)
@@ -218,6 +242,7 @@ class Tx:
         self._later: list[tuple[str, Any, bool]] = []
         self._later_bytes = 0     # MySQL: the length of those texts
         self._sent = False        # a statement has gone to the database (the BEGIN, if any, has run)
+        self._mogrify = None if dialect == dialects.SQLITE else _mogrifier(sor.conn)
 
     async def begin(self, statement):
         """Open the transaction: the BEGIN goes with the first statement, in its wait (on SQLite
@@ -359,9 +384,9 @@ class Tx:
             names = rows[0].keys()      # one result set: the same columns in every row
             return changed, [Row(zip(names, r, strict=True)) for r in rows]
         cur = self.sor.cur
-        texts = [cur.mogrify(marked, data)]
+        texts = [self._mogrify(marked, data)]
         if first is not None:
-            texts.insert(0, cur.mogrify(*first))
+            texts.insert(0, self._mogrify(*first))
         counts = await self._mysql(texts)
         changed = counts[0] if first is not None else None
         rows = await cur.fetchall()
@@ -386,7 +411,7 @@ class Tx:
                 self._later.append((marked, data, False))
                 return None
             return await self._sqlite(lambda conn: conn.execute(marked, data).rowcount)
-        text = self.sor.cur.mogrify(marked, data)
+        text = self._mogrify(marked, data)
         if later:
             return await self._defer([text])
         return (await self._mysql([text]))[0]
@@ -407,7 +432,7 @@ class Tx:
                 self._later.append((marked, params, True))
                 return None
             return await self._sqlite(lambda conn: conn.executemany(marked, params).rowcount)
-        texts = _mysql_texts(self.sor.cur, marked, params)
+        texts = _mysql_texts(self._mogrify, marked, params)
         if later:
             return await self._defer(texts)
         return sum(await self._mysql(texts))

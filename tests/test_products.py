@@ -415,6 +415,28 @@ async def test_post_usage_spends_the_quota_first_and_charges_only_the_overage(co
     await books_clean(core)
 
 
+async def test_a_group_of_a_subscribers_charges_spends_the_quota_first(core, pm, fixed_clock):
+    """Charges written together by the group writer (one transaction, one debit per customer)
+    reach the quota hook too: the subscriber's included tokens go first, then the full price."""
+    fixed_clock.now = datetime.datetime(2026, 11, 22, 9, 0, 0)
+    await seed_pricing(core)
+    p = await make_product(pm, "chat", unit="token", included="3000", list_price="1", overage=None)
+    binding = await pm.bind(p["product_id"], "llm", "llm-a", "chat-a")
+    await pm.add_supplier(binding["product_resource_id"], "sup-1", "0.000001")
+    await core.ledger.recharge("cust-1", units("2"), "r1")
+    await pm.subscribe("cust-1", p["product_id"], "s1")
+
+    async def item(request_id):
+        ev = await core.accounting._prepare(usage(request_id))
+        price, model = await core.catalog.quote(ev.usage, ev.llmid, ev.payload["model_name"], ev.customer_id, ev.day)
+        return core.accounting._charge_item(ev, price, model, "2026-11-22 09:00:00")
+    outcomes = await core.accounting.group.write([await item(f"g{i}") for i in range(4)])
+    assert [e for _, e in outcomes] == [None] * 4
+    assert sorted(row["amount"] for row, _ in outcomes) == [0, 0, 6000, 6000]   # 2 x 1,500 tokens included
+    assert await balance(core, "cust-1") == "0.988000"      # 2 - 1 (the subscription) - 2 x 0.006
+    await books_clean(core)
+
+
 async def test_a_refused_overage_in_the_hook_leaves_the_quota_untouched(core, pm, fixed_clock):
     fixed_clock.now = datetime.datetime(2026, 11, 22, 9, 0, 0)
     await seed_pricing(core)

@@ -90,6 +90,20 @@ MUTANTS = [
            "row, defer_to=self._subscribed_flag)", "row, defer_to=())",
            (f"{PRODUCTS}::test_the_balance_row_counts_active_subscriptions",
             f"{PRODUCTS}::test_post_usage_spends_the_quota_first_and_charges_only_the_overage")),
+    # a group's debit with no read first must leave subscribers, budgets, alerts and other
+    # currencies to the careful way
+    Mutant("batch_debit_ignores_subscriptions", "billing_module/accounting.py",
+           "defer_to=self._subscribed_flag)\n            if entries is None:",
+           "defer_to=())\n            if entries is None:",
+           (f"{PRODUCTS}::test_a_group_of_a_subscribers_charges_spends_the_quota_first",)),
+    Mutant("unflagged_debit_ignores_flags", "billing_module/ledger.py",
+           "flags = self._flags(total, True) + defer_to", "flags = defer_to",
+           ("tests/test_group_commit.py::test_post_many_unflagged_writes_nothing_where_the_careful_way_has_work",
+            "tests/test_group_commit.py::test_a_group_of_plain_charges_waits_twice_and_flagged_customers_keep_their_treatment")),
+    Mutant("unflagged_debit_any_currency", "billing_module/ledger.py",
+           "_balance_update(must_cover, refuse_suspended, currency=True, unflagged=flags)",
+           "_balance_update(must_cover, refuse_suspended, currency=False, unflagged=flags)",
+           ("tests/test_group_commit.py::test_post_many_unflagged_writes_nothing_where_the_careful_way_has_work",)),
     # a quote's (model, program) memo must go with a pricing sync: else the old price is charged
     Mutant("priced_memo_outlives_pricing_sync", "billing_module/catalog.py",
            'depends_on=("llmage", "pricing", "users")', 'depends_on=("llmage", "users")',

@@ -36,6 +36,7 @@ import operator
 import random
 import re
 import time
+from collections.abc import Callable
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any
 
@@ -155,6 +156,10 @@ def _send(conn, statements):
 _NEEDS_ESCAPE = re.compile("[\0\\\\\n\r\x1a'\"]").search
 
 
+def _unused(marked: str, values: Any) -> str:
+    raise AssertionError("SQLite binds parameters: no statement text is written")
+
+
 def _mogrifier(conn):
     """``mogrify(marked, values)``: the statement text with its values as SQL literals, exactly
     as pymysql writes them (``Cursor.mogrify``). Escaping is most of the driver's own cost per
@@ -181,7 +186,9 @@ def _mysql_texts(mogrify, marked, rows):
     if m is None:
         return [mogrify(marked, row) for row in rows]
     head, values, tail = m.group(1) % (), m.group(2), m.group(3) % ()
-    texts, parts, size = [], [], len(head) + len(tail)
+    texts: list[str] = []
+    parts: list[str] = []
+    size = len(head) + len(tail)
     for row in rows:
         part = mogrify(values, row)
         if parts and size + len(part) + 1 > _MYSQL_SEND_BYTES:
@@ -242,7 +249,8 @@ class Tx:
         self._later: list[tuple[str, Any, bool]] = []
         self._later_bytes = 0     # MySQL: the length of those texts
         self._sent = False        # a statement has gone to the database (the BEGIN, if any, has run)
-        self._mogrify = None if dialect == dialects.SQLITE else _mogrifier(sor.conn)
+        # MySQL: (statement, parameters) -> its text; unused on SQLite, which binds parameters
+        self._mogrify: Callable[[str, Any], str] = _unused if dialect == dialects.SQLITE else _mogrifier(sor.conn)
 
     async def begin(self, statement):
         """Open the transaction: the BEGIN goes with the first statement, in its wait (on SQLite

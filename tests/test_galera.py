@@ -262,8 +262,9 @@ async def _assert_each_acknowledged_event_charged_once(core, acknowledged):
     by_request = {r.request_id: r for r in rows}
     missing = [rid for rid in acknowledged if rid not in by_request]
     assert not missing, missing[:10]
-    assert all(by_request[rid].status == "accounted" and int(by_request[rid].entries) == 1
-               for rid in acknowledged)
+    wrong = {rid: (by_request[rid].status, int(by_request[rid].entries)) for rid in acknowledged
+             if by_request[rid].status != "accounted" or int(by_request[rid].entries) != 1}
+    assert not wrong, sorted(wrong.items())[:10]
     assert all(int(r.entries) == (1 if r.status == "accounted" else 0) for r in rows)
 
 

@@ -114,10 +114,11 @@ async def test_post_many_unflagged_writes_nothing_where_the_careful_way_has_work
     assert [e for e in await _entries(core, "cust-1") if e.amount < 0] == []
 
 
-async def test_a_group_of_plain_charges_waits_twice_and_flagged_customers_keep_their_treatment(core, monkeypatch):
+async def test_a_plain_group_waits_little_and_flagged_customers_keep_their_treatment(core, monkeypatch):
     """One group, three customers: a plain one (its debit with no read first), one with a budget
     (read under lock, the budget spent) and one with a low-balance threshold (the debit seen by the
-    watch). Each is charged exactly as alone; the plain group alone waits for the database twice."""
+    watch). Each is charged exactly as alone; the plain group alone waits for the database twice
+    (SQLite; three times on MySQL, where the COMMIT travels alone)."""
     from tests.test_handoffs import _count_trips
     await seed_pricing(core)
     for c in ("c-plain", "c-budget", "c-low"):
@@ -133,7 +134,7 @@ async def test_a_group_of_plain_charges_waits_twice_and_flagged_customers_keep_t
     items = [await item(ev) for ev in prepared]
     trips = _count_trips(core, monkeypatch)
     outcomes = await core.accounting.group.write(items)
-    assert trips[0] == 2 and [e for _, e in outcomes] == [None] * 4
+    assert trips[0] == (2 if core.db.dialect == "sqlite" else 3) and [e for _, e in outcomes] == [None] * 4
     mixed = [await item(await core.accounting._prepare(usage(f"m-{c}-{i}", customer=c)))
              for i in range(2) for c in ("c-plain", "c-budget", "c-low")]
     outcomes = await core.accounting.group.write(mixed)

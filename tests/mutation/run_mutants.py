@@ -99,7 +99,7 @@ MUTANTS = [
     Mutant("unflagged_debit_ignores_flags", "billing_module/ledger.py",
            "flags = self._flags(total, True) + defer_to", "flags = defer_to",
            ("tests/test_group_commit.py::test_post_many_unflagged_writes_nothing_where_the_careful_way_has_work",
-            "tests/test_group_commit.py::test_a_group_of_plain_charges_waits_twice_and_flagged_customers_keep_their_treatment")),
+            "tests/test_group_commit.py::test_a_plain_group_waits_little_and_flagged_customers_keep_their_treatment")),
     Mutant("unflagged_debit_any_currency", "billing_module/ledger.py",
            "_balance_update(must_cover, refuse_suspended, currency=True, unflagged=flags)",
            "_balance_update(must_cover, refuse_suspended, currency=False, unflagged=flags)",

@@ -295,7 +295,8 @@ class Accounting:
         outcomes: list[Any] = [None] * len(items)
         records: list[dict[str, Any]] = []
         flagged: dict[str, list[Any]] = {}
-        for customer_id, group in by_customer.items():
+        for customer_id in sorted(by_customer):     # rows locked in one order, as _accounts does
+            group = by_customer[customer_id]
             currencies = {price.currency for _, _, _, price in group}
             entries = None
             if len(currencies) == 1 and all(row["amount"] > 0 for _, row, _, _ in group):

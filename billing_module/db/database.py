@@ -271,7 +271,8 @@ class Tx:
     async def _mysql(self, texts):
         """One round trip: the statements written later, then ``texts``; the rows each of
         ``texts`` changed (a SELECT's rows are then the cursor's: the last statement's). The
-        server stops at the first statement that fails; its error raises here."""
+        first error raises here (the server stops there, but for a Galera abort: never send a
+        COMMIT in this text, ``before_commit``)."""
         later, self._later, self._later_bytes = self._later, [], 0
         self._sent = True
         cur = self.sor.cur

@@ -23,6 +23,8 @@ from collections.abc import Callable
 from decimal import Decimal
 from typing import Any, Protocol
 
+from cachetools import LRUCache
+
 from . import clock
 from .budgets import BudgetExceeded, Budgets, Spender
 from .config import Config
@@ -50,9 +52,12 @@ STATUSES = ("active", "suspended", "arrears")
 
 _ENTRY_COLUMNS = ("id", "customer_id", "entry_type", "amount", "request_id", "payload_hash", "ref_type", "ref_id",
                   "reason", "operator", "created_at")
+# balance_after and currency come from the balance row this transaction has just changed (and
+# holds locked); ``debited_after``: the (signed) sum of the entries written after this one by
+# the same update
 _INSERT_ENTRY = (f"insert into ledger_entry ({', '.join(_ENTRY_COLUMNS)}, balance_after, currency) "
-                 f"select {', '.join('${' + c + '}$' for c in _ENTRY_COLUMNS)}, balance, currency "
-                 "from customer_balance where id = ${customer_id}$")
+                 f"select {', '.join('${' + c + '}$' for c in _ENTRY_COLUMNS)}, balance - ${{debited_after}}$, "
+                 "currency from customer_balance where id = ${customer_id}$")
 
 _BALANCE_COLUMNS = ("id, balance, held, credit_limit, currency, status, last_recharge, "
                     "last_consumption, version, updated_at")
@@ -182,6 +187,9 @@ class Ledger:
         # holds reserve against the customer's budgets (None: no budgets are enforced)
         self.budgets = budgets
         self.max_balance_micros = config.ledger.max_balance * MICRO
+        # customers whose last debit made without assuming needed more than the plain update (a
+        # flag set, a refusal): their debits are not assumed to pass. A hint only: the update decides.
+        self._not_plain: LRUCache[str, bool] = LRUCache(maxsize=10_000)
 
     # --- reads -----------------------------------------------------------------------------
     async def balance(self, customer_id: str) -> dict[str, Any]:
@@ -240,7 +248,13 @@ class Ledger:
         the update also requires the balance row's flags for them to be 0 (kept by the budget and
         alert settings in their own transactions, so no instance ever decides from a stale copy).
         Only when that update refuses are the flags read, under the row's lock, and the debit
-        made again after the budgets took their part."""
+        made again after the budgets took their part.
+
+        In a transaction that ``assumes`` (``Tx``), a debit goes further and assumes the update
+        passes: it is written later, with its entry, and its count is checked before the COMMIT
+        (no wait of its own). When it did not pass, the transaction runs again without
+        assumptions and takes the way above; that customer's next debits do too, until one
+        passes plainly (``_not_plain``)."""
         now = clock.now_text()
         ns = {"c": customer_id, "amt": amount, "hd": held_delta, "now": now, "et": entry_type,
               "maxb": self.max_balance_micros}
@@ -250,7 +264,13 @@ class Ledger:
             ns.update(guard[1])
         if currency_is is not None:
             ns["cur"] = currency_is[0]
+        if self._assumes(tx, customer_id, amount) and not create:
+            await tx.execute(_balance_update(*shape, unflagged=flags), ns, later=True, expect=1)
+            return await self._entry(tx, customer_id, amount, entry_type, request_id, phash, ref_type, ref_id,
+                                     reason, operator, now, want_balance)
         n = await tx.execute(_balance_update(*shape, unflagged=flags), ns)
+        if amount < 0:
+            self._plain(customer_id, n == 1)
         if n == 0 and create:
             await self._create_account(tx, customer_id, now, currency)
             n = await tx.execute(_balance_update(*shape, unflagged=flags), ns)
@@ -267,22 +287,38 @@ class Ledger:
         if n == 0:
             await self._explain_refusal(tx, customer_id, amount, otherwise=guard[2] if guard else None,
                                         currency_is=currency_is)
+        return await self._entry(tx, customer_id, amount, entry_type, request_id, phash, ref_type, ref_id,
+                                 reason, operator, now, want_balance,
+                                 low_balance_set=flagged is not None and flagged.low_balance_set)
+
+    async def _entry(self, tx, customer_id, amount, entry_type, request_id, phash, ref_type, ref_id, reason,
+                     operator, now, want_balance, low_balance_set=False):
+        """``post``'s ledger entry, written after its balance update: one statement (sent with
+        the next one) takes the balance after it from the row; the watch is told of a debit."""
         entry = {
             "id": new_id(), "customer_id": customer_id, "entry_type": entry_type, "amount": amount,
             "request_id": request_id, "payload_hash": phash, "ref_type": ref_type, "ref_id": ref_id,
             "reason": (reason or "")[:255] or None, "operator": (operator or "")[:64] or None, "created_at": now,
         }
-        # balance_after and currency come from the row this transaction has just changed (and
-        # holds locked): one statement instead of a read and a write; sent with the next one
-        await tx.execute(_INSERT_ENTRY, entry, later=True)
-        if amount < 0 and self.watch is not None and (self.watch.every_debit or
-                                                      (flagged is not None and flagged.low_balance_set)):
+        await tx.execute(_INSERT_ENTRY, dict(entry, debited_after=0), later=True)
+        if amount < 0 and self.watch is not None and (self.watch.every_debit or low_balance_set):
             await self.watch.debited(tx, customer_id, amount)
         entry = Row(entry)
         if want_balance:
-            row = await tx.one("select balance, currency from customer_balance where id = ${c}$", ns)
+            row = await tx.one("select balance, currency from customer_balance where id = ${c}$", {"c": customer_id})
             entry.update(balance_after=int(row.balance), currency=row.currency)
         return entry
+
+    def _assumes(self, tx: Tx, customer_id: str, amount: int) -> bool:
+        """Whether a debit of ``amount`` is assumed to pass (``post``)."""
+        return tx.assumes and amount < 0 and customer_id not in self._not_plain
+
+    def _plain(self, customer_id: str, plain: bool) -> None:
+        """What a debit made without assuming showed: whether the plain update passed."""
+        if plain:
+            self._not_plain.pop(customer_id, None)
+        else:
+            self._not_plain[customer_id] = True
 
     async def post_many(self, tx: Tx, customer_id: str, items: list[dict[str, Any]], entry_type: str, *,
                         must_cover: bool = False, refuse_suspended: bool = False,
@@ -338,37 +374,53 @@ class Ledger:
         a low-balance threshold, the caller's ``defer_to``), the balance is in ``currency`` and
         the update passes (the account exists, covers the total when ``must_cover``). Returns the
         entries; None when the update refused: nothing was written, the caller takes the careful
-        way (``post_many`` after reading the row under its lock)."""
+        way (``post_many`` after reading the row under its lock).
+
+        In a transaction that ``assumes``, the update is assumed to pass, as in ``post``: it is
+        written later with the entries, which take their running balances from the row."""
         now = clock.now_text()
         total = sum(i["amount"] for i in items)
         if total >= 0 or abs(total) > MAX_MICRO:
             return None
         ns = {"c": customer_id, "hd": 0, "now": now, "et": entry_type, "amt": total, "cur": currency,
               "maxb": self.max_balance_micros}
-        flags = self._flags(total, True) + defer_to
-        changed, rows = await tx.execute_then_select(
-            _balance_update(must_cover, refuse_suspended, currency=True, unflagged=flags), ns, _READ_AFTER_DEBIT, ns)
+        update = _balance_update(must_cover, refuse_suspended, currency=True,
+                                 unflagged=self._flags(total, True) + defer_to)
+        if self._assumes(tx, customer_id, total):
+            await tx.execute(update, ns, later=True, expect=1)
+            return await self._write_entries(tx, customer_id, items, entry_type, None, now)
+        changed, rows = await tx.execute_then_select(update, ns, _READ_AFTER_DEBIT, ns)
+        self._plain(customer_id, changed == 1)
         if changed != 1:
             return None
         return await self._write_entries(tx, customer_id, items, entry_type, rows[0], now)
 
     async def _write_entries(self, tx: Tx, customer_id: str, accepted: list[dict[str, Any]], entry_type: str,
-                             row: Row, now: str) -> list[dict[str, Any]]:
+                             row: Row | None, now: str) -> list[dict[str, Any]]:
         """The ledger entries of ``accepted``, debited together and leaving the balance ``row``
         (balance, currency, low_balance_set) as read after the debit: each with its exact running
-        balance_after, in one multi-row insert (written later); the watch is told of the debit."""
-        running = int(row.balance) - sum(i["amount"] for i in accepted)
+        balance_after, in one multi-row insert (written later); the watch is told of the debit.
+        ``row`` None: the debit is written later too (not read): each entry takes its running
+        balance from the row as the debit leaves it (``_INSERT_ENTRY``, one statement each)."""
+        debited = sum(i["amount"] for i in accepted)
+        running = (0 if row is None else int(row.balance)) - debited
         entries = []
         for item in accepted:
             running += item["amount"]
             entries.append({"id": new_id(), "customer_id": customer_id, "entry_type": entry_type,
-                            "amount": item["amount"], "balance_after": running, "currency": row.currency,
-                            "request_id": item["request_id"], "payload_hash": item["payload_hash"],
-                            "ref_type": item.get("ref_type"), "ref_id": item.get("ref_id"), "reason": None,
-                            "operator": None, "created_at": now})
-        await tx.insert_many("ledger_entry", entries, later=True)
-        debited = sum(i["amount"] for i in accepted)
-        if debited < 0 and self.watch is not None and (self.watch.every_debit or row.low_balance_set):
+                            "amount": item["amount"], "request_id": item["request_id"],
+                            "payload_hash": item["payload_hash"], "ref_type": item.get("ref_type"),
+                            "ref_id": item.get("ref_id"), "reason": None, "operator": None, "created_at": now})
+            if row is None:
+                entries[-1]["debited_after"] = -running      # the items after this one
+            else:
+                entries[-1].update(balance_after=running, currency=row.currency)
+        if row is None:
+            await tx.execute_many(_INSERT_ENTRY, entries, later=True)
+        else:
+            await tx.insert_many("ledger_entry", entries, later=True)
+        low_balance_set = row is not None and row.low_balance_set     # else 0, required by the debit
+        if debited < 0 and self.watch is not None and (self.watch.every_debit or low_balance_set):
             await self.watch.debited(tx, customer_id, debited)   # the batch crosses once at most
         return entries
 

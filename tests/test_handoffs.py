@@ -214,10 +214,11 @@ def _count_trips(core, monkeypatch):
 
 
 async def test_a_charge_waits_for_the_database_as_few_times_as_an_insert(core, monkeypatch):
-    """The BEGIN (SQLite; on MySQL the first statement opens the transaction) goes with the
-    debit, the ledger entry and the record together, with the COMMIT on SQLite: two waits, like
-    a one-row insert's transaction; three on MySQL, where a COMMIT travels alone. A transaction
-    that sends nothing waits for nothing."""
+    """The debit is assumed to pass (its count checked before the COMMIT): the BEGIN (SQLite;
+    on MySQL the first statement opens the transaction), the debit, the ledger entry and the
+    record go together, with the COMMIT on SQLite: one wait; two on MySQL, where a COMMIT
+    travels alone, like a one-row insert's transaction. A transaction that sends nothing waits
+    for nothing."""
     await seed_pricing(core)
     await core.ledger.recharge("cust-1", units("1"), "r1")
     await core.accounting.post_usage(usage("warm"))          # the caches filled
@@ -231,11 +232,77 @@ async def test_a_charge_waits_for_the_database_as_few_times_as_an_insert(core, m
     await core.db.run(lambda tx: asyncio.sleep(0))        # a write transaction that writes nothing
     empty = trips[0]
     if core.db.dialect == dialects.SQLITE:
-        assert (charge, insert, read, empty) == (2, 2, 2, 0)
+        assert (charge, insert, read, empty) == (1, 2, 2, 0)
     else:       # the COMMIT on its own (Tx.before_commit)
-        assert (charge, insert, read, empty) == (3, 2, 2, 0)
+        assert (charge, insert, read, empty) == (2, 2, 2, 0)
     assert (await core.accounting.record(request_id="counted")).status == "accounted"
 
+
+
+async def test_a_refuted_assumption_leaves_nothing_and_the_work_runs_again_without_it(core):
+    """A statement written later with an expected count that it does not meet (here: an update
+    of no row) fails the transaction before its COMMIT: nothing of it remains, on MySQL not even
+    the statements the server ran behind it, and ``Database.run`` runs the work again, this time
+    in a transaction that does not assume."""
+    from billing_module.db.database import AssumptionRefuted
+    attempts = []
+
+    async def work(tx):
+        attempts.append(tx.assumes)
+        await tx.insert("api_nonce", _nonce(f"try-{len(attempts)}"), later=True)
+        if tx.assumes:
+            await tx.execute("update customer_balance set balance = balance + 1 where id = ${c}$",
+                             {"c": "nobody"}, later=True, expect=1)
+            await tx.insert("api_nonce", _nonce("behind"), later=True)
+        return "done"
+    assert await core.db.run(work) == "done"
+    assert attempts == [True, False]
+    async with core.db.read() as tx:
+        assert [r.nonce for r in await tx.select("select nonce from api_nonce")] == ["try-2"]
+    with pytest.raises(AssertionError):       # a transaction opened directly is not run again: no assuming
+        async with core.db.transaction() as tx:
+            await tx.execute("update customer_balance set balance = 1 where id = 'nobody'", later=True, expect=1)
+    with pytest.raises(AssumptionRefuted):       # checked where it is sent: here, with a read
+        async with core.db.transaction(assumes=True) as tx:
+            await tx.execute("update customer_balance set balance = 1 where id = 'nobody'", later=True, expect=1)
+            await tx.scalar("select count(*) from api_nonce")
+    assert await _nonces(core) == 1
+
+
+async def test_a_customer_whose_debits_need_more_is_not_assumed_to_pass_until_one_passes_plainly(core, monkeypatch):
+    """A budget (a flag on the balance row) refutes the first charge's assumption: it is charged
+    the careful way, its budget spent, and the customer's next charges are made that way from
+    the start (fewer waits than an assumption refuted first). Once the budget is gone, the next
+    careful charge passes plainly and the one after it is assumed again. A charge refused for
+    want of balance writes nothing, whichever way it went."""
+    await seed_pricing(core)
+    await core.ledger.recharge("cust-1", units("1"), "r1")
+    await core.accounting.post_usage(usage("warm"))
+    trips = _count_trips(core, monkeypatch)
+
+    async def charge(request_id):
+        trips[0] = 0
+        await core.accounting.post_usage(usage(request_id))
+        return trips[0]
+    assumed = await charge("plain")
+    await core.budgets.set_budget("cust-1", "org", "cust-1", "day", units("0.5"))
+    refuted = await charge("budget-1")
+    careful = await charge("budget-2")
+    assert assumed < careful < refuted
+    assert "cust-1" in core.ledger._not_plain
+    spent = (await core.budgets.list_budgets("cust-1", "org"))["rows"][0]
+    assert units(spent["spent"]) == units("0.012")
+    await core.budgets.set_budget("cust-1", "org", "cust-1", "day", 0)       # removed
+    assert assumed < await charge("after-1") < careful and "cust-1" not in core.ledger._not_plain
+    assert await charge("after-2") == assumed
+    assert (await core.ledger.balance("cust-1"))["balance"] == "0.964000"    # six charges of 0.006
+    await core.ledger.adjust("cust-1", -units("0.964"), "drain", "test")
+    with pytest.raises(Exception) as refused:
+        await core.accounting.post_usage(usage("short"))
+    assert getattr(refused.value, "code", None) == "insufficient_balance"
+    assert (await core.ledger.balance("cust-1"))["balance"] == "0.000000"
+    async with core.db.read() as tx:
+        assert await tx.scalar("select count(*) from ledger_entry where request_id = 'short'") == 0
 
 
 _SPECIALS = "\0\\\n\r\x1a'\"%"

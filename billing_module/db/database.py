@@ -146,10 +146,25 @@ def _picker(names):
     return operator.itemgetter(*names)
 
 
+class AssumptionRefuted(Exception):
+    """A statement written ``later`` with an ``expect``ed count changed another number of rows
+    (a debit that assumed it would pass, see ``Tx.assumes``). Raised before the COMMIT, so the
+    transaction rolls back; ``Database.run`` runs the work again without assumptions."""
+
+    def __init__(self, expected: int, changed: int) -> None:
+        super().__init__(f"a statement assumed to change {expected} row(s) changed {changed}")
+
+
+def _check(expect, changed):
+    if expect is not None and changed != expect:
+        raise AssumptionRefuted(expect, changed)
+
+
 def _send(conn, statements):
-    """Run statements written ``later`` on the sqlite3 connection (on its thread), in order."""
-    for sql, params, many in statements:
-        (conn.executemany if many else conn.execute)(sql, params)
+    """Run statements written ``later`` on the sqlite3 connection (on its thread), in order;
+    one whose count is not the one it expects stops there."""
+    for sql, params, many, expect in statements:
+        _check(expect, (conn.executemany if many else conn.execute)(sql, params).rowcount)
 
 
 # the characters pymysql's escape_string escapes (with backslash escapes, the server's default)
@@ -239,14 +254,23 @@ class Tx:
     them); the server runs the statements in order and stops at the first that fails. The
     COMMIT is sent on its own on MySQL (``before_commit`` says why): a transaction that writes a
     few rows takes two waits on SQLite (the first statement whose answer is read, the rest with
-    the COMMIT) and three on MySQL."""
+    the COMMIT) and three on MySQL.
 
-    def __init__(self, sor, dialect, timeout_seconds=None):
+    A write whose count is read can still go later when the count is only checked: ``execute``
+    with ``expect`` (only in a transaction that ``assumes``, see ``Database.run``). A debit that
+    assumes it passes is sent with its ledger entry and record, so a charge takes one wait on
+    SQLite and two on MySQL; when the count is another, ``AssumptionRefuted`` rolls the whole
+    transaction back before its COMMIT and it runs again the careful way."""
+
+    def __init__(self, sor, dialect, timeout_seconds=None, assumes=False):
         self.sor = sor
         self.dialect = dialect
         self.timeout_seconds = timeout_seconds     # per wait; None on SQLite
-        # not sent yet: SQLite (sql, parameters, many); MySQL (the statement's text, None, False)
-        self._later: list[tuple[str, Any, bool]] = []
+        # a statement may be written later with an expected count (``execute(expect=)``)
+        self.assumes = assumes
+        # not sent yet: SQLite (sql, parameters, many, expected count or None); MySQL (the
+        # statement's text, None, False, expected count or None)
+        self._later: list[tuple[str, Any, bool, int | None]] = []
         self._later_bytes = 0     # MySQL: the length of those texts
         self._sent = False        # a statement has gone to the database (the BEGIN, if any, has run)
         # MySQL: (statement, parameters) -> its text; unused on SQLite, which binds parameters
@@ -256,7 +280,7 @@ class Tx:
         """Open the transaction: the BEGIN goes with the first statement, in its wait (on SQLite
         the write lock is still taken before that statement runs); a transaction that sends
         none costs no wait at all."""
-        self._later.append((statement, (), False))
+        self._later.append((statement, (), False, None))
 
     async def _sqlite(self, final=None):
         """One hand-off: the statements written later, then ``final(connection)``'s result."""
@@ -272,35 +296,37 @@ class Tx:
         """One round trip: the statements written later, then ``texts``; the rows each of
         ``texts`` changed (a SELECT's rows are then the cursor's: the last statement's). The
         first error raises here (the server stops there, but for a Galera abort: never send a
-        COMMIT in this text, ``before_commit``)."""
+        COMMIT in this text, ``before_commit``); then a later statement's count that is not
+        the one it expected (the server ran the rest: they are rolled back with it)."""
         later, self._later, self._later_bytes = self._later, [], 0
         self._sent = True
         cur = self.sor.cur
-        sent = [text for text, _, _ in later]
+        sent = [text for text, _, _, _ in later]
         sent.extend(texts)
 
         async def trip():
             await cur.execute(";\n".join(sent))      # no parameters: the texts are escaped already
-            for _ in later[1:] if not texts else later:
-                await cur.nextset()
             changed = [cur.rowcount]
-            for _ in texts[1:]:
+            for _ in sent[1:]:
                 await cur.nextset()
                 changed.append(cur.rowcount)
             return changed
-        return await self._answer(trip())
+        changed = await self._answer(trip())
+        for (_, _, _, expect), count in zip(later, changed, strict=False):
+            _check(expect, count)
+        return changed[len(later):]
 
-    async def _defer(self, texts):
+    async def _defer(self, texts, expect=None):
         """MySQL: write ``texts`` later; a queue grown past ``_MYSQL_SEND_BYTES`` goes now."""
         for text in texts:
-            self._later.append((text, None, False))
+            self._later.append((text, None, False, expect))
             self._later_bytes += len(text)
         if self._later_bytes > _MYSQL_SEND_BYTES:
             await self._mysql([])
 
     def _nothing_sent(self):
         """No statement has gone, and none but the BEGIN waits: the transaction has done nothing."""
-        return not self._sent and all(sql == self._begin for sql, _, _ in self._later)
+        return not self._sent and all(sql == self._begin for sql, _, _, _ in self._later)
 
     @property
     def _begin(self):
@@ -363,10 +389,10 @@ class Tx:
         """Undo what the transaction did since ``savepoint(name)``. Statements still waiting to
         be sent were written after the savepoint (or with it): they are dropped, never run."""
         mark = f"savepoint {name}"
-        for i, (sql, _, _) in enumerate(self._later):
+        for i, (sql, _, _, _) in enumerate(self._later):
             if sql == mark:               # the savepoint itself was not sent: nothing after it ran
                 del self._later[i:]
-                self._later_bytes = sum(len(text) for text, _, _ in self._later)
+                self._later_bytes = sum(len(text) for text, _, _, _ in self._later)
                 return
         self._later, self._later_bytes = [], 0
         await self.execute(f"rollback to savepoint {name}")
@@ -419,19 +445,23 @@ class Tx:
         row = await self.one(sql, ns)
         return None if row is None else next(iter(row.values()))
 
-    async def execute(self, sql, ns=None, later=False):
+    async def execute(self, sql, ns=None, later=False, expect=None):
         """Run one statement; returns the number of rows it changed (matched, for UPDATE on
         MySQL, because the connection is opened with CLIENT.FOUND_ROWS). ``later``: no count;
-        sent with the next statement or the COMMIT (the class says when)."""
+        sent with the next statement or the COMMIT (the class says when). ``expect``: written
+        later, and the count it must have (``AssumptionRefuted`` when it has another); only
+        in a transaction that ``assumes``."""
+        if expect is not None and not (later and self.assumes):
+            raise AssertionError("an expected count is for a statement written later, in a transaction that assumes")
         marked, data = self._mask(sql, ns or {})
         if self.dialect == dialects.SQLITE:
             if later:
-                self._later.append((marked, data, False))
+                self._later.append((marked, data, False, expect))
                 return None
             return await self._sqlite(lambda conn: conn.execute(marked, data).rowcount)
         text = self._mogrify(marked, data)
         if later:
-            return await self._defer([text])
+            return await self._defer([text], expect)
         return (await self._mysql([text]))[0]
 
     async def execute_many(self, sql, rows, later=False):
@@ -447,7 +477,7 @@ class Tx:
             raise KeyError(f"SQL parameter ${{{e.args[0]}}}$ has no value") from None
         if self.dialect == dialects.SQLITE:
             if later:
-                self._later.append((marked, params, True))
+                self._later.append((marked, params, True, None))
                 return None
             return await self._sqlite(lambda conn: conn.executemany(marked, params).rowcount)
         texts = _mysql_texts(self._mogrify, marked, params)
@@ -504,14 +534,14 @@ class Tx:
         try:
             for size in sizes:
                 params = [v for r in rows[start:start + size] for v in pick(r)]
-                chunks.append((text_for(size), params, False))
+                chunks.append((text_for(size), params, False, None))
                 start += size
         except KeyError as e:
             raise KeyError(f"SQL parameter ${{{e.args[0]}}}$ has no value") from None
         if later:
             self._later.extend(chunks)
             return None
-        return await self._sqlite(lambda conn: sum(conn.execute(text, params).rowcount for text, params, _ in chunks))
+        return await self._sqlite(lambda conn: sum(conn.execute(chunk[0], chunk[1]).rowcount for chunk in chunks))
 
     async def page(self, sql, ns, order_by, page, rows):
         """``{"total", "rows"}`` for one page; ``order_by`` is code-controlled text."""
@@ -742,20 +772,22 @@ class Database:
                     await self._discard(sor)
 
     @asynccontextmanager
-    async def transaction(self, write: bool = True, latest: bool = False, bounded: bool = True):
+    async def transaction(self, write: bool = True, latest: bool = False, bounded: bool = True,
+                          assumes: bool = False):
         """One transaction. Exceptions roll back and propagate; nothing is swallowed.
         ``latest``: on Galera, its reads see every transaction committed anywhere in the cluster
         before they run (``wsrep_sync_wait``); elsewhere one server is always up to date.
         A connection that breaks during COMMIT, or whose COMMIT gets no answer within the
         statement timeout, raises ``CommitUnknown``. ``bounded=False``: no statement timeout,
-        for DDL (an index built on a large table takes as long as it takes)."""
+        for DDL (an index built on a large table takes as long as it takes). ``assumes``: see
+        ``Tx`` (``run`` opens such transactions: it runs the work again when an assumption fails)."""
         self._ensure_loop_state()
         lock = self._write_lock if (write and self.dialect == dialects.SQLITE) else None
         if lock is not None:
             await lock.acquire()
         try:
             async with self._connection() as sor:
-                tx = Tx(sor, self.dialect, self.statement_timeout_seconds if bounded else None)
+                tx = Tx(sor, self.dialect, self.statement_timeout_seconds if bounded else None, assumes)
                 causal = latest and self.galera
                 if getattr(sor, "billing_sync_wait", False) != causal:
                     # set here, not reset after COMMIT: nothing may fail after a COMMIT succeeded
@@ -801,14 +833,21 @@ class Database:
         of a failed attempt remains), and on the next node when the connection broke before
         COMMIT. A COMMIT cut off leaves its outcome unknown: the work runs again only when it is
         ``idempotent`` (its unique key turns a second run into a duplicate), else the caller
-        gets ``DatabaseUnavailable``, like when no node answers for ``_FAILOVER_SECONDS``."""
+        gets ``DatabaseUnavailable``, like when no node answers for ``_FAILOVER_SECONDS``.
+
+        The work may assume (``Tx.assumes``); when an assumption fails, nothing of that attempt
+        remains and the work runs again at once, making none."""
         if retries is None:
             retries = _DEADLOCK_RETRIES
-        attempt, give_up_at = 0, None
+        attempt, give_up_at, assumes = 0, None, write
         while True:
             try:
-                async with self.transaction(write=write, latest=latest or attempt > 0) as tx:
+                async with self.transaction(write=write, latest=latest or attempt > 0, assumes=assumes) as tx:
                     return await work(tx)
+            except AssumptionRefuted:
+                if not assumes:
+                    raise
+                assumes = False
             except DatabaseUnavailable as e:
                 give_up_at = give_up_at or time.monotonic() + self.failover_seconds
                 if (isinstance(e, CommitUnknown) and not idempotent) or time.monotonic() > give_up_at:

@@ -24,6 +24,7 @@ from typing import Any
 
 from ..errors import DatabaseUnavailable
 from . import dialect as dialects
+from .database import AssumptionRefuted
 
 log = logging.getLogger("billing_module.db")
 
@@ -98,8 +99,10 @@ class GroupCommit:
                 await tx.execute("release savepoint bm_group", later=True)
                 await tx.flush()      # this request's own writes fail here, not at the next one's
             except Exception as e:
-                if dialects.is_retryable(e) or isinstance(e, DatabaseUnavailable):
-                    raise                        # the database aborted the whole transaction, or its node failed
+                if dialects.is_retryable(e) or isinstance(e, (DatabaseUnavailable, AssumptionRefuted)):
+                    # the database aborted the whole transaction, its node failed, or an
+                    # assumption failed: the group runs again as a whole
+                    raise
                 await tx.rollback_to("bm_group")
                 outcomes.append((None, e))
                 continue

@@ -70,6 +70,13 @@ def _values_of(names: tuple[str, ...]) -> Callable[[Any], tuple]:
     return lambda obj: tuple(getattr(obj, name) for name in names)
 
 
+def _items_of(positions: tuple[int, ...]) -> Callable[[Any], tuple]:
+    """The items at ``positions`` as a tuple, read in C where there are several."""
+    if len(positions) > 1:
+        return operator.itemgetter(*positions)
+    return lambda seq: tuple(seq[i] for i in positions)
+
+
 # what every Usage checks: (whole, its parts, the whole's value, the parts' values)
 _PART_CHECKS = tuple((whole, names, operator.attrgetter(whole), _values_of(names))
                      for whole, names in _PARTS_OF.items())
@@ -388,6 +395,7 @@ class _Plan:
     part_wholes: tuple  # ((position of a part, position of its whole), ...)
     priced: tuple  # ((position, factor, rule), ...) of the factors with a rule
     unpriced: tuple  # ((position, factor), ...) of the others
+    unpriced_quantities: Callable[[Any], tuple]  # quantities -> theirs (read in C: mostly all 0)
     quantity: dict  # event unit -> rule
     flat: Rule | None
     any_rule: bool  # some rule applies to the model (Version.matches_any)
@@ -403,12 +411,14 @@ class _Plan:
         wholes = ("input_tokens", "output_tokens")
         parts = [(part, whole) for part, whole, falls_back in PARTS if rule(part) is not None or not falls_back]
         factors = wholes + tuple(part for part, _ in parts) + COUNTS
+        unpriced = tuple(i for i, factor in enumerate(factors) if rule(factor) is None)
         return cls(
             operator.attrgetter(*factors),
             2 + len(parts),
             tuple((2 + i, wholes.index(whole)) for i, (_, whole) in enumerate(parts)),
             tuple((i, factor, rule(factor)) for i, factor in enumerate(factors) if rule(factor) is not None),
-            tuple((i, factor) for i, factor in enumerate(factors) if rule(factor) is None),
+            tuple((i, factors[i]) for i in unpriced),
+            _items_of(unpriced),
             {key[1]: rule(key) for key in version.index if isinstance(key, tuple)},
             rule("flat"),
             bool(rules),
@@ -549,7 +559,9 @@ def _price_planned(plan, usage, disc):
         qty = quantities[i]
         if qty:
             original += _add_line(lines, rule, factor, qty, str(qty), input_tokens, disc)
-    unpriced = [factor for i, factor in plan.unpriced if quantities[i]]
+    unpriced = []
+    if any(plan.unpriced_quantities(quantities)):     # rare: a factor that no rule prices
+        unpriced = [factor for i, factor in plan.unpriced if quantities[i]]
 
     if usage.quantity:
         rule = plan.quantity.get(usage.unit)
@@ -566,7 +578,7 @@ def _price_planned(plan, usage, disc):
 
 def _add_line(lines, rule, factor, qty, qty_str, input_tokens, disc):
     """Append the line for ``rule``; return its undiscounted rounded amount."""
-    p = rule.prices_for(input_tokens)
+    p = rule.prices_for(input_tokens) if rule.tiers else rule.base
     if p.sell_ratio is not None and type(qty) is int:
         original, amount, cost = _int_line(p, qty, disc)
     else:

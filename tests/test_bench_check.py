@@ -25,3 +25,54 @@ def test_each_figure_is_its_best_round_and_ratios_are_between_bests():
     assert spread["pricing_hit_us"] == (4.0, 5.0)
     assert best["post_usage_vs_floor_1"] == 0.5 and best["accountant_vs_floor_batch"] == 0.45
     assert "http_batch_vs_accountant" not in best          # no HTTP figures in these rounds
+
+
+async def test_the_delay_proxy_forwards_every_byte_in_order_each_hop_held_its_delay():
+    """The bench's database "across a network": a real echo server behind the proxy; what comes
+    back is what was sent, in order, and no sooner than two hops' delay."""
+    import asyncio
+    import time
+
+    from billing_module.tools.delay_proxy import serve
+
+    async def echo(reader, writer):
+        while data := await reader.read(1000):
+            writer.write(data)
+            await writer.drain()
+        writer.close()
+    target = await asyncio.start_server(echo, "127.0.0.1", 0)
+    proxy = await serve("127.0.0.1", target.sockets[0].getsockname()[1], 0.02)
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.sockets[0].getsockname()[1])
+    sent = b"".join(i.to_bytes(2, "big") for i in range(5000))
+    started = time.monotonic()
+    writer.write(sent[:7])
+    first = await reader.readexactly(7)
+    waited = time.monotonic() - started
+    for i in range(7, len(sent), 997):
+        writer.write(sent[i:i + 997])
+    rest = await reader.readexactly(len(sent) - 7)
+    writer.close()
+    proxy.close()
+    target.close()
+    assert first + rest == sent
+    assert waited >= 0.04
+
+
+def test_the_bench_reaches_mysql_through_the_proxy(mysql_database):
+    """``--mysql-delay-ms``: the URL handed to the figures reaches the same server through the
+    proxy, whose round trip is longer by at least its two hops."""
+    import pytest
+
+    from billing_module.tools.bench import _delayed, _round_trip_ms
+    if mysql_database is None:
+        pytest.skip("no MySQL named (BILLING_TEST_MYSQL)")
+    import urllib.parse
+    secret = f":{urllib.parse.quote(mysql_database['password'])}" if mysql_database.get("password") else ""
+    url = f"mysql://{mysql_database['user']}{secret}@{mysql_database['host']}:{mysql_database['port']}"
+    proxy, far = _delayed(url, 5)
+    try:
+        assert far.startswith(f"mysql://{mysql_database['user']}{secret}@127.0.0.1:") and far != url
+        assert _round_trip_ms(far, n=5) >= 10          # two hops of 5 ms at least
+    finally:
+        proxy.terminate()
+        proxy.wait()

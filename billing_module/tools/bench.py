@@ -504,6 +504,39 @@ async def run_one(dialect, scale, mysql_url, skip=(), workers=1, only_growth=Fal
     return r, spread
 
 
+def _delayed(url, delay_ms):
+    """(the proxy process, the URL that reaches ``url``'s server through it)."""
+    import subprocess
+    import urllib.parse
+    params = _mysql_params(url)
+    proxy = subprocess.Popen([sys.executable, "-m", "billing_module.tools.delay_proxy",
+                              "--target", f"{params['host']}:{params['port']}", "--delay-ms", str(delay_ms)],
+                             stdout=subprocess.PIPE, text=True)
+    line = proxy.stdout.readline().strip() if proxy.stdout else ""
+    if not line.startswith("listening on "):
+        proxy.kill()
+        raise SystemExit(f"the delay proxy did not start: {line!r}")
+    u = urllib.parse.urlparse(url)
+    netloc = u.netloc.rpartition("@")[0] + "@" if "@" in u.netloc else ""
+    return proxy, urllib.parse.urlunparse(u._replace(netloc=netloc + line.removeprefix("listening on ")))
+
+
+def _round_trip_ms(url, n=200):
+    """The median time of a ``select 1`` on one connection: what one wait for MySQL costs."""
+    conn = pymysql.connect(**_mysql_params(url))
+    try:
+        times = []
+        with conn.cursor() as c:
+            for _ in range(n):
+                t = time.perf_counter()
+                c.execute("select 1")
+                c.fetchall()
+                times.append((time.perf_counter() - t) * 1e3)
+        return pct(times, 50)
+    finally:
+        conn.close()
+
+
 def _fmt(v):
     return f"{v:.3g}" if isinstance(v, float) else str(v)
 
@@ -521,15 +554,31 @@ def main(argv=None):
     p.add_argument("--record", metavar="FILE", help="append the figures to this markdown file (BENCHMARKS.md)")
     p.add_argument("--check", action="store_true",
                    help="print each targeted figure with its target; exit 1 when one is missed")
+    p.add_argument("--mysql-delay-ms", type=float, default=0.0,
+                   help="reach MySQL through a proxy that holds each chunk this long, one way (a database "
+                        "across a network; tools/delay_proxy.py); the measured round trip is reported")
     args = p.parse_args(argv)
     command = "billing-module bench " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
     dialects = ["sqlite", "mysql"] if args.db == "both" else [args.db]
     all_results, spreads = {}, {}
+    proxy = None
+    mysql_url = args.mysql
+    if args.mysql_delay_ms and "mysql" in dialects:
+        proxy, mysql_url = _delayed(args.mysql, args.mysql_delay_ms)
+    try:
+        for d in dialects:
+            r, spread = asyncio.run(run_one(d, args.scale, mysql_url, skip=args.skip, workers=args.workers,
+                                            only_growth=args.only_growth, rounds=max(1, args.rounds)))
+            if d == "mysql":
+                r["round_trip_ms"] = _round_trip_ms(mysql_url)
+            all_results[d] = r
+            spreads[d] = spread
+    finally:
+        if proxy is not None:
+            proxy.terminate()
+            proxy.wait()
     for d in dialects:
-        r, spread = asyncio.run(run_one(d, args.scale, args.mysql, skip=args.skip, workers=args.workers,
-                                        only_growth=args.only_growth, rounds=max(1, args.rounds)))
-        all_results[d] = r
-        spreads[d] = spread
+        r, spread = all_results[d], spreads[d]
         print(f"== {d} ({args.scale}, best of {max(1, args.rounds)} rounds; the rounds' spread beside it)")
         for k, v in r.items():
             lo_hi = f"   ({_fmt(spread[k][0])} .. {_fmt(spread[k][1])})" if k in spread else ""

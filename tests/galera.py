@@ -265,7 +265,7 @@ class GaleraCluster:
                 saved = json.load(f)["pids"]
         except (OSError, ValueError, KeyError):
             return
-        for node, pid in zip(self.nodes, saved):
+        for node, pid in zip(self.nodes, saved, strict=False):
             if pid is not None and (node.process is None or node.process.pid != pid):
                 if node.process is not None and node.process.poll() is None:
                     node.stop()
@@ -287,7 +287,7 @@ class GaleraCluster:
         cluster.own_root, cluster.root = False, root
         cluster.nodes = [Node(i + 1, root, ports) for i, ports in enumerate(state["ports"])]
         cluster.cluster_address = "gcomm://" + ",".join(f"127.0.0.1:{n.gcomm_port}" for n in cluster.nodes)
-        for node, pid in zip(cluster.nodes, state["pids"]):
+        for node, pid in zip(cluster.nodes, state["pids"], strict=False):
             node.process = _Adopted(pid) if pid is not None else None
         return cluster
 

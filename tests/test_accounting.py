@@ -4,7 +4,8 @@ import asyncio
 import json
 
 import pytest
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from billing_module.core import BillingCore
 from billing_module.errors import Conflict, InsufficientBalance, InvalidParam, NoPricing, UnknownCustomer

@@ -54,7 +54,7 @@ async def test_batch_results_in_order_and_each_is_the_single_endpoints_reply(htt
     assert await _balance(http) == "0.994000" and await _balance(http, "cust-2") == "0.990000"
     # each event sent alone now gets what the batch said: a replay of the same record, or the
     # same refusal (code and message)
-    for event, result in zip(MIXED, results):
+    for event, result in zip(MIXED, results, strict=False):
         got, single = await http.post("api/accounting.dspy", http.admin_key, json=event)
         if result["outcome"] == "refused":
             assert (single["code"], single["message"]) == (result["code"], result["message"])
@@ -75,7 +75,7 @@ async def test_the_same_batch_twice_charges_once(http):
     assert status == 200 and first["counts"]["accounted"] == 40
     status, second = await http.post(BATCH, http.admin_key, json={"events": events})
     assert status == 200 and second["counts"] == {"accounted": 0, "duplicate": 40, "queued": 0, "refused": 0}
-    for a, b in zip(first["results"], second["results"]):
+    for a, b in zip(first["results"], second["results"], strict=False):
         assert b["duplicate"] is True
         _same(a, b)
     assert await _balance(http) == "9.880000" and await _balance(http, "cust-2") == "9.880000"

@@ -81,6 +81,7 @@ async def test_the_api_answers_503_with_retry_after_when_no_node_answers(tmp_pat
     with Retry-After, not 500."""
     from aiohttp import web
     from aiohttp.test_utils import TestClient, TestServer
+
     from billing_module.api import handle
     hosts = [f"127.0.0.1:{p}" for p in closed_ports(2)]
     config = make_config(tmp_path, auth={"require_api_key": False, "trust_host_session": False})
@@ -314,6 +315,7 @@ async def test_every_table_has_a_primary_key_and_no_code_locks_tables(pair):
             "t.table_schema and c.table_name = t.table_name and c.constraint_type = 'PRIMARY KEY')")
     assert without == []
     import pathlib
+
     import billing_module
     sources = pathlib.Path(billing_module.__file__).parent.rglob("*.py")
     assert not [p for p in sources if "lock tables" in p.read_text().lower()]
@@ -350,7 +352,9 @@ async def test_two_servers_a_node_killed_under_load(tmp_path, galera_database):
     than 503, every acknowledged event is charged exactly once, and the books reconcile from
     every node once the node has rejoined."""
     import random
+
     import aiohttp
+
     from billing_module.config import load_config
     from billing_module.tools import crashtest
     cluster = GaleraCluster.attach(CLUSTER_DIR)
@@ -363,10 +367,10 @@ async def test_two_servers_a_node_killed_under_load(tmp_path, galera_database):
     keys = [await crashtest._prepare(cfg, dirs[1], f"galera-{n}-{os.getpid()}") for n in "ab"]
     loads = [crashtest.Clients(key, random.Random(n), f"galera-{'ab'[n]}-{os.getpid()}", submit_share=0.2)
              for n, key in enumerate(keys)]
-    servers = [crashtest.Server(d, env) for d, env in zip(dirs, envs)]
+    servers = [crashtest.Server(d, env) for d, env in zip(dirs, envs, strict=False)]
     sessions = [aiohttp.ClientSession(headers={"Authorization": f"Bearer {k}"}) for k in keys]
     try:
-        for server, session in zip(servers, sessions):
+        for server, session in zip(servers, sessions, strict=False):
             await server.start(session)
         stop = asyncio.Event()
         workers = [asyncio.create_task(loads[n % 2].run(sessions[n % 2], servers[n % 2].url, stop)) for n in range(16)]
@@ -381,14 +385,14 @@ async def test_two_servers_a_node_killed_under_load(tmp_path, galera_database):
         await asyncio.sleep(2)
         stop.set()
         await asyncio.gather(*workers)
-        for load, server, session in zip(loads, servers, sessions):
+        for load, server, session in zip(loads, servers, sessions, strict=False):
             while load.retry:                               # resend what was not acknowledged
                 await load.run(session, server.url, asyncio.Event(), allow_new=False)
             await crashtest._wait_drained(cfg, dirs[1], load.customer)
         print(f"\ntwo servers, node kill: server A charged again {recovered_after:.2f} s after the kill; "
               f"statuses A {loads[0].statuses}, B {loads[1].statuses}")
     finally:
-        for server, session in zip(servers, sessions):
+        for server, session in zip(servers, sessions, strict=False):
             if server.proc is not None and server.proc.poll() is None:
                 server.stop()
             await session.close()

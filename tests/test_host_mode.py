@@ -4,7 +4,6 @@ import json
 import os
 
 import aiohttp
-
 from aiohttp import CookieJar
 from aiohttp.test_utils import TestClient, TestServer
 

@@ -19,6 +19,7 @@ import urllib.parse
 import pytest
 
 from billing_module.api import HANDLERS
+from billing_module.errors import NoPricing
 from billing_module.resources import resource_dir
 from tests.helpers import seed_pricing, units, usage
 
@@ -144,7 +145,7 @@ async def _seed(http):
     await core.catalog.put("users", [{"id": "cust-1", "kind": "org", "name": "Acme \"quoted\" & Co"}])
     await core.ledger.recharge("cust-1", units("5"), "r1")
     await core.accounting.post_usage(usage("p1", user_id="u-1"))
-    with pytest.raises(Exception):
+    with pytest.raises(NoPricing):
         await core.accounting.post_usage(usage("p2", model="missing-model"))   # one failed record
 
 

@@ -203,7 +203,7 @@ CACHED = [
 def test_cached_tokens_split_from_input():
     result = price_usage(make_program(CACHED), Usage("m", input_tokens=1000, cached_tokens=400), DAY)
     # input billed on 1000 - 400 = 600: 600 * 3 / 1000 = 1.8; cached 400 * 1 / 1000 = 0.4
-    assert [(l.factor, l.quantity, l.amount) for l in result.lines] == [
+    assert [(ln.factor, ln.quantity, ln.amount) for ln in result.lines] == [
         ("input_tokens", "600", 1_800_000),
         ("cached_tokens", "400", 400_000),
     ]
@@ -214,14 +214,14 @@ def test_no_cached_rule_bills_all_input_at_input_price():
     # "plain" has no cached rule of its own ("other"'s does not match it)
     result = price_usage(make_program(CACHED), Usage("plain", input_tokens=1000, cached_tokens=400), DAY)
     # 1000 * 3 / 1000 = 3
-    assert [(l.factor, l.quantity, l.amount) for l in result.lines] == [("input_tokens", "1000", 3_000_000)]
+    assert [(ln.factor, ln.quantity, ln.amount) for ln in result.lines] == [("input_tokens", "1000", 3_000_000)]
     assert result.unpriced == ()
 
 
 def test_all_input_cached():
     result = price_usage(make_program(CACHED), Usage("m", input_tokens=500, cached_tokens=500), DAY)
     # input 500 - 500 = 0 -> no line; cached 500 * 1 / 1000 = 0.5
-    assert [(l.factor, l.amount) for l in result.lines] == [("cached_tokens", 500_000)]
+    assert [(ln.factor, ln.amount) for ln in result.lines] == [("cached_tokens", 500_000)]
 
 
 def test_cached_above_input_rejected():
@@ -241,7 +241,7 @@ def test_discount_rounds_each_line():
     result = price_usage(make_program(PER_TOKEN), Usage("m", input_tokens=1, output_tokens=1), DAY, Decimal("0.7"))
     # each line: 1 * 0.000005 = 5 micro; x0.7 = 3.5 micro -> half-up 4 micro
     # per line: 4 + 4 = 8 (rounding the total 7.0 would give 7)
-    assert [l.amount for l in result.lines] == [4, 4]
+    assert [ln.amount for ln in result.lines] == [4, 4]
     assert result.amount == 8
     assert result.original_amount == 10  # 5 + 5, undiscounted
     assert result.cost == 3  # 1 * 0.000003, never discounted
@@ -389,7 +389,7 @@ def test_flat_once_per_event():
     program = make_program([rule("flat", "0.01"), rule("input_tokens", "1", unit="M")])
     # any event: one flat line 0.01 = 10000 micro; 5e6 tokens * 1 / 1e6 = 5
     result = price_usage(program, Usage("m", input_tokens=5_000_000), DAY)
-    assert [(l.factor, l.quantity, l.unit, l.amount) for l in result.lines] == [
+    assert [(ln.factor, ln.quantity, ln.unit, ln.amount) for ln in result.lines] == [
         ("input_tokens", "5000000", "M", 5_000_000),
         ("flat", "1", "call", 10_000),
     ]
@@ -416,7 +416,7 @@ def price_quantity(event):
 def test_quantity_per_second():
     result = price_quantity({"model_name": "video-x", "quantity": 3.5, "unit": "second", "attributes": {"size": "720P"}})
     # 3.5 s * 0.3 = 1.05
-    assert [(l.factor, l.quantity, l.unit, l.amount) for l in result.lines] == [("quantity", "3.5", "秒", 1_050_000)]
+    assert [(ln.factor, ln.quantity, ln.unit, ln.amount) for ln in result.lines] == [("quantity", "3.5", "秒", 1_050_000)]
     result = price_quantity({"model_name": "video-x", "quantity": "3.5", "unit": "second", "attributes": {"size": "1080P"}})
     assert result.amount == 2_100_000  # 3.5 * 0.6 = 2.1
 
@@ -424,7 +424,7 @@ def test_quantity_per_second():
 def test_quantity_per_image():
     result = price_quantity({"model_name": "img", "quantity": 3, "unit": "image"})
     # 3 * 0.04 = 0.12; no unit on the rule -> per image
-    assert [(l.quantity, l.unit, l.amount) for l in result.lines] == [("3", "image", 120_000)]
+    assert [(ln.quantity, ln.unit, ln.amount) for ln in result.lines] == [("3", "image", 120_000)]
 
 
 @pytest.mark.parametrize("model", ["tts", "tts2"])
@@ -442,7 +442,7 @@ def test_quantity_unit_must_match_event_unit():
 def test_zero_quantity_produces_no_line():
     program = make_program([rule("input_tokens", "1", unit="M"), rule("quantity", "1", quantity_unit="image")])
     result = price_usage(program, Usage("m", input_tokens=1_000_000, quantity=Decimal(0), unit="image"), DAY)
-    assert [l.factor for l in result.lines] == ["input_tokens"]  # 1e6 * 1 / 1e6 = 1
+    assert [ln.factor for ln in result.lines] == ["input_tokens"]  # 1e6 * 1 / 1e6 = 1
     assert result.amount == 1_000_000
 
 
@@ -461,7 +461,7 @@ def test_legacy_aliases():
         program, Usage("m", input_tokens=1000, output_tokens=500, quantity=Decimal("4"), unit="second"), DAY
     )
     # input 1000 * 1 / 1000 = 1; output 500 * 2 / 1000 = 1; duration 4 * 0.5 = 2
-    assert [(l.factor, l.amount) for l in result.lines] == [
+    assert [(ln.factor, ln.amount) for ln in result.lines] == [
         ("input_tokens", 1_000_000),
         ("output_tokens", 1_000_000),
         ("quantity", 2_000_000),
@@ -612,7 +612,7 @@ def test_prices_with_more_than_six_places_and_numbers_in_yaml():
     result = price_usage(program, Usage("m", input_tokens=1_000_001, output_tokens=1), DAY)
     # input: 1000001 * 0.0000021 = 2.1000021 -> 2_100_002.1 micro -> 2_100_002
     # output: 1 * 3 / 1e6 = 0.000003 -> 3 micro
-    assert [(l.unit_price, l.amount) for l in result.lines] == [("0.0000021", 2_100_002), ("3.000000", 3)]
+    assert [(ln.unit_price, ln.amount) for ln in result.lines] == [("0.0000021", 2_100_002), ("3.000000", 3)]
 
 
 def test_half_up_tie_on_a_line():
@@ -688,11 +688,11 @@ def usages(draw):
 def test_property_amount_is_sum_of_lines_and_cost_ignores_discount(usage, discount):
     discounted = price_usage(PROPERTY_PROGRAM, usage, DAY, Decimal(discount))
     full = price_usage(PROPERTY_PROGRAM, usage, DAY)
-    assert discounted.amount == sum(l.amount for l in discounted.lines)
-    assert discounted.cost == sum(l.cost for l in discounted.lines)
-    assert discounted.original_amount == full.amount == sum(l.amount for l in full.lines)
+    assert discounted.amount == sum(ln.amount for ln in discounted.lines)
+    assert discounted.cost == sum(ln.cost for ln in discounted.lines)
+    assert discounted.original_amount == full.amount == sum(ln.amount for ln in full.lines)
     assert discounted.cost == full.cost
-    assert [l.cost for l in discounted.lines] == [l.cost for l in full.lines]
+    assert [ln.cost for ln in discounted.lines] == [ln.cost for ln in full.lines]
     if Decimal(discount) <= 1:
         assert discounted.amount <= discounted.original_amount
 
@@ -716,7 +716,7 @@ def test_property_lines_match_exact_fraction_oracle(usage, discount):
         key = "input_tokens_tier" if factor == "input_tokens" and usage.input_tokens > 128000 else factor
         price, cost = ORACLE[key]
         expected.append((factor, half_up_micro(qty * price * d), half_up_micro(qty * cost)))
-    assert [(l.factor, l.amount, l.cost) for l in result.lines] == expected
+    assert [(ln.factor, ln.amount, ln.cost) for ln in result.lines] == expected
 
 
 def test_public_names():

@@ -16,7 +16,6 @@ from billing_module.accounting import record_view
 from billing_module.demo import seed_demo
 from billing_module.errors import BillingError
 from billing_module.money import to_micro
-
 from tests.helpers import units
 
 # --- the pricing the matrix uses: one model reached by id or by name, one reached as a product --

@@ -111,7 +111,7 @@ async def test_every_event_is_charged_exactly_once_in_the_end(core, second, fixe
     fixes = {"sync_late_model": lambda: w.sync("late"),
              "open_unknown": lambda: core.ledger.recharge(w.customer("unknown"), to_micro("100"), f"{w.ns}-rc-u"),
              "top_up_poor": lambda: core.ledger.recharge(w.customer("poor"), to_micro("100"), f"{w.ns}-rc-p")}
-    pending_fixes = sorted((pct * len(steps) // 100, fix) for pct, fix in zip(fix_at, fix_order))
+    pending_fixes = sorted((pct * len(steps) // 100, fix) for pct, fix in zip(fix_at, fix_order, strict=False))
 
     for n, (kind, arg) in enumerate(steps):
         while pending_fixes and pending_fixes[0][0] <= n:

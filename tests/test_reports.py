@@ -7,6 +7,7 @@ from decimal import Decimal
 
 import pytest
 
+from billing_module.errors import NoPricing
 from billing_module.reports import Reports, UsageFilter, safe_cell
 from tests.helpers import seed_pricing, units, usage
 
@@ -26,7 +27,7 @@ async def _seed(core):
               usage("f1", model="flat-1", use_time=DAY2)]
     for ev in events:
         await core.accounting.post_usage(ev)
-    with pytest.raises(Exception):
+    with pytest.raises(NoPricing):
         await core.accounting.post_usage(usage("x1", model="=1+2", use_time=DAY2))   # no pricing -> failed
     async with core.db.transaction() as tx:
         for i, (mode, sell, cost, ref) in enumerate([("1", 0, 0, "m-1"), ("2", 1500000, 700000, "=cmd|' /C calc'!A0"),

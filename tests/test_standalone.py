@@ -9,7 +9,6 @@ import time
 import urllib.request
 
 
-
 def _free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -101,12 +101,12 @@ async def test_every_endpoint_fails_closed_for_every_caller_kind(http):
         method = methods[0]
         with_b = dict(base, customer_id=B)
         kinds = {
-            "anonymous": lambda p: _raw(http, method, name, {}, p),
-            "bad key": lambda p: _raw(http, method, name, bearer("bk_0000_forged"), p),
-            "customer A": lambda p: _raw(http, method, name, bearer(customer_key), p),
-            "app key": lambda p: _signed(http, app_key, method, name, p),
-            "app key bound to A": lambda p: _signed(http, bound_app, method, name, p),
-            "admin": lambda p: _raw(http, method, name, bearer(http.admin_key), p),
+            "anonymous": lambda p, method=method, name=name: _raw(http, method, name, {}, p),
+            "bad key": lambda p, method=method, name=name: _raw(http, method, name, bearer("bk_0000_forged"), p),
+            "customer A": lambda p, method=method, name=name: _raw(http, method, name, bearer(customer_key), p),
+            "app key": lambda p, method=method, name=name: _signed(http, app_key, method, name, p),
+            "app key bound to A": lambda p, method=method, name=name: _signed(http, bound_app, method, name, p),
+            "admin": lambda p, method=method, name=name: _raw(http, method, name, bearer(http.admin_key), p),
         }
         for kind, send in kinds.items():
             for params in (with_b, base):

@@ -8,6 +8,7 @@ import os
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
+from . import metrics
 from .accounting import Accounting
 from .alerts import Alerts
 from .apikeys import ApiKeys
@@ -78,7 +79,8 @@ class BillingCore:
     def db(self) -> Database:
         if self._db is None:
             self._db = Database(self._resolve_db_desc(), pool_size=self.config.database.pool_size,
-                                statement_timeout_seconds=self.config.database.statement_timeout_seconds)
+                                statement_timeout_seconds=self.config.database.statement_timeout_seconds,
+                                on_run_again=metrics.ran_again)
         return self._db
 
     @property

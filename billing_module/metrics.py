@@ -38,6 +38,15 @@ WEBHOOK_DELIVERIES = Counter("billing_webhook_deliveries", "Alert webhooks deliv
 WEBHOOK_FAILURES = Counter("billing_webhook_failures", "Alert webhook attempts that failed, by receiver and "
                            "outcome (retry: tried again later; gave_up: the delivery is failed)", ["target", "outcome"])
 
+TRANSACTIONS_RUN_AGAIN = Counter(
+    "billing_transactions_run_again", "Transactions run again from the start, by why: assumption (a debit "
+    "assumed to pass did not: run the careful way), conflict (deadlock, lock timeout, Galera certification), "
+    "node (the database node failed or did not answer)", ["why"])
+
+
+def ran_again(why: str) -> None:
+    TRANSACTIONS_RUN_AGAIN.labels(why).inc()
+
 
 def cache_counters(name: str) -> tuple:
     """(hit counter, miss counter) of one named cache, bound once (the lookup is a hot path)."""

@@ -585,8 +585,13 @@ class Database:
     ``desc`` is a sqlor database description: ``{"driver": ..., "kwargs": {...}}``.
     """
 
-    def __init__(self, desc, pool_size=10, statement_timeout_seconds=_STATEMENT_TIMEOUT_SECONDS):
+    def __init__(self, desc, pool_size=10, statement_timeout_seconds=_STATEMENT_TIMEOUT_SECONDS,
+                 on_run_again: Callable[[str], None] | None = None):
         self.desc = DictObject(**desc)
+        # told each time ``run`` runs a transaction again, with why: "assumption" (an assumed
+        # count was not met), "conflict" (a deadlock, a lock timeout, a Galera certification
+        # conflict), "node" (the node failed or did not answer)
+        self.on_run_again = on_run_again
         self.driver = self.desc.driver
         self.dialect = dialects.dialect_of(self.driver)
         self.statement_timeout_seconds = dialects.statement_timeout(self.dialect, statement_timeout_seconds)
@@ -595,11 +600,11 @@ class Database:
         self.failover_seconds = _FAILOVER_SECONDS
         self.galera = False       # learnt from the first connection
         self.pool_size = pool_size if self.dialect != dialects.SQLITE else max(2, min(pool_size, 4))
-        self._idle = []           # [(sor, last_used_monotonic)]
-        self._all = set()
+        self._idle: list[tuple[Any, float]] = []     # [(sor, last_used_monotonic)]
+        self._all: set[Any] = set()
         self._slots: asyncio.Semaphore = asyncio.Semaphore(1)   # replaced per event loop
-        self._write_lock = None
-        self._loop = None
+        self._write_lock: asyncio.Lock | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         self.closed = False
 
     def _ensure_loop_state(self):
@@ -848,10 +853,12 @@ class Database:
                 if not assumes:
                     raise
                 assumes = False
+                self._ran_again("assumption")
             except DatabaseUnavailable as e:
                 give_up_at = give_up_at or time.monotonic() + self.failover_seconds
                 if (isinstance(e, CommitUnknown) and not idempotent) or time.monotonic() > give_up_at:
                     raise
+                self._ran_again("node")
                 log.warning("database: %s (%s); running the transaction again", e.message, e.__cause__)
                 # a node that broke: the next one is tried at once; none answering: wait a little
                 await asyncio.sleep(0.05 if isinstance(e, (NodeFailed, CommitUnknown)) else 0.5)
@@ -861,7 +868,12 @@ class Database:
                     raise
                 if attempt > max(retries, _CONFLICT_RETRIES_GALERA if self.galera else 0):
                     raise DatabaseUnavailable("the transaction kept colliding with others; try again") from e
+                self._ran_again("conflict")
                 await asyncio.sleep(random.uniform(0.001, 0.004) * min(attempt, 10))
+
+    def _ran_again(self, why: str) -> None:
+        if self.on_run_again is not None:
+            self.on_run_again(why)
 
     async def run_or_existing(self, work, find, collided="request collided with another request; send it again",
                               refused_check=False):

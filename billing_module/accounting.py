@@ -849,7 +849,7 @@ class Accounting:
             except FlagSet as flagged:
                 await self._take_covered(tx, ev, price, row, flagged.row)
                 if row["amount"] > 0:
-                    row["ledger_entry_id"] = await self._debit(tx, ev, price, row)
+                    row["ledger_entry_id"] = await self._debit(tx, ev, price, row, learn=False)
         else:
             acct = await tx.one("select status, currency, subscription_count from customer_balance "
                                 "where id = ${c}$", {"c": ev.customer_id})
@@ -867,15 +867,15 @@ class Accounting:
         return row
 
     async def _debit(self, tx: Tx, ev: Event, price: PriceResult, row: dict[str, Any],
-                     defer_to: tuple[str, ...] = ()) -> str:
+                     defer_to: tuple[str, ...] = (), learn: bool = True) -> str:
         """The usage debit of ``row["amount"]`` (its budgets are spent by it: refused, the whole
-        charge rolls back); the ledger entry's id."""
+        charge rolls back); the ledger entry's id. ``learn``: as for ``Ledger.post``."""
         entry = await self.ledger.post(
             tx, ev.customer_id, -row["amount"], "usage", ev.request_id, ev.hash,
             must_cover=not self.config.accounting.allow_arrears, refuse_suspended=True,
             ref_type="accounting_records", ref_id=row["id"], want_balance=False,
             currency_is=(price.currency, lambda currency: self._refusal(price, currency)),
-            spender=ev.spender, defer_to=defer_to)
+            spender=ev.spender, defer_to=defer_to, learn=learn)
         return entry.id
 
     async def _take_covered(self, tx: Tx, ev: Event, price: PriceResult, row: dict[str, Any],

@@ -326,7 +326,8 @@ class Alerts:
 
 class LowBalanceWatch:
     """``low_balance`` once per crossing: called by the ledger after a debit, inside its
-    transaction, while the balance row is locked by that debit's UPDATE. Balance after: the row
+    transaction, while the balance row is locked by that debit's UPDATE (an assumed debit's
+    UPDATE is sent, and checked, by this watch's first read). Balance after: the row
     now; before: after minus the debit. An alert when before >= threshold > after, so several
     debits below the line make one alert, and a recharge above it arms the next one."""
 

@@ -52,9 +52,9 @@ STATUSES = ("active", "suspended", "arrears")
 
 _ENTRY_COLUMNS = ("id", "customer_id", "entry_type", "amount", "request_id", "payload_hash", "ref_type", "ref_id",
                   "reason", "operator", "created_at")
-# balance_after and currency come from the balance row this transaction has just changed (and
-# holds locked); ``debited_after``: the (signed) sum of the entries written after this one by
-# the same update
+# balance_after and currency come from the balance row this transaction's update has just
+# changed (and holds locked; an assumed update that did not change it rolls this back with it);
+# ``debited_after``: the (signed) sum of the entries written after this one by the same update
 _INSERT_ENTRY = (f"insert into ledger_entry ({', '.join(_ENTRY_COLUMNS)}, balance_after, currency) "
                  f"select {', '.join('${' + c + '}$' for c in _ENTRY_COLUMNS)}, balance - ${{debited_after}}$, "
                  "currency from customer_balance where id = ${customer_id}$")
@@ -82,7 +82,8 @@ class FlagSet(Exception):
 
 class BalanceWatch(Protocol):
     """Told of debits inside their transaction, after the balance row changed (and while that
-    change holds the row): alerts.LowBalanceWatch. ``every_debit``: of every debit (a threshold
+    change holds the row), or after an assumed debit was written (its first read sends it and
+    checks it): alerts.LowBalanceWatch. ``every_debit``: of every debit (a threshold
     for all customers), else only of those whose balance row has ``low_balance_set``."""
 
     every_debit: bool
@@ -230,7 +231,7 @@ class Ledger:
                    currency: str | None = None,
                    guard: tuple[str, dict[str, Any], BillingError | None] | None = None,
                    currency_is: tuple[str, Callable[[str], BillingError]] | None = None,
-                   spender: Spender | None = None, defer_to: tuple[str, ...] = ()) -> Row:
+                   spender: Spender | None = None, defer_to: tuple[str, ...] = (), learn: bool = True) -> Row:
         """Apply ``amount`` (signed micro-units) to the balance and append its ledger entry, inside
         the caller's transaction. ``must_cover``: refuse with ``insufficient_balance`` when the
         debit would take ``balance - held`` below ``-credit_limit``. ``guard``: (SQL condition, its
@@ -251,10 +252,12 @@ class Ledger:
         made again after the budgets took their part.
 
         In a transaction that ``assumes`` (``Tx``), a debit goes further and assumes the update
-        passes: it is written later, with its entry, and its count is checked before the COMMIT
-        (no wait of its own). When it did not pass, the transaction runs again without
-        assumptions and takes the way above; that customer's next debits do too, until one
-        passes plainly (``_not_plain``)."""
+        passes: it is written later, with its entry, and its count is checked where they are
+        sent (with ``want_balance=False`` nothing is read: they go with the caller's next writes
+        or the COMMIT). When it did not pass, the transaction runs again without assumptions and
+        takes the way above; that customer's next debits do too, until one passes plainly
+        (``_not_plain``). ``learn=False``: this debit's outcome says nothing of that (a debit
+        made after a ``FlagSet`` sent the caller elsewhere first, without ``defer_to``)."""
         now = clock.now_text()
         ns = {"c": customer_id, "amt": amount, "hd": held_delta, "now": now, "et": entry_type,
               "maxb": self.max_balance_micros}
@@ -269,7 +272,7 @@ class Ledger:
             return await self._entry(tx, customer_id, amount, entry_type, request_id, phash, ref_type, ref_id,
                                      reason, operator, now, want_balance)
         n = await tx.execute(_balance_update(*shape, unflagged=flags), ns)
-        if amount < 0:
+        if amount < 0 and learn:
             self._plain(customer_id, n == 1)
         if n == 0 and create:
             await self._create_account(tx, customer_id, now, currency)
@@ -377,7 +380,9 @@ class Ledger:
         way (``post_many`` after reading the row under its lock).
 
         In a transaction that ``assumes``, the update is assumed to pass, as in ``post``: it is
-        written later with the entries, which take their running balances from the row."""
+        written later with the entries, which take their running balances from the row as it
+        leaves it (the entries returned carry no ``balance_after`` or ``currency`` then); a
+        refusal is ``AssumptionRefuted`` where they are sent."""
         now = clock.now_text()
         total = sum(i["amount"] for i in items)
         if total >= 0 or abs(total) > MAX_MICRO:

@@ -276,6 +276,19 @@ async def test_a_refuted_assumption_leaves_nothing_and_the_work_runs_again_witho
     assert await _nonces(core) == 1
 
 
+async def test_a_refuted_count_is_the_answer_even_when_a_statement_behind_it_fails(core):
+    """SQLite checks each statement's count before the next runs; MySQL runs the text on until a
+    statement fails. Either way the refuted assumption is what the transaction answers (the
+    careful run then gives the real one), not the duplicate key behind it."""
+    from billing_module.db.database import AssumptionRefuted
+    await core.db.run(lambda tx: tx.insert("api_nonce", _nonce("taken")))
+    with pytest.raises(AssumptionRefuted):
+        async with core.db.transaction(assumes=True) as tx:
+            await tx.execute("update customer_balance set balance = 1 where id = 'nobody'", later=True, expect=1)
+            await tx.insert("api_nonce", _nonce("taken"), later=True)      # a duplicate key behind it
+    assert await _nonces(core) == 1
+
+
 async def test_a_customer_whose_debits_need_more_is_not_assumed_to_pass_until_one_passes_plainly(core, monkeypatch):
     """A budget (a flag on the balance row) refutes the first charge's assumption: it is charged
     the careful way, its budget spent, and the customer's next charges are made that way from

@@ -437,6 +437,32 @@ async def test_a_group_of_a_subscribers_charges_spends_the_quota_first(core, pm,
     await books_clean(core)
 
 
+async def test_a_subscribers_charges_refute_the_assumed_debit_once(core, pm, fixed_clock):
+    """A subscriber's charge goes to the quota hook first (a flag on the balance row): the first
+    charge's debit, assumed to pass, is refuted and the charge runs the careful way. The customer
+    is then known as one whose debits need more, and stays so through the overage debit made
+    after the hook: the next charges go the careful way at once (counted by the metric of
+    transactions run again)."""
+    from prometheus_client import REGISTRY
+
+    def runs_again():
+        return REGISTRY.get_sample_value("billing_transactions_run_again_total", {"why": "assumption"}) or 0
+    fixed_clock.now = datetime.datetime(2026, 11, 22, 9, 0, 0)
+    await seed_pricing(core)
+    p = await make_product(pm, "chat", unit="token", included="3000", list_price="1", overage=None)
+    binding = await pm.bind(p["product_id"], "llm", "llm-a", "chat-a")
+    await pm.add_supplier(binding["product_resource_id"], "sup-1", "0.000001")
+    await core.ledger.recharge("cust-1", units("2"), "r1")
+    await pm.subscribe("cust-1", p["product_id"], "s1")
+    before = runs_again()
+    amounts = [(await core.accounting.post_usage(usage(f"s{i}")))["amount"] for i in range(4)]
+    assert amounts == ["0.000000", "0.000000", "0.006000", "0.006000"]    # 2 x 1,500 tokens included
+    assert runs_again() == before + 1
+    assert "cust-1" in core.ledger._not_plain
+    assert await balance(core, "cust-1") == "0.988000"
+    await books_clean(core)
+
+
 async def test_a_refused_overage_in_the_hook_leaves_the_quota_untouched(core, pm, fixed_clock):
     fixed_clock.now = datetime.datetime(2026, 11, 22, 9, 0, 0)
     await seed_pricing(core)

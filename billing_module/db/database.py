@@ -160,6 +160,12 @@ def _check(expect, changed):
         raise AssumptionRefuted(expect, changed)
 
 
+def _check_all(later, changed):
+    """Each count in ``changed`` against the expectation of its statement in ``later``."""
+    for (_, _, _, expect), count in zip(later, changed, strict=False):
+        _check(expect, count)
+
+
 def _send(conn, statements):
     """Run statements written ``later`` on the sqlite3 connection (on its thread), in order;
     one whose count is not the one it expects stops there."""
@@ -297,23 +303,33 @@ class Tx:
         ``texts`` changed (a SELECT's rows are then the cursor's: the last statement's). The
         first error raises here (the server stops there, but for a Galera abort: never send a
         COMMIT in this text, ``before_commit``); then a later statement's count that is not
-        the one it expected (the server ran the rest: they are rolled back with it)."""
+        the one it expected (the server ran the rest: they are rolled back with it). A count
+        refuted before the statement that failed is the answer, as on SQLite, which checks each
+        statement before the next runs."""
         later, self._later, self._later_bytes = self._later, [], 0
         self._sent = True
         cur = self.sor.cur
         sent = [text for text, _, _, _ in later]
         sent.extend(texts)
+        changed: list[int] = []
 
         async def trip():
             await cur.execute(";\n".join(sent))      # no parameters: the texts are escaped already
-            changed = [cur.rowcount]
+            changed.append(cur.rowcount)
             for _ in sent[1:]:
                 await cur.nextset()
                 changed.append(cur.rowcount)
-            return changed
-        changed = await self._answer(trip())
-        for (_, _, _, expect), count in zip(later, changed, strict=False):
-            _check(expect, count)
+        try:
+            await self._answer(trip())
+        except Exception as e:
+            if isinstance(e, DatabaseUnavailable) or dialects.is_node_unavailable(e):
+                raise                 # not a statement's answer: the node is the news
+            try:
+                _check_all(later, changed)
+            except AssumptionRefuted as refuted:
+                raise refuted from e
+            raise
+        _check_all(later, changed)
         return changed[len(later):]
 
     async def _defer(self, texts, expect=None):

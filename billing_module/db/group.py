@@ -16,7 +16,7 @@ Two ways to run a group of several requests:
 A request alone in its group runs ``single`` in the transaction itself.
 
 Work must be safe to run again: when the database aborts a transaction (deadlock, lock timeout)
-the group is run again from the start.
+or a debit assumed to pass did not (``Tx.assumes``), the group is run again from the start.
 """
 import asyncio
 import logging

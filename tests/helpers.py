@@ -137,3 +137,9 @@ class UsageLoad:
 
     def summary(self):
         return f"{self.answers['ok']} events acknowledged, {self.answers['503']} answers 503"
+
+
+def runs_again(why: str) -> float:
+    """``billing_transactions_run_again_total{why}`` as /metrics reports it (0 before the first)."""
+    from prometheus_client import REGISTRY
+    return REGISTRY.get_sample_value("billing_transactions_run_again_total", {"why": why}) or 0

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from billing_module import accounting
 from billing_module.db import dialect as dialects
 from billing_module.ids import new_id
-from tests.helpers import seed_pricing, units, usage
+from tests.helpers import runs_again, seed_pricing, units, usage
 
 
 def _nonce(nonce, app_key="k"):
@@ -244,13 +244,8 @@ async def test_a_refuted_assumption_leaves_nothing_and_the_work_runs_again_witho
     of no row) fails the transaction before its COMMIT: nothing of it remains, on MySQL not even
     the statements the server ran behind it, and ``Database.run`` runs the work again, this time
     in a transaction that does not assume; the metric of transactions run again counts it."""
-    from prometheus_client import REGISTRY
-
     from billing_module.db.database import AssumptionRefuted
-
-    def runs_again():        # the operator's view: /metrics
-        return REGISTRY.get_sample_value("billing_transactions_run_again_total", {"why": "assumption"}) or 0
-    before = runs_again()
+    before = runs_again("assumption")
     attempts = []
 
     async def work(tx):
@@ -263,7 +258,7 @@ async def test_a_refuted_assumption_leaves_nothing_and_the_work_runs_again_witho
         return "done"
     assert await core.db.run(work) == "done"
     assert attempts == [True, False]
-    assert runs_again() == before + 1
+    assert runs_again("assumption") == before + 1
     async with core.db.read() as tx:
         assert [r.nonce for r in await tx.select("select nonce from api_nonce")] == ["try-2"]
     with pytest.raises(AssertionError):       # a transaction opened directly is not run again: no assuming

@@ -9,7 +9,7 @@ import pytest
 from billing_module.core import BillingCore
 from billing_module.errors import Conflict, InsufficientBalance, InvalidParam, NotFound
 from billing_module.products import NotSubscribed, QuotaExceeded
-from tests.helpers import CHAT_A_PRICE, other_node, seed_pricing, units, usage
+from tests.helpers import CHAT_A_PRICE, other_node, runs_again, seed_pricing, units, usage
 
 
 def wire(core):
@@ -415,9 +415,9 @@ async def test_post_usage_spends_the_quota_first_and_charges_only_the_overage(co
     await books_clean(core)
 
 
-async def test_a_group_of_a_subscribers_charges_spends_the_quota_first(core, pm, fixed_clock):
-    """Charges written together by the group writer (one transaction, one debit per customer)
-    reach the quota hook too: the subscriber's included tokens go first, then the full price."""
+async def _chat_subscriber(core, pm, fixed_clock):
+    """cust-1 (2.00 on its balance) subscribed to chat-a with 3,000 tokens included, then the
+    list price (1.00 taken for the subscription)."""
     fixed_clock.now = datetime.datetime(2026, 11, 22, 9, 0, 0)
     await seed_pricing(core)
     p = await make_product(pm, "chat", unit="token", included="3000", list_price="1", overage=None)
@@ -425,6 +425,12 @@ async def test_a_group_of_a_subscribers_charges_spends_the_quota_first(core, pm,
     await pm.add_supplier(binding["product_resource_id"], "sup-1", "0.000001")
     await core.ledger.recharge("cust-1", units("2"), "r1")
     await pm.subscribe("cust-1", p["product_id"], "s1")
+
+
+async def test_a_group_of_a_subscribers_charges_spends_the_quota_first(core, pm, fixed_clock):
+    """Charges written together by the group writer (one transaction, one debit per customer)
+    reach the quota hook too: the subscriber's included tokens go first, then the full price."""
+    await _chat_subscriber(core, pm, fixed_clock)
 
     async def item(request_id):
         ev = await core.accounting._prepare(usage(request_id))
@@ -443,21 +449,11 @@ async def test_a_subscribers_charges_refute_the_assumed_debit_once(core, pm, fix
     is then known as one whose debits need more, and stays so through the overage debit made
     after the hook: the next charges go the careful way at once (counted by the metric of
     transactions run again)."""
-    from prometheus_client import REGISTRY
-
-    def runs_again():
-        return REGISTRY.get_sample_value("billing_transactions_run_again_total", {"why": "assumption"}) or 0
-    fixed_clock.now = datetime.datetime(2026, 11, 22, 9, 0, 0)
-    await seed_pricing(core)
-    p = await make_product(pm, "chat", unit="token", included="3000", list_price="1", overage=None)
-    binding = await pm.bind(p["product_id"], "llm", "llm-a", "chat-a")
-    await pm.add_supplier(binding["product_resource_id"], "sup-1", "0.000001")
-    await core.ledger.recharge("cust-1", units("2"), "r1")
-    await pm.subscribe("cust-1", p["product_id"], "s1")
-    before = runs_again()
+    await _chat_subscriber(core, pm, fixed_clock)
+    before = runs_again("assumption")
     amounts = [(await core.accounting.post_usage(usage(f"s{i}")))["amount"] for i in range(4)]
     assert amounts == ["0.000000", "0.000000", "0.006000", "0.006000"]    # 2 x 1,500 tokens included
-    assert runs_again() == before + 1
+    assert runs_again("assumption") == before + 1
     assert "cust-1" in core.ledger._not_plain
     assert await balance(core, "cust-1") == "0.988000"
     await books_clean(core)

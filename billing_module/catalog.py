@@ -79,8 +79,9 @@ def _same_model(row, llmid, model_name):
 def price_for_model(program: Program, model: Row, usage: Usage, day: datetime.date, discount: Decimal) -> PriceResult:
     """Price ``usage`` as the catalogue's ``model``: the rules' model filters see its name, never
     a name the event carried (the stored event of an unknown id carries the id itself)."""
-    if usage.model_name != model.name:
-        usage = dataclasses.replace(usage, model_name=model.name)
+    name = model["name"]     # a Row's attribute is read through a failed lookup first: dearer
+    if usage.model_name != name:
+        usage = dataclasses.replace(usage, model_name=name)
     return price_usage(program, usage, day, discount)
 
 

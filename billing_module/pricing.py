@@ -30,7 +30,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from decimal import ROUND_HALF_UP, Decimal, Inexact
 from json.encoder import encode_basestring_ascii
-from typing import Any
+from typing import Any, NamedTuple
 
 import yaml
 
@@ -111,6 +111,8 @@ DEFAULT_UNIT_VALUES = {
 MAX_DISCOUNT = Decimal(10)
 # Plans kept per version (one per model priced): past this, a model is priced by looking its rules up.
 MAX_PLANS = 4096
+# Days whose version a program remembers (Program.version_on).
+MAX_DAYS = 1024
 
 _ONE = Decimal(1)
 # the discount of a customer without one: passed as this very object, it skips the discount step
@@ -209,10 +211,9 @@ def _legacy_fields(event):
 # --------------------------------------------------------------- result ----
 
 
-# Results are plain (not frozen) slotted dataclasses: a frozen one costs ~1 us
-# more per object to build, and price_usage is a hot path.
-@dataclass(slots=True)
-class PriceLine:
+# A line and a result are named tuples, built in C on the hot path (``_new_line``,
+# ``_new_result``: a dataclass's __init__ is a Python call, as long as the rest of a line).
+class PriceLine(NamedTuple):
     factor: str
     quantity: str  # billed quantity, in base units (tokens, seconds, chars...)
     unit: str  # unit_price is per one of these (e.g. "M" = per million tokens)
@@ -239,6 +240,11 @@ class PriceLine:
                 f'"cost": "{from_micro(self.cost)}"}}')
 
 
+# ``_new_line((factor, quantity, ...))`` is ``PriceLine(factor, quantity, ...)`` without its
+# Python ``__new__``: a C call
+_new_line = functools.partial(tuple.__new__, PriceLine)
+
+
 # a version has a few rules, each with a few (factor, unit, unit_price): the accountant writes
 # thousands of lines a second from the same frames
 @functools.lru_cache(maxsize=4096)
@@ -253,8 +259,7 @@ def json_text(value: Any) -> str:
     return encode_basestring_ascii(value) if type(value) is str else json.dumps(value)
 
 
-@dataclass(slots=True)
-class PriceResult:
+class PriceResult(NamedTuple):
     amount: int
     cost: int
     original_amount: int
@@ -278,6 +283,10 @@ class PriceResult:
             "lines": [line.to_dict() for line in self.lines],
             "unpriced": list(self.unpriced),
         }
+
+
+# ``_new_result((amount, ...))``: ``PriceResult(amount, ...)`` in C, every field given
+_new_result = functools.partial(tuple.__new__, PriceResult)
 
 
 # ---------------------------------------------------------- compiled form ----
@@ -393,7 +402,9 @@ class _Plan:
     quantities: Callable[[Usage], tuple]
     parts_end: int  # the parts are quantities[2:parts_end]
     part_wholes: tuple  # ((position of a part, position of its whole), ...)
-    priced: tuple  # ((position, factor, rule), ...) of the factors with a rule
+    # ((position, factor, rule, its price when that is fixed and exact: no tiers, a ratio), ...)
+    # of the factors with a rule
+    priced: tuple
     unpriced: tuple  # ((position, factor), ...) of the others
     unpriced_quantities: Callable[[Any], tuple]  # quantities -> theirs (read in C: mostly all 0)
     quantity: dict  # event unit -> rule
@@ -416,7 +427,8 @@ class _Plan:
             operator.attrgetter(*factors),
             2 + len(parts),
             tuple((2 + i, wholes.index(whole)) for i, (_, whole) in enumerate(parts)),
-            tuple((i, factor, rule(factor)) for i, factor in enumerate(factors) if rule(factor) is not None),
+            tuple((i, factor, r, _fixed_price(r))
+                  for i, factor in enumerate(factors) if (r := rule(factor)) is not None),
             tuple((i, factors[i]) for i in unpriced),
             _items_of(unpriced),
             {key[1]: rule(key) for key in version.index if isinstance(key, tuple)},
@@ -425,12 +437,20 @@ class _Plan:
         )
 
 
+def _fixed_price(rule):
+    """The one price of an untiered rule whose per-unit value is an exact fraction (``_int_line``
+    prices a whole-number quantity at it), else None."""
+    return rule.base if not rule.tiers and rule.base.sell_ratio is not None else None
+
+
 @dataclass(frozen=True, slots=True, eq=False)
 class Program:
     id: str
     name: str
     currency: str
     versions: tuple  # ordered by enabled_date, latest first (stable)
+    # day -> the version valid on it, found once (events of a day share it)
+    by_day: dict = field(default_factory=dict, init=False, repr=False)
 
     @classmethod
     def from_payload(cls, payload):
@@ -454,10 +474,16 @@ class Program:
 
     def version_on(self, day):
         """The version valid on ``day``; the latest enabled_date wins."""
+        version = self.by_day.get(day)
+        if version is not None:
+            return version
         if isinstance(day, _dt.datetime):
             day = day.date()
         for version in self.versions:
             if version.valid_on(day):
+                if len(self.by_day) >= MAX_DAYS:   # days come from events: keep the memory bounded
+                    self.by_day.clear()
+                self.by_day[day] = version
                 return version
         raise NoPricing(f"no price valid on {day.isoformat()} for program {self.id}")
 
@@ -469,6 +495,7 @@ def price_usage(program, usage, day, discount=_ONE, *, planned=True):
     """Price one usage event with the program version valid on ``day``. ``planned=False`` looks
     every rule up for the event (the reference the version's plans are tested against)."""
     version = program.version_on(day)
+    plan = version.plan(usage.model_name) if planned else None
     if discount is _ONE:
         disc, disc_str = _ONE, "1"
     else:
@@ -476,25 +503,23 @@ def price_usage(program, usage, day, discount=_ONE, *, planned=True):
             disc, disc_str = _discount(discount)
         except TypeError:  # unhashable: let the parser report it
             disc, disc_str = _discount.__wrapped__(discount)
-    plan = version.plan(usage.model_name) if planned else None
     if plan is not None:
-        lines, unpriced, original = _price_planned(plan, usage, disc)
+        lines, unpriced, original, amount, cost = _price_planned(plan, usage, disc)
         priced_any = plan.any_rule
     else:
         lines, unpriced, original = _price_by_rules(version, usage, disc)
         priced_any = lines or version.matches_any(usage.model_name, usage.attributes)
+        amount = cost = 0
+        for line in lines:
+            amount += line.amount
+            cost += line.cost
     if not lines and (unpriced or not priced_any):
         raise NoPricing(f"no pricing rule for model {usage.model_name} in program {program.id} version {version.id}")
-
-    amount = cost = 0
-    for line in lines:
-        amount += line.amount
-        cost += line.cost
-    if max(amount, cost, original) > MAX_MICRO:
+    if amount > MAX_MICRO or cost > MAX_MICRO or original > MAX_MICRO:
         raise InvalidParam(f"usage: priced amount exceeds {from_micro(MAX_MICRO)} {program.currency}")
-    return PriceResult(
+    return _new_result((
         amount, cost, original, disc_str, program.currency, program.id, version.id, lines, tuple(unpriced)
-    )
+    ))
 
 
 def _price_by_rules(version, usage, disc):
@@ -545,20 +570,31 @@ def _price_by_rules(version, usage, disc):
 
 
 def _price_planned(plan, usage, disc):
-    """``_price_by_rules`` with the rules the plan looked up in advance."""
+    """``_price_by_rules`` with the rules the plan looked up in advance; also the lines' total
+    amount and cost (summed as they are made)."""
     input_tokens = usage.input_tokens
     lines: list[PriceLine] = []
-    original = 0
+    original = amount = cost = 0
 
     quantities = plan.quantities(usage)
     if any(quantities[2:plan.parts_end]):  # a part billed apart comes out of its whole
         quantities = list(quantities)
         for part, whole in plan.part_wholes:
             quantities[whole] -= quantities[part]
-    for i, factor, rule in plan.priced:
+    for i, factor, rule, fixed in plan.priced:
         qty = quantities[i]
-        if qty:
+        if not qty:
+            continue
+        if fixed is not None and type(qty) is int:   # the usual line: a whole count at one exact price
+            line_original, line_amount, line_cost = _int_line(fixed, qty, disc)
+            lines.append(_new_line((factor, str(qty), rule.unit, fixed.price_str, line_amount, line_cost)))
+            original += line_original
+            amount += line_amount
+            cost += line_cost
+        else:
             original += _add_line(lines, rule, factor, qty, str(qty), input_tokens, disc)
+            amount += lines[-1].amount
+            cost += lines[-1].cost
     unpriced = []
     if any(plan.unpriced_quantities(quantities)):     # rare: a factor that no rule prices
         unpriced = [factor for i, factor in plan.unpriced if quantities[i]]
@@ -570,10 +606,14 @@ def _price_planned(plan, usage, disc):
         else:
             qty_str = format(usage.quantity, "f")
             original += _add_line(lines, rule, "quantity", usage.quantity, qty_str, input_tokens, disc)
+            amount += lines[-1].amount
+            cost += lines[-1].cost
 
     if plan.flat is not None:
         original += _add_line(lines, plan.flat, "flat", 1, "1", input_tokens, disc)
-    return lines, unpriced, original
+        amount += lines[-1].amount
+        cost += lines[-1].cost
+    return lines, unpriced, original, amount, cost
 
 
 def _add_line(lines, rule, factor, qty, qty_str, input_tokens, disc):
@@ -583,7 +623,7 @@ def _add_line(lines, rule, factor, qty, qty_str, input_tokens, disc):
         original, amount, cost = _int_line(p, qty, disc)
     else:
         original, amount, cost = _decimal_line(p, qty, disc)
-    lines.append(PriceLine(factor, qty_str, rule.unit, p.price_str, amount, cost))
+    lines.append(_new_line((factor, qty_str, rule.unit, p.price_str, amount, cost)))
     return original
 
 

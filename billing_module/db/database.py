@@ -242,7 +242,9 @@ class Row(dict):
     if TYPE_CHECKING:
         def __getattr__(self, name: str) -> Any: ...
     else:
-        # dict.get itself, not a Python method calling it: read on every hot path (~0.3 vs ~0.45 us)
+        # dict.get itself, not a Python method calling it. Still, Python calls __getattr__ only
+        # after the usual lookup failed and raised (on 3.11 ~0.7 us a read, ``row["x"]`` 0.04):
+        # hot paths read their rows by key
         __getattr__ = dict.get
 
     def __setattr__(self, name, value):

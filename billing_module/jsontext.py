@@ -10,8 +10,7 @@ import orjson
 
 # the canonical form: keys sorted, no spaces, text as UTF-8 (not \u escapes), anything else as str()
 _canonical = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str).encode
-_FLAT_TYPES = (str, int, type(None))
-_INT64 = 2**63
+_FLAT_TYPES = frozenset((str, int, type(None)))
 # orjson reads an integer past 64 bits as a float, json as an int: text with such a run of digits
 # (anywhere, a string's too) is read by json
 _LONG_DIGITS = re.compile(r"[0-9]{19}")
@@ -21,13 +20,12 @@ _PLAIN_OPTIONS = orjson.OPT_PASSTHROUGH_DATETIME | orjson.OPT_PASSTHROUGH_DATACL
 
 def canonical(payload: Any) -> bytes:
     """``json.dumps(payload, sort_keys=True, separators=(",", ":"), ensure_ascii=False,
-    default=str)`` as UTF-8. A flat object (string keys; string, 64-bit whole number or null
-    values: an event without attributes or a provider object) is written by orjson, whose text
-    for those is the same character for character; anything else, and what orjson refuses (a
-    lone surrogate, which then fails to encode as before), by json."""
-    if type(payload) is dict and all(type(k) is str and type(v) in _FLAT_TYPES and
-                                     (type(v) is not int or -_INT64 <= v < _INT64)
-                                     for k, v in payload.items()):
+    default=str)`` as UTF-8. A flat object (string, whole number or null values: an event
+    without attributes or a provider object) is written by orjson, whose text for those is the
+    same character for character; anything else, and what orjson refuses (a key that is not a
+    string, a number past 64 bits, a lone surrogate, which then fails to encode as before), by
+    json. The values' types are gathered in C: the check is per event on every path."""
+    if type(payload) is dict and set(map(type, payload.values())) <= _FLAT_TYPES:
         try:
             return orjson.dumps(payload, option=orjson.OPT_SORT_KEYS)
         except orjson.JSONEncodeError:

@@ -108,11 +108,13 @@ def to_micro(value, field="amount", strict=True):
 
 def from_micro(micro):
     """int micro-units -> decimal string with exactly six places."""
-    if isinstance(micro, bool) or not isinstance(micro, int):
+    if type(micro) is not int:    # a bool too (read on every line of every reply: one check)
         raise TypeError(f"from_micro expects int micro-units, got {type(micro).__name__}")
-    sign = "-" if micro < 0 else ""
-    units, frac = divmod(abs(micro), MICRO)
-    return f"{sign}{units}.{frac:06d}"
+    if micro < 0:
+        units, frac = divmod(-micro, MICRO)
+        return f"-{units}.{frac:06d}"
+    units, frac = divmod(micro, MICRO)
+    return f"{units}.{frac:06d}"
 
 
 def round_micro(d):

@@ -55,6 +55,8 @@ def text(value: object, name: str, *, required: bool = False, max_len: int = 255
 def ident(value: object, name: str, *, required: bool = False, max_len: int = ID_MAX_LEN,
           default: str | None = None) -> str | None:
     """An id: letters, digits and ``_ . : @ -`` only, at most ``max_len`` characters."""
+    if type(value) is str and len(value) <= max_len and _ID_RE.fullmatch(value):
+        return value      # the usual id, valid as sent (every event carries a few): no more checks
     v = text(value, name, required=required, max_len=max_len, default=default)
     if v is not None and not _ID_RE.fullmatch(v):
         raise InvalidParam(f"{name}: only letters, digits and _ . : @ - are allowed")

@@ -143,6 +143,16 @@ MUTANTS = [
     Mutant("priced_memo_outlives_users_sync", "billing_module/catalog.py",
            'depends_on=("llmage", "pricing", "users")', 'depends_on=("llmage", "pricing")',
            ("tests/test_sync.py::test_a_new_discount_is_used_at_once_after_a_users_sync",)),
+    # a cached entry must go when its time is up: else another worker's synced price never shows here
+    Mutant("cache_entry_never_expires", "billing_module/cache.py",
+           "if entry is None or entry[1] <= self._timer():", "if entry is None:",
+           ("tests/test_cache.py::test_a_warm_quote_sees_another_workers_price_once_its_entry_expired",
+            "tests/test_cache.py::test_an_entry_expires_ttl_seconds_after_it_was_stored")),
+    # the usual line's fast path must apply the customer's discount
+    Mutant("fixed_price_line_ignores_discount", "billing_module/pricing.py",
+           "_int_line(fixed, qty, disc)", "_int_line(fixed, qty, _ONE)",
+           ("tests/test_pricing.py::test_discount_rounds_each_line",
+            "tests/test_pricing.py::test_property_plan_equals_looking_every_rule_up")),
 ]
 
 
@@ -152,13 +162,18 @@ def copy_tree(dest):
 
 
 def run_tests(tree, tests, backend=None):
-    """True when every test passed."""
+    """pytest's exit code (0: every test passed; 1: some failed; 5: none ran) and its last line."""
     cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *tests]
-    if backend:                       # test ids carry the backend: [sqlite], [http-mysql-...]
-        cmd += ["-k", backend]
+    if backend:     # test ids carry the backend ([sqlite], [http-mysql-...]); a test of neither runs on both
+        cmd += ["-k", f"not {'mysql' if backend == 'sqlite' else 'sqlite'}"]
     env = dict(os.environ, PYTHONDONTWRITEBYTECODE="1")
     done = subprocess.run(cmd, cwd=tree, capture_output=True, text=True, env=env)
-    return done.returncode == 0, (done.stdout + done.stderr).strip().splitlines()[-1:] or [""]
+    return done.returncode, (done.stdout + done.stderr).strip().splitlines()[-1:] or [""]
+
+
+# a mutant is killed only by a test that ran and failed: no test run (5), an error of pytest's
+# own (2-4) is no kill
+_VERDICT = {0: "survived", 1: "killed"}
 
 
 def check_import_path(tree):
@@ -183,8 +198,8 @@ def main(argv=None):
         copy_tree(tree)
         check_import_path(tree)
         all_tests = sorted({t for m in mutants for t in m.tests})
-        ok, tail = run_tests(tree, all_tests, args.backend)
-        if not ok:
+        code, tail = run_tests(tree, all_tests, args.backend)
+        if code != 0:
             sys.exit(f"the unmutated tree fails its killing tests: {tail[0]}")
         results = []
         for m in mutants:
@@ -196,10 +211,10 @@ def main(argv=None):
             target.write_text(source.replace(m.original, m.replacement))
             started = time.monotonic()
             try:
-                passed, tail = run_tests(tree, m.tests, args.backend)
+                code, tail = run_tests(tree, m.tests, args.backend)
             finally:
                 target.write_text(source)
-            results.append((m, "survived" if passed else "killed", time.monotonic() - started, tail[0]))
+            results.append((m, _VERDICT.get(code, f"error {code}"), time.monotonic() - started, tail[0]))
     print(f"planted-bug campaign on {backend}")
     print(f"{'mutant':36} {'result':9} {'seconds':>7}  last line of pytest")
     for m, result, seconds, tail in results:

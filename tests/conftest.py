@@ -20,6 +20,7 @@ from billing_module.config import load_config
 from billing_module.core import BillingCore
 from billing_module.db.database import mysql_desc, sqlite_desc
 from billing_module.db.schema import load_models
+from tests.galera import wait_whole
 
 MYSQL_URL = os.environ.get("BILLING_TEST_MYSQL", "").strip()
 GALERA_NODES = [h.strip() for h in os.environ.get("BILLING_TEST_GALERA", "").split(",") if h.strip()]
@@ -93,6 +94,16 @@ def _empty_mysql_tables(db):
         conn.commit()
     finally:
         conn.close()
+
+
+@pytest.fixture(autouse=True)
+def _whole_galera_cluster(request):
+    """A test on the Galera cluster starts on a whole one: a failover test before it may have
+    left the nodes re-forming their primary component (``tests.galera.wait_whole``)."""
+    callspec = getattr(request.node, "callspec", None)
+    backend = callspec.params.get("db_desc") if callspec else None
+    if GALERA_NODES and "galera_database" in request.fixturenames and backend in (None, "galera"):
+        wait_whole(GALERA_NODES)
 
 
 @pytest.fixture(params=BACKENDS)

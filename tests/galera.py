@@ -153,6 +153,41 @@ class Node:
         raise RuntimeError(f"node{self.index} not Synced after {timeout_seconds} s; see {self.dir}/error.log")
 
 
+def wait_whole(addresses: list[str], timeout_seconds: float = START_TIMEOUT_SECONDS) -> None:
+    """Wait until every node (``host:port``) is Synced in the primary component and ready for
+    statements. A test that paused or killed a node waits for it to rejoin, but the others can
+    still be re-forming the primary component a moment later (a slow machine's stall passes the
+    short suspect timeouts these nodes run with): the next test must start on a whole cluster."""
+    deadline = time.monotonic() + timeout_seconds
+    while True:
+        states = {address: _readiness(address) for address in addresses}
+        if all(state == ("Synced", "Primary", "ON") for state in states.values()):
+            return
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the Galera cluster is not whole after {timeout_seconds} s: {states}")
+        time.sleep(0.3)
+
+
+def _readiness(address: str) -> tuple[str, ...]:
+    """(local state, cluster status, ready) of one node, or () when it does not answer."""
+    host, _, port = address.rpartition(":")
+    try:
+        conn = pymysql.connect(host=host, port=int(port), user="root", connect_timeout=2)
+    except pymysql.err.MySQLError:
+        return ()
+    try:
+        with conn.cursor() as c:
+            c.execute("show status where variable_name in "
+                      "('wsrep_local_state_comment', 'wsrep_cluster_status', 'wsrep_ready')")
+            status = dict(c.fetchall())
+        return (status.get("wsrep_local_state_comment", ""), status.get("wsrep_cluster_status", ""),
+                status.get("wsrep_ready", ""))
+    except pymysql.err.MySQLError:
+        return ()
+    finally:
+        conn.close()
+
+
 class _Adopted:
     """A node process another Python process started: just enough of Popen to kill it."""
 

@@ -1,4 +1,4 @@
-"""LRU + TTL caches in front of the cache tables (cachetools), with hit / miss counters.
+"""LRU + TTL caches in front of the cache tables, with hit / miss counters.
 
 Pricing and authorisation read through these, so they answer from memory (and, on a miss,
 from the local cache tables) while the central platform is down. A sync that changes a table

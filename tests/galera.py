@@ -29,6 +29,9 @@ import pymysql
 PROVIDER_CANDIDATES = ("/usr/lib/galera/libgalera_smm.so", "/usr/lib/libgalera_smm.so")
 NODE_COUNT = 3
 START_TIMEOUT_SECONDS = 90
+# how long a cluster must stay whole after a failover before the next test (more than the nodes'
+# evs.inactive_timeout of 4 s: an eviction still pending shows within it)
+SETTLE_SECONDS = 6
 RUN_AS = "nobody"
 STATE_FILE = "cluster.json"
 
@@ -153,18 +156,26 @@ class Node:
         raise RuntimeError(f"node{self.index} not Synced after {timeout_seconds} s; see {self.dir}/error.log")
 
 
-def wait_whole(addresses: list[str], timeout_seconds: float = START_TIMEOUT_SECONDS) -> None:
+def wait_whole(addresses: list[str], timeout_seconds: float = START_TIMEOUT_SECONDS,
+               settled_seconds: float = 0.0) -> None:
     """Wait until every node (``host:port``) is Synced in the primary component and ready for
-    statements. A test that paused or killed a node waits for it to rejoin, but the others can
-    still be re-forming the primary component a moment later (a slow machine's stall passes the
-    short suspect timeouts these nodes run with): the next test must start on a whole cluster."""
+    statements, and has stayed so for ``settled_seconds``. A node that was paused or killed is
+    Synced again before the cluster has settled: a moment later the others can still lose and
+    re-form the primary component (a slow machine's stalls pass the short suspect timeouts these
+    nodes run with), so the failover helpers wait for a settled cluster and every test for a
+    whole one."""
     deadline = time.monotonic() + timeout_seconds
+    whole_since = None
     while True:
         states = {address: _readiness(address) for address in addresses}
         if all(state == ("Synced", "Primary", "ON") for state in states.values()):
-            return
+            whole_since = whole_since or time.monotonic()
+            if time.monotonic() - whole_since >= settled_seconds:
+                return
+        else:
+            whole_since = None
         if time.monotonic() > deadline:
-            raise RuntimeError(f"the Galera cluster is not whole after {timeout_seconds} s: {states}")
+            raise RuntimeError(f"the Galera cluster is not settled after {timeout_seconds} s: {states}")
         time.sleep(0.3)
 
 
@@ -276,6 +287,7 @@ class GaleraCluster:
         """SIGCONT to a paused node, and wait until it has rejoined (it was evicted meanwhile)."""
         self.nodes[index].resume()
         self.nodes[index].wait_synced()
+        wait_whole(self.addresses, settled_seconds=SETTLE_SECONDS)
 
     def restart(self, index: int) -> None:
         """Start a node that died and wait until it has rejoined (IST or SST) and is Synced."""
@@ -284,6 +296,7 @@ class GaleraCluster:
         node.start(bootstrap=False)
         node.wait_synced()
         self.save()
+        wait_whole(self.addresses, settled_seconds=SETTLE_SECONDS)
 
     def stop(self) -> None:
         self._adopt_restarted()

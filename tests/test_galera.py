@@ -51,6 +51,22 @@ async def pair(tmp_path, galera_database):
             await c.close()
 
 
+def test_a_commit_refused_outside_the_primary_component_is_the_nodes_failure():
+    """What a node that lost the primary component answers a COMMIT (seen on this project's
+    3-node cluster) is the node's failure (``Database.transaction`` makes it CommitUnknown: run
+    again when idempotent, else 503), not an internal error; any other error during COMMIT is the
+    statement's."""
+    import pymysql
+
+    from billing_module.db import dialect
+    outside = pymysql.err.OperationalError(
+        1180, "Error while appending streaming replication fragment(provider status: Not connected to Primary Component)")
+    disk_full = pymysql.err.OperationalError(1180, "Got error 28 \"No space left on device\" during COMMIT")
+    assert dialect.is_node_unavailable(outside)
+    assert not dialect.is_node_unavailable(disk_full)
+    assert dialect.is_node_unavailable(pymysql.err.OperationalError(1047, "WSREP has not yet prepared node"))
+
+
 def closed_ports(count):
     socks = [socket.socket() for _ in range(count)]
     for s in socks:

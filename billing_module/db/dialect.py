@@ -207,12 +207,21 @@ def not_integer_text(dialect, column):
 # the server is shutting down or killed the connection (1053, 1927), or it is a Galera node
 # outside the primary component or not yet synced ("WSREP has not yet prepared node", 1047).
 _NODE_UNAVAILABLE_MYSQL = {2002, 2003, 2006, 2013, 2055, 1040, 1047, 1053, 1927}
+# A COMMIT refused (1180, "error during commit") by a Galera node that lost the primary component
+# while the transaction ran: the node failed, not the work. Like any node failure at COMMIT it is
+# handled as an unknown outcome (``CommitUnknown``: idempotent work runs again on another node, the
+# caller of any other gets DatabaseUnavailable, 503), not passed on as an internal error. 1180 for
+# any other reason (a full disk) stays the statement's error.
+_ERROR_DURING_COMMIT = 1180
+_OUTSIDE_PRIMARY = "Not connected to Primary Component"
 
 
 def is_node_unavailable(exc: BaseException) -> bool:
     """The node this connection talks to failed (not the statement): try another node."""
     if isinstance(exc, (pymysql.err.OperationalError, pymysql.err.InterfaceError)):
-        return not exc.args or exc.args[0] in _NODE_UNAVAILABLE_MYSQL or exc.args[0] == 0
+        if not exc.args or exc.args[0] in _NODE_UNAVAILABLE_MYSQL or exc.args[0] == 0:
+            return True
+        return exc.args[0] == _ERROR_DURING_COMMIT and _OUTSIDE_PRIMARY in str(exc.args[1:])
     return isinstance(exc, ConnectionError)   # a timeout may be anyone's: not taken as the node's
 
 

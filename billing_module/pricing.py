@@ -504,17 +504,17 @@ def price_usage(program, usage, day, discount=_ONE, *, planned=True):
         except TypeError:  # unhashable: let the parser report it
             disc, disc_str = _discount.__wrapped__(discount)
     if plan is not None:
-        lines, unpriced, original, amount, cost = _price_planned(plan, usage, disc)
+        lines, unpriced, original = _price_planned(plan, usage, disc)
         priced_any = plan.any_rule
     else:
         lines, unpriced, original = _price_by_rules(version, usage, disc)
         priced_any = lines or version.matches_any(usage.model_name, usage.attributes)
-        amount = cost = 0
-        for line in lines:
-            amount += line.amount
-            cost += line.cost
     if not lines and (unpriced or not priced_any):
         raise NoPricing(f"no pricing rule for model {usage.model_name} in program {program.id} version {version.id}")
+    amount = cost = 0
+    for line in lines:
+        amount += line.amount
+        cost += line.cost
     if amount > MAX_MICRO or cost > MAX_MICRO or original > MAX_MICRO:
         raise InvalidParam(f"usage: priced amount exceeds {from_micro(MAX_MICRO)} {program.currency}")
     return _new_result((
@@ -570,11 +570,10 @@ def _price_by_rules(version, usage, disc):
 
 
 def _price_planned(plan, usage, disc):
-    """``_price_by_rules`` with the rules the plan looked up in advance; also the lines' total
-    amount and cost (summed as they are made)."""
+    """``_price_by_rules`` with the rules the plan looked up in advance."""
     input_tokens = usage.input_tokens
     lines: list[PriceLine] = []
-    original = amount = cost = 0
+    original = 0
 
     quantities = plan.quantities(usage)
     if any(quantities[2:plan.parts_end]):  # a part billed apart comes out of its whole
@@ -586,15 +585,11 @@ def _price_planned(plan, usage, disc):
         if not qty:
             continue
         if fixed is not None and type(qty) is int:   # the usual line: a whole count at one exact price
-            line_original, line_amount, line_cost = _int_line(fixed, qty, disc)
-            lines.append(_new_line((factor, str(qty), rule.unit, fixed.price_str, line_amount, line_cost)))
+            line_original, amount, cost = _int_line(fixed, qty, disc)
+            lines.append(_new_line((factor, str(qty), rule.unit, fixed.price_str, amount, cost)))
             original += line_original
-            amount += line_amount
-            cost += line_cost
         else:
             original += _add_line(lines, rule, factor, qty, str(qty), input_tokens, disc)
-            amount += lines[-1].amount
-            cost += lines[-1].cost
     unpriced = []
     if any(plan.unpriced_quantities(quantities)):     # rare: a factor that no rule prices
         unpriced = [factor for i, factor in plan.unpriced if quantities[i]]
@@ -606,14 +601,10 @@ def _price_planned(plan, usage, disc):
         else:
             qty_str = format(usage.quantity, "f")
             original += _add_line(lines, rule, "quantity", usage.quantity, qty_str, input_tokens, disc)
-            amount += lines[-1].amount
-            cost += lines[-1].cost
 
     if plan.flat is not None:
         original += _add_line(lines, plan.flat, "flat", 1, "1", input_tokens, disc)
-        amount += lines[-1].amount
-        cost += lines[-1].cost
-    return lines, unpriced, original, amount, cost
+    return lines, unpriced, original
 
 
 def _add_line(lines, rule, factor, qty, qty_str, input_tokens, disc):

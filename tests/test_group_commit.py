@@ -170,3 +170,24 @@ async def test_a_plain_group_waits_little_and_flagged_customers_keep_their_treat
     entries = await _entries(core, "c-plain")
     assert [e.balance_after for e in entries] == sorted((e.balance_after for e in entries), reverse=True)
     assert len({e.balance_after for e in entries}) == len(entries)
+
+
+async def test_a_caller_gone_while_its_group_is_written_is_charged_once_and_sent_again_a_duplicate(core):
+    """A caller cancelled (a client that hung up) after its request joined a group: the group is
+    written all the same, by the task that writes groups, and the other requests in it get
+    their replies; sent again, the request is the duplicate of its charge, never a second one."""
+    await seed_pricing(core)
+    await core.ledger.recharge("cust-1", units("1"), "r1")
+    group = core.accounting.group
+    gone = asyncio.ensure_future(core.accounting.post_usage(usage("gone")))
+    stays = asyncio.ensure_future(core.accounting.post_usage(usage("stays")))
+    while not any(item[0].request_id == "gone" for item, _ in group._queue):
+        await asyncio.sleep(0)         # until its request is in the group to be written
+    gone.cancel()
+    assert (await stays)["duplicate"] is False
+    with pytest.raises(asyncio.CancelledError):
+        await gone
+    await group._flushing              # the group it was in is written
+    again = await core.accounting.post_usage(usage("gone"))
+    assert again["duplicate"] is True and again["amount"] == CHAT_A_PRICE
+    assert (await core.ledger.balance("cust-1"))["balance"] == "0.988000"     # two charges of 0.006

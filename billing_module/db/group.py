@@ -54,7 +54,10 @@ class GroupCommit:
         self._queue.append((item, fut))
         if self._flushing is None or self._flushing.done():
             self._flushing = loop.create_task(self._flush())
-        return await asyncio.shield(fut)
+        # Awaited as it is, not shielded: a cancelled caller cancels only its future; the group
+        # is written by the flushing task all the same, which skips a future already done (a
+        # shield costs a second future and one more turn of the loop per request).
+        return await fut
 
     async def _flush(self):
         while self._queue:

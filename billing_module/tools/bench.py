@@ -595,7 +595,8 @@ def main(argv=None):
             proxy.wait()
     for d in dialects:
         r, spread = all_results[d], spreads[d]
-        print(f"== {d} ({args.scale}, best of {max(1, args.rounds)} rounds; the rounds' spread beside it)")
+        print(f"== {d} ({args.scale}, best of {max(1, args.rounds)} rounds, a ratio measured in turns the "
+              "rounds' median; the rounds' spread beside it)")
         for k, v in r.items():
             lo_hi = f"   ({_fmt(spread[k][0])} .. {_fmt(spread[k][1])})" if k in spread else ""
             print(f"  {k:28} {_fmt(v):>10}{lo_hi}")
@@ -604,7 +605,7 @@ def main(argv=None):
             stamp = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
             for d, r in all_results.items():
                 f.write(f"\n### {stamp}: {d}, scale {args.scale}\n\n`{command}`\n\n")
-                f.write("| figure | best | rounds' spread |\n|---|---|---|\n")
+                f.write("| figure | best (a ratio in turns: median) | rounds' spread |\n|---|---|---|\n")
                 for k, v in r.items():
                     lo_hi = spreads[d].get(k)
                     f.write(f"| {k} | {_fmt(v)} | {f'{_fmt(lo_hi[0])} .. {_fmt(lo_hi[1])}' if lo_hi else ''} |\n")

@@ -45,6 +45,9 @@ class BillingSQLiteor(SQLor):
         return tuple(i["value"] for i in dataList)
 
     def pagingSQLmodel(self):
+        # sqlor's own paging template (its MySQL driver writes the same): sqlor fills it from the
+        # integers it computes and the sort the generated .dspy sets to a fixed column (the
+        # client's sort is dropped there, json/build.sh), never from a request's text
         return "select * from (%s) paged_ order by $[sort]$ limit $[rows]$ offset $[from_line]$"
 
     def tablesSQL(self):

@@ -179,15 +179,24 @@ async def test_a_caller_gone_while_its_group_is_written_is_charged_once_and_sent
     await seed_pricing(core)
     await core.ledger.recharge("cust-1", units("1"), "r1")
     group = core.accounting.group
+    write, writing, release = group.write, [], asyncio.Event()
+
+    async def held(items):             # the group's write waits until its caller has gone
+        writing.extend(item[0].request_id for item in items)
+        await release.wait()
+        return await write(items)
+    group.write = held
     gone = asyncio.ensure_future(core.accounting.post_usage(usage("gone")))
     stays = asyncio.ensure_future(core.accounting.post_usage(usage("stays")))
-    while not any(item[0].request_id == "gone" for item, _ in group._queue):
-        await asyncio.sleep(0)         # until its request is in the group to be written
+    while "gone" not in writing:
+        await asyncio.sleep(0)
     gone.cancel()
+    await asyncio.sleep(0)
+    release.set()
     assert (await stays)["duplicate"] is False
     with pytest.raises(asyncio.CancelledError):
         await gone
-    await group._flushing              # the group it was in is written
+    await group._flushing              # the groups are written
     again = await core.accounting.post_usage(usage("gone"))
     assert again["duplicate"] is True and again["amount"] == CHAT_A_PRICE
     assert (await core.ledger.balance("cust-1"))["balance"] == "0.988000"     # two charges of 0.006
